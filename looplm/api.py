@@ -1,0 +1,184 @@
+"""The public facade: `looplm.load()` -> Engine, one `generate`/`stream` for every decoder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from . import checkpoint
+from .config import LoopConfig
+from .decoding import DecodeRequest, Step, resolve_mode
+from .model import LoopLM
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Generation:
+    """The result for one prompt."""
+
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)  # new token ids
+    text: str = ""
+    loops: list[int] = field(default_factory=list)  # loops computed for each new token
+    steps: list[Step] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (token or string), "length" (max_new_tokens), "context" (cache full)
+    stats: dict = field(default_factory=dict)
+
+
+class Engine:
+    """A loaded looped model with its tokenizer; see `generate`."""
+
+    def __init__(self, model: LoopLM, tokenizer: Tokenizer | None = None, generation_config: dict | None = None, path=None):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.generation_config = generation_config or {}
+
+    @property
+    def config(self) -> LoopConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def default_stop_ids(self) -> list[int]:
+        eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
+        return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: pass prompts as lists of token ids")
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def generate(self, prompt, *, max_new_tokens: int = 64, mode: str = "full", **kwargs) -> Generation | list[Generation]:
+        """Generates continuations.
+
+        Args:
+            prompt: a string, a list of token ids, or a list of either (a batch of ragged prompts).
+            max_new_tokens: new tokens per prompt; limited to what the context still holds
+                (the result's finish_reason is then "context").
+            mode: "full" (all T loops), "speculative" (spec/), or "anytime" (anytime/).
+            temperature, top_k, top_p, seed: sampling (temperature 0 = greedy).
+            stop: None for the checkpoint's eos ids, else a list of token ids and/or strings
+                (an empty list never stops early).
+            **mode_options: options of the chosen decoder (e.g. draft_loop, budget).
+        Returns:
+            A Generation, or a list of them for a batch.
+        """
+        batch, gens = self._is_batch(prompt), {}
+        for step in self._run(prompt, max_new_tokens, mode, kwargs, gens):
+            pass
+        out = [gens[i] for i in range(len(gens))]
+        return out if batch else out[0]
+
+    def stream(self, prompt, *, max_new_tokens: int = 64, mode: str = "full", **kwargs) -> Iterator[Step]:
+        """Same arguments as `generate`; yields each Step (token, loops, latency, text) as it is decided."""
+        return self._run(prompt, max_new_tokens, mode, kwargs, {})
+
+    # -- internals ---------------------------------------------------------------------------
+    @staticmethod
+    def _is_batch(prompt) -> bool:
+        return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
+
+    def _prompt_ids(self, prompt) -> list[list[int]]:
+        prompts = list(prompt) if self._is_batch(prompt) else [prompt]
+        out = []
+        for i, p in enumerate(prompts):
+            ids = self.encode(p) if isinstance(p, str) else [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+            if len(ids) >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; the context holds {self.config.max_position_embeddings} "
+                    "(at least one position must stay free for a new token)"
+                )
+            out.append(ids)
+        return out
+
+    def _request(self, prompt, max_new_tokens, options) -> tuple[DecodeRequest, list[int], list[str], dict]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        seed = options.pop("seed", None)
+        sampling = SamplingParams(
+            temperature=options.pop("temperature", 0.0), top_k=options.pop("top_k", None), top_p=options.pop("top_p", None)
+        )
+        stop = options.pop("stop", None)
+        stop = self.default_stop_ids() if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+        stop_ids = [s for s in stop if isinstance(s, int)]
+        stop_strs = [s for s in stop if isinstance(s, str) and s]
+        prompts = self._prompt_ids(prompt)
+        ctx = self.config.max_position_embeddings
+        max_new = [min(max_new_tokens, ctx - len(p)) for p in prompts]
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        req = DecodeRequest(prompts, max_new, sampling, gen, [False] * len(prompts))
+        return req, stop_ids, stop_strs, options
+
+    def _run(self, prompt, max_new_tokens, mode, kwargs, gens: dict) -> Iterator[Step]:
+        decoder = resolve_mode(mode)
+        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, dict(kwargs))
+        for i, p in enumerate(req.prompts):
+            gens[i] = Generation(prompt_tokens=p)
+        start = time.perf_counter()
+        steps = decoder(self.model, req, **options)
+        for step in steps:
+            g = gens[step.row]
+            if req.done[step.row] or len(g.tokens) >= req.max_new[step.row]:
+                continue
+            g.tokens.append(step.token)
+            g.loops.append(step.loops)
+            g.steps.append(step)
+            text = self.decode(g.tokens)
+            step.text, g.text = text[len(g.text):], text
+            hit = next((s for s in stop_strs if s in g.text), None)
+            if step.token in stop_ids or hit is not None:
+                req.done[step.row], g.finish_reason = True, "stop"
+                if hit is not None:
+                    g.text = g.text[: g.text.index(hit)]
+            elif len(g.tokens) >= req.max_new[step.row]:
+                req.done[step.row] = True
+                g.finish_reason = "length" if req.max_new[step.row] == max_new_tokens else "context"
+            yield step
+        elapsed = time.perf_counter() - start
+        total = sum(len(g.tokens) for g in gens.values())
+        for g in gens.values():
+            g.stats = {
+                **req.stats,
+                "mode": mode,
+                "new_tokens": len(g.tokens),
+                "batch_tokens_per_s": total / elapsed if elapsed > 0 else float("inf"),
+                "tokens_per_s": len(g.tokens) / elapsed if elapsed > 0 else float("inf"),
+                "mean_loops": sum(g.loops) / max(len(g.loops), 1),
+                "elapsed_ms": elapsed * 1e3,
+            }
+
+
+def load(path: str | Path | None = None, *, dtype=None, device=None) -> Engine:
+    """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine."""
+    if path is None:
+        path = DEFAULT_MODEL
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the bundled default model is missing from {path}; pass a checkpoint path")
+    model, tokenizer, gen_cfg = checkpoint.load_pretrained(path, dtype=dtype, device=device)
+    return Engine(model, tokenizer, gen_cfg, Path(path))
+
+
+def save(engine: Engine, path: str | Path, **kwargs) -> None:
+    """Writes the engine's model (and tokenizer) in the published Ouro layout."""
+    checkpoint.save_pretrained(
+        engine.model, path, tokenizer=engine.tokenizer, generation_config=engine.generation_config or None, **kwargs
+    )

@@ -1,0 +1,187 @@
+"""Loading and saving Ouro checkpoints in the published Hugging Face layout.
+
+A directory holds `config.json` (model_type "ouro"), `model.safetensors` or shards listed by
+`model.safetensors.index.json`, and optionally `tokenizer.json` and `generation_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LoopConfig, resolve_dtype
+from .model import LoopLM
+from .tokenizer import Tokenizer
+
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+
+
+def read_config(path: str | Path) -> LoopConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json")
+    return LoopConfig.from_dict(_read_json(cfg_file), source=str(cfg_file))
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it."""
+    if (path / INDEX).is_file():
+        index = _read_json(path / INDEX)
+        if "weight_map" not in index:
+            raise ValueError(f"{path / INDEX}: no 'weight_map'")
+        files = {name: path / shard for name, shard in index["weight_map"].items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise FileNotFoundError(f"{path / INDEX} names shard {shard.name}, which does not exist")
+        return files
+    if (path / SINGLE).is_file():
+        with _open(path / SINGLE) as f:
+            return {name: path / SINGLE for name in f.keys()}
+    raise FileNotFoundError(f"{path}: neither {SINGLE} nor {INDEX}")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises SafetensorError on truncated/corrupt headers
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def expected_shapes(model: LoopLM) -> dict[str, tuple[int, ...]]:
+    """Names and shapes a checkpoint must hold (lm_head is absent when tied)."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
+    """Builds the model on the meta device and assigns tensors read from the safetensors files.
+
+    Every name and shape is checked before anything is assigned, so a bad checkpoint raises
+    without leaving a half-loaded model. dtype defaults to float32 on the CPU and to the
+    config's torch_dtype elsewhere.
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    device = torch.device(device or "cpu")
+    dtype = resolve_dtype(dtype, torch.float32 if device.type == "cpu" else resolve_dtype(cfg.torch_dtype))
+    with torch.device("meta"):
+        model = LoopLM(cfg)
+    want = expected_shapes(model)
+    files = _weight_files(path)
+    missing = sorted(set(want) - set(files))
+    unexpected = sorted(set(files) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint tensors do not match the config: missing {missing}, unexpected {unexpected}")
+    state = {}
+    for file in sorted(set(files.values())):
+        with _open(file) as f:
+            for name in f.keys():
+                if files.get(name) != file:
+                    continue
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != want[name]:
+                    raise ValueError(f"{file}: tensor {name} has shape {shape}, the config needs {want[name]}")
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"{file}: cannot read tensor {name} ({e})") from e
+                state[name] = t.to(device=device, dtype=dtype)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers(device)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    file = Path(path) / "tokenizer.json"
+    return Tokenizer.from_file(file) if file.is_file() else None
+
+
+def load_generation_config(path: str | Path) -> dict:
+    file = Path(path) / "generation_config.json"
+    return _read_json(file) if file.is_file() else {}
+
+
+def save_pretrained(
+    model: LoopLM,
+    path: str | Path,
+    *,
+    tokenizer_json_path: str | Path | None = None,
+    tokenizer: Tokenizer | None = None,
+    dtype=None,
+    max_shard_bytes: int | None = None,
+    generation_config: dict | None = None,
+) -> None:
+    """Writes the published layout; tensors keep their dtype unless `dtype` is given.
+
+    With `max_shard_bytes`, weights are split into `model-0000i-of-0000n.safetensors` shards
+    plus `model.safetensors.index.json`.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    state = {}
+    for name in expected_shapes(model):
+        t = model.state_dict()[name].detach()
+        state[name] = (t.to(resolve_dtype(dtype)) if dtype is not None else t).cpu().contiguous().clone()
+    cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    shards = _split(state, max_shard_bytes)
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX]:
+        stale.unlink(missing_ok=True)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SINGLE), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / name), metadata=meta)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.nbytes for t in state.values())
+        (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "pad_token_id": cfg["pad_token_id"]}
+    (path / "generation_config.json").write_text(json.dumps(generation_config or gen, indent=2) + "\n")
+    if tokenizer_json_path is not None:
+        if Path(tokenizer_json_path).resolve() != (path / "tokenizer.json").resolve():
+            shutil.copyfile(tokenizer_json_path, path / "tokenizer.json")
+    elif tokenizer is not None:
+        (path / "tokenizer.json").write_text(tokenizer.to_str())
+
+
+def _split(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards, cur, size = [], {}, 0
+    for name, t in state.items():
+        if cur and size + t.nbytes > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = t, size + t.nbytes
+    return shards + [cur]
+
+
+def load_pretrained(path: str | Path, *, dtype=None, device=None):
+    """(model, tokenizer or None, generation config dict) from a checkpoint directory."""
+    model = load_model(path, dtype=dtype, device=device)
+    return model, load_tokenizer(path), load_generation_config(path)

@@ -1,0 +1,139 @@
+"""Training objectives for looped LMs (DESIGN.md §1, "Training objectives").
+
+All functions take per-loop tensors with the loop index first ([T, ...]) and reduce over the
+tokens selected by an optional boolean mask (True = counted); losses are float32 scalars.
+
+- Stage I, entropy-regularised (the negative ELBO with a uniform prior over exit steps):
+      L = mean_tokens[ sum_t p(t|x) CE_t(x) - beta * H(p(.|x)) ]
+- Stage I, plain per-loop cross-entropy with loop weights w_t (1:2:3:4 separates loops early):
+      L = sum_t w_t mean_tokens[CE_t] / sum_t w_t
+- Stage II (gate only; the LM's losses enter detached):
+      I_t = max(0, CE_{t-1} - CE_t),  w_t = sigmoid(k (I_t - gamma))   (target "continue")
+      loss_t = -mean_tokens[ w_t log(1 - lambda_t) + (1 - w_t) log lambda_t ]
+      L = (1/T) sum_{t=2..T} loss_t
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from looplm.exits import exit_distribution
+
+IGNORE_INDEX = -100
+
+
+def per_loop_ce(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-token cross-entropy of every loop's logits, in float32.
+
+    Args:
+        logits: [T, B, S, V] the shared head's logits after every loop.
+        targets: [B, S] next-token ids; `ignore_index` entries get CE 0 (mask them out downstream).
+    Returns:
+        [T, B, S] CE_t per token.
+    """
+    T, B, S, V = logits.shape
+    ce = F.cross_entropy(
+        logits.float().reshape(T * B * S, V),
+        targets.expand(T, B, S).reshape(T * B * S),
+        ignore_index=ignore_index,
+        reduction="none",
+    )
+    return ce.view(T, B, S)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over all elements of x [...] (or those where mask is True)."""
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+def exit_entropy(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """H(p) = -sum_t p_t log p_t over the loop dim. [T, ...] -> [...]; 0 log 0 counts as 0."""
+    return -(p * torch.log(p.clamp_min(eps))).sum(dim=0)
+
+
+def entropy_regularized_loss(
+    ce: torch.Tensor, gates: torch.Tensor, beta: float = 0.1, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage I: mean over tokens of sum_t p(t|x) CE_t - beta * H(p(.|x)).
+
+    Args:
+        ce: [T, ...] per-token CE of every loop (differentiable: the LM is trained).
+        gates: [T, ...] lambda_t = sigmoid(gate(h_t)) (differentiable: the gate is trained too).
+        beta: entropy weight (0.1 early in training, 0.05 later).
+        mask: [...] tokens to count.
+    Returns:
+        (loss, stats) where stats holds the detached expected CE and mean entropy.
+    """
+    p = exit_distribution(gates)
+    expected_ce = (p * ce.float()).sum(dim=0)
+    entropy = exit_entropy(p)
+    loss = _masked_mean(expected_ce - beta * entropy, mask)
+    stats = {"expected_ce": _masked_mean(expected_ce, mask).detach(), "entropy": _masked_mean(entropy, mask).detach()}
+    return loss, stats
+
+
+def weighted_per_loop_loss(
+    ce: torch.Tensor, loop_weights: Sequence[float] | None = None, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain per-loop CE: sum_t w_t mean(CE_t) / sum_t w_t.
+
+    Args:
+        ce: [T, ...] per-token CE.
+        loop_weights: T non-negative weights (default equal).
+        mask: [...] tokens to count.
+    Returns:
+        (loss, per_loop) where per_loop [T] holds the detached mean CE of each loop.
+    """
+    T = ce.shape[0]
+    w = torch.ones(T) if loop_weights is None else torch.as_tensor(loop_weights, dtype=torch.float32)
+    if w.numel() != T:
+        raise ValueError(f"{w.numel()} loop weights for {T} loops")
+    per_loop = torch.stack([_masked_mean(ce[t].float(), mask) for t in range(T)])
+    w = w.to(per_loop.device)
+    return (w * per_loop).sum() / w.sum(), per_loop.detach()
+
+
+def stage2_targets(ce: torch.Tensor, k: float = 50.0, gamma: float = 0.005) -> torch.Tensor:
+    """"Continue" targets for loops 2..T: w_t = sigmoid(k (max(0, CE_{t-1} - CE_t) - gamma)).
+
+    Args:
+        ce: [T, ...] per-token CE (detached here).
+    Returns:
+        [T-1, ...] w_t for t = 2..T.
+    """
+    ce = ce.detach().float()
+    improvement = (ce[:-1] - ce[1:]).clamp_min(0.0)
+    return torch.sigmoid(k * (improvement - gamma))
+
+
+def stage2_gate_loss(
+    gate_logits: torch.Tensor,
+    ce: torch.Tensor,
+    k: float = 50.0,
+    gamma: float = 0.005,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage II: (1/T) sum_{t=2..T} -mean[w_t log(1 - lambda_t) + (1 - w_t) log lambda_t].
+
+    Takes the gate's logits z_t (lambda_t = sigmoid(z_t)) so the logs are computed stably.
+
+    Args:
+        gate_logits: [T, ...] z_t; only these carry gradients.
+        ce: [T, ...] per-token CE of the frozen LM (detached here).
+        k, gamma: slope and threshold of the improvement targets.
+        mask: [...] tokens to count.
+    Returns:
+        (loss, per_step) where per_step [T-1] holds the detached loss_t for t = 2..T.
+    """
+    T = gate_logits.shape[0]
+    w = stage2_targets(ce, k, gamma)
+    z = gate_logits[1:].float()
+    bce = -(w * F.logsigmoid(-z) + (1 - w) * F.logsigmoid(z))  # [T-1, ...]
+    per_step = torch.stack([_masked_mean(bce[i], mask) for i in range(T - 1)])
+    return per_step.sum() / T, per_step.detach()

@@ -1,0 +1,330 @@
+"""Stage I training of a looped LM from scratch (or from a checkpoint) on uint16 token arrays.
+
+AdamW with linear warm-up and cosine decay, gradient clipping, optional bf16 autocast and
+torch.compile, resumable checkpoints, deterministic seeds (batch i is drawn from a generator seeded
+with (seed, i), so a resumed run sees the same batches), and a tqdm bar with per-loop losses.
+
+Usage (the default model's recipe is in looplm/default_model/MODEL_CARD.md):
+    python -m looplm.train --data data/ --out data/run --hidden 256 --layers 2 --steps 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from looplm.config import LoopConfig
+from looplm.model import LoopLM
+
+from .objectives import entropy_regularized_loss, per_loop_ce, weighted_per_loop_loss
+
+
+@dataclass
+class TrainConfig:
+    """Everything a Stage I run depends on; saved with every checkpoint."""
+
+    data: str = "data"  # folder with train.bin / val.bin (uint16) and tokenizer.json
+    out: str = "data/run"
+    init_from: str | None = None  # a checkpoint directory to continue from instead of random init
+    # model (ignored with init_from)
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    total_ut_steps: int = 4
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    # objective
+    objective: str = "weighted"  # "weighted" per-loop CE, or "entropy" (Stage I ELBO with uniform prior)
+    loop_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
+    beta: float = 0.1  # entropy weight of the "entropy" objective
+    beta_late: float = 0.05  # ... after half of the run
+    # optimisation
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 3000
+    time_budget_min: float | None = None  # the schedule also advances with elapsed time / budget; stops at it
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    bf16: bool = False  # bf16 autocast (CPU or CUDA)
+    compile: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    # bookkeeping
+    eval_every: int = 250
+    eval_batches: int = 8
+    save_every: int = 250
+    log_every: int = 10
+
+
+def _causal_sdpa(q, k, v, q_pos, k_pos):
+    """Training attention: queries and keys are the same positions 0..S-1, so `is_causal` is exact
+    and avoids materialising the boolean mask the general backend builds."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class TokenData:
+    """Random windows of seq_len + 1 tokens from a memory-mapped uint16 array."""
+
+    def __init__(self, path: str | Path, seq_len: int):
+        self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        self.seq_len = seq_len
+        if len(self.tokens) <= seq_len + 1:
+            raise ValueError(f"{path}: {len(self.tokens)} tokens, fewer than a window of {seq_len + 1}")
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (batch_size,), generator=generator)
+        rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+    def fixed_batches(self, n: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """n evenly spaced, non-overlapping batches: the same every call (for evaluation)."""
+        window = self.seq_len + 1
+        total = min(n * batch_size, (len(self.tokens) - 1) // window)
+        stride = (len(self.tokens) - window) // max(1, total)
+        rows = np.stack([self.tokens[i * stride : i * stride + window] for i in range(total)]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return [(rows[i : i + batch_size, :-1], rows[i : i + batch_size, 1:]) for i in range(0, total, batch_size)]
+
+
+def lr_at(progress: float, tc: TrainConfig, step: int) -> float:
+    """Linear warm-up over warmup_steps, then cosine from lr to lr * min_lr_ratio as progress goes 0 -> 1."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cos)
+
+
+def load_model(path: str | Path) -> LoopLM:
+    """The float32 model of any checkpoint directory the engine loads."""
+    import looplm
+
+    if hasattr(looplm, "load"):
+        return looplm.load(str(path)).model.float()
+    from looplm.checkpoint import load_model as _load
+
+    return _load(path, dtype=torch.float32)
+
+
+def build_model(tc: TrainConfig, vocab_size: int) -> LoopLM:
+    if tc.init_from:
+        return load_model(tc.init_from).float()
+    cfg = LoopConfig(
+        vocab_size=vocab_size,
+        hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size,
+        num_hidden_layers=tc.num_hidden_layers,
+        num_attention_heads=tc.num_attention_heads,
+        num_key_value_heads=tc.num_key_value_heads,
+        max_position_embeddings=tc.max_position_embeddings,
+        rope_theta=tc.rope_theta,
+        tie_word_embeddings=tc.tie_word_embeddings,
+        total_ut_steps=tc.total_ut_steps,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return LoopLM(cfg).init_weights(tc.seed)
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices only (not norms, biases or the gate)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "early_exit_gate" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
+
+
+def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig, progress: float):
+    """(loss, per-loop mean CE [T]) for one batch under the configured objective."""
+    out = model.loop_outputs(x)
+    ce = per_loop_ce(out.logits, y)
+    per_loop = ce.detach().mean(dim=(1, 2))
+    if tc.objective == "weighted":
+        loss, _ = weighted_per_loop_loss(ce, tc.loop_weights)
+    elif tc.objective == "entropy":
+        beta = tc.beta if progress < 0.5 else tc.beta_late
+        loss, _ = entropy_regularized_loss(ce, out.gates, beta)
+    else:
+        raise ValueError(f"unknown objective {tc.objective!r}")
+    return loss, per_loop
+
+
+@torch.no_grad()
+def evaluate_batches(model: LoopLM, batches, device: str = "cpu") -> torch.Tensor:
+    """Mean per-loop CE [T] over fixed batches."""
+    was_training = model.training
+    model.eval()
+    total, n = None, 0
+    for x, y in batches:
+        ce = per_loop_ce(model.loop_outputs(x.to(device)).logits, y.to(device)).mean(dim=(1, 2)).cpu()
+        total = ce * x.numel() if total is None else total + ce * x.numel()
+        n += x.numel()
+    model.train(was_training)
+    return total / n
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def train(tc: TrainConfig) -> Path:
+    """Runs Stage I; returns the directory of the final checkpoint (published Ouro format)."""
+    from looplm.checkpoint import save_pretrained
+
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    random.seed(tc.seed)
+    out = Path(tc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(tc.data)
+    tokenizer_json = data_dir / "tokenizer.json"
+    vocab_size = json.loads((data_dir / "meta.json").read_text())["vocab_size"] if (data_dir / "meta.json").is_file() else None
+    if vocab_size is None:
+        from tokenizers import Tokenizer
+
+        vocab_size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
+    train_data = TokenData(data_dir / "train.bin", tc.seq_len)
+    val_path = data_dir / "val_text.bin" if (data_dir / "val_text.bin").is_file() else data_dir / "val.bin"
+    val_batches = TokenData(val_path, tc.seq_len).fixed_batches(tc.eval_batches, tc.batch_size)
+
+    model = build_model(tc, vocab_size).to(tc.device)
+    model.set_attention(_causal_sdpa)
+    T = model.num_loops
+    if tc.objective == "weighted" and len(tc.loop_weights) != T:
+        raise ValueError(f"{len(tc.loop_weights)} loop weights for a {T}-loop model")
+    opt = make_optimizer(model, tc)
+    step, elapsed = 0, 0.0
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.is_file():  # resume
+        ckpt = torch.load(ckpt_path, map_location=tc.device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        print(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, {T} loops; {model.config}", flush=True)
+
+    fwd = torch.compile(stage1_loss) if tc.compile else stage1_loss
+    log = open(out / "log.jsonl", "a")
+    autocast = torch.autocast(device_type=tc.device.split(":")[0], dtype=torch.bfloat16, enabled=tc.bf16)
+    bar = tqdm(total=tc.steps, initial=step, dynamic_ncols=True, mininterval=5)
+    ema = None
+    budget_s = tc.time_budget_min * 60 if tc.time_budget_min else None
+
+    def save_ckpt():
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
+                    "rng": _rng_state(), "train_config": dataclasses.asdict(tc)}, tmp)
+        tmp.replace(ckpt_path)
+
+    model.train()
+    t_last = time.time()
+    while step < tc.steps and (budget_s is None or elapsed < budget_s):
+        progress = step / tc.steps if budget_s is None else max(step / tc.steps, elapsed / budget_s)
+        lr = lr_at(progress, tc, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
+        x, y = train_data.batch(tc.batch_size, gen)
+        x, y = x.to(tc.device), y.to(tc.device)
+        with autocast:
+            loss, per_loop = fwd(model, x, y, tc, progress)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        step += 1
+        now = time.time()
+        elapsed += now - t_last
+        t_last = now
+        per_loop = per_loop.float().cpu()
+        ema = per_loop if ema is None else 0.95 * ema + 0.05 * per_loop
+        bar.update(1)
+        bar.set_postfix_str(" ".join(f"L{t + 1}={v:.3f}" for t, v in enumerate(ema.tolist())) + f" lr={lr:.1e}")
+        if step % tc.log_every == 0:
+            rec = {"step": step, "elapsed_s": round(elapsed, 1), "lr": lr, "loss": float(loss),
+                   "per_loop": [round(v, 4) for v in per_loop.tolist()], "grad_norm": float(gnorm),
+                   "tok_per_s": round(step * tc.batch_size * tc.seq_len / max(elapsed, 1e-9))}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        if step % tc.eval_every == 0 or step == tc.steps:
+            val = evaluate_batches(model, val_batches, tc.device)
+            msg = {"step": step, "val_per_loop": [round(v, 4) for v in val.tolist()],
+                   "gap_1_T": round(float(val[0] - val[-1]), 4)}
+            log.write(json.dumps(msg) + "\n")
+            log.flush()
+            tqdm.write(json.dumps(msg))
+        if step % tc.save_every == 0:
+            save_ckpt()
+    bar.close()
+    save_ckpt()
+    final = out / "final"
+    model.set_attention(_default_attention())
+    save_pretrained(model, final, tokenizer_json_path=tokenizer_json if tokenizer_json.is_file() else None,
+                    dtype=torch.bfloat16)
+    print(f"done: step {step}, {elapsed / 60:.1f} min; saved {final}", flush=True)
+    return final
+
+
+def _default_attention():
+    from looplm.attention import sdpa_attention
+
+    return sdpa_attention
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="python -m looplm.train", description="Stage I training of a looped LM.")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, (list, tuple)):
+            p.add_argument(flag, type=float, nargs="+", default=default)
+        elif f.name in ("init_from", "time_budget_min", "threads"):
+            typ = {"init_from": str, "time_budget_min": float, "threads": int}[f.name]
+            p.add_argument(flag, type=typ, default=default)
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+    a = p.parse_args(argv)
+    tc = TrainConfig(**vars(a))
+    tc.betas = tuple(tc.betas)
+    return tc
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
