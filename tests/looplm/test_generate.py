@@ -1,0 +1,99 @@
+"""Full-depth generation: ragged batches, sampling, stops, streaming."""
+
+import pytest
+import torch
+
+import looplm
+from looplm.sampling import SamplingParams, probabilities
+
+from .conftest import random_prompts, tiny_model
+
+
+def greedy_by_no_cache(model, prompt, n):
+    """Greedy continuation from repeated no-cache forwards: the oracle for decode_full."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model.per_loop_logits(torch.tensor([seq]))[-1, 0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_greedy_equals_no_cache_argmax(engine):
+    prompt = random_prompts(1, engine.config.vocab_size)[0]
+    out = engine.generate(prompt, max_new_tokens=10, stop=[])
+    assert out.tokens == greedy_by_no_cache(engine.model, prompt, 10)
+    assert out.loops == [engine.config.total_ut_steps] * 10
+
+
+def test_ragged_batch_equals_each_prompt_alone(engine):
+    prompts = random_prompts(3, engine.config.vocab_size, lo=1, hi=15)
+    prompts[0] = prompts[0][:1]  # lengths differ a lot
+    batch = engine.generate(prompts, max_new_tokens=12, stop=[])
+    assert [g.tokens for g in batch] == [engine.generate(p, max_new_tokens=12, stop=[]).tokens for p in prompts]
+
+
+def test_stop_token_ends_only_its_row():
+    engine = looplm.Engine(tiny_model())
+    prompts = random_prompts(2, engine.config.vocab_size)
+    free = engine.generate(prompts, max_new_tokens=8, stop=[])
+    stop_id = free[0].tokens[2]
+    cut = engine.generate(prompts, max_new_tokens=8, stop=[stop_id])
+    first = free[0].tokens.index(stop_id)
+    assert cut[0].tokens == free[0].tokens[: first + 1] and cut[0].finish_reason == "stop"
+    expect1 = free[1].tokens[: free[1].tokens.index(stop_id) + 1] if stop_id in free[1].tokens else free[1].tokens
+    assert cut[1].tokens == expect1
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(engine):
+    prompt = random_prompts(1, engine.config.vocab_size)[0]
+    a = engine.generate(prompt, max_new_tokens=20, temperature=1.5, seed=7, stop=[]).tokens
+    b = engine.generate(prompt, max_new_tokens=20, temperature=1.5, seed=7, stop=[]).tokens
+    c = engine.generate(prompt, max_new_tokens=20, temperature=1.5, seed=8, stop=[]).tokens
+    assert a == b and a != c
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.randn(5, 40)
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_k=3))
+    assert ((p > 0).sum(-1) == 3).all()
+    assert torch.equal(p.argmax(-1), logits.argmax(-1))
+    q = probabilities(logits, SamplingParams(temperature=0.7, top_p=0.6))
+    full = (logits / 0.7).softmax(-1)
+    for row in range(5):
+        kept = q[row] > 0
+        # the kept set is the smallest top set whose mass reaches 0.6
+        assert full[row][kept].sum() >= 0.6 - 1e-6
+        assert full[row][kept].sum() - full[row][kept].min() < 0.6
+        torch.testing.assert_close(q[row][kept], full[row][kept] / full[row][kept].sum())
+    torch.testing.assert_close(q.sum(-1), torch.ones(5))
+
+
+def test_sampled_tokens_follow_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    from looplm.sampling import sample
+
+    draws = torch.stack([sample(probabilities(logits, SamplingParams(temperature=1.0)), g) for _ in range(20000)])
+    freq = torch.bincount(draws.view(-1), minlength=4).float() / draws.numel()
+    assert (freq - logits.softmax(-1)[0]).abs().max() < 0.015
+
+
+def test_stream_yields_steps_with_loops_and_latency(engine):
+    prompt = random_prompts(1, engine.config.vocab_size)[0]
+    steps = list(engine.stream(prompt, max_new_tokens=5, stop=[]))
+    assert [s.index for s in steps] == list(range(5))
+    assert all(s.loops == engine.config.total_ut_steps and s.latency_ms >= 0 for s in steps)
+    assert [s.token for s in steps] == engine.generate(prompt, max_new_tokens=5, stop=[]).tokens
+
+
+def test_generation_up_to_the_context_limit_is_truncated_with_a_reason(engine):
+    ctx = engine.config.max_position_embeddings
+    prompt = random_prompts(1, engine.config.vocab_size, lo=ctx - 4, hi=ctx - 4)[0]
+    out = engine.generate(prompt, max_new_tokens=50, stop=[])
+    assert len(out.tokens) == 4 and out.finish_reason == "context"
+    assert out.tokens == greedy_by_no_cache(engine.model, prompt, 4)
+
+
+def test_stats_report_speed_and_loops(engine):
+    out = engine.generate([1, 2, 3], max_new_tokens=4, stop=[])
+    assert out.stats["new_tokens"] == 4 and out.stats["tokens_per_s"] > 0
+    assert out.stats["mean_loops"] == engine.config.total_ut_steps and out.stats["prefill_ms"] > 0
