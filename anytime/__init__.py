@@ -1,0 +1,76 @@
+"""anytime: a decoder whose depth adapts per token and which keeps a latency promise.
+
+Each token's loops run one at a time (one `forward_loops` call per loop for the whole batch). After
+every loop the decoder decides, per row, whether the token leaves now:
+
+1. at loop T ("max_depth");
+2. when the exit policy says so ("policy", see `anytime.policies`: "q_exit", "confidence",
+   "entropy", "kl", "delta", "static");
+3. when the budget has no room for another loop ("budget"). The budget always wins: a loop budget
+   of k loops stops every token at loop k at the latest; a time budget (per token, or a whole-request
+   deadline spread over the row's remaining tokens) stops a token when its elapsed time plus the
+   predicted cost of one more loop would exceed it. The prediction is an online moving average of
+   the measured loop period per (rows, positions per row, context-length bucket); see
+   `anytime.budget.LoopCost`. The first loop of a token always runs, so a token misses its budget
+   when one loop does not fit.
+
+The token is then chosen from the shared LM head at its exit loop (greedy or sampled, with
+`looplm.sampling.choose`). Rows of a batch are independent: each row starts its next token as soon
+as it emitted the previous one, so rows sit at different loops within one forward (a per-row
+`start_loop` tensor) and rows that are done leave the batch (`batch_idx`). The first token of each
+row comes from the prefill, which runs all T loops with per-loop KV (DESIGN.md §1); its exit loop is
+chosen by the policy and a loop budget from the prefill's per-loop outputs.
+
+Skipped loops. A token emitted at loop t < T leaves the KV slots of loops t+1..T at its position
+unwritten, and later tokens read them at those loops. `skip=` says what happens:
+
+- "exact" (default): the skipped loops are finished later, one loop per iteration, in the same
+  forward as the row's next token (its pending positions ride along at their own loops, reading and
+  writing their own loops' slots). A pending token is always at a deeper loop than every later
+  token of its row, so the slot a later token reads at loop m is written before it is read. Cost:
+  no extra forward calls or latency at batch 1 beyond a wider forward (up to T positions instead of
+  1 per row), and the full T loops of compute per token in the end (`loops_computed_per_token`).
+  Exact against the full-depth per-loop cache: token i equals the no-cache reference "logits of
+  loop exit_loop(i) at position i of the sequence, every position's state from all T loops", so a
+  loop budget of k reproduces `argmax per_loop_logits(seq)[k - 1]` and no budget/policy reproduces
+  full-depth decoding.
+- "copy": for every layer l, slot (t', l) for t' = t+1..T at the token's position gets a copy of
+  slot (t, l) (K after RoPE and V, exactly the stored tensors of the last computed loop); nothing is
+  recomputed. Cost: a memory copy of (T - t) * L * Hkv * D * 2 elements per skipped token; compute
+  is exactly the exit loops. Approximate (CALM-style state propagation): exact only against itself;
+  equals full depth when no token skips a loop.
+- "shared": read a shared-KV cache (one K/V per layer, issue 6's kv="last"/"mean" caches, built by
+  the request's cache_factory); nothing to fill. Cost: nothing. Exact against decoding on that
+  shared cache, not against the per-loop cache. Without a shared cache the decoder raises.
+
+Step output: token, exit_loop (1-based loop whose head produced it), loops (computed for it when
+emitted: exit_loop, or T for the prefill-emitted first token), latency_ms (since the row's previous
+token), reason, and info: "signal" (the policy's signal after each loop), "probs" (the chosen
+token's probability after each loop, when the head ran at every loop: `trace=True` or a policy that
+needs probabilities), "budget_ms" (the token's time budget). Statistics land in `req.stats`:
+mean_loops (mean exit loop), exit_loop_counts, exit_reasons, loops_computed_per_token, finish_loops,
+copied_slots, budget_miss_rate (fraction of decode tokens whose latency exceeded their budget),
+p95_latency_ms, loop_cost_ms, policy.
+"""
+
+from .budget import Budget, LoopCost, make_budget
+from .decoder import SKIP_MODES, decode
+from .policies import POLICIES, Confidence, Entropy, ExitPolicy, HiddenDelta, KLExit, LoopObservation, QExit, StaticDepth, make_policy
+
+__all__ = [
+    "Budget",
+    "Confidence",
+    "Entropy",
+    "ExitPolicy",
+    "HiddenDelta",
+    "KLExit",
+    "LoopCost",
+    "LoopObservation",
+    "POLICIES",
+    "QExit",
+    "SKIP_MODES",
+    "StaticDepth",
+    "decode",
+    "make_budget",
+    "make_policy",
+]

@@ -1,0 +1,303 @@
+"""The anytime decoder: one loop at a time per token, emit when the budget or an exit policy says so."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from looplm.decoding import DecodeRequest, Step, prefill
+from looplm.model import LoopLM
+from looplm.sampling import choose
+
+from .budget import Budget, LoopCost, make_budget
+from .policies import ExitPolicy, LoopObservation, make_policy
+
+SKIP_MODES = ("exact", "copy", "shared")
+
+
+def _is_shared(cache) -> bool:
+    return getattr(cache, "kv", "loop") in ("last", "mean") or bool(getattr(cache, "shared", False))
+
+
+class _Row:
+    """Per-row bookkeeping (pure Python; tensors are views of the last forward's outputs)."""
+
+    def __init__(self):
+        self.pos = 0  # position of the current item: the last emitted token, whose loops make the next one
+        self.h: torch.Tensor | None = None  # (H,) input of the current item's next loop
+        self.loop = 0  # loops computed so far for the current item
+        self.pending: list[list] = []  # exact mode: [pos, next_loop, h] of earlier tokens' unfinished loops
+        self.start = 0.0  # clock at the row's previous emission (or the request start)
+        self.token_ms = math.inf  # this token's time budget
+        self.produced = 0
+        self.probs: list[torch.Tensor] = []  # (V,) per computed loop, when probabilities are computed
+        self.signals: list[float] = []
+
+
+@torch.inference_mode()
+def decode(
+    model: LoopLM,
+    req: DecodeRequest,
+    *,
+    budget: Budget | None = None,
+    budget_ms: float | None = None,
+    deadline_ms: float | None = None,
+    budget_loops: int | None = None,
+    exit: str | ExitPolicy | None = None,
+    threshold: float | None = None,
+    q: float | None = None,
+    skip: str = "exact",
+    clock: Callable[[], float] = time.perf_counter,
+    trace: bool = False,
+) -> Iterator[Step]:
+    """Anytime decoding (mode "anytime"): every token's loops run one at a time until it exits.
+
+    Args:
+        model: the looped model.
+        req: the validated batch (see looplm.decoding.DecodeRequest).
+        budget: an anytime.Budget, or use the shorthands: budget_ms (per token), deadline_ms (whole
+            request, spread over each row's remaining tokens), budget_loops (at most k loops).
+        exit: None, a policy name ("q_exit", "confidence", "entropy", "kl", "delta", "static") or
+            an ExitPolicy; threshold (alias q) sets its threshold (documented defaults otherwise).
+        skip: what happens to the loops a token skipped: "exact" (finish them later, batched with
+            the next token: the cache equals the full-depth cache), "copy" (copy the last computed
+            loop's K/V into the skipped slots) or "shared" (needs a shared-KV cache).
+        clock: callable returning seconds (default time.perf_counter); inject one to test budgets.
+        trace: also compute every loop's next-token distribution (the LM head at every loop) so each
+            Step.info carries "probs", the chosen token's probability after each computed loop.
+    Yields:
+        Step(row, index, token, loops, exit_loop, latency_ms, reason in {"budget", "policy",
+        "max_depth"}, info={"signal": [policy signal per loop], "probs": [...], "budget_ms": ...}).
+        The first token of each row comes from the prefill, which runs all T loops (loops = T);
+        its exit loop follows the policy and a loop budget (time budgets start with the second).
+    """
+    T, B = model.num_loops, req.batch_size
+    plan = make_budget(budget, budget_ms=budget_ms, deadline_ms=deadline_ms, budget_loops=budget_loops)
+    if threshold is not None and q is not None:
+        raise ValueError("pass threshold= or q=, not both")
+    policy = make_policy(exit, threshold if threshold is not None else q)
+    if policy is not None:
+        policy.bind(T)
+    if skip not in SKIP_MODES:
+        raise ValueError(f"unknown skip mode {skip!r}; choose one of {SKIP_MODES}")
+    max_loops = T if plan is None or plan.loops is None else min(plan.loops, T)
+    timed = plan is not None and plan.timed
+    need_probs = trace or (policy is not None and policy.needs_probs)
+
+    cache = req.new_cache(model, req.cache_len())
+    if skip == "shared" and not _is_shared(cache):
+        raise ValueError(
+            "skip='shared' needs a shared-KV cache (one K/V per layer, kv='last' or 'mean', issue 6); "
+            "this request's cache is the per-loop LoopKVCache: pass a cache_factory that builds a shared cache, "
+            "or use skip='exact' / 'copy'"
+        )
+    if skip != "shared" and _is_shared(cache):
+        raise ValueError(f"skip={skip!r} needs the per-loop cache; a shared-KV cache takes skip='shared'")
+
+    H = model.config.hidden_size
+    device = cache.k.device
+    rows = [_Row() for _ in range(B)]
+    gates = torch.zeros(B, T, dtype=torch.float32, device=device)  # current item's lambdas so far
+    prev_hidden = torch.zeros(B, H, dtype=model.lm_head.weight.dtype, device=device)
+    prev_probs = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=device) if need_probs else None
+    cost = LoopCost()
+    log = {"exit_loops": [], "reasons": [], "latency_ms": [], "budget_ms": [], "signal_at_exit": []}
+    counts = {"finish_loops": 0, "copied_slots": 0, "decode_loops": 0}
+
+    def decide(idx: list[int], loop: torch.Tensor, hidden, probs, now: float, predicted_ms: float) -> list[str | None]:
+        """Updates per-row signals; returns the exit reason (or None to continue) for each row in idx."""
+        signal = exits = None
+        if policy is not None:
+            ix = torch.tensor(idx, device=device)
+            obs = LoopObservation(loop, hidden, prev_hidden[ix], gates[ix], probs, prev_probs[ix] if need_probs else None)
+            signal, exits = policy.decide(obs)
+            signal, exits = signal.tolist(), exits.tolist()
+        out = []
+        for j, r in enumerate(idx):
+            t, row = int(loop[j]), rows[r]
+            if signal is not None:
+                row.signals.append(signal[j])
+            if t >= T:
+                out.append("max_depth")
+            elif exits is not None and exits[j]:
+                out.append("policy")
+            elif t >= max_loops:
+                out.append("budget")
+            elif timed and (now - row.start) * 1e3 + predicted_ms > row.token_ms:
+                out.append("budget")
+            else:
+                out.append(None)
+        return out
+
+    def emit(idx: list[int], reasons: list[str], hidden, logits, first: bool) -> Iterator[Step]:
+        """Chooses the tokens of rows idx (hidden (R, H) at their exit loops), handles skipped loops, yields."""
+        if logits is None:
+            logits = model.lm_head(hidden)
+        tokens = choose(logits, req.sampling, req.generator)  # (R,)
+        emb = model.embed(tokens[:, None])[:, 0]  # (R, H)
+        ids = tokens.tolist()
+        now = clock()
+        for j, r in enumerate(idx):
+            row = rows[r]
+            t = T if first else row.loop
+            exit_loop = int(loop_of[r])
+            if not first and exit_loop < T:
+                if skip == "exact":
+                    row.pending.append([row.pos, exit_loop, hidden[j]])
+                elif skip == "copy":  # slots (t', l) for t' >= exit_loop get slot (exit_loop - 1, l), every layer l
+                    cache.k[exit_loop:, :, r, :, row.pos] = cache.k[exit_loop - 1, :, r, :, row.pos]
+                    cache.v[exit_loop:, :, r, :, row.pos] = cache.v[exit_loop - 1, :, r, :, row.pos]
+                    counts["copied_slots"] += (T - exit_loop) * model.config.num_hidden_layers
+            info = {}
+            if policy is not None:
+                info["signal"] = list(row.signals)
+                info["policy"] = policy.name
+                log["signal_at_exit"].append(row.signals[-1] if row.signals else math.nan)
+            if row.probs:
+                info["probs"] = torch.stack(row.probs)[:, ids[j]].tolist()
+            if timed:
+                info["budget_ms"] = row.token_ms
+            latency = (now - row.start) * 1e3
+            step = Step(r, row.produced, ids[j], t, exit_loop, latency, reasons[j], info=info)
+            log["exit_loops"].append(exit_loop)
+            log["reasons"].append(reasons[j])
+            if not first:
+                log["latency_ms"].append(latency)
+                log["budget_ms"].append(row.token_ms)
+            # the emitted token becomes the row's current item, starting at loop 0
+            row.produced += 1
+            row.pos += 1
+            row.h, row.loop = emb[j], 0
+            row.probs, row.signals = [], []
+            gates[r] = 0
+            row.start = now
+            if timed:
+                row.token_ms = plan.token_ms((now - t_start) * 1e3, req.max_new[r] - row.produced)
+            yield step
+
+    t_start = clock()
+    loop_of = [0] * B
+    try:
+        # prefill: all T loops over every prompt (per-loop KV); the first token replays the exit
+        # decision over the last prompt position's per-loop outputs
+        lengths = [len(p) for p in req.prompts]
+        out = prefill(model, cache, req.prompts, logits_loops="all")
+        last = torch.tensor(lengths, device=device) - 1
+        ar = torch.arange(B, device=device)
+        hid = out.hidden[:, ar, last]  # (T, B, H)
+        lam = out.gates[:, ar, last]  # (T, B)
+        logits_all = out.logits[:, :, 0]  # (T, B, V)
+        for r in range(B):
+            rows[r].pos, rows[r].start = lengths[r] - 1, t_start
+        todo = list(range(B))
+        now = clock()
+        for t in range(1, T + 1):
+            ix = torch.tensor(todo, device=device)
+            gates[ix, t - 1] = lam[t - 1, ix]
+            probs = None
+            if need_probs:
+                probs = logits_all[t - 1, ix].float().softmax(-1)
+                for j, r in enumerate(todo):
+                    rows[r].probs.append(probs[j])
+            reasons = decide(todo, torch.full((len(todo),), t, device=device), hid[t - 1, ix], probs, now, 0.0)
+            if need_probs:
+                prev_probs[ix] = probs
+            prev_hidden[ix] = hid[t - 1, ix]
+            leaving = [j for j, why in enumerate(reasons) if why is not None]
+            if leaving:
+                idx = [todo[j] for j in leaving]
+                for r in idx:
+                    loop_of[r] = t
+                jx = torch.tensor(leaving, device=device)
+                yield from emit(idx, [reasons[j] for j in leaving], hid[t - 1, ix[jx]], logits_all[t - 1, ix[jx]], True)
+                todo = [r for j, r in enumerate(todo) if j not in set(leaving)]
+            if not todo:
+                break
+        req.stats["prefill_ms"] = (now - t_start) * 1e3
+        t_prev = clock()
+
+        while True:
+            running = [r for r in range(B) if req.active(r, rows[r].produced)]
+            if not running:
+                return
+            # one forward: every running row's unfinished earlier tokens (exact mode) and its current token
+            items = [rows[r].pending + [[rows[r].pos, rows[r].loop, rows[r].h]] for r in running]
+            width = max(len(it) for it in items)
+            padded = [it + [it[-1]] * (width - len(it)) for it in items]  # duplicates rewrite the same slot
+            h = torch.stack([torch.stack([x[2] for x in it]) for it in padded])  # (R, W, H)
+            pos = torch.tensor([[x[0] for x in it] for it in padded], device=device)  # (R, W)
+            start = torch.tensor([[x[1] for x in it] for it in padded], device=device)  # (R, W)
+            bidx = torch.tensor(running, device=device)
+            res = model.forward_loops(h, pos, cache, start_loop=start, num_loops=1, batch_idx=bidx)
+            n_items = sum(len(it) for it in items)
+            counts["decode_loops"] += n_items
+            counts["finish_loops"] += n_items - len(items)
+            cur = torch.tensor([len(it) - 1 for it in items], device=device)
+            ar = torch.arange(len(running), device=device)
+            hidden = res.hidden[0, ar, cur]  # (R, H) current items after this loop
+            for i, r in enumerate(running):
+                row = rows[r]
+                row.pending = [[p, l + 1, res.hidden[0, i, j]] for j, (p, l, _) in enumerate(row.pending) if l + 1 < T]
+                row.loop += 1
+                row.h = hidden[i]
+                loop_of[r] = row.loop
+            gates[bidx, torch.tensor([rows[r].loop - 1 for r in running], device=device)] = res.gates[0, ar, cur]
+            logits = probs = None
+            if need_probs:
+                logits = model.lm_head(hidden)
+                probs = logits.float().softmax(-1)
+                for i, r in enumerate(running):
+                    rows[r].probs.append(probs[i])
+            now = clock()
+            key = cost.key(len(running), width, int(pos.max()) + 1)
+            cost.update(key, (now - t_prev) * 1e3)
+            loops_now = torch.tensor([rows[r].loop for r in running], device=device)
+            reasons = decide(running, loops_now, hidden, probs, now, cost.predict(key))
+            prev_hidden[bidx] = hidden
+            if need_probs:
+                prev_probs[bidx] = probs
+            leaving = [i for i, why in enumerate(reasons) if why is not None]
+            if leaving:
+                jx = torch.tensor(leaving, device=device)
+                yield from emit(
+                    [running[i] for i in leaving],
+                    [reasons[i] for i in leaving],
+                    hidden[jx],
+                    None if logits is None else logits[jx],
+                    False,
+                )
+            t_prev = clock()
+    finally:
+        _stats(req, log, counts, T, policy, plan, skip, cost)
+
+
+def _stats(req, log, counts, T, policy, plan, skip, cost) -> None:
+    n = len(log["exit_loops"])
+    decode_tokens = len(log["latency_ms"])
+    st = {
+        "skip": skip,
+        "mean_loops": sum(log["exit_loops"]) / n if n else 0.0,  # mean exit loop (the loops a token waited for)
+        "exit_loop_counts": [log["exit_loops"].count(t) for t in range(1, T + 1)],
+        "exit_reasons": {k: log["reasons"].count(k) for k in ("max_depth", "policy", "budget")},
+        # (token, loop) pairs per emitted token: T for prefill-emitted tokens, plus every decode loop run,
+        # including exact mode's finishing of skipped loops
+        "loops_computed_per_token": ((n - decode_tokens) * T + counts["decode_loops"]) / n if n else 0.0,
+        "finish_loops": counts["finish_loops"],
+        "copied_slots": counts["copied_slots"],
+        "budget": None if plan is None else {"per_token_ms": plan.per_token_ms, "deadline_ms": plan.deadline_ms, "loops": plan.loops},
+        "budget_miss_rate": None,
+        "loop_cost_ms": {f"rows={k[0]},width={k[1]},ctx<{2 ** k[2]}": v for k, v in cost.ema.items()},
+    }
+    if plan is not None and plan.timed and decode_tokens:
+        miss = [lat > b for lat, b in zip(log["latency_ms"], log["budget_ms"])]
+        st["budget_miss_rate"] = sum(miss) / decode_tokens
+    if decode_tokens:
+        lat = sorted(log["latency_ms"])
+        st["p95_latency_ms"] = lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)]
+    if policy is not None:
+        sig = [s for s in log["signal_at_exit"] if not math.isnan(s)]
+        st["policy"] = {**policy.describe(), "mean_signal_at_exit": sum(sig) / len(sig) if sig else None}
+    req.stats.update(st)

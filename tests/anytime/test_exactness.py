@@ -1,0 +1,172 @@
+"""Anytime decoding against full-depth decoding and against no-cache references built from per-loop outputs."""
+
+import pytest
+import torch
+
+import anytime
+from looplm.decoding import DecodeRequest, prefill
+from looplm.exits import q_exit_loops
+from looplm.sampling import SamplingParams
+
+from .conftest import random_prompts
+
+T = 4
+
+
+def reference(model, prompt, n, exit_loop_of):
+    """No-cache greedy reference: token i = argmax of loop k_i's logits at the last position of the
+    growing sequence, where k_i = exit_loop_of(per-loop outputs at that position); state from all T loops."""
+    seq, toks, loops = list(prompt), [], []
+    for _ in range(n):
+        out = model.loop_outputs(torch.tensor([seq]))
+        k = exit_loop_of(out.logits[:, 0, -1], out.gates[:, 0, -1], out.hidden[:, 0, -1])
+        tok = int(out.logits[k - 1, 0, -1].argmax())
+        toks.append(tok)
+        loops.append(k)
+        seq.append(tok)
+    return toks, loops
+
+
+@pytest.mark.parametrize("skip", ["exact", "copy"])
+def test_unbounded_equals_full_depth(engine, skip):
+    prompts = random_prompts(1, [5, 2, 9])
+    full = engine.generate(prompts, max_new_tokens=14, stop=[])
+    any_ = engine.generate(prompts, max_new_tokens=14, stop=[], mode="anytime", skip=skip)
+    for f, a in zip(full, any_):
+        assert a.tokens == f.tokens
+        assert all(s.exit_loop == T and s.loops == T and s.reason == "max_depth" for s in a.steps)
+    assert any_[0].stats["finish_loops"] == 0 and any_[0].stats["copied_slots"] == 0
+
+
+def test_unbounded_single_prompt_equals_full_depth(engine):
+    prompt = random_prompts(2, [7])[0]
+    full = engine.generate(prompt, max_new_tokens=20, stop=[])
+    assert engine.generate(prompt, max_new_tokens=20, stop=[], mode="anytime").tokens == full.tokens
+
+
+def test_shared_without_shared_cache_is_a_clear_error(engine):
+    with pytest.raises(ValueError, match="shared-KV cache"):
+        engine.generate([1, 2, 3], max_new_tokens=2, stop=[], mode="anytime", skip="shared")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_loop_budget_exact_equals_static_exit_reference(model, engine, k):
+    prompts = random_prompts(10 + k, [6, 3])
+    n = 10
+    gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", budget_loops=k)
+    full = engine.generate(prompts, max_new_tokens=n, stop=[])
+    for p, g, f in zip(prompts, gens, full):
+        ref, _ = reference(model, p, n, lambda logits, gates, hidden: k)
+        assert g.tokens == ref
+        assert [s.exit_loop for s in g.steps] == [k] * n
+        assert [s.reason for s in g.steps] == ["budget" if k < T else "max_depth"] * n
+        assert [s.loops for s in g.steps] == [T] + [k] * (n - 1)  # the first token comes from the prefill
+        if k < T:
+            assert g.tokens != f.tokens  # the test model's early loops really disagree with the last
+    # the same depth as a static policy
+    static = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", exit="static", threshold=k)
+    assert [g.tokens for g in static] == [g.tokens for g in gens]
+
+
+@pytest.mark.parametrize("q", [0.3, 0.5, 0.9])
+def test_q_exit_exact_equals_no_cache_reference(model, engine, q):
+    with torch.no_grad():  # spread the gate so that different tokens exit at different loops
+        model.model.early_exit_gate.weight.mul_(2.0)
+        model.model.early_exit_gate.bias.fill_(-1.0)
+    prompts = random_prompts(20, [4, 8, 1])
+    n = 12
+    gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", exit="q_exit", q=q)
+    seen = set()
+    for p, g in zip(prompts, gens):
+        ref, ref_loops = reference(model, p, n, lambda logits, gates, hidden: int(q_exit_loops(gates, q)))
+        assert g.tokens == ref
+        assert [s.exit_loop for s in g.steps] == ref_loops
+        assert all(s.reason == ("max_depth" if s.exit_loop == T else "policy") for s in g.steps)
+        seen.update(ref_loops)
+    assert len(seen) > 1  # not vacuous: tokens left at different loops
+
+
+def _ref_policy(name, thr):
+    def exit_loop_of(logits, gates, hidden):
+        p = logits.float().softmax(-1)  # (T, V)
+        for t in range(1, T):
+            if name == "confidence" and p[t - 1].max() >= thr:
+                return t
+            if name == "entropy" and -(p[t - 1] * p[t - 1].clamp_min(1e-30).log()).sum() <= thr:
+                return t
+            if name == "kl" and t > 1:
+                kl = (p[t - 1] * (p[t - 1].clamp_min(1e-30).log() - p[t - 2].clamp_min(1e-30).log())).sum()
+                if kl <= thr:
+                    return t
+            if name == "delta" and t > 1:
+                if (hidden[t - 1] - hidden[t - 2]).norm() / hidden[t - 1].norm() < thr:
+                    return t
+        return T
+
+    return exit_loop_of
+
+
+@pytest.mark.parametrize("name,thr", [("confidence", 0.12), ("entropy", 3.5), ("kl", 0.3), ("delta", 0.75)])
+def test_policies_exact_equal_no_cache_reference(model, engine, name, thr):
+    prompts = random_prompts(30, [5, 3])
+    n = 12
+    gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", exit=name, threshold=thr)
+    seen = set()
+    for p, g in zip(prompts, gens):
+        ref, ref_loops = reference(model, p, n, _ref_policy(name, thr))
+        assert [s.exit_loop for s in g.steps] == ref_loops
+        assert g.tokens == ref
+        seen.update(ref_loops)
+    assert len(seen) > 1, f"{name} at {thr} exits every token at the same loop: pick another threshold"
+
+
+def test_batch_equals_each_prompt_alone(engine):
+    prompts = random_prompts(40, [3, 10, 6])
+    opts = dict(max_new_tokens=10, stop=[], mode="anytime", exit="confidence", threshold=0.12)
+    batch = engine.generate(prompts, **opts)
+    for p, b in zip(prompts, batch):
+        alone = engine.generate(p, **opts)
+        assert b.tokens == alone.tokens
+        assert [s.exit_loop for s in b.steps] == [s.exit_loop for s in alone.steps]
+
+
+def _request(prompts, n, holder):
+    def factory(model, batch, max_len):
+        holder.append(model.new_cache(batch, max_len))
+        return holder[-1]
+
+    g = torch.Generator().manual_seed(0)
+    return DecodeRequest(prompts, [n] * len(prompts), SamplingParams(), g, [False] * len(prompts), cache_factory=factory)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_exact_mode_cache_equals_full_depth_cache(model, k):
+    prompts = random_prompts(50 + k, [5, 2])
+    n = 12
+    holder = []
+    steps = list(anytime.decode(model, _request(prompts, n, holder), budget_loops=k))
+    cache = holder[0]
+    for r, p in enumerate(prompts):
+        seq = p + [s.token for s in steps if s.row == r]
+        ref = model.new_cache(1, len(seq))
+        prefill(model, ref, [seq])
+        done = len(seq) - T  # the last tokens' skipped loops were never needed, so never finished
+        torch.testing.assert_close(cache.k[:, :, r, :, :done], ref.k[:, :, 0, :, :done], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cache.v[:, :, r, :, :done], ref.v[:, :, 0, :, :done], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_copy_mode_fills_skipped_slots_from_the_exit_loop(model, k):
+    prompts = random_prompts(60 + k, [4, 7])
+    n = 9
+    holder = []
+    req = _request(prompts, n, holder)
+    steps = list(anytime.decode(model, req, budget_loops=k, skip="copy"))
+    cache = holder[0]
+    assert req.stats["copied_slots"] == 2 * (n - 1) * (T - k) * model.config.num_hidden_layers
+    for r, p in enumerate(prompts):
+        for pos in range(len(p), len(p) + n - 1):  # positions whose token ran its loops at decode time
+            for t in range(k, T):
+                assert torch.equal(cache.k[t, :, r, :, pos], cache.k[k - 1, :, r, :, pos])
+                assert torch.equal(cache.v[t, :, r, :, pos], cache.v[k - 1, :, r, :, pos])
+            assert cache.k[k - 1, :, r, :, pos].abs().min() > 0  # the copied source was really computed
