@@ -1,0 +1,76 @@
+"""Backends plugged into the model: same logits and tokens as the reference path; compile-friendly."""
+
+import pytest
+import torch
+
+import kernels
+import looplm
+from looplm import LoopConfig, LoopLM
+
+
+def tiny_model(seed=0, std=0.2):
+    cfg = LoopConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, total_ut_steps=4, max_position_embeddings=128,
+    )  # fmt: skip
+    return LoopLM(cfg).init_weights(seed, std=std).eval()
+
+
+def _decode_logits(model, prompts, steps=3):
+    """Prefill ragged prompts, then `steps` greedy decode steps; every loop's logits of every call."""
+    from looplm.decoding import prefill
+
+    cache = model.new_cache(len(prompts), 32)
+    out = prefill(model, cache, prompts, logits_loops="all")
+    logits = [out.logits]
+    pos = cache.lengths.clone()
+    tok = out.logits[-1, :, 0].argmax(-1)
+    for _ in range(steps):
+        out = model.forward_loops(model.embed(tok[:, None]), pos[:, None], cache, logits="last", logits_loops="all")
+        logits.append(out.logits)
+        tok, pos = out.logits[-1, :, 0].argmax(-1), pos + 1
+    return logits
+
+
+@pytest.mark.parametrize("name", kernels.BACKENDS)
+def test_model_with_backend_matches_reference_path(name):
+    reason = kernels.unavailable_reason(name, "cpu")
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    model = tiny_model(seed=int(torch.randint(0, 1000, ())))
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (5, 9, 2)]
+    with torch.inference_mode():
+        kernels.use(model, "reference")
+        want = _decode_logits(model, prompts)
+        assert kernels.use(model, name) is kernels.get_backend(name)
+        got = _decode_logits(model, prompts)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_use_accepts_an_engine_and_generation_is_unchanged():
+    engine = looplm.Engine(tiny_model())
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    want = [g.tokens for g in engine.generate(prompts, max_new_tokens=6, stop=[])]
+    assert kernels.use(engine, "reference") is kernels.reference_attention
+    assert engine.model.attention is kernels.reference_attention
+    assert [g.tokens for g in engine.generate(prompts, max_new_tokens=6, stop=[])] == want
+    with pytest.raises(TypeError):
+        kernels.use(object(), "sdpa")
+
+
+def test_triton_op_composes_with_torch_compile():
+    reason = kernels.unavailable_reason("triton", "cpu")
+    if reason is not None:
+        pytest.skip(f"triton: {reason}")
+    from kernels.triton_attention import triton_attention
+
+    def f(q, k, v, q_pos, k_pos):
+        return triton_attention(q * 2, k, v, q_pos, k_pos) + 1
+
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    q_pos, k_pos = torch.tensor([[5, 6, 7], [17, 18, 19]]), torch.arange(20).expand(2, -1)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    want = kernels.reference_attention(q * 2, k, v, q_pos, k_pos) + 1
+    torch.testing.assert_close(compiled(q, k, v, q_pos, k_pos), want, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(triton_attention, (q, k, v, q_pos, k_pos), test_utils=("test_schema", "test_faketensor"))
