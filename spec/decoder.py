@@ -1,0 +1,175 @@
+"""Self-speculative decoding: draft with the shared head at loop k, verify with loops k+1..T.
+
+A round, per row, starting from the last emitted token x (which has no loops computed yet):
+
+    draft   for i in 0..g-1: run token i of [x, d_1, .., d_{g-1}] through loops 1..k
+            (one forward_loops call per draft token); its loop-k head proposes d_{i+1}; its
+            loop-1..k K/V stay in the cache and its loop-k hidden state is kept.
+    verify  one forward_loops call over those g positions with start_loop=k: loops k+1..T from
+            the saved loop-k states, writing loops k+1..T of the cache. Its logits at position i
+            are the exact full-depth next-token logits given the drafted prefix.
+    accept  greedy prefix match or the Leviathan/Chen rule (spec.accept); a row emits its
+            accepted drafts plus, after a rejection, the target's own token. The last emitted
+            token starts the next round.
+
+Every position that enters a round thus gets loops 1..k once (drafting) and loops k+1..T once
+(verification): nothing is recomputed. The cache is never rolled back: positions after a
+rejection hold stale K/V that the next round overwrites before any query can see them.
+
+Exactness: lossless against the exact per-loop cache (every emitted token's logits come from all
+T loops over exact per-loop K/V of its prefix). Greedy output equals `mode="full"` token for token
+up to floating-point reassociation (a multi-position verification may round differently from a
+one-position step; exact ties aside this never changes an argmax in float32 in our tests).
+
+Batches: rows draft and verify together with per-row positions; each row accepts its own number
+of tokens. A row drafts at most as many tokens as it may still emit, so its real positions stay
+below its cache length; the padded draft slots of a row that drafts fewer than the batch's g (and
+finished rows, which keep computing to keep shapes fixed) are written at positions clamped to
+cache.max_len - 1, a scratch position no real token ever occupies (the last new token of the
+longest row sits at max_len - 1 but is never fed back).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from looplm.decoding import DecodeRequest, Step, Timer, prefill
+from looplm.model import LoopLM
+from looplm.sampling import choose, probabilities, sample
+
+from .accept import accept_greedy, accept_sampled, emitted_counts
+from .schedule import DraftLength
+
+# Defaults, measured with benchmarks/test_spec_speedup.py (see the decode docstring).
+DEFAULT_DRAFT_LOOP = 1
+DEFAULT_DRAFT_LEN: int | str = 4
+
+
+@torch.inference_mode()
+def decode(
+    model: LoopLM,
+    req: DecodeRequest,
+    *,
+    draft_loop: int | None = None,
+    draft_len: int | str | None = None,
+) -> Iterator[Step]:
+    """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
+
+    Args:
+        model: the looped model (T = model.num_loops >= 2).
+        req: the validated batch (ragged prompts, per-row max_new, sampling params).
+        draft_loop: 1-based loop k in 1..T-1 whose LM head drafts (default
+            min(DEFAULT_DRAFT_LOOP, T-1)).
+        draft_len: tokens drafted per round, an int >= 1, or "adaptive" (spec.schedule: picks
+            g in 1..8 maximising expected tokens per loop pass from the running acceptance rate).
+    Yields:
+        Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
+        draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
+        token from the prefill); info = {"draft": bool, "accepted": a, "proposed": g} for the round.
+    Stats (req.stats): draft_loop, draft_len, acceptance_rate (accepted / proposed drafts),
+        mean_accepted_len (accepted drafts per row-round), accepted_len_hist (count of rounds by
+        accepted drafts 0..g_max), rounds, loops_per_token (model.token_loops after the prefill
+        / tokens emitted), prefill_ms.
+    """
+    T, B = model.num_loops, req.batch_size
+    if T < 2:
+        raise ValueError("self-speculation needs a model with at least 2 loops")
+    k = min(DEFAULT_DRAFT_LOOP, T - 1) if draft_loop is None else draft_loop
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T - 1:
+        raise ValueError(f"draft_loop must be an integer in 1..{T - 1} (loops are 1-based), got {draft_loop!r}")
+    schedule = DraftLength(DEFAULT_DRAFT_LEN if draft_len is None else draft_len, k, T)
+    params, gen = req.sampling, req.generator
+
+    cache = req.new_cache(model, req.cache_len())
+    scratch = cache.max_len - 1
+    device = cache.k.device
+    steps_ar = torch.arange(schedule.max, device=device)
+    embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
+    timer = Timer(B)
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, req.prompts).logits[-1, :, 0]  # (B, V)
+    req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+    loops_at_start = model.token_loops
+    x = choose(logits, params, gen)  # (B,) the first new token, exact (prefill ran all T loops)
+    produced, pos = [0] * B, [len(p) for p in req.prompts]  # pos: position of x per row
+    first = x.tolist()
+    for row in range(B):
+        if req.active(row, 0):
+            yield Step(row, 0, first[row], T, T, timer.lap(row), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
+            produced[row] = 1
+    pos_t = torch.tensor(pos, device=device)
+    hist = [0] * (schedule.max + 1)
+    n_acc = n_prop = n_rounds = 0
+    emitted = sum(produced)
+
+    while True:
+        g = schedule.current
+        g_rows = [min(g, req.max_new[r] - produced[r]) if req.active(r, produced[r]) else 0 for r in range(B)]
+        G = max(g_rows)
+        if G == 0:
+            break
+        limit = torch.tensor(g_rows, device=device)
+
+        # -- draft: one k-loop call per draft token, keeping loop-k hidden states -----------
+        hs, drafts, qs = [], [], []
+        inp = x
+        for i in range(G):
+            p_i = (pos_t + i).clamp(max=scratch)[:, None]  # (B, 1)
+            kv_len = min(max(pos) + i, scratch) + 1
+            out = model.forward_loops(embed(inp[:, None]), p_i, cache, num_loops=k, logits="last", kv_len=kv_len)
+            hs.append(out.hidden[-1])  # (B, 1, H) loop-k state of token i
+            head = out.logits[-1, :, 0]  # (B, V)
+            if params.greedy:
+                inp = head.argmax(-1)
+            else:
+                q = probabilities(head, params)
+                qs.append(q)
+                inp = sample(q, gen)
+            drafts.append(inp)
+        drafts_t = torch.stack(drafts, 1)  # (B, G)
+
+        # -- verify: loops k+1..T over all G positions in one call --------------------------
+        v_pos = (pos_t[:, None] + steps_ar[:G]).clamp(max=scratch)  # (B, G)
+        kv_len = min(max(pos) + G - 1, scratch) + 1
+        target = model.forward_loops(torch.cat(hs, 1), v_pos, cache, start_loop=k, logits="all", kv_len=kv_len).logits[-1]
+        if params.greedy:
+            accepted, tokens = accept_greedy(drafts_t, target.argmax(-1), limit)
+        else:
+            accepted, tokens = accept_sampled(drafts_t, torch.stack(qs, 1), probabilities(target, params), limit, gen)
+        counts = emitted_counts(accepted, limit)
+
+        # -- emit: one host transfer per round ----------------------------------------------
+        x = torch.where(counts > 0, tokens.gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0], x)
+        pos_t = pos_t + counts
+        host = torch.cat([tokens, accepted[:, None], counts[:, None]], 1).tolist()
+        n_rounds += 1
+        for row in range(B):
+            *toks, a, m = host[row]
+            if g_rows[row] == 0:
+                continue
+            pos[row] += m
+            hist[a] += 1
+            n_acc, n_prop = n_acc + a, n_prop + g_rows[row]
+            info = {"draft": True, "accepted": a, "proposed": g_rows[row]}
+            for j in range(m):
+                if not req.active(row, produced[row]):
+                    break
+                is_draft = j < a
+                yield Step(row, produced[row], toks[j], T, T, timer.lap(row), "draft" if is_draft else "verify",
+                           info=info if is_draft else {**info, "draft": False})
+                produced[row] += 1
+                emitted += 1
+        rejections = sum(1 for r in range(B) if g_rows[r] and host[r][-2] < g_rows[r])
+        schedule.update(sum(host[r][-2] for r in range(B) if g_rows[r]), rejections)
+        req.stats.update(
+            draft_loop=k,
+            draft_len=draft_len if draft_len is not None else DEFAULT_DRAFT_LEN,
+            acceptance_rate=n_acc / max(n_prop, 1),
+            mean_accepted_len=n_acc / max(sum(hist), 1),
+            accepted_len_hist=list(hist),
+            rounds=n_rounds,
+            loops_per_token=(model.token_loops - loops_at_start) / max(emitted, 1),
+        )
