@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import torch
 
 from . import checkpoint
+from .cache import cache_factory
 from .config import LoopConfig
 from .decoding import DecodeRequest, Step, resolve_mode
 from .model import LoopLM
@@ -126,6 +127,8 @@ class Engine:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         req = DecodeRequest(prompts, max_new, sampling, gen, [False] * len(prompts))
+        # kv="per_loop" (exact, default) | "last" | "mean": shared KV across loops (looplm.cache.SharedKVCache)
+        req.cache_factory = cache_factory(options.pop("kv", "per_loop"))
         return req, stop_ids, stop_strs, options
 
     def _run(self, prompt, max_new_tokens, mode, kwargs, gens: dict) -> Iterator[Step]:

@@ -26,27 +26,36 @@ class LoopOutput:
 
 
 class _LoopStep:
-    """Attention context of one loop of one forward call: where its K/V go and what it reads."""
+    """Attention context of one forward call: where its K/V go and what it reads.
 
-    def __init__(self, attn_fn, cache, loop, pos, batch_idx, kv_len):
-        self.attn_fn, self.cache, self.loop, self.pos = attn_fn, cache, loop, pos
-        self.batch_idx, self.kv_len = batch_idx, kv_len
+    Built once per call (not per loop or layer): the index tensors every layer needs (cache rows,
+    key positions, per-token query positions) are made here once; `loop` is advanced per loop.
+    """
+
+    def __init__(self, attn_fn, cache, pos, batch_idx, kv_len):
+        self.attn_fn, self.cache, self.pos, self.kv_len = attn_fn, cache, pos, kv_len
+        self.loop = 0
+        if cache is None:
+            return
+        B, S = pos.shape
+        self.batch_idx = batch_idx  # (B, 1) or None (= all rows, read without a gather)
+        self.rows = batch_idx if batch_idx is not None else torch.arange(B, device=pos.device)[:, None]
+        self.k_pos = torch.arange(kv_len, device=pos.device).expand(B, -1)  # static cache: key j at position j
+        self.flat_pos = pos.reshape(B * S, 1)  # per-token path: every query its own row
+        self.flat_k_pos = self.k_pos[:1].expand(B * S, -1)
 
     def attend(self, q, k, v, layer: int) -> torch.Tensor:
         if self.cache is None:  # no-cache forward: the call's own keys, causal by position
             return self.attn_fn(q, k, v, self.pos, self.pos)
-        rows = self.batch_idx if self.batch_idx is not None else torch.arange(q.shape[0], device=q.device)[:, None]
-        self.cache.write(self.loop, layer, rows.view(-1, 1), self.pos, k, v)
-        B, Hq, S, D = q.shape
-        k_pos = torch.arange(self.kv_len, device=q.device).expand(B, -1)
+        self.cache.write(self.loop, layer, self.rows, self.pos, k, v)
         if isinstance(self.loop, int):
             ck, cv = self.cache.read(self.loop, layer, self.batch_idx, self.kv_len)
-            return self.attn_fn(q, ck, cv, self.pos, k_pos)
+            return self.attn_fn(q, ck, cv, self.pos, self.k_pos)
         # rows at different loops: every query reads its own loop's slot
-        ck, cv = self.cache.read_per_token(self.loop, layer, rows.view(-1, 1), self.kv_len)
+        B, Hq, S, D = q.shape
+        ck, cv = self.cache.read_per_token(self.loop, layer, self.rows, self.kv_len)
         q1 = q.transpose(1, 2).reshape(B * S, Hq, 1, D)
-        k_pos = k_pos[:1].expand(B * S, -1)
-        out = self.attn_fn(q1, ck, cv, self.pos.reshape(B * S, 1), k_pos)
+        out = self.attn_fn(q1, ck, cv, self.flat_pos, self.flat_k_pos)
         return out.reshape(B, S, Hq, D).transpose(1, 2)
 
 
@@ -169,8 +178,9 @@ class LoopLM(nn.Module):
             batch_idx = batch_idx.view(B, 1)
         cos, sin = self.rotary(input_pos, h.dtype)
         hiddens, gates, outs = [], [], []
+        ctx = _LoopStep(self.attention, cache, input_pos, batch_idx, kv_len)
         for i in range(num_loops):
-            ctx = _LoopStep(self.attention, cache, start_loop + i, input_pos, batch_idx, kv_len)
+            ctx.loop = start_loop + i
             for layer_idx, layer in enumerate(self.model.layers):
                 h = layer(h, cos, sin, ctx, layer_idx)
             h = self.model.norm(h)  # Ouro norms after every loop: output of loop t, input of loop t+1
@@ -178,6 +188,8 @@ class LoopLM(nn.Module):
             gates.append(torch.sigmoid(self.model.early_exit_gate(h).float()).squeeze(-1))
             if logits is not None and (logits_loops == "all" or i == num_loops - 1):
                 outs.append(self.lm_head(self._select(h, logits)))
+        if cache is not None:
+            cache.commit()  # a shared-KV cache collapses this call's positions (a no-op per loop)
         self.token_loops += B * S * num_loops
         return LoopOutput(torch.stack(hiddens), torch.stack(gates), torch.stack(outs) if outs else None)
 
