@@ -76,7 +76,7 @@ class LoopCost:
 
     def update(self, key, ms: float) -> None:
         old = self.ema.get(key)
-        self.ema[key] = ms if old is None else (1 - self.alpha) * old + self.alpha * ms
+        self.ema[key] = ms if old is None else old + self.alpha * (ms - old)
         self.last_ms = ms
 
     def predict(self, key) -> float:

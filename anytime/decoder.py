@@ -280,6 +280,7 @@ def _stats(req, log, counts, T, policy, plan, skip, cost) -> None:
     st = {
         "skip": skip,
         "mean_loops": sum(log["exit_loops"]) / n if n else 0.0,  # mean exit loop (the loops a token waited for)
+        "mean_exit_loop": sum(log["exit_loops"]) / n if n else 0.0,  # the same (the facade overwrites mean_loops)
         "exit_loop_counts": [log["exit_loops"].count(t) for t in range(1, T + 1)],
         "exit_reasons": {k: log["reasons"].count(k) for k in ("max_depth", "policy", "budget")},
         # (token, loop) pairs per emitted token: T for prefill-emitted tokens, plus every decode loop run,
