@@ -71,7 +71,7 @@ def decode(
         token from the prefill); info = {"draft": bool, "accepted": a, "proposed": g} for the round.
     Stats (req.stats): draft_loop, draft_len, acceptance_rate (accepted / proposed drafts),
         mean_accepted_len (accepted drafts per row-round), accepted_len_hist (count of rounds by
-        accepted drafts 0..g_max), rounds, loops_per_token (model.token_loops after the prefill
+        accepted drafts 0..g_max), rounds, drafted / accepted (draft totals), loops_per_token (model.token_loops after the prefill
         / tokens emitted), prefill_ms.
     """
     T, B = model.num_loops, req.batch_size
@@ -167,6 +167,8 @@ def decode(
         req.stats.update(
             draft_loop=k,
             draft_len=draft_len if draft_len is not None else DEFAULT_DRAFT_LEN,
+            drafted=n_prop,
+            accepted=n_acc,
             acceptance_rate=n_acc / max(n_prop, 1),
             mean_accepted_len=n_acc / max(sum(hist), 1),
             accepted_len_hist=list(hist),

@@ -1,0 +1,63 @@
+"""No loop 1..k of a drafted token is computed twice: verification resumes from the saved loop-k state."""
+
+from collections import defaultdict
+
+import pytest
+
+import looplm
+
+from .conftest import spec_model
+
+
+def record_layer_calls(model):
+    """Forward pre-hooks on every layer: a log of (layer, loop, row, position) per computed token."""
+    log = []
+
+    def hook(layer_idx):
+        def pre(module, args):
+            ctx = args[3]
+            B, S = ctx.pos.shape
+            for b in range(B):
+                for s in range(S):
+                    loop = ctx.loop if isinstance(ctx.loop, int) else int(ctx.loop[b, s])
+                    log.append((layer_idx, loop, b, int(ctx.pos[b, s])))
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    return log, handles
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("g", [1, 3, 6])
+def test_each_token_runs_each_loop_once(k, g):
+    model = spec_model(loops=4, step_scale=0.08)
+    T, L = 4, model.config.num_hidden_layers
+    engine = looplm.Engine(model)
+    log, handles = record_layer_calls(model)
+    prompt = [5, 9, 2, 7]
+    before = model.token_loops
+    gen = engine.generate(prompt, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, draft_len=g)
+    for h in handles:
+        h.remove()
+    # per layer and position, the loops computed over time must be whole runs 0, 1, .., T-1: a token
+    # that re-enters a position (after a rejection) starts again at loop 0, but no token ever has a
+    # loop computed twice (a recomputation of loops 1..k would read 0..k-1, 0..T-1)
+    seqs = defaultdict(list)
+    for layer, loop, b, pos in log:
+        assert b == 0
+        seqs[layer, pos].append(loop)
+    runs = 0
+    for (layer, pos), loops in seqs.items():
+        assert len(loops) % T == 0 and loops == list(range(T)) * (len(loops) // T), (layer, pos, loops)
+        runs += len(loops) // T
+    # counts agree with the model's own counter and with what the rounds drafted
+    assert len(log) == L * (model.token_loops - before)
+    st = gen.stats
+    assert st["rounds"] > 1 and 0 < st["acceptance_rate"] < 1
+    drafted = st["drafted"]
+    assert st["acceptance_rate"] == st["accepted"] / drafted
+    assert runs == L * (len(prompt) + drafted)
+    # every emitted token after the first cost exactly what it drafted: T loops per drafted position
+    assert st["loops_per_token"] * len(gen.tokens) == pytest.approx(T * drafted)
+    draft_calls = [e for e in log if e[0] == 0 and e[1] == 0 and e[3] >= len(prompt)]
+    assert len(draft_calls) == drafted  # loop 0 runs once per drafted position, only in drafting
