@@ -11,3 +11,10 @@ $py -c "import torch" 2>/dev/null || $py -m pip install -q torch==2.13.0
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 $py -m pip install -q -e "$spec"
+# The demo's browser test drives Debian's chromium through Playwright (which never downloads a browser
+# here). Installed once, as root, only when the test extras are asked for and chromium is absent.
+if [[ ",${extras}," == *",test,"* ]] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
