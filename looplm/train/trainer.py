@@ -58,6 +58,7 @@ class TrainConfig:
     batch_size: int = 16
     steps: int = 3000
     time_budget_min: float | None = None  # the schedule also advances with elapsed time / budget; stops at it
+    stop_at: int | None = None  # stop after this step as if interrupted (the schedule still follows `steps`)
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -158,18 +159,17 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
 
 
-def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig, progress: float):
-    """(loss, per-loop mean CE [T]) for one batch under the configured objective."""
+def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str, loop_weights, beta: float):
+    """(loss, per-loop mean CE [T]) for one batch under the given objective."""
     out = model.loop_outputs(x)
     ce = per_loop_ce(out.logits, y)
     per_loop = ce.detach().mean(dim=(1, 2))
-    if tc.objective == "weighted":
-        loss, _ = weighted_per_loop_loss(ce, tc.loop_weights)
-    elif tc.objective == "entropy":
-        beta = tc.beta if progress < 0.5 else tc.beta_late
+    if objective == "weighted":
+        loss, _ = weighted_per_loop_loss(ce, loop_weights)
+    elif objective == "entropy":
         loss, _ = entropy_regularized_loss(ce, out.gates, beta)
     else:
-        raise ValueError(f"unknown objective {tc.objective!r}")
+        raise ValueError(f"unknown objective {objective!r}")
     return loss, per_loop
 
 
@@ -249,7 +249,8 @@ def train(tc: TrainConfig) -> Path:
 
     model.train()
     t_last = time.time()
-    while step < tc.steps and (budget_s is None or elapsed < budget_s):
+    last = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
+    while step < last and (budget_s is None or elapsed < budget_s):
         progress = step / tc.steps if budget_s is None else max(step / tc.steps, elapsed / budget_s)
         lr = lr_at(progress, tc, step)
         for g in opt.param_groups:
@@ -258,7 +259,8 @@ def train(tc: TrainConfig) -> Path:
         x, y = train_data.batch(tc.batch_size, gen)
         x, y = x.to(tc.device), y.to(tc.device)
         with autocast:
-            loss, per_loop = fwd(model, x, y, tc, progress)
+            beta = tc.beta if progress < 0.5 else tc.beta_late
+            loss, per_loop = fwd(model, x, y, tc.objective, tuple(tc.loop_weights), beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -272,7 +274,7 @@ def train(tc: TrainConfig) -> Path:
         bar.update(1)
         bar.set_postfix_str(" ".join(f"L{t + 1}={v:.3f}" for t, v in enumerate(ema.tolist())) + f" lr={lr:.1e}")
         if step % tc.log_every == 0:
-            rec = {"step": step, "elapsed_s": round(elapsed, 1), "lr": lr, "loss": float(loss),
+            rec = {"step": step, "elapsed_s": round(elapsed, 1), "lr": lr, "loss": loss.item(),
                    "per_loop": [round(v, 4) for v in per_loop.tolist()], "grad_norm": float(gnorm),
                    "tok_per_s": round(step * tc.batch_size * tc.seq_len / max(elapsed, 1e-9))}
             log.write(json.dumps(rec) + "\n")
@@ -311,8 +313,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, (list, tuple)):
             p.add_argument(flag, type=float, nargs="+", default=default)
-        elif f.name in ("init_from", "time_budget_min", "threads"):
-            typ = {"init_from": str, "time_budget_min": float, "threads": int}[f.name]
+        elif f.name in ("init_from", "time_budget_min", "threads", "stop_at"):
+            typ = {"init_from": str, "time_budget_min": float, "threads": int, "stop_at": int}[f.name]
             p.add_argument(flag, type=typ, default=default)
         else:
             p.add_argument(flag, type=type(default), default=default)
