@@ -111,7 +111,8 @@ class LoopLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, S) ids -> (B, S, H); raises on ids outside the vocabulary."""
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        # the check reads values (a host sync, a graph break): compiled code skips it
+        if not torch.compiler.is_compiling() and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}); got min {int(input_ids.min())}, max {int(input_ids.max())}"
             )
@@ -176,6 +177,16 @@ class LoopLM(nn.Module):
                 raise ValueError(f"position {kv_len - 1} is beyond the cache's max_len {cache.max_len}")
         if batch_idx is not None:
             batch_idx = batch_idx.view(B, 1)
+        out = self._run_loops(h, input_pos, cache, start_loop, num_loops, batch_idx, logits, logits_loops, kv_len)
+        if not torch.compiler.is_compiling():  # a mutated int attribute would force a recompile per call
+            self.token_loops += B * S * num_loops
+        return out
+
+    def _run_loops(self, h, input_pos, cache, start_loop, num_loops, batch_idx, logits, logits_loops, kv_len) -> LoopOutput:
+        """forward_loops after validation (batch_idx (B, 1), kv_len set): no host syncs, no counters.
+
+        This is the part a compiled fixed-shape step traces (kernels.fast_step).
+        """
         cos, sin = self.rotary(input_pos, h.dtype)
         hiddens, gates, outs = [], [], []
         ctx = _LoopStep(self.attention, cache, input_pos, batch_idx, kv_len)
@@ -190,7 +201,6 @@ class LoopLM(nn.Module):
                 outs.append(self.lm_head(self._select(h, logits)))
         if cache is not None:
             cache.commit()  # a shared-KV cache collapses this call's positions (a no-op per loop)
-        self.token_loops += B * S * num_loops
         return LoopOutput(torch.stack(hiddens), torch.stack(gates), torch.stack(outs) if outs else None)
 
     @staticmethod

@@ -1,0 +1,121 @@
+"""Full-depth decode on the CPU: the fast (compiled, fixed-shape) step vs the plain eager step, and
+the KV cache's bytes per token for the per-loop, "last" and "mean" caches, in one run.
+
+Self-contained: builds its own models (the bundled default model, skipped while absent, and a
+~100M-parameter Ouro-shaped model with random weights) and prints its own table at the end.
+
+    nice -n 10 python -m pytest benchmarks/test_kernels_decode.py --benchmark-columns=mean,rounds
+
+Environment: LOOPLM_BENCH_THREADS (torch threads, default 1: on a shared, loaded CPU more threads
+make every op wait for descheduled workers), LOOPLM_BENCH_QUICK=1 (fewer tokens). Compilation
+(torch.compile with inductor) happens in the warm-up, outside the timed rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import looplm
+from kernels.fast_step import DecodeStep, greedy_decode
+from looplm import LoopConfig, LoopLM
+from looplm.api import DEFAULT_MODEL
+from looplm.cache import KV_MODES, cache_factory
+
+QUICK = os.environ.get("LOOPLM_BENCH_QUICK", "0") not in ("", "0")
+THREADS = int(os.environ.get("LOOPLM_BENCH_THREADS", "1"))
+PROMPT_LEN = 16
+NEW_TOKENS = {"default": 8 if QUICK else 32, "random-100m": 4 if QUICK else 12}
+
+# ~100M parameters in Ouro-1.4B's shape, scaled down: MHA, head_dim 128, intermediate/hidden 2.75,
+# untied embeddings, T = 4: 6 layers x 12.8M + embeddings and head 2 x 12.6M = 102M.
+RANDOM_100M = LoopConfig(
+    vocab_size=12288, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=8,
+    num_key_value_heads=8, max_position_embeddings=1024, rope_theta=1e6, total_ut_steps=4,
+)  # fmt: skip
+
+_models: dict[str, LoopLM] = {}
+_rows: dict[tuple, dict] = {}  # (model, what) -> numbers for the closing table
+
+
+def _model(name: str) -> LoopLM:
+    if name not in _models:
+        if name == "default":
+            if not (DEFAULT_MODEL / "config.json").is_file():
+                pytest.skip(f"the default model has not landed in {DEFAULT_MODEL}")
+            _models[name] = looplm.load().model.float().eval()
+        else:
+            _models[name] = LoopLM(RANDOM_100M).init_weights(0).eval()
+    return _models[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads_and_table(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is None or not _rows:
+        return
+    tr.write_line("")
+    tr.write_line(f"kernels decode benchmark (CPU, {THREADS} thread(s), batch 1, prompt {PROMPT_LEN}, greedy, full depth)")
+    for (model, what), r in sorted(_rows.items()):
+        tr.write_line(f"  {model:12s} {what:14s} " + "  ".join(f"{k}={v}" for k, v in r.items()))
+
+
+def _prompt(model: LoopLM) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, model.config.vocab_size, (PROMPT_LEN,), generator=g).tolist()]
+
+
+@pytest.mark.parametrize("model_name", ["default", "random-100m"])
+@pytest.mark.parametrize("step_kind", ["eager", "fast"])  # eager first: the fast step's ratio refers to it
+def test_full_depth_decode(benchmark, model_name, step_kind):
+    """Tokens/s of greedy full-depth decoding at batch 1: eager forward_loops vs the compiled DecodeStep."""
+    model = _model(model_name)
+    prompts, n = _prompt(model), NEW_TOKENS[model_name]
+    cache = model.new_cache(1, PROMPT_LEN + n + 1)
+    step = None
+    warm_s = 0.0
+    if step_kind == "fast":
+        step = DecodeStep(model, cache)  # inductor on the CPU; CUDA graphs on a GPU
+        t0 = time.perf_counter()
+        step.warmup(2)  # compiles outside the timed region
+        warm_s = time.perf_counter() - t0
+    tokens = benchmark.pedantic(greedy_decode, args=(model, cache, prompts, n, step), rounds=2, iterations=1, warmup_rounds=1)
+    decode_s = benchmark.stats.stats.min  # includes the prefill: report per generated token
+    tok_s = n / decode_s
+    row = {"tokens_per_s": round(tok_s, 2), "compile_s": round(warm_s, 1)}
+    eager = _rows.get((model_name, "eager"))
+    if step_kind == "fast" and eager is not None:
+        row["speedup_vs_eager"] = round(tok_s / eager["tokens_per_s"], 2)
+        assert tokens.tolist() == eager["tokens"], "the fast step must decode the eager step's tokens"
+    _rows[(model_name, step_kind)] = {**row, **({"tokens": tokens.tolist()} if step_kind == "eager" else {})}
+    benchmark.extra_info.update(row, model=model_name, step=step_kind, new_tokens=n, threads=THREADS)
+
+
+@pytest.mark.parametrize("model_name", ["default", "random-100m"])
+@pytest.mark.parametrize("kv", KV_MODES)
+def test_kv_cache_bytes(benchmark, model_name, kv):
+    """KV bytes per token (after prefill) and end-to-end tokens/s of Engine.generate(kv=...), mode "full"."""
+    model = _model(model_name)
+    engine = looplm.Engine(model)
+    prompts, n = _prompt(model), max(2, NEW_TOKENS[model_name] // 2)
+    make = cache_factory(kv) or (lambda m, b, max_len: m.new_cache(b, max_len))
+    cache = make(model, 1, PROMPT_LEN + n)
+    with torch.inference_mode():
+        looplm.decoding.prefill(model, cache, prompts)
+    per_token = cache.bytes_per_token()
+    gen = benchmark.pedantic(
+        lambda: engine.generate(prompts[0], max_new_tokens=n, stop=[], kv=kv), rounds=1, iterations=1, warmup_rounds=1
+    )
+    per_loop = model.num_loops * model.config.num_hidden_layers * 2 * model.config.num_key_value_heads * model.config.head_dim
+    per_loop *= cache.k.element_size()
+    assert per_token == (per_loop if kv == "per_loop" else per_loop // model.num_loops)
+    row = {"kv_bytes_per_token": per_token, "x_smaller": per_loop // per_token, "tokens_per_s": round(n / benchmark.stats.stats.min, 2)}
+    _rows[(model_name, f"kv={kv}")] = row
+    benchmark.extra_info.update(row, model=model_name, kv=kv, new_tokens=len(gen.tokens), threads=THREADS)

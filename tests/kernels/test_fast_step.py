@@ -1,0 +1,68 @@
+"""The fixed-shape (compiled) decode step gives the eager decoder's tokens and compiles once."""
+
+import pytest
+import torch
+
+import looplm
+from kernels.fast_step import DecodeStep, greedy_decode
+from looplm import LoopConfig, LoopLM
+from looplm.cache import cache_factory
+
+
+def tiny_model(seed):
+    cfg = LoopConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, total_ut_steps=4, max_position_embeddings=128,
+    )  # fmt: skip
+    return LoopLM(cfg).init_weights(seed, std=0.2).eval()
+
+
+def _setup():
+    model = tiny_model(int(torch.randint(0, 10_000, ())))
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (6, 2, 9)]
+    return model, prompts
+
+
+@pytest.mark.parametrize("kv", ["per_loop", "last"])
+def test_fixed_shape_step_equals_eager_decoding(kv):
+    model, prompts = _setup()
+    new = 8
+    engine_tokens = [g.tokens for g in looplm.Engine(model).generate(prompts, max_new_tokens=new, stop=[], kv=kv)]
+    make = cache_factory(kv) or (lambda m, b, n: m.new_cache(b, n))
+    step = DecodeStep(model, make(model, 3, 40), compile=False)
+    before = model.token_loops
+    got = greedy_decode(model, step.cache, prompts, new, step)
+    assert got.tolist() == engine_tokens
+    assert model.token_loops - before == 3 * 9 * 4 + 3 * (new - 1) * 4  # padded prefill + decode steps, 4 loops each
+
+
+def test_compiled_step_traces_whole_and_never_recompiles():
+    model, prompts = _setup()
+    eager_cache, cache = model.new_cache(3, 24), model.new_cache(3, 24)
+    want = greedy_decode(model, eager_cache, prompts, 6)
+    step = DecodeStep(model, cache, backend="aot_eager")  # fullgraph=True: a graph break fails
+    step.warmup()  # writes only position 23, which no query below reaches
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = greedy_decode(model, cache, prompts, 6, step)
+    assert torch.equal(got, want)
+    n = 9 + 5  # longest prompt + decode steps: every written position matches the eager cache
+    torch.testing.assert_close(cache.k[..., :n, :], eager_cache.k[..., :n, :], rtol=0, atol=1e-5)
+
+
+def test_mean_cache_is_refused():
+    model, _ = _setup()
+    with pytest.raises(ValueError, match="mean"):
+        DecodeStep(model, cache_factory("mean")(model, 1, 8), compile=False)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_matches_eager_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: CUDA graphs (mode='reduce-overhead') are checked only on a GPU")
+    model = tiny_model(0).cuda()
+    prompts = [[1, 2, 3], [4, 5]]
+    want = greedy_decode(model, model.new_cache(2, 32), prompts, 8)
+    cache = model.new_cache(2, 32)
+    step = DecodeStep(model, cache)
+    step.warmup()
+    assert torch.equal(greedy_decode(model, cache, prompts, 8, step), want)
