@@ -2,7 +2,8 @@
 
 Each request decodes in its own producer thread (the engine allocates a fresh cache per request),
 so the decoder's timing is not inflated by the UI, and several browser tabs decode at once through
-Gradio's queue. Bad input becomes a readable message (an error box plus a toast), never a trace.
+Gradio's queue. Bad input becomes a readable message in an error box, never a trace (no toast:
+a toast would cover the buttons).
 """
 
 from __future__ import annotations
@@ -164,14 +165,18 @@ def make_run(engine: Engine, modes: list[str], prompt, max_new_tokens, mode, tem
 
 def _produce(engine: Engine, run: Run, out: queue.Queue, cancel: threading.Event) -> None:
     gens: dict = {}
+    log.info("decode start %s mode=%s options=%s", id(run), run.mode, run.options)
     try:
         # Engine._run is Engine.stream plus access to the finished Generation (for its stats)
         for step in engine._run(run.prompt, run.max_new_tokens, run.mode, dict(run.options), gens):
             out.put(("step", step))
             if cancel.is_set():
+                log.info("decode cancelled %s", id(run))
                 return
         out.put(("done", gens.get(0)))
+        log.info("decode end %s tokens=%d", id(run), len(gens[0].tokens) if 0 in gens else 0)
     except Exception as e:  # reported to the UI by the consumer
+        log.info("decode failed %s: %s", id(run), e)
         out.put(("error", e))
 
 
@@ -251,6 +256,52 @@ def _describe(engine: Engine) -> str:
             "Each token is coloured by how many loops it used; hover a token for its details.")
 
 
+def generate_updates(engine: Engine, modes: list[str], *controls):
+    """The Generate button: yields (tokens html, stats html, plot, table, message) as tokens arrive.
+
+    Never raises: a bad input or a failed decode becomes a message in the error box.
+    """
+    T = engine.config.total_ut_steps
+    try:
+        run = make_run(engine, modes, *controls)
+        yield (*_views(engine, run, "running"), None, pd.DataFrame([], columns=render.TABLE_HEADERS), _message())
+        for run in stream_run(engine, run):
+            done = run.stats is not None
+            tokens, stats = _views(engine, run, "done" if done else "running")
+            plot = render.loops_figure(run.steps, T) if done else gr.skip()
+            yield tokens, stats, plot, pd.DataFrame(render.table_rows(run.steps), columns=render.TABLE_HEADERS), _message()
+    except Exception as e:
+        text = _friendly(e)
+        yield ("", render.stats_html(render.summary([], T, 0.0), mode=str(controls[2]), state="error"), None,
+               pd.DataFrame([], columns=render.TABLE_HEADERS), _message(text))
+
+
+def compare_updates(engine: Engine, modes: list[str], *controls):
+    """The Compare button: full depth, then the chosen mode, on the same inputs; yields both views and a summary."""
+    T = engine.config.total_ut_steps
+    views = {"full": ("", ""), "mode": ("", "")}
+    try:
+        chosen = make_run(engine, modes, *controls)
+        full = make_run(engine, modes, *controls[:2], "full", *controls[3:])
+        summaries = {}
+        for key, run in (("full", full), ("mode", chosen)):
+            for run in stream_run(engine, run):
+                views[key] = _views(engine, run, "done" if run.stats is not None else "running")
+                yield (*views["full"], *views["mode"], "", _message())
+            summaries[key] = render.summary(run.steps, T, run.elapsed_s, run.stats)
+        f, m = summaries["full"], summaries["mode"]
+        ratio = m["tokens_per_s"] / f["tokens_per_s"] if f["tokens_per_s"] > 0 else float("nan")
+        same = [s.token for s in full.steps] == [s.token for s in chosen.steps]
+        text = (f'<div class="looplm-compare" data-speedup="{ratio:.3f}"><b>{chosen.mode}</b>: '
+                f'{m["tokens_per_s"]:.1f} tokens/s vs <b>full</b>: {f["tokens_per_s"]:.1f} tokens/s '
+                f'(<b>{ratio:.2f}x</b>); mean loops {m["mean_loops"]:.2f} vs {f["mean_loops"]:.2f}; '
+                f'{"identical" if same else "different"} tokens.</div>')
+        yield (*views["full"], *views["mode"], text, _message())
+    except Exception as e:
+        text = _friendly(e)
+        yield (*views["full"], *views["mode"], "", _message(text))
+
+
 def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
     """The demo's Blocks (queue enabled). Launch with `launch(app, port)`.
 
@@ -267,43 +318,10 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
     init = defaults()
 
     def generate(*controls):
-        try:
-            run = make_run(engine, modes, *controls)
-            yield (*_views(engine, run, "running"), None, pd.DataFrame([], columns=render.TABLE_HEADERS), _message())
-            for run in stream_run(engine, run):
-                done = run.stats is not None
-                tokens, stats = _views(engine, run, "done" if done else "running")
-                plot = render.loops_figure(run.steps, T) if done else gr.skip()
-                yield tokens, stats, plot, pd.DataFrame(render.table_rows(run.steps), columns=render.TABLE_HEADERS), _message()
-        except Exception as e:
-            text = _friendly(e)
-            gr.Warning(text)
-            yield ("", render.stats_html(render.summary([], T, 0.0), mode=str(controls[2]), state="error"), None,
-                   pd.DataFrame([], columns=render.TABLE_HEADERS), _message(text))
+        yield from generate_updates(engine, modes, *controls)
 
     def compare(*controls):
-        views = {"full": ("", ""), "mode": ("", "")}
-        try:
-            chosen = make_run(engine, modes, *controls)
-            full = make_run(engine, modes, *controls[:2], "full", *controls[3:])
-            summaries = {}
-            for key, run in (("full", full), ("mode", chosen)):
-                for run in stream_run(engine, run):
-                    views[key] = _views(engine, run, "done" if run.stats is not None else "running")
-                    yield (*views["full"], *views["mode"], "", _message())
-                summaries[key] = render.summary(run.steps, T, run.elapsed_s, run.stats)
-            f, m = summaries["full"], summaries["mode"]
-            ratio = m["tokens_per_s"] / f["tokens_per_s"] if f["tokens_per_s"] > 0 else float("nan")
-            same = [s.token for s in full.steps] == [s.token for s in chosen.steps]
-            text = (f'<div class="looplm-compare" data-speedup="{ratio:.3f}"><b>{chosen.mode}</b>: '
-                    f'{m["tokens_per_s"]:.1f} tokens/s vs <b>full</b>: {f["tokens_per_s"]:.1f} tokens/s '
-                    f'(<b>{ratio:.2f}x</b>); mean loops {m["mean_loops"]:.2f} vs {f["mean_loops"]:.2f}; '
-                    f'{"identical" if same else "different"} tokens.</div>')
-            yield (*views["full"], *views["mode"], text, _message())
-        except Exception as e:
-            text = _friendly(e)
-            gr.Warning(text)
-            yield (*views["full"], *views["mode"], "", _message(text))
+        yield from compare_updates(engine, modes, *controls)
 
     def show_options(mode):
         return gr.update(visible=mode == "anytime"), gr.update(visible=mode == "speculative")
@@ -331,8 +349,8 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                     draft_loop = gr.Slider(1, max(T - 1, 1), value=init["draft_loop"], step=1, label="Draft loop k", elem_id="draft-loop")
                     draft_len = gr.Slider(1, 16, value=init["draft_len"], step=1, label="Draft length", elem_id="draft-len")
                     adaptive = gr.Checkbox(init["adaptive"], label="Adaptive draft length", elem_id="adaptive")
-                message = gr.HTML(_message(), elem_id="message")
             with gr.Column(scale=2):
+                message = gr.HTML(_message(), elem_id="message")  # above the tabs: seen from both
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate-tab"):
                         go = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -50,3 +51,39 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 def make_prompt():
     """random_prompt(rng, n): n random words of the tiny vocabulary."""
     return random_prompt
+
+
+@pytest.fixture(scope="module")
+def fresh_engine() -> looplm.Engine:
+    """A tiny engine with fresh random weights (in memory)."""
+    return tiny_engine(int(torch.randint(0, 2**31, ()).item()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a small shared CPU, two threads fighting over it are many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def caplog_handler():
+    """Collects the demo logger's records for a whole module (pytest's caplog is per test)."""
+    handler, log = _Records(), logging.getLogger("demo")
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    yield handler
+    log.removeHandler(handler)
+    log.setLevel(level)

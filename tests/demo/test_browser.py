@@ -1,28 +1,24 @@
 """Acceptance test of the demo in a real browser: Playwright driving Debian's headless chromium.
 
-The app runs as `python -m looplm demo --model TINY --port N` in a subprocess on 127.0.0.1.
+The app (on a tiny checkpoint saved with looplm.save) is served from a thread on 127.0.0.1.
 Screenshots land in artifacts/demo/ (the CI artifact path).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
 import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 from playwright.sync_api import Page, expect, sync_playwright  # a test dependency: missing means failing
 
 import looplm
-from demo.app import available_modes, defaults, make_run
+from demo.app import available_modes, build_app, defaults, launch, make_run
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "demo"
@@ -46,51 +42,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def _one_thread():
-    # The machine is small and shared: one intra-op thread per decode is much faster than two fighting ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    return looplm.load(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
+def server(tiny_checkpoint, caplog_handler):
+    """The app served from a thread of this process (the CLI path is tested in test_cli.py)."""
+    app = build_app(looplm.load(tiny_checkpoint), concurrency=4)  # its own engine, as `python -m demo` would load
     port = _free_port()
-    log = tmp_path_factory.mktemp("demo_server") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "looplm", "demo", "--model", tiny_checkpoint, "--port", str(port), "--concurrency", "4"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
+    launch(app, port, block=False, quiet=True)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 60
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the demo exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the demo did not serve {url} within 60 s:\n{log.read_text()}")
-            time.sleep(0.3)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in log.read_text(), log.read_text()  # bad input never reached the log as a crash
+        app.close()
+    errors = [r for r in caplog_handler.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]  # no request crashed (bad input is not an error)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +71,6 @@ def browser():
         b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
         yield b
         b.close()
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    return looplm.load(tiny_checkpoint)
 
 
 def _open(browser, url: str) -> Page:
@@ -121,13 +87,15 @@ def _set(page: Page, elem_id: str, value) -> None:
     box.press("Tab")  # commit the value (Gradio reads it on change/blur)
 
 
-def _submit(page: Page, *, mode: str, prompt: str, max_new: int, seed: int = 0, temperature: float = 0.0) -> None:
+def _submit(page: Page, *, mode: str, prompt: str, max_new: int, click: bool = True, **fields) -> None:
+    """Fills the controls (fields: elem ids with "_" for "-", e.g. seed=3) and presses Generate."""
     page.locator(f'#mode input[value="{mode}"]').check()
     _set(page, "prompt", prompt)
     _set(page, "max-new", max_new)
-    _set(page, "seed", seed)
-    _set(page, "temperature", temperature)
-    page.locator("#generate").click()
+    for key, value in fields.items():
+        _set(page, key.replace("_", "-"), value)
+    if click:
+        page.locator("#generate").click()
 
 
 def _wait_done(page: Page, mode: str, stats_id: str = "stats") -> None:
@@ -144,8 +112,7 @@ def _tokens(page: Page, elem_id: str = "tokens") -> list[dict]:
 
 def _expected(engine, mode: str, prompt: str, max_new: int, **controls):
     run = make_run(engine, available_modes(), **{**defaults(), **controls, "prompt": prompt, "max_new_tokens": max_new, "mode": mode})
-    with _one_thread():
-        return engine.generate(run.prompt, max_new_tokens=run.max_new_tokens, mode=run.mode, **run.options)
+    return engine.generate(run.prompt, max_new_tokens=run.max_new_tokens, mode=run.mode, **run.options)
 
 
 def test_each_mode_streams_coloured_tokens_and_stats(server, browser, engine, make_prompt):
@@ -197,10 +164,7 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser, en
     _submit(page, mode="full", prompt=make_prompt(random.Random(), ctx + 5), max_new=4)
     expect(message).to_contain_text(f"context holds {ctx}")
     if "anytime" in available_modes():
-        page.locator('#mode input[value="anytime"]').check()
-        _set(page, "prompt", "the cat sat")
-        _set(page, "budget", 1e12)
-        page.locator("#generate").click()
+        _submit(page, mode="anytime", prompt="the cat sat", max_new=4, budget=1e12)
         expect(message).to_contain_text("Budget")
         _set(page, "budget", 0)
     expect(page.locator("text=Traceback")).to_have_count(0)
@@ -211,23 +175,24 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser, en
     page.context.close()
 
 
-def test_two_concurrent_sessions_get_their_own_output(server, browser, engine, make_prompt):
+def test_two_concurrent_sessions_get_their_own_output(server, browser, engine, make_prompt, caplog_handler):
     rng = random.Random()
     pages = [_open(browser, server) for _ in range(2)]
-    inputs = [dict(prompt=make_prompt(rng, 4 + i), max_new=40, seed=rng.randint(0, 10**6), temperature=0.9)
+    inputs = [dict(prompt=make_prompt(rng, 4 + i), max_new=80, seed=rng.randint(0, 10**6), temperature=0.9)
               for i in range(2)]
     for page, inp in zip(pages, inputs):
-        page.locator('#mode input[value="full"]').check()
-        for key in ("prompt", "seed", "temperature"):
-            _set(page, {"prompt": "prompt", "seed": "seed", "temperature": "temperature"}[key], inp[key])
-        _set(page, "max-new", inp["max_new"])
-    for page in pages:  # both requests are in flight together
-        page.locator("#generate").click()
+        _submit(page, mode="full", click=False, **inp)
+    first = len(caplog_handler.records)
+    for page in pages:  # both clicks within a few milliseconds, so the two decodes run at once
+        page.evaluate("document.querySelector('#generate').click()")
     for page, inp in zip(pages, inputs):
         _wait_done(page, "full")
         want = _expected(engine, "full", inp["prompt"], inp["max_new"], seed=inp["seed"], temperature=inp["temperature"])
         assert [t["id"] for t in _tokens(page)] == want.tokens
+        assert page.locator("#tokens .looplm-out .prompt").inner_text() == inp["prompt"]
     assert [t["id"] for t in _tokens(pages[0])] != [t["id"] for t in _tokens(pages[1])]
+    events = [r.getMessage().split()[1] for r in caplog_handler.records[first:] if r.getMessage().startswith("decode ")]
+    assert events == ["start", "start", "end", "end"], events  # the two decodes overlapped in time
     pages[0].screenshot(path=str(ARTIFACTS / "session-1.png"), full_page=True)
     for page in pages:
         page.context.close()
