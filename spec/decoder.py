@@ -16,7 +16,9 @@ Every position that enters a round thus gets loops 1..k once (drafting) and loop
 (verification): nothing is recomputed. The cache is never rolled back: positions after a
 rejection hold stale K/V that the next round overwrites before any query can see them.
 
-Exactness: lossless against the exact per-loop cache (every emitted token's logits come from all
+Exactness: lossless against the exact per-loop cache (a shared-KV cache, Engine.generate(kv="last"
+or "mean"), runs but is not lossless: drafted tokens would read loop-k K/V where full depth reads
+the shared value; req.stats["exact_cache"] says which cache ran) (every emitted token's logits come from all
 T loops over exact per-loop K/V of its prefix). Greedy output equals `mode="full"` token for token
 up to floating-point reassociation (a multi-position verification may round differently from a
 one-position step; exact ties aside this never changes an argmax in float32 in our tests).
@@ -84,6 +86,7 @@ def decode(
     params, gen = req.sampling, req.generator
 
     cache = req.new_cache(model, req.cache_len())
+    req.stats["exact_cache"] = not getattr(cache, "shared", False)
     scratch = cache.max_len - 1
     device = cache.k.device
     steps_ar = torch.arange(schedule.max, device=device)
