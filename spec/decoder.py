@@ -16,12 +16,12 @@ Every position that enters a round thus gets loops 1..k once (drafting) and loop
 (verification): nothing is recomputed. The cache is never rolled back: positions after a
 rejection hold stale K/V that the next round overwrites before any query can see them.
 
-Exactness: lossless against the exact per-loop cache (a shared-KV cache, Engine.generate(kv="last"
-or "mean"), runs but is not lossless: drafted tokens would read loop-k K/V where full depth reads
-the shared value; req.stats["exact_cache"] says which cache ran) (every emitted token's logits come from all
-T loops over exact per-loop K/V of its prefix). Greedy output equals `mode="full"` token for token
+Exactness: lossless against the exact per-loop cache: every emitted token's logits come from all
+T loops over exact per-loop K/V of its prefix. Greedy output equals `mode="full"` token for token
 up to floating-point reassociation (a multi-position verification may round differently from a
-one-position step; exact ties aside this never changes an argmax in float32 in our tests).
+one-position step; only a near-exact tie could flip an argmax, and the tests never see one). A
+shared-KV cache (Engine.generate(kv="last" | "mean")) runs but is not lossless: drafted tokens
+read loop-k K/V where full depth reads the shared value; req.stats["exact_cache"] says which ran.
 
 Batches: rows draft and verify together with per-row positions; each row accepts its own number
 of tokens. A row drafts at most as many tokens as it may still emit, so its real positions stay
