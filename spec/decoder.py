@@ -73,8 +73,9 @@ def decode(
         token from the prefill); info = {"draft": bool, "accepted": a, "proposed": g} for the round.
     Stats (req.stats): draft_loop, draft_len, acceptance_rate (accepted / proposed drafts),
         mean_accepted_len (accepted drafts per row-round), accepted_len_hist (count of rounds by
-        accepted drafts 0..g_max), rounds, drafted / accepted (draft totals), loops_per_token (model.token_loops after the prefill
-        / tokens emitted), prefill_ms.
+        accepted drafts 0..g_max), rounds, drafted / accepted (draft totals), loops_per_token ((token, loop) pairs computed
+        after the prefill / tokens emitted; includes rows that already finished, which keep computing
+        so that shapes stay fixed), prefill_ms, exact_cache.
     """
     T, B = model.num_loops, req.batch_size
     if T < 2:
@@ -107,6 +108,21 @@ def decode(
     hist = [0] * (schedule.max + 1)
     n_acc = n_prop = n_rounds = 0
     emitted = sum(produced)
+
+    def stats(n_acc, n_prop, hist, n_rounds, emitted):
+        req.stats.update(
+            draft_loop=k,
+            draft_len=draft_len if draft_len is not None else DEFAULT_DRAFT_LEN,
+            drafted=n_prop,
+            accepted=n_acc,
+            acceptance_rate=n_acc / max(n_prop, 1),
+            mean_accepted_len=n_acc / max(sum(hist), 1),
+            accepted_len_hist=list(hist),
+            rounds=n_rounds,
+            loops_per_token=(model.token_loops - loops_at_start) / max(emitted, 1),
+        )
+
+    stats(n_acc, n_prop, hist, n_rounds, emitted)
 
     while True:
         g = schedule.current
@@ -167,14 +183,4 @@ def decode(
                 emitted += 1
         rejections = sum(1 for r in range(B) if g_rows[r] and host[r][-2] < g_rows[r])
         schedule.update(sum(host[r][-2] for r in range(B) if g_rows[r]), rejections)
-        req.stats.update(
-            draft_loop=k,
-            draft_len=draft_len if draft_len is not None else DEFAULT_DRAFT_LEN,
-            drafted=n_prop,
-            accepted=n_acc,
-            acceptance_rate=n_acc / max(n_prop, 1),
-            mean_accepted_len=n_acc / max(sum(hist), 1),
-            accepted_len_hist=list(hist),
-            rounds=n_rounds,
-            loops_per_token=(model.token_loops - loops_at_start) / max(emitted, 1),
-        )
+        stats(n_acc, n_prop, hist, n_rounds, emitted)

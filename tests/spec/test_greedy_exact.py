@@ -55,10 +55,11 @@ def test_rows_finish_at_different_lengths_and_stop_tokens():
     """Ragged max lengths (prompts near the limit) and a stop token inside an accepted run."""
     model = spec_model(loops=3, max_pos=32, step_scale=0.05)
     engine = looplm.Engine(model)
-    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (29, 3, 17, 30)]
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (29, 3, 17, 30, 31)]  # the last row has room for one token
     full, spec = _both(engine, prompts, 20, draft_loop=1, draft_len=5)
     assert [s.tokens for s in spec] == [f.tokens for f in full]
-    assert [s.finish_reason for s in spec] == ["context", "length", "context", "context"]
+    assert [s.finish_reason for s in spec] == ["context", "length", "context", "context", "context"]
+    assert [len(s.tokens) for s in spec] == [3, 20, 15, 2, 1]
     stop = full[1].tokens[6]  # a token the greedy run emits: it must end rows at the same place
     full = engine.generate(prompts, max_new_tokens=20, stop=[stop])
     spec = engine.generate(prompts, max_new_tokens=20, stop=[stop], mode="speculative", draft_loop=2, draft_len=6)
@@ -76,6 +77,14 @@ def test_stream_steps_describe_drafts_and_verifications():
         assert all(s.loops == 4 and s.exit_loop == 4 for s in mine)
         assert all(s.info["draft"] == (s.reason == "draft") for s in mine)
         assert {s.reason for s in mine} == {"draft", "verify"}
+
+
+def test_a_single_new_token_needs_no_round():
+    model = spec_model(loops=3, max_pos=16)
+    engine = looplm.Engine(model)
+    full = engine.generate([1, 2, 3], max_new_tokens=1, stop=[])
+    spec = engine.generate([1, 2, 3], max_new_tokens=1, stop=[], mode="speculative")
+    assert spec.tokens == full.tokens and spec.stats["rounds"] == 0 and spec.stats["drafted"] == 0
 
 
 def test_invalid_options():
