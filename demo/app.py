@@ -34,8 +34,8 @@ MAX_BUDGET_MS = 60_000.0  # a per-token budget above a minute is surely a typo
 MAX_DRAFT_LEN = 32
 FALLBACK_POLICIES = ["q_exit", "confidence", "entropy", "kl", "delta", "static"]
 # the controls, in the order the event handlers receive them (make_run's keyword names)
-CONTROLS = ("prompt", "max_new_tokens", "mode", "temperature", "seed", "budget_ms", "exit_policy", "threshold", "skip",
-            "draft_loop", "draft_len", "adaptive")
+CONTROLS = ("prompt", "max_new_tokens", "mode", "temperature", "seed", "kv", "budget_ms", "exit_policy", "threshold",
+            "skip", "draft_loop", "draft_len", "adaptive")
 DEFAULT_PROMPT = "Once upon a time"
 
 
@@ -80,6 +80,15 @@ def skip_modes() -> list[str]:
     return names or ["exact"]
 
 
+def kv_modes() -> list[str]:
+    """The engine's KV-cache layouts ("per_loop", exact, first; shared ones when looplm.cache has them)."""
+    try:
+        from looplm.cache import KV_MODES
+    except ImportError:
+        return ["per_loop"]
+    return ["per_loop"] + [str(k) for k in KV_MODES if k != "per_loop"]
+
+
 def default_policy() -> str:
     """The exit policy the app starts with: Q-exit on the gate when the anytime package has it."""
     return "q_exit" if "q_exit" in exit_policies() else "none"
@@ -88,7 +97,7 @@ def default_policy() -> str:
 def defaults() -> dict:
     """The controls' initial values, by CONTROLS name."""
     return {"prompt": DEFAULT_PROMPT, "max_new_tokens": 48, "mode": "full", "temperature": 0.0, "seed": 0,
-            "budget_ms": 0, "exit_policy": default_policy(), "threshold": "", "skip": "exact", "draft_loop": 1,
+            "kv": "per_loop", "budget_ms": 0, "exit_policy": default_policy(), "threshold": "", "skip": "exact", "draft_loop": 1,
             "draft_len": 4, "adaptive": False}
 
 
@@ -124,7 +133,7 @@ def _number(value, name: str, *, lo: float, hi: float, integer: bool = False, al
 
 
 def make_run(engine: Engine, modes: list[str], prompt, max_new_tokens, mode, temperature=0.0, seed=0,
-             budget_ms=None, exit_policy="none", threshold=None, skip="exact", draft_loop=1, draft_len=4,
+             kv="per_loop", budget_ms=None, exit_policy="none", threshold=None, skip="exact", draft_loop=1, draft_len=4,
              adaptive=False) -> Run:
     """Validates the controls (CONTROLS, in order) into a Run; raises InputError with a readable message.
 
@@ -146,6 +155,10 @@ def make_run(engine: Engine, modes: list[str], prompt, max_new_tokens, mode, tem
         "temperature": _number(temperature, "Temperature", lo=0, hi=10),
         "seed": _number(seed, "Seed", lo=0, hi=2**62, integer=True, allow_none=True),
     }
+    if kv and kv != "per_loop":
+        if kv not in kv_modes():
+            raise InputError(f"KV cache {kv!r} is not available; choose one of {', '.join(kv_modes())}.")
+        options["kv"] = kv
     if mode == "anytime":
         budget = _number(budget_ms, "Budget (ms per token)", lo=0, hi=MAX_BUDGET_MS, allow_none=True)
         if budget:  # 0 or empty: no budget
@@ -338,6 +351,8 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                 max_new = gr.Slider(1, MAX_NEW_TOKENS, value=init["max_new_tokens"], step=1, label="Max new tokens", elem_id="max-new")
                 temperature = gr.Slider(0, 2, value=init["temperature"], step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
                 seed = gr.Number(init["seed"], label="Seed", precision=0, elem_id="seed")
+                kv = gr.Radio(kv_modes(), value=init["kv"], label="KV cache (per_loop is exact; the others share one "
+                              "slot across loops)", elem_id="kv")
                 with gr.Group(visible=False, elem_id="anytime-options") as anytime_box:
                     budget = gr.Number(init["budget_ms"], label="Budget per token (ms, 0 = none)", elem_id="budget")
                     policy = gr.Dropdown(exit_policies(), value=init["exit_policy"], label="Exit policy", allow_custom_value=True,
@@ -371,7 +386,7 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                                 gr.Markdown("**chosen mode**")
                                 cmp_mode_tokens = gr.HTML(elem_id="compare-mode-tokens")
                                 cmp_mode_stats = gr.HTML(elem_id="compare-mode-stats")
-        controls = [prompt, max_new, mode, temperature, seed, budget, policy, threshold, skip, draft_loop, draft_len, adaptive]
+        controls = [prompt, max_new, mode, temperature, seed, kv, budget, policy, threshold, skip, draft_loop, draft_len, adaptive]
         assert len(controls) == len(CONTROLS)
         mode.change(show_options, mode, [anytime_box, spec_box], queue=False)
         outputs = [tokens, stats, plot, table, message]

@@ -10,7 +10,7 @@ import pytest
 
 from demo import render
 from demo.app import (CONTROLS, InputError, Run, available_modes, compare_updates, defaults, generate_updates,
-                      make_run, stream_run)
+                      kv_modes, make_run, stream_run)
 from looplm import Step
 
 
@@ -74,6 +74,19 @@ def test_mode_options_reach_the_decoder_only_when_set(engine):
     for k in (0, T):
         with pytest.raises(InputError, match="Draft loop"):
             make_run(engine, modes, *_controls(mode="speculative", draft_loop=k))
+    assert "kv" not in make_run(engine, modes, *_controls(kv="per_loop")).options
+    with pytest.raises(InputError, match="KV cache"):
+        make_run(engine, modes, *_controls(kv="bogus"))
+
+
+def test_a_shared_kv_cache_reaches_the_engine(engine):
+    modes = kv_modes()
+    assert modes[0] == "per_loop"
+    for kv in modes[1:]:
+        run = make_run(engine, ["full"], *_controls(prompt="the cat sat", max_new_tokens=6, kv=kv))
+        assert run.options["kv"] == kv
+        list(stream_run(engine, run))
+        assert [s.token for s in run.steps] == engine.generate("the cat sat", max_new_tokens=6, kv=kv).tokens
 
 
 def test_stream_run_matches_generate_and_yields_partial_results(engine, make_prompt):
