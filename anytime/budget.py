@@ -60,24 +60,51 @@ class LoopCost:
     """Online cost of one decode iteration (one loop for every running row), in milliseconds.
 
     Keyed by (rows in the forward, positions per row, context-length bucket = kv_len.bit_length());
-    each key keeps an exponential moving average of the measured iteration period (the forward,
-    the head, the policy and the bookkeeping, from one decision point to the next). An unseen key
-    falls back to the most recent measurement of any key, and to 0 (optimistic) before the first.
+    each key keeps an exponential moving average of the measured loop period (the forward, the
+    policy and the bookkeeping, from the end of one iteration to the next decision) and of its
+    absolute deviation. The prediction is mean + `safety` * deviation, so jittery timings (a shared
+    machine) make the decoder more careful; with steady timings it is the mean. An unseen key falls
+    back to the most recent measurement of any key, and to 0 (optimistic) before the first.
+    `emit` tracks, the same way, the time from a decision to the token's emission (the LM head at
+    the exit loop and the token choice), which a token pays once whichever loop it leaves at.
     """
 
-    def __init__(self, alpha: float = 0.3):
-        self.alpha = alpha
+    def __init__(self, alpha: float = 0.3, safety: float = 1.0):
+        self.alpha, self.safety = alpha, safety
         self.ema: dict[tuple[int, int, int], float] = {}
+        self.dev: dict[tuple[int, int, int], float] = {}
         self.last_ms = 0.0
+        self.emit_ms = self.emit_dev = 0.0
+        self._emit_seen = False
 
     @staticmethod
     def key(rows: int, width: int, kv_len: int) -> tuple[int, int, int]:
         return (rows, width, int(kv_len).bit_length())
 
+    def _step(self, old: float, ms: float) -> float:
+        return old + self.alpha * (ms - old)  # exact when ms == old
+
     def update(self, key, ms: float) -> None:
         old = self.ema.get(key)
-        self.ema[key] = ms if old is None else old + self.alpha * (ms - old)
+        if old is None:
+            self.ema[key], self.dev[key] = ms, 0.0
+        else:
+            self.dev[key] = self._step(self.dev[key], abs(ms - old))
+            self.ema[key] = self._step(old, ms)
         self.last_ms = ms
 
+    def update_emit(self, ms: float) -> None:
+        if not self._emit_seen:
+            self.emit_ms, self._emit_seen = ms, True
+        else:
+            self.emit_dev = self._step(self.emit_dev, abs(ms - self.emit_ms))
+            self.emit_ms = self._step(self.emit_ms, ms)
+
     def predict(self, key) -> float:
-        return self.ema.get(key, self.last_ms)
+        """Predicted milliseconds of one more loop (without the emission)."""
+        if key not in self.ema:
+            return self.last_ms
+        return self.ema[key] + self.safety * self.dev[key]
+
+    def predict_emit(self) -> float:
+        return self.emit_ms + self.safety * self.emit_dev

@@ -51,6 +51,7 @@ def decode(
     q: float | None = None,
     skip: str = "exact",
     clock: Callable[[], float] = time.perf_counter,
+    safety: float = 1.0,
     trace: bool = False,
 ) -> Iterator[Step]:
     """Anytime decoding (mode "anytime"): every token's loops run one at a time until it exits.
@@ -66,6 +67,9 @@ def decode(
             the next token: the cache equals the full-depth cache), "copy" (copy the last computed
             loop's K/V into the skipped slots) or "shared" (needs a shared-KV cache).
         clock: callable returning seconds (default time.perf_counter); inject one to test budgets.
+        safety: a time budget lets a loop start when elapsed + predicted loop + predicted emission
+            <= budget, each predicted as moving mean + safety * moving absolute deviation
+            (anytime.budget.LoopCost); 0 predicts with the means only.
         trace: also compute every loop's next-token distribution (the LM head at every loop) so each
             Step.info carries "probs", the chosen token's probability after each computed loop.
     Yields:
@@ -103,7 +107,7 @@ def decode(
     gates = torch.zeros(B, T, dtype=torch.float32, device=device)  # current item's lambdas so far
     prev_hidden = torch.zeros(B, H, dtype=model.lm_head.weight.dtype, device=device)
     prev_probs = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=device) if need_probs else None
-    cost = LoopCost()
+    cost = LoopCost(safety=safety)
     log = {"exit_loops": [], "reasons": [], "latency_ms": [], "budget_ms": [], "signal_at_exit": []}
     counts = {"finish_loops": 0, "copied_slots": 0, "decode_loops": 0}
 
@@ -126,13 +130,13 @@ def decode(
                 out.append("policy")
             elif t >= max_loops:
                 out.append("budget")
-            elif timed and (now - row.start) * 1e3 + predicted_ms > row.token_ms:
+            elif timed and (now - row.start) * 1e3 + predicted_ms + cost.predict_emit() > row.token_ms:
                 out.append("budget")
             else:
                 out.append(None)
         return out
 
-    def emit(idx: list[int], reasons: list[str], hidden, logits, first: bool) -> Iterator[Step]:
+    def emit(idx: list[int], reasons: list[str], hidden, logits, first: bool, decided: float) -> Iterator[Step]:
         """Chooses the tokens of rows idx (hidden (R, H) at their exit loops), handles skipped loops, yields."""
         if logits is None:
             logits = model.lm_head(hidden)
@@ -140,6 +144,8 @@ def decode(
         emb = model.embed(tokens[:, None])[:, 0]  # (R, H)
         ids = tokens.tolist()
         now = clock()
+        if not first:
+            cost.update_emit((now - decided) * 1e3)
         for j, r in enumerate(idx):
             row = rows[r]
             t = T if first else row.loop
@@ -212,7 +218,7 @@ def decode(
                 for r in idx:
                     loop_of[r] = t
                 jx = torch.tensor(leaving, device=device)
-                yield from emit(idx, [reasons[j] for j in leaving], hid[t - 1, ix[jx]], logits_all[t - 1, ix[jx]], True)
+                yield from emit(idx, [reasons[j] for j in leaving], hid[t - 1, ix[jx]], logits_all[t - 1, ix[jx]], True, now)
                 todo = [r for j, r in enumerate(todo) if j not in set(leaving)]
             if not todo:
                 break
@@ -268,6 +274,7 @@ def decode(
                     hidden[jx],
                     None if logits is None else logits[jx],
                     False,
+                    now,
                 )
             t_prev = clock()
     finally:
@@ -291,6 +298,7 @@ def _stats(req, log, counts, T, policy, plan, skip, cost) -> None:
         "budget": None if plan is None else {"per_token_ms": plan.per_token_ms, "deadline_ms": plan.deadline_ms, "loops": plan.loops},
         "budget_miss_rate": None,
         "loop_cost_ms": {f"rows={k[0]},width={k[1]},ctx<{2 ** k[2]}": v for k, v in cost.ema.items()},
+        "emit_cost_ms": cost.emit_ms,
     }
     if plan is not None and plan.timed and decode_tokens:
         miss = [lat > b for lat, b in zip(log["latency_ms"], log["budget_ms"])]

@@ -108,16 +108,41 @@ def test_mean_loops_fall_as_q_falls(model, engine):
 
 
 def test_loop_cost_model():
-    cost = LoopCost(alpha=0.5)
+    cost = LoopCost(alpha=0.5, safety=0.0)
     k1, k2 = cost.key(1, 1, 7), cost.key(1, 1, 9)
     assert k1 == (1, 1, 3) and k2 == (1, 1, 4)  # context-length buckets by powers of two
-    assert cost.predict(k1) == 0.0  # nothing measured yet: optimistic
+    assert cost.predict(k1) == 0.0 and cost.predict_emit() == 0.0  # nothing measured yet: optimistic
     cost.update(k1, 10.0)
     cost.update(k1, 20.0)
     assert cost.predict(k1) == 15.0  # EMA
     assert cost.predict(k2) == 20.0  # unseen key: the latest measurement
     cost.update(k2, 4.0)
     assert cost.predict(k2) == 4.0 and cost.predict(k1) == 15.0
+    cost.safety = 2.0  # mean + 2 * mean absolute deviation
+    assert cost.predict(k1) == 15.0 + 2 * 5.0 and cost.predict(k2) == 4.0
+    cost.update_emit(1.0)
+    cost.update_emit(3.0)
+    assert cost.predict_emit() == 2.0 + 2 * 1.0
+
+
+def test_safety_margin_under_jitter(model, engine):
+    """Loops alternate 1 and 3 units: with safety 0 the mean (2) is the prediction, with safety 1 the mean plus deviation."""
+    clock = FakeClock()
+    inner = model.forward_loops
+    calls = []
+
+    def forward_loops(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        calls.append(1)
+        clock.advance_ms(MS * (1 if len(calls) % 2 else 3) * out.hidden.shape[0])
+        return out
+
+    model.forward_loops = forward_loops
+    careful = run(engine, clock, n=12, budget_ms=6 * MS, safety=1.0)
+    bold = run(engine, clock, n=12, budget_ms=6 * MS, safety=0.0)
+    assert careful.stats["budget_miss_rate"] <= bold.stats["budget_miss_rate"]
+    assert careful.stats["mean_exit_loop"] <= bold.stats["mean_exit_loop"]
+    assert careful.stats["budget_miss_rate"] == 0.0 < bold.stats["budget_miss_rate"]
 
 
 def test_budget_validation(engine):
