@@ -42,7 +42,7 @@ from looplm.decoding import DecodeRequest, Step, Timer, prefill
 from looplm.model import LoopLM
 from looplm.sampling import choose, probabilities, sample
 
-from .accept import accept_greedy, accept_sampled, emitted_counts
+from .accept import accept_greedy, accept_sampled
 from .schedule import DraftLength
 
 # Defaults, measured with benchmarks/test_spec_speedup.py (see the decode docstring).
@@ -98,18 +98,17 @@ def decode(
     req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
     loops_at_start = model.token_loops
     x = choose(logits, params, gen)  # (B,) the first new token, exact (prefill ran all T loops)
-    produced, pos = [0] * B, [len(p) for p in req.prompts]  # pos: position of x per row
-    first = x.tolist()
+    produced, pos = [0] * B, [len(p) for p in req.prompts]  # pos: position of the row's last token
+    last = x.tolist()  # the row's last emitted token: it starts the next round
     for row in range(B):
         if req.active(row, 0):
-            yield Step(row, 0, first[row], T, T, timer.lap(row), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
+            yield Step(row, 0, last[row], T, T, timer.lap(row), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
             produced[row] = 1
-    pos_t = torch.tensor(pos, device=device)
     hist = [0] * (schedule.max + 1)
     n_acc = n_prop = n_rounds = 0
     emitted = sum(produced)
 
-    def stats(n_acc, n_prop, hist, n_rounds, emitted):
+    def stats():
         req.stats.update(
             draft_loop=k,
             draft_len=draft_len if draft_len is not None else DEFAULT_DRAFT_LEN,
@@ -122,54 +121,53 @@ def decode(
             loops_per_token=(model.token_loops - loops_at_start) / max(emitted, 1),
         )
 
-    stats(n_acc, n_prop, hist, n_rounds, emitted)
-
+    stats()
+    # On a CPU a small model is bound by per-op dispatch, not arithmetic: a round builds its index
+    # tensors once, keeps the drafted ids on the device, and moves data to the host once.
     while True:
         g = schedule.current
         g_rows = [min(g, req.max_new[r] - produced[r]) if req.active(r, produced[r]) else 0 for r in range(B)]
         G = max(g_rows)
         if G == 0:
             break
-        limit = torch.tensor(g_rows, device=device)
+        state = torch.tensor([last, pos, g_rows], device=device)  # (3, B): one transfer per round
+        inp, limit = state[0, :, None], state[2]  # inp (B, 1): the token each draft call embeds
+        v_pos = (state[1, :, None] + steps_ar[:G]).clamp_(max=scratch)  # (B, G) positions of the round
+        top = max(pos)
 
         # -- draft: one k-loop call per draft token, keeping loop-k hidden states -----------
         hs, drafts, qs = [], [], []
-        inp = x
         for i in range(G):
-            p_i = (pos_t + i).clamp(max=scratch)[:, None]  # (B, 1)
-            kv_len = min(max(pos) + i, scratch) + 1
-            out = model.forward_loops(embed(inp[:, None]), p_i, cache, num_loops=k, logits="last", kv_len=kv_len)
+            out = model.forward_loops(embed(inp), v_pos[:, i : i + 1], cache, num_loops=k, logits="last",
+                                      kv_len=min(top + i, scratch) + 1)
             hs.append(out.hidden[-1])  # (B, 1, H) loop-k state of token i
-            head = out.logits[-1, :, 0]  # (B, V)
             if params.greedy:
-                inp = head.argmax(-1)
+                inp = out.logits[-1].argmax(-1)  # (B, 1)
             else:
-                q = probabilities(head, params)
+                q = probabilities(out.logits[-1, :, 0], params)  # (B, V)
                 qs.append(q)
-                inp = sample(q, gen)
+                inp = sample(q, gen)[:, None]
             drafts.append(inp)
-        drafts_t = torch.stack(drafts, 1)  # (B, G)
+        drafts_t = torch.cat(drafts, 1)  # (B, G)
 
         # -- verify: loops k+1..T over all G positions in one call --------------------------
-        v_pos = (pos_t[:, None] + steps_ar[:G]).clamp(max=scratch)  # (B, G)
-        kv_len = min(max(pos) + G - 1, scratch) + 1
-        target = model.forward_loops(torch.cat(hs, 1), v_pos, cache, start_loop=k, logits="all", kv_len=kv_len).logits[-1]
+        target = model.forward_loops(torch.cat(hs, 1), v_pos, cache, start_loop=k, logits="all",
+                                     kv_len=min(top + G - 1, scratch) + 1).logits[-1]  # (B, G, V)
         if params.greedy:
             accepted, tokens = accept_greedy(drafts_t, target.argmax(-1), limit)
         else:
             accepted, tokens = accept_sampled(drafts_t, torch.stack(qs, 1), probabilities(target, params), limit, gen)
-        counts = emitted_counts(accepted, limit)
 
         # -- emit: one host transfer per round ----------------------------------------------
-        x = torch.where(counts > 0, tokens.gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0], x)
-        pos_t = pos_t + counts
-        host = torch.cat([tokens, accepted[:, None], counts[:, None]], 1).tolist()
+        host = torch.cat([tokens, accepted[:, None]], 1).tolist()
         n_rounds += 1
         for row in range(B):
-            *toks, a, m = host[row]
             if g_rows[row] == 0:
                 continue
+            *toks, a = host[row]
+            m = a + (a < g_rows[row])  # accepted drafts, plus the target's token after a rejection
             pos[row] += m
+            last[row] = toks[m - 1]
             hist[a] += 1
             n_acc, n_prop = n_acc + a, n_prop + g_rows[row]
             info = {"draft": True, "accepted": a, "proposed": g_rows[row]}
@@ -181,6 +179,6 @@ def decode(
                            info=info if is_draft else {**info, "draft": False})
                 produced[row] += 1
                 emitted += 1
-        rejections = sum(1 for r in range(B) if g_rows[r] and host[r][-2] < g_rows[r])
-        schedule.update(sum(host[r][-2] for r in range(B) if g_rows[r]), rejections)
-        stats(n_acc, n_prop, hist, n_rounds, emitted)
+        rejections = sum(1 for r in range(B) if g_rows[r] and host[r][-1] < g_rows[r])
+        schedule.update(sum(host[r][-1] for r in range(B) if g_rows[r]), rejections)
+        stats()
