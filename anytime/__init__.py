@@ -39,9 +39,13 @@ unwritten, and later tokens read them at those loops. `skip=` says what happens:
   recomputed. Cost: a memory copy of (T - t) * L * Hkv * D * 2 elements per skipped token; compute
   is exactly the exit loops. Approximate (CALM-style state propagation): exact only against itself;
   equals full depth when no token skips a loop.
-- "shared": read a shared-KV cache (one K/V per layer, issue 6's kv="last"/"mean" caches, built by
-  the request's cache_factory); nothing to fill. Cost: nothing. Exact against decoding on that
-  shared cache, not against the per-loop cache. Without a shared cache the decoder raises.
+- "shared": read a shared-KV cache (`Engine.generate(..., kv="last"|"mean")`,
+  looplm.cache.SharedKVCache: one K/V per layer and position). Nothing to fill: "last" holds the
+  K/V of the token's exit loop, "mean" the average over the loops it computed. Cost: nothing, and
+  a T-fold smaller cache. Exact against decoding on that shared cache (with no budget or policy it
+  equals full-depth decoding with the same kv mode), not against the per-loop cache. It is the
+  default when the request's cache is shared; "exact"/"copy" on a shared cache raise, and so does
+  "shared" on the per-loop cache.
 
 Step output: token, exit_loop (1-based loop whose head produced it), loops (computed for it when
 emitted: exit_loop, or T for the prefill-emitted first token), latency_ms (since the row's previous

@@ -49,7 +49,7 @@ def decode(
     exit: str | ExitPolicy | None = None,
     threshold: float | None = None,
     q: float | None = None,
-    skip: str = "exact",
+    skip: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
     safety: float = 1.0,
     trace: bool = False,
@@ -65,7 +65,9 @@ def decode(
             an ExitPolicy; threshold (alias q) sets its threshold (documented defaults otherwise).
         skip: what happens to the loops a token skipped: "exact" (finish them later, batched with
             the next token: the cache equals the full-depth cache), "copy" (copy the last computed
-            loop's K/V into the skipped slots) or "shared" (needs a shared-KV cache).
+            loop's K/V into the skipped slots) or "shared" (read a shared-KV cache: the request's
+            cache_factory, e.g. Engine.generate(..., kv="last"|"mean")). None (default): "shared"
+            when the request's cache is shared, else "exact".
         clock: callable returning seconds (default time.perf_counter); inject one to test budgets.
         safety: a time budget lets a loop start when elapsed + predicted loop + predicted emission
             <= budget, each predicted as moving mean + safety * moving absolute deviation
@@ -85,24 +87,25 @@ def decode(
     policy = make_policy(exit, threshold if threshold is not None else q)
     if policy is not None:
         policy.bind(T)
-    if skip not in SKIP_MODES:
+    if skip is not None and skip not in SKIP_MODES:
         raise ValueError(f"unknown skip mode {skip!r}; choose one of {SKIP_MODES}")
     max_loops = T if plan is None or plan.loops is None else min(plan.loops, T)
     timed = plan is not None and plan.timed
     need_probs = trace or (policy is not None and policy.needs_probs)
 
     cache = req.new_cache(model, req.cache_len())
+    if skip is None:
+        skip = "shared" if _is_shared(cache) else "exact"
     if skip == "shared" and not _is_shared(cache):
         raise ValueError(
-            "skip='shared' needs a shared-KV cache (one K/V per layer, kv='last' or 'mean', issue 6); "
-            "this request's cache is the per-loop LoopKVCache: pass a cache_factory that builds a shared cache, "
-            "or use skip='exact' / 'copy'"
+            "skip='shared' needs a shared-KV cache (one K/V per layer): pass kv='last' or kv='mean' "
+            "(looplm.cache.SharedKVCache), or use skip='exact' / 'copy' with the per-loop cache"
         )
     if skip != "shared" and _is_shared(cache):
-        raise ValueError(f"skip={skip!r} needs the per-loop cache; a shared-KV cache takes skip='shared'")
+        raise ValueError(f"skip={skip!r} needs the per-loop cache (kv='per_loop'); a shared-KV cache takes skip='shared'")
 
     H = model.config.hidden_size
-    device = cache.k.device
+    device = model.lm_head.weight.device
     rows = [_Row() for _ in range(B)]
     gates = torch.zeros(B, T, dtype=torch.float32, device=device)  # current item's lambdas so far
     prev_hidden = torch.zeros(B, H, dtype=model.lm_head.weight.dtype, device=device)
@@ -136,8 +139,11 @@ def decode(
                 out.append(None)
         return out
 
-    def emit(idx: list[int], reasons: list[str], hidden, logits, first: bool, decided: float) -> Iterator[Step]:
-        """Chooses the tokens of rows idx (hidden (R, H) at their exit loops), handles skipped loops, yields."""
+    def emit(idx: list[int], reasons: list[str], exit_loops: list[int], hidden, logits, first: bool, decided: float) -> Iterator[Step]:
+        """Chooses the tokens of rows idx (hidden (R, H) at their exit loops), handles skipped loops, yields.
+
+        first: tokens decided from the prefill's outputs (all T loops computed, nothing skipped).
+        """
         if logits is None:
             logits = model.lm_head(hidden)
         tokens = choose(logits, req.sampling, req.generator)  # (R,)
@@ -148,8 +154,7 @@ def decode(
             cost.update_emit((now - decided) * 1e3)
         for j, r in enumerate(idx):
             row = rows[r]
-            t = T if first else row.loop
-            exit_loop = int(loop_of[r])
+            t, exit_loop = (T if first else row.loop), exit_loops[j]
             if not first and exit_loop < T:
                 if skip == "exact":
                     row.pending.append([row.pos, exit_loop, hidden[j]])
@@ -185,7 +190,6 @@ def decode(
             yield step
 
     t_start = clock()
-    loop_of = [0] * B
     try:
         # prefill: all T loops over every prompt (per-loop KV); the first token replays the exit
         # decision over the last prompt position's per-loop outputs
@@ -215,10 +219,9 @@ def decode(
             leaving = [j for j, why in enumerate(reasons) if why is not None]
             if leaving:
                 idx = [todo[j] for j in leaving]
-                for r in idx:
-                    loop_of[r] = t
                 jx = torch.tensor(leaving, device=device)
-                yield from emit(idx, [reasons[j] for j in leaving], hid[t - 1, ix[jx]], logits_all[t - 1, ix[jx]], True, now)
+                why = [reasons[j] for j in leaving]
+                yield from emit(idx, why, [t] * len(idx), hid[t - 1, ix[jx]], logits_all[t - 1, ix[jx]], True, now)
                 todo = [r for j, r in enumerate(todo) if j not in set(leaving)]
             if not todo:
                 break
@@ -249,7 +252,6 @@ def decode(
                 row.pending = [[p, l + 1, res.hidden[0, i, j]] for j, (p, l, _) in enumerate(row.pending) if l + 1 < T]
                 row.loop += 1
                 row.h = hidden[i]
-                loop_of[r] = row.loop
             gates[bidx, torch.tensor([rows[r].loop - 1 for r in running], device=device)] = res.gates[0, ar, cur]
             logits = probs = None
             if need_probs:
@@ -271,6 +273,7 @@ def decode(
                 yield from emit(
                     [running[i] for i in leaving],
                     [reasons[i] for i in leaving],
+                    [rows[running[i]].loop for i in leaving],
                     hidden[jx],
                     None if logits is None else logits[jx],
                     False,

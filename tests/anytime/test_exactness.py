@@ -47,6 +47,28 @@ def test_unbounded_single_prompt_equals_full_depth(engine):
 def test_shared_without_shared_cache_is_a_clear_error(engine):
     with pytest.raises(ValueError, match="shared-KV cache"):
         engine.generate([1, 2, 3], max_new_tokens=2, stop=[], mode="anytime", skip="shared")
+    with pytest.raises(ValueError, match="per-loop cache"):
+        engine.generate([1, 2, 3], max_new_tokens=2, stop=[], mode="anytime", skip="exact", kv="last")
+
+
+@pytest.mark.parametrize("kv", ["last", "mean"])
+def test_shared_unbounded_equals_full_depth_on_the_same_shared_cache(engine, kv):
+    prompts = random_prompts(3, [6, 2])
+    full = engine.generate(prompts, max_new_tokens=12, stop=[], kv=kv)
+    per_loop = engine.generate(prompts, max_new_tokens=12, stop=[])
+    assert [g.tokens for g in full] != [g.tokens for g in per_loop]  # sharing really changes the output here
+    for skip in (None, "shared"):
+        gens = engine.generate(prompts, max_new_tokens=12, stop=[], mode="anytime", kv=kv, skip=skip)
+        assert [g.tokens for g in gens] == [g.tokens for g in full]
+        assert gens[0].stats["skip"] == "shared"
+
+
+def test_shared_with_a_budget_runs_and_skips_nothing_extra(engine):
+    prompts = random_prompts(4, [5, 3])
+    gens = engine.generate(prompts, max_new_tokens=8, stop=[], mode="anytime", kv="last", budget_loops=2)
+    assert all(s.exit_loop == 2 for g in gens for s in g.steps)
+    assert gens[0].stats["finish_loops"] == 0 and gens[0].stats["copied_slots"] == 0
+    assert gens[0].stats["loops_computed_per_token"] == pytest.approx((2 * T + 14 * 2) / 16)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
