@@ -28,23 +28,27 @@ def exact_joint(model, prompt, n, params) -> torch.Tensor:
     return joint
 
 
-@pytest.mark.parametrize("wrong_rule", [None, accept_without_ratio, resample_from_target])
-def test_sampled_tokens_follow_full_depth_distribution(wrong_rule, monkeypatch):
+@pytest.mark.parametrize(
+    "wrong_rule,post",
+    [(None, {"top_k": 4}), (None, {"top_p": 0.85, "temperature": 0.8}), (accept_without_ratio, {"top_k": 4}), (resample_from_target, {"top_k": 4})],
+)
+def test_sampled_tokens_follow_full_depth_distribution(wrong_rule, post, monkeypatch):
     torch.manual_seed(7)
     model = spec_model(seed=11, vocab=5, loops=3, std=0.2, step_scale=1.0, max_pos=16)
-    params = SamplingParams(temperature=1.0, top_k=4)
+    post = {"temperature": 1.0, **post}
+    params = SamplingParams(**post)
     prompt, n, N = [1, 3], 3, 12_000
     joint = exact_joint(model, prompt, n, params)
     # the draft (loop 1) must differ from the target for the test to have power
     with torch.no_grad():
         ll = model.per_loop_logits(torch.tensor([prompt + [0]]))[:, 0, -1]
     q, p = probabilities(ll[0], params), probabilities(ll[-1], params)
-    assert 0.5 * (p - q).abs().sum() > 0.2
+    assert 0.5 * (p - q).abs().sum() > 0.15
     if wrong_rule is not None:
         monkeypatch.setattr(spec.decoder, "accept_sampled", wrong_rule)
     engine = looplm.Engine(model)
     gens = engine.generate([prompt] * N, max_new_tokens=n, stop=[], mode="speculative", draft_loop=1, draft_len=2,
-                           temperature=1.0, top_k=4, seed=3)
+                           seed=3, **post)
     toks = torch.tensor([g.tokens for g in gens])  # (N, n)
     code = (toks * (5 ** torch.arange(n - 1, -1, -1))).sum(-1)
     stat, df = chi2_stat(code, joint.float())
