@@ -21,6 +21,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from looplm import Engine  # noqa: E402
 from looplm.decoding import MODES, Step, resolve_mode  # noqa: E402
@@ -32,6 +33,7 @@ log = logging.getLogger("demo")
 MAX_NEW_TOKENS = 512
 MAX_BUDGET_MS = 60_000.0  # a per-token budget above a minute is surely a typo
 MAX_DRAFT_LEN = 32
+MAX_ANALYSIS_ELEMENTS = 2**25  # T * tokens * vocab floats for the after-the-run per-loop probabilities
 FALLBACK_POLICIES = ["q_exit", "confidence", "entropy", "kl", "delta", "static"]
 # the controls, in the order the event handlers receive them (make_run's keyword names)
 CONTROLS = ("prompt", "max_new_tokens", "mode", "temperature", "seed", "kv", "budget_ms", "exit_policy", "threshold",
@@ -236,6 +238,38 @@ def stream_run(engine: Engine, run: Run, min_interval_s: float = 0.05):
         cancel.set()
 
 
+@torch.inference_mode()
+def loop_probabilities(engine: Engine, prompt_ids: list[int], tokens: list[int]) -> list[list[float]] | None:
+    """The probability each loop's head gave each generated token, from one no-cache forward after the run.
+
+    Args:
+        engine: the engine that generated `tokens`.
+        prompt_ids: the prompt's P token ids.
+        tokens: the n generated token ids.
+    Returns:
+        n lists of T floats (softmax at temperature 1, full-depth state), or None when there is
+        nothing to show or the (T, n, V) logits would be too large.
+    """
+    T, V = engine.config.total_ut_steps, engine.config.vocab_size
+    ids = prompt_ids + tokens[:-1]  # position P - 1 + i predicts token i
+    if not tokens or not prompt_ids or T * len(ids) * V > MAX_ANALYSIS_ELEMENTS:
+        return None
+    logits = engine.model.per_loop_logits(torch.tensor([ids], device=engine.device))[:, 0, len(prompt_ids) - 1:]  # (T, n, V)
+    chosen = torch.tensor(tokens, device=logits.device)[None, :, None].expand(T, -1, 1)
+    return logits.float().softmax(-1).gather(-1, chosen)[..., 0].T.tolist()  # (n, T)
+
+
+def _figure(engine: Engine, run: Run):
+    T = engine.config.total_ut_steps
+    probs = None
+    if not any(render.chosen_probs(s) is not None for s in run.steps):  # the decoder did not report them
+        try:
+            probs = loop_probabilities(engine, engine.encode(run.prompt), [s.token for s in run.steps])
+        except Exception:  # the analysis is a bonus: never let it spoil a finished run
+            log.exception("demo: per-loop probabilities failed")
+    return render.loops_figure(run.steps, T, probs)
+
+
 def _message(text: str = "") -> str:
     if not text:
         return '<div class="looplm-message" data-state="ok"></div>'
@@ -281,7 +315,7 @@ def generate_updates(engine: Engine, modes: list[str], *controls):
         for run in stream_run(engine, run):
             done = run.stats is not None
             tokens, stats = _views(engine, run, "done" if done else "running")
-            plot = render.loops_figure(run.steps, T) if done else gr.skip()
+            plot = _figure(engine, run) if done else gr.skip()
             yield tokens, stats, plot, pd.DataFrame(render.table_rows(run.steps), columns=render.TABLE_HEADERS), _message()
     except Exception as e:
         text = _friendly(e)

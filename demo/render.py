@@ -187,11 +187,21 @@ def chosen_probs(step: Step) -> list[float] | None:
     return None
 
 
-def loops_figure(steps: Sequence[Step], num_loops: int) -> Figure | None:
-    """Bar chart of loops per token, plus a heat map of the chosen token's per-loop probability when known."""
+def loops_figure(steps: Sequence[Step], num_loops: int, probs: Sequence[Sequence[float]] | None = None) -> Figure | None:
+    """Bar chart of loops per token, plus a heat map of the chosen token's per-loop probability when known.
+
+    Args:
+        steps: the generated tokens.
+        num_loops: T.
+        probs: per token, the chosen token's probability at each loop; None to read them from
+            step.info (the decoder's own, for the loops it computed).
+    Returns:
+        A matplotlib Figure, or None without steps.
+    """
     if not steps:
         return None
-    probs = [chosen_probs(s) for s in steps]
+    from_info = probs is None
+    probs = [chosen_probs(s) for s in steps] if from_info else list(probs)
     has_probs = any(p is not None for p in probs)
     fig = Figure(figsize=(7, 3.6 if has_probs else 2.2), dpi=90, layout="constrained")
     axes = fig.subplots(2 if has_probs else 1, 1, sharex=True, squeeze=False)[:, 0]
@@ -210,6 +220,6 @@ def loops_figure(steps: Sequence[Step], num_loops: int) -> Figure | None:
                             extent=(x[0] - 0.5, x[-1] + 0.5, 0.5, num_loops + 0.5))
         axes[1].set_ylabel("loop")
         axes[1].set_yticks(range(1, num_loops + 1))
-        fig.colorbar(im, ax=axes[1], label="p(chosen)", pad=0.01)
+        fig.colorbar(im, ax=axes[1], label="p(token)" if from_info else "p(token), no-cache", pad=0.01)
     axes[-1].set_xlabel("token #")
     return fig

@@ -7,10 +7,11 @@ import random
 import re
 
 import pytest
+import torch
 
 from demo import render
 from demo.app import (CONTROLS, InputError, Run, available_modes, compare_updates, defaults, generate_updates,
-                      kv_modes, make_run, stream_run)
+                      kv_modes, loop_probabilities, make_run, stream_run)
 from looplm import Step
 
 
@@ -160,3 +161,20 @@ def test_summary_and_plot_use_the_decoder_details():
     assert len(render.loops_figure(steps, 4).axes) == 3  # loops bars, probability map, its colour bar
     assert len(render.loops_figure([_step(0, 2)], 4).axes) == 1
     assert render.loops_figure([], 4) is None
+
+
+def test_per_loop_probabilities_match_a_no_cache_forward(engine, make_prompt):
+    prompt = make_prompt(random.Random(), 5)
+    gen = engine.generate(prompt, max_new_tokens=7)
+    probs = loop_probabilities(engine, gen.prompt_tokens, gen.tokens)
+    T = engine.config.total_ut_steps
+    assert len(probs) == 7 and all(len(p) == T for p in probs)
+    logits = engine.model.per_loop_logits(torch.tensor([gen.prompt_tokens + gen.tokens]))[:, 0]  # (T, S, V)
+    P = len(gen.prompt_tokens)
+    for i, tok in enumerate(gen.tokens):
+        want = logits[:, P - 1 + i].float().softmax(-1)[:, tok]
+        torch.testing.assert_close(torch.tensor(probs[i]), want)
+        assert int(logits[-1, P - 1 + i].argmax()) == tok  # greedy: the last loop's favourite
+    assert loop_probabilities(engine, gen.prompt_tokens, []) is None
+    steps = list(generate_updates(engine, ["full"], *_controls(prompt=prompt, max_new_tokens=7)))
+    assert len(steps[-1][2].axes) == 3  # full mode reports no probabilities: the app computes them
