@@ -98,13 +98,13 @@ def interpolate(points: list[dict], avg_loops: float, key: str = "loss") -> floa
 
 
 @torch.no_grad()
-def phop_accuracy(model: LoopLM, tokenizer, path: str | Path, batch_size: int = 250) -> dict:
+def phop_accuracy(model: LoopLM, tokenizer, path: str | Path, batch_size: int = 250, limit: int | None = None) -> dict:
     """Per-loop accuracy of the answer symbol on held-out p-hop problems, overall and per hop count.
 
     Each prompt is preceded by <|endoftext|> (id 0) as at a document start and scored at its last position.
     """
     model.eval()
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()][:limit]
     by_len: dict[int, list] = {}
     for r in rows:
         ids = [0] + tokenizer.encode(r["prompt"])
@@ -232,6 +232,7 @@ def evaluate(
     batch_size: int = 16,
     qs=DEFAULT_QS,
     text_file: str = "val_text.bin",
+    phop_limit: int | None = None,
 ) -> dict:
     """Evaluates `checkpoint`; `gates` maps names to checkpoints whose early_exit_gate is compared."""
     import looplm
@@ -250,7 +251,7 @@ def evaluate(
     result = {"checkpoint": str(checkpoint), "text_file": text_file, "text_tokens": int(stats["ce"].shape[1]),
               "per_loop": per_loop_table(stats), "curves": exit_curves(stats, qs)}
     if (data / "phop_val.jsonl").is_file() and engine.tokenizer is not None:
-        result["phop"] = phop_accuracy(model, engine.tokenizer, data / "phop_val.jsonl")
+        result["phop"] = phop_accuracy(model, engine.tokenizer, data / "phop_val.jsonl", limit=phop_limit)
     result["comparisons"] = compare(result["curves"], list(gate_modules))
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     (out / "eval.md").write_text(markdown(result))
@@ -269,11 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--text-file", default="val_text.bin")
+    p.add_argument("--phop-limit", type=int, default=None, help="evaluate only the first N p-hop problems")
     p.add_argument("--qs", type=float, nargs="+", default=list(DEFAULT_QS))
     a = p.parse_args(argv)
     gates = dict(g.split("=", 1) for g in a.gate) or None
     r = evaluate(a.checkpoint, a.data, a.out, gates, seq_len=a.seq_len, batches=a.batches, batch_size=a.batch_size,
-                 qs=a.qs, text_file=a.text_file)
+                 qs=a.qs, text_file=a.text_file, phop_limit=a.phop_limit)
     print(markdown(r))
 
 
