@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
+from looplm.sampling import SamplingParams, probabilities
 from spec import accept_greedy, accept_sampled, emitted_counts
+
+PARAMS = SamplingParams(temperature=0.7, top_k=6)
 from spec.schedule import DraftLength
 
 
@@ -88,10 +91,11 @@ def test_mock_always_accept():
     a, tok = accept_greedy(drafts, drafts.clone(), limit)
     assert a.tolist() == limit.tolist() and emitted_counts(a, limit).tolist() == limit.tolist()
     assert torch.equal(tok, drafts)
-    q = (torch.randn(B, G, V, generator=g)).softmax(-1)
-    p = q.clone()
-    p.scatter_add_(-1, drafts[..., None], torch.full((B, G, 1), 0.5))  # p(d) > q(d): always accepted
-    p /= p.sum(-1, keepdim=True)
+    draft_logits = torch.randn(B, G, V, generator=g)
+    draft_logits.scatter_(-1, drafts[..., None], 5.0)  # the drafted token survives top-k
+    target_logits = draft_logits.scatter_add(-1, drafts[..., None], torch.full((B, G, 1), 1.0))  # p(d) > q(d)
+    q, p = probabilities(draft_logits, PARAMS), probabilities(target_logits, PARAMS)
+    assert bool((p.gather(-1, drafts[..., None]) > q.gather(-1, drafts[..., None])).all())
     for _ in range(20):
         a, tok = accept_sampled(drafts, q, p, limit, g)
         assert a.tolist() == limit.tolist()
@@ -107,9 +111,8 @@ def test_mock_never_accept():
     a, tok = accept_greedy(drafts, target, limit)
     assert a.tolist() == [0] * B and emitted_counts(a, limit).tolist() == [1] * B
     assert torch.equal(tok[:, 0], target[:, 0])
-    q = torch.rand(B, G, V, generator=g).softmax(-1)
-    p = torch.rand(B, G, V, generator=g).scatter(-1, drafts[..., None], 0.0)  # p(d) = 0
-    p /= p.sum(-1, keepdim=True)
+    q = probabilities(torch.randn(B, G, V, generator=g).scatter(-1, drafts[..., None], 5.0), PARAMS)
+    p = probabilities(torch.randn(B, G, V, generator=g).scatter(-1, drafts[..., None], -1e9), PARAMS)  # p(d) = 0
     a, tok = accept_sampled(drafts, q, p, limit, g)
     assert a.tolist() == [0] * B
     resid = (p[:, 0] - q[:, 0]).clamp(min=0)
@@ -132,10 +135,10 @@ def test_mock_sometimes_accept_exact_prefix():
     for b in range(B):
         assert tok[b, : counts[b]].tolist() == target[b, : counts[b]].tolist()
     # sampled: p(d) >= q(d) before first_bad, p(d) = 0 at it
-    q = torch.rand(B, G, V, generator=g).softmax(-1)
-    p = q.clone().scatter_add(-1, drafts[..., None], torch.ones(B, G, 1))
-    p = torch.where(bad[..., None], p.scatter(-1, drafts[..., None], 0.0), p)
-    p /= p.sum(-1, keepdim=True)
+    draft_logits = torch.randn(B, G, V, generator=g).scatter(-1, drafts[..., None], 5.0)
+    target_logits = draft_logits.scatter_add(-1, drafts[..., None], torch.ones(B, G, 1))  # p(d) > q(d) ...
+    target_logits = torch.where(bad[..., None], target_logits.scatter(-1, drafts[..., None], -1e9), target_logits)  # ... but 0 at first_bad
+    q, p = probabilities(draft_logits, PARAMS), probabilities(target_logits, PARAMS)
     a, tok = accept_sampled(drafts, q, p, limit, g)
     assert a.tolist() == torch.minimum(first_bad, limit).tolist()
     rejected = a < limit
