@@ -8,6 +8,7 @@ a toast would cover the buttons).
 
 from __future__ import annotations
 
+import html
 import importlib
 import logging
 import math
@@ -99,8 +100,8 @@ def default_policy() -> str:
 def defaults() -> dict:
     """The controls' initial values, by CONTROLS name."""
     return {"prompt": DEFAULT_PROMPT, "max_new_tokens": 48, "mode": "full", "temperature": 0.0, "seed": 0,
-            "kv": "per_loop", "budget_ms": 0, "exit_policy": default_policy(), "threshold": "", "skip": "exact", "draft_loop": 1,
-            "draft_len": 4, "adaptive": False}
+            "kv": "per_loop", "budget_ms": 0, "exit_policy": default_policy(), "threshold": "", "skip": "exact",
+            "draft_loop": 1, "draft_len": 4, "adaptive": False}
 
 
 @dataclass
@@ -174,7 +175,8 @@ def make_run(engine: Engine, modes: list[str], prompt, max_new_tokens, mode, tem
             options["skip"] = skip
     elif mode == "speculative":
         options["draft_loop"] = _number(draft_loop, "Draft loop", lo=1, hi=max(T - 1, 1), integer=True)
-        options["draft_len"] = "adaptive" if adaptive else _number(draft_len, "Draft length", lo=1, hi=MAX_DRAFT_LEN, integer=True)
+        options["draft_len"] = ("adaptive" if adaptive else
+                                _number(draft_len, "Draft length", lo=1, hi=MAX_DRAFT_LEN, integer=True))
     return Run(prompt, max_new, mode, options)
 
 
@@ -254,7 +256,8 @@ def loop_probabilities(engine: Engine, prompt_ids: list[int], tokens: list[int])
     ids = prompt_ids + tokens[:-1]  # position P - 1 + i predicts token i
     if not tokens or not prompt_ids or T * len(ids) * V > MAX_ANALYSIS_ELEMENTS:
         return None
-    logits = engine.model.per_loop_logits(torch.tensor([ids], device=engine.device))[:, 0, len(prompt_ids) - 1:]  # (T, n, V)
+    logits = engine.model.per_loop_logits(torch.tensor([ids], device=engine.device))  # (T, 1, P + n - 1, V)
+    logits = logits[:, 0, len(prompt_ids) - 1:]  # (T, n, V)
     chosen = torch.tensor(tokens, device=logits.device)[None, :, None].expand(T, -1, 1)
     return logits.float().softmax(-1).gather(-1, chosen)[..., 0].T.tolist()  # (n, T)
 
@@ -273,8 +276,6 @@ def _figure(engine: Engine, run: Run):
 def _message(text: str = "") -> str:
     if not text:
         return '<div class="looplm-message" data-state="ok"></div>'
-    import html
-
     return f'<div class="looplm-message error" data-state="error">{html.escape(text)}</div>'
 
 
@@ -316,7 +317,8 @@ def generate_updates(engine: Engine, modes: list[str], *controls):
             done = run.stats is not None
             tokens, stats = _views(engine, run, "done" if done else "running")
             plot = _figure(engine, run) if done else gr.skip()
-            yield tokens, stats, plot, pd.DataFrame(render.table_rows(run.steps), columns=render.TABLE_HEADERS), _message()
+            table = pd.DataFrame(render.table_rows(run.steps), columns=render.TABLE_HEADERS)
+            yield tokens, stats, plot, table, _message()
     except Exception as e:
         text = _friendly(e)
         yield ("", render.stats_html(render.summary([], T, 0.0), mode=str(controls[2]), state="error"), None,
@@ -382,21 +384,25 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
             with gr.Column(scale=1, min_width=280):
                 prompt = gr.Textbox(init["prompt"], label="Prompt", lines=3, elem_id="prompt")
                 mode = gr.Radio(modes, value=init["mode"], label="Mode", elem_id="mode")
-                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=init["max_new_tokens"], step=1, label="Max new tokens", elem_id="max-new")
-                temperature = gr.Slider(0, 2, value=init["temperature"], step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
+                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=init["max_new_tokens"], step=1, label="Max new tokens",
+                                    elem_id="max-new")
+                temperature = gr.Slider(0, 2, value=init["temperature"], step=0.05, label="Temperature (0 = greedy)",
+                                        elem_id="temperature")
                 seed = gr.Number(init["seed"], label="Seed", precision=0, elem_id="seed")
                 kv = gr.Radio(kv_modes(), value=init["kv"], label="KV cache (per_loop is exact; the others share one "
                               "slot across loops)", elem_id="kv")
                 with gr.Group(visible=False, elem_id="anytime-options") as anytime_box:
                     budget = gr.Number(init["budget_ms"], label="Budget per token (ms, 0 = none)", elem_id="budget")
-                    policy = gr.Dropdown(exit_policies(), value=init["exit_policy"], label="Exit policy", allow_custom_value=True,
-                                         elem_id="exit-policy")
+                    policy = gr.Dropdown(exit_policies(), value=init["exit_policy"], label="Exit policy",
+                                         allow_custom_value=True, elem_id="exit-policy")
                     threshold = gr.Textbox(init["threshold"], label="Exit threshold (empty: the policy's default)",
                                            elem_id="threshold", max_lines=1)
                     skip = gr.Dropdown(skip_modes(), value=init["skip"], label="Skipped loops", elem_id="skip")
                 with gr.Group(visible=False, elem_id="spec-options") as spec_box:
-                    draft_loop = gr.Slider(1, max(T - 1, 1), value=init["draft_loop"], step=1, label="Draft loop k", elem_id="draft-loop")
-                    draft_len = gr.Slider(1, 16, value=init["draft_len"], step=1, label="Draft length", elem_id="draft-len")
+                    draft_loop = gr.Slider(1, max(T - 1, 1), value=init["draft_loop"], step=1, label="Draft loop k",
+                                           elem_id="draft-loop")
+                    draft_len = gr.Slider(1, 16, value=init["draft_len"], step=1, label="Draft length",
+                                          elem_id="draft-len")
                     adaptive = gr.Checkbox(init["adaptive"], label="Adaptive draft length", elem_id="adaptive")
             with gr.Column(scale=2):
                 message = gr.HTML(_message(), elem_id="message")  # above the tabs: seen from both
@@ -409,7 +415,8 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                         table = gr.Dataframe(headers=render.TABLE_HEADERS, label="per token", elem_id="steps",
                                              interactive=False, max_height=320)
                     with gr.Tab("Compare", id="compare-tab", elem_id="compare-tab"):
-                        cmp_go = gr.Button("Compare full depth with the chosen mode", variant="primary", elem_id="compare")
+                        cmp_go = gr.Button("Compare full depth with the chosen mode", variant="primary",
+                                           elem_id="compare")
                         cmp_summary = gr.HTML(elem_id="compare-summary")
                         with gr.Row():
                             with gr.Column():
@@ -420,14 +427,15 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                                 gr.Markdown("**chosen mode**")
                                 cmp_mode_tokens = gr.HTML(elem_id="compare-mode-tokens")
                                 cmp_mode_stats = gr.HTML(elem_id="compare-mode-stats")
-        controls = [prompt, max_new, mode, temperature, seed, kv, budget, policy, threshold, skip, draft_loop, draft_len, adaptive]
+        controls = [prompt, max_new, mode, temperature, seed, kv, budget, policy, threshold, skip, draft_loop, draft_len,
+                    adaptive]
         assert len(controls) == len(CONTROLS)
         mode.change(show_options, mode, [anytime_box, spec_box], queue=False)
         outputs = [tokens, stats, plot, table, message]
         go.click(generate, controls, outputs, api_name="generate")
         prompt.submit(generate, controls, outputs, api_visibility="private")
-        cmp_go.click(compare, controls, [cmp_full_tokens, cmp_full_stats, cmp_mode_tokens, cmp_mode_stats, cmp_summary, message],
-                     api_name="compare")
+        cmp_outputs = [cmp_full_tokens, cmp_full_stats, cmp_mode_tokens, cmp_mode_stats, cmp_summary, message]
+        cmp_go.click(compare, controls, cmp_outputs, api_name="compare")
     app.queue(default_concurrency_limit=concurrency)
     return app
 

@@ -70,7 +70,9 @@ def legend_html(num_loops: int, speculative: bool = False) -> str:
 
 
 def _visible(text: str) -> str:
-    return html.escape(text) if text else "\u00b7"  # a token that added no text yet (e.g. half a character)
+    if not text:
+        return "\u00b7"  # a token that added no text yet (e.g. half a character)
+    return html.escape(text).replace("\n", "\u21b5\n")  # show line breaks as a visible mark, then break
 
 
 def step_title(step: Step) -> str:
