@@ -1,8 +1,8 @@
-"""`python -m looplm.train [stage1|gate|eval|data] ...` (no subcommand means stage1)."""
+"""`python -m looplm.train [stage1|gate|eval|data|release] ...` (no subcommand means stage1)."""
 
 import sys
 
-COMMANDS = {"stage1": "trainer", "gate": "gate", "eval": "evaluate", "data": "data"}
+COMMANDS = {"stage1": "trainer", "gate": "gate", "eval": "evaluate", "data": "data", "release": "release"}
 
 
 def main() -> None:
