@@ -72,10 +72,10 @@ def decode(
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
         token from the prefill); info = {"draft": bool, "accepted": a, "proposed": g} for the round.
     Stats (req.stats): draft_loop, draft_len, acceptance_rate (accepted / proposed drafts),
-        mean_accepted_len (accepted drafts per row-round), accepted_len_hist (count of rounds by
-        accepted drafts 0..g_max), rounds, drafted / accepted (draft totals), loops_per_token ((token, loop) pairs computed
-        after the prefill / tokens emitted; includes rows that already finished, which keep computing
-        so that shapes stay fixed), prefill_ms, exact_cache.
+        mean_accepted_len (accepted drafts per row-round), accepted_len_hist (count of row-rounds
+        by accepted drafts 0..g_max), rounds, drafted / accepted (draft totals), loops_per_token
+        ((token, loop) pairs computed after the prefill / tokens emitted; includes rows that already
+        finished, which keep computing so that shapes stay fixed), prefill_ms, exact_cache.
     """
     T, B = model.num_loops, req.batch_size
     if T < 2:
