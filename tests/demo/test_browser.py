@@ -178,7 +178,7 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser, en
 def test_two_concurrent_sessions_get_their_own_output(server, browser, engine, make_prompt, caplog_handler):
     rng = random.Random()
     pages = [_open(browser, server) for _ in range(2)]
-    inputs = [dict(prompt=make_prompt(rng, 4 + i), max_new=80, seed=rng.randint(0, 10**6), temperature=0.9)
+    inputs = [dict(prompt=make_prompt(rng, 4 + i), max_new=48, seed=rng.randint(0, 10**6), temperature=0.9)
               for i in range(2)]
     for page, inp in zip(pages, inputs):
         _submit(page, mode="full", click=False, **inp)
