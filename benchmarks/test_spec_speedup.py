@@ -96,7 +96,8 @@ def sweep(spec_bench):
             st = gen.stats
             rows.append({"draft_loop": k, "draft_len": g, "tokens_per_s_cpu": NEW_TOKENS / min(t[1] for t in times),
                          "tokens_per_s": NEW_TOKENS / min(t[0] for t in times),
-                         "acceptance_rate": st["acceptance_rate"], "mean_accepted_len": st["mean_accepted_len"],
+                         "acceptance_rate": st["acceptance_rate"], "token_acceptance": st["token_acceptance"],
+                         "mean_accepted_len": st["mean_accepted_len"],
                          "loops_per_token": st["loops_per_token"]})
     full_tps = NEW_TOKENS / min(t[0] for t in full_times)
     full_cpu = NEW_TOKENS / min(t[1] for t in full_times)
@@ -119,7 +120,8 @@ def _per_k(rows):
         k = r["draft_loop"]
         if k not in out or r["tokens_per_s_cpu"] > out[k]["tokens_per_s_cpu"]:
             out[k] = r
-    return {f"k={k}": {"draft_len": r["draft_len"], "acceptance_rate": r["acceptance_rate"], "mean_accepted_len": r["mean_accepted_len"],
+    return {f"k={k}": {"draft_len": r["draft_len"], "acceptance_rate": r["acceptance_rate"],
+                       "token_acceptance": r["token_acceptance"], "mean_accepted_len": r["mean_accepted_len"],
                        "ratio_to_full": r["ratio_to_full"], "ratio_to_full_cpu": r["ratio_to_full_cpu"]} for k, r in out.items()}
 
 
@@ -168,7 +170,8 @@ def test_speculative_best(benchmark, spec_bench, sweep):
         draft_loop=best["draft_loop"], draft_len=best["draft_len"],
         tokens_per_s=spec_tps, full_tokens_per_s=full_tps, ratio_to_full=ratio, target_ratio=TARGET, meets_target=ratio >= TARGET,
         tokens_per_s_cpu=spec_cpu, full_tokens_per_s_cpu=full_cpu, ratio_to_full_cpu=ratio_cpu,
-        acceptance_rate=gen.stats["acceptance_rate"], mean_accepted_len=gen.stats["mean_accepted_len"],
+        acceptance_rate=gen.stats["acceptance_rate"], token_acceptance=gen.stats["token_acceptance"],
+        mean_accepted_len=gen.stats["mean_accepted_len"],
         loops_per_token=gen.stats["loops_per_token"],
         sweep_full_tokens_per_s=sweep["full_tokens_per_s"], sweep_best_ratio=best["ratio_to_full"],
         sweep_best_ratio_cpu=best["ratio_to_full_cpu"],

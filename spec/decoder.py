@@ -72,6 +72,8 @@ def decode(
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
         token from the prefill); info = {"draft": bool, "accepted": a, "proposed": g} for the round.
     Stats (req.stats): draft_loop, draft_len, acceptance_rate (accepted / proposed drafts),
+        token_acceptance (accepted / (accepted + rejections): the chance a tested draft passes,
+        the alpha of DESIGN.md's (1 - alpha^(g+1)) / (1 - alpha); drafts after a rejection are untested),
         mean_accepted_len (accepted drafts per row-round), accepted_len_hist (count of row-rounds
         by accepted drafts 0..g_max), rounds, drafted / accepted (draft totals), loops_per_token
         ((token, loop) pairs computed after the prefill / tokens emitted; includes rows that already
@@ -105,7 +107,7 @@ def decode(
             yield Step(row, 0, last[row], T, T, timer.lap(row), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
             produced[row] = 1
     hist = [0] * (schedule.max + 1)
-    n_acc = n_prop = n_rounds = 0
+    n_acc = n_prop = n_rej = n_rounds = 0
     emitted = sum(produced)
 
     def stats():
@@ -115,6 +117,7 @@ def decode(
             drafted=n_prop,
             accepted=n_acc,
             acceptance_rate=n_acc / max(n_prop, 1),
+            token_acceptance=n_acc / max(n_acc + n_rej, 1),
             mean_accepted_len=n_acc / max(sum(hist), 1),
             accepted_len_hist=list(hist),
             rounds=n_rounds,
@@ -180,5 +183,6 @@ def decode(
                 produced[row] += 1
                 emitted += 1
         rejections = sum(1 for r in range(B) if g_rows[r] and host[r][-1] < g_rows[r])
+        n_rej += rejections
         schedule.update(sum(host[r][-1] for r in range(B) if g_rows[r]), rejections)
         stats()
