@@ -20,9 +20,9 @@ def _both(engine, prompts, max_new, **opts):
 @pytest.mark.parametrize("loops", [2, 4])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_every_draft_loop_and_length_up_to_the_context_limit(loops, batch):
-    model = spec_model(loops=loops, max_pos=40)
+    model = spec_model(loops=loops, max_pos=30)
     engine = looplm.Engine(model)
-    prompts = ragged_prompts(batch, model.config.vocab_size, 1, 14)
+    prompts = ragged_prompts(batch, model.config.vocab_size, 1, 10)
     accepted = rejected = 0
     full = engine.generate(prompts, max_new_tokens=1000, stop=[])  # runs into the context limit
     for k in range(1, loops):
@@ -30,7 +30,7 @@ def test_every_draft_loop_and_length_up_to_the_context_limit(loops, batch):
             spec = engine.generate(prompts, max_new_tokens=1000, stop=[], mode="speculative", draft_loop=k, draft_len=g)
             for f, s in zip(full, spec):
                 assert s.finish_reason == f.finish_reason == "context"
-                assert len(s.tokens) == 40 - len(s.prompt_tokens)
+                assert len(s.tokens) == 30 - len(s.prompt_tokens)
                 assert s.tokens == f.tokens, (k, g)
                 assert s.loops == [loops] * len(s.tokens)
             st = spec[0].stats

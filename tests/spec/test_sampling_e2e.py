@@ -37,7 +37,7 @@ def test_sampled_tokens_follow_full_depth_distribution(wrong_rule, post, monkeyp
     model = spec_model(seed=11, vocab=5, loops=3, std=0.2, step_scale=1.0, max_pos=16)
     post = {"temperature": 1.0, **post}
     params = SamplingParams(**post)
-    prompt, n, N = [1, 3], 3, 12_000
+    prompt, n, N = [1, 3], 3, 6_000
     joint = exact_joint(model, prompt, n, params)
     # the draft (loop 1) must differ from the target for the test to have power
     with torch.no_grad():
