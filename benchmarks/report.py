@@ -1,0 +1,446 @@
+"""Renders benchmarks/RESULTS.md and its PNG plots from pytest-benchmark JSON files.
+
+`python -m benchmarks.report [results.json ...]` (default: benchmarks/results.json and, when
+present, benchmarks/results-cuda.json, one section each). Rows come from benchmarks that
+recorded the conftest's `extra_info` (keys "mode" and "tokens_per_s"); other benchmarks of the
+run are listed with their own extra_info.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODE_COLORS = {"full": "#4c72b0", "speculative": "#dd8452", "anytime": "#55a868"}
+KV_COLOR = "#8172b3"
+
+
+def load(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _suffix(path: Path) -> str:
+    stem = Path(path).stem  # results, results-cuda
+    return stem[len("results"):] if stem.startswith("results") else "-" + stem
+
+
+def rows_of(data: dict) -> list[dict]:
+    """The decoder measurements: each benchmark's extra_info plus its test name."""
+    rows = []
+    for b in data.get("benchmarks", []):
+        ei = b.get("extra_info") or {}
+        if "mode" in ei and "tokens_per_s" in ei:
+            rows.append({**ei, "test": b.get("fullname", b.get("name", "")), "name": b.get("name", "")})
+    return rows
+
+
+def others_of(data: dict) -> list[dict]:
+    return [b for b in data.get("benchmarks", []) if not ("mode" in (b.get("extra_info") or {}) and "tokens_per_s" in b["extra_info"])]
+
+
+def label(r: dict) -> str:
+    o = dict(r.get("options") or {})
+    kv = o.pop("kv", None)
+    if r["mode"] == "speculative":
+        text = f"speculative k={o.pop('draft_loop', '?')} g={o.pop('draft_len', '?')}"
+    elif r["mode"] == "anytime":
+        if "exit" in o:
+            text = f"anytime {o.pop('exit')}" + (f" q={o.pop('q')}" if "q" in o else "")
+        else:
+            text = "anytime"
+        if not o and text == "anytime":
+            text += " (no budget)"
+    else:
+        text = r["mode"]
+    extra = " ".join(f"{k}={v}" for k, v in o.items())
+    text = f"{text} {extra}".strip()
+    return f"{text} kv={kv}" if kv else text
+
+
+def _fmt(x, digits: int = 2, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        if abs(x) >= 1000:
+            return f"{x:,.0f}{unit}"
+        return f"{x:.{digits}f}{unit}"
+    return f"{x}{unit}"
+
+
+def _bytes(x) -> str:
+    if x is None:
+        return "–"
+    return f"{x / 1024:.1f} KiB" if x >= 1024 else f"{x:.0f} B"
+
+
+def _reason(outcomes: list[dict], needle: str) -> str | None:
+    for o in outcomes:
+        if needle in o["test"] and o["outcome"] in ("skipped", "failed") and o["reason"]:
+            return o["reason"]
+    return None
+
+
+# -- headlines ---------------------------------------------------------------------------------
+def best_speculative(rows: list[dict], outcomes: list[dict]) -> str:
+    spec = [r for r in rows if r["mode"] == "speculative" and "kv" not in (r.get("options") or {})]
+    if not spec:
+        why = _reason(outcomes, "test_speculative") or "no speculative benchmark ran"
+        return f"not measured: {why}"
+    lines = []
+    for model in sorted({r["model"] for r in spec}):
+        best = max((r for r in spec if r["model"] == model), key=lambda r: r.get("decode_ratio_to_full") or 0)
+        lines.append(
+            f"**{best.get('decode_ratio_to_full', 0):.2f}x** full-depth decode tokens/s on `{model}` "
+            f"({label(best)}, batch {best['batch']}: {best['decode_tokens_per_s']:.1f} vs "
+            f"{best.get('full_decode_tokens_per_s', float('nan')):.1f} tokens/s; "
+            f"{best.get('ratio_to_full', float('nan')):.2f}x end to end with prefill; acceptance "
+            f"{_fmt(best.get('acceptance_rate'))}, mean accepted length {_fmt(best.get('mean_accepted_length'))})"
+        )
+    return "; ".join(lines)
+
+
+def kv_savings(rows: list[dict], outcomes: list[dict]) -> str:
+    kv = [r for r in rows if r["mode"] == "full" and (r.get("options") or {}).get("kv")]
+    by = defaultdict(dict)
+    for r in kv:
+        by[(r["model"], r["batch"])][r["options"]["kv"]] = r
+    lines = []
+    for (model, batch), modes in sorted(by.items()):
+        ref = modes.get("per_loop")
+        if ref is None or not ref.get("kv_bytes_per_token"):
+            continue
+        for name in ("last", "mean"):
+            r = modes.get(name)
+            if r is None or not r.get("kv_bytes_per_token"):
+                continue
+            fold = ref["kv_bytes_per_token"] / r["kv_bytes_per_token"]
+            mem = ""
+            if ref.get("peak_mem_mb") is not None and r.get("peak_mem_mb") is not None:
+                mem = f"; peak memory {r['peak_mem_mb']:.1f} vs {ref['peak_mem_mb']:.1f} MiB"
+            lines.append(
+                f"`{model}` batch {batch}, kv={name}: {_bytes(r['kv_bytes_per_token'])} vs "
+                f"{_bytes(ref['kv_bytes_per_token'])} per token ({fold:.1f}x smaller, "
+                f"{100 * (1 - 1 / fold):.0f}% saved{mem}; agreement with full depth "
+                f"{100 * r.get('token_agreement_with_full', float('nan')):.0f}%, decode "
+                f"{r.get('decode_ratio_to_full', float('nan')):.2f}x)"
+            )
+    if not lines:
+        why = _reason(outcomes, "test_kv_modes") or "no KV-mode benchmark ran"
+        return f"not measured: {why}"
+    return "\n".join(f"  - {line}" for line in lines)
+
+
+def anytime_summary(rows: list[dict], outcomes: list[dict]) -> str:
+    any_rows = [r for r in rows if r["mode"] == "anytime" and "kv" not in (r.get("options") or {})]
+    if not any_rows:
+        why = _reason(outcomes, "test_anytime") or "no anytime benchmark ran"
+        return f"not measured: {why}"
+    parts = []
+    for r in sorted(any_rows, key=lambda r: (r["model"], r["batch"], label(r))):
+        if r["batch"] != 1:
+            continue
+        miss = r.get("budget_miss_rate", (r.get("stats") or {}).get("budget_miss_rate"))
+        parts.append(
+            f"`{r['model']}` {label(r)}: mean exit loop {_fmt(r.get('mean_exit_loop'))}, "
+            f"{_fmt(r.get('decode_ratio_to_full'))}x decode tokens/s"
+            + (f", {100 * miss:.0f}% of tokens over budget" if isinstance(miss, (int, float)) else "")
+        )
+    return "\n".join(f"  - {p}" for p in parts)
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_by_mode(rows: list[dict], out: Path) -> bool:
+    b1 = [r for r in rows if r["batch"] == 1]
+    models = sorted({r["model"] for r in b1})
+    if not models:
+        return False
+    plt = _plt()
+    heights = [max(2.0, 0.28 * len([r for r in b1 if r["model"] == m]) + 1) for m in models]
+    fig, axes = plt.subplots(len(models), 1, figsize=(9, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        rs = sorted((r for r in b1 if r["model"] == model), key=lambda r: (list(MODE_COLORS).index(r["mode"]) if r["mode"] in MODE_COLORS else 9, label(r)))
+        y = range(len(rs))
+        vals = [r["decode_tokens_per_s"] for r in rs]
+        colors = [KV_COLOR if (r.get("options") or {}).get("kv") else MODE_COLORS.get(r["mode"], "#999999") for r in rs]
+        ax.barh(list(y), vals, color=colors)
+        ax.set_yticks(list(y), [label(r) for r in rs], fontsize=7)
+        ax.invert_yaxis()
+        for i, r in enumerate(rs):
+            ax.text(vals[i], i, f" {r.get('decode_ratio_to_full', float('nan')):.2f}x", va="center", fontsize=7)
+        full = [r for r in rs if r["mode"] == "full" and not r.get("options")]
+        if full:
+            ax.axvline(full[0]["decode_tokens_per_s"], color="k", lw=0.8, ls="--")
+        ax.set_title(f"{model}, batch 1: decode tokens/s (x full depth, same run)", fontsize=9)
+        ax.set_xlabel("new tokens/s (prefill excluded)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_by_batch(rows: list[dict], out: Path) -> bool:
+    models = sorted({r["model"] for r in rows})
+    series_of = {
+        "full": lambda r: r["mode"] == "full" and not r.get("options"),
+        "speculative (best k, g)": lambda r: r["mode"] == "speculative" and "kv" not in r.get("options", {}),
+        "anytime q_exit q=0.5": lambda r: r["mode"] == "anytime" and r.get("options", {}).get("q") == 0.5 and "kv" not in r["options"],
+        "full kv=last": lambda r: r["mode"] == "full" and r.get("options", {}).get("kv") == "last",
+    }
+    if not any(len({r["batch"] for r in rows if r["model"] == m}) > 1 for m in models):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for name, pick in series_of.items():
+            best = {}
+            for r in rows:
+                if r["model"] == model and pick(r):
+                    if r["batch"] not in best or r["decode_tokens_per_s"] > best[r["batch"]]:
+                        best[r["batch"]] = r["decode_tokens_per_s"]
+            if best:
+                xs = sorted(best)
+                ax.plot(xs, [best[x] for x in xs], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 4, 16], ["1", "4", "16"])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("decode tokens/s (all rows)")
+        ax.set_title(model, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_spec(rows: list[dict], out: Path) -> bool:
+    spec = [r for r in rows if r["mode"] == "speculative" and r["batch"] == 1 and "kv" not in r.get("options", {})]
+    models = sorted({r["model"] for r in spec})
+    if not models:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        by_k = defaultdict(list)
+        for r in spec:
+            if r["model"] == model:
+                by_k[r["options"]["draft_loop"]].append((r["options"]["draft_len"], r.get("decode_ratio_to_full"), r.get("acceptance_rate")))
+        for k, pts in sorted(by_k.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"draft loop k={k}")
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("draft length g")
+        ax.set_ylabel("decode tokens/s / full depth")
+        ax.set_title(f"{model}, batch 1: self-speculation speedup", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_anytime(rows: list[dict], out: Path) -> bool:
+    rs = [r for r in rows if r["mode"] == "anytime" and r["batch"] == 1 and "kv" not in r.get("options", {})]
+    panels = [
+        ("budget_loops", "loop budget k", lambda o: o.get("budget_loops")),
+        ("budget_ms", "budget per token (ms)", lambda o: o.get("budget_ms")),
+        ("q", "Q-exit threshold q", lambda o: o.get("q") if o.get("exit") == "q_exit" else None),
+    ]
+    panels = [p for p in panels if any(p[2](r["options"]) is not None for r in rs)]
+    if not panels:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, xlabel, get) in zip(axes[0], panels):
+        for model in sorted({r["model"] for r in rs}):
+            pts = sorted((get(r["options"]), r.get("mean_exit_loop"), r.get("decode_loops_per_token")) for r in rs if r["model"] == model and get(r["options"]) is not None)
+            if not pts:
+                continue
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model}: mean exit loop")[0]
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls=":", color=line.get_color(), label=f"{model}: loops computed / token")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loops per token")
+        ax.legend(fontsize=6)
+    fig.suptitle("anytime decoding, batch 1: depth versus budget", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -- markdown ----------------------------------------------------------------------------------
+def machine_line(data: dict) -> tuple[str, dict]:
+    mi = (data.get("machine_info") or {}).get("looplm") or {}
+    if not mi:
+        m = data.get("machine_info") or {}
+        return f"{m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}", {}
+    gpu = mi.get("gpu") or "no GPU"
+    text = (
+        f"{mi.get('cpu')}, {mi.get('cores')} cores (torch threads {mi.get('torch_threads')}, "
+        f"OMP_WAIT_POLICY={mi.get('omp_wait_policy')}), {gpu}; device `{mi.get('device')}`; torch {mi.get('torch')}, "
+        f"Python {mi.get('python')}"
+    )
+    return text, mi
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = (
+        "| model | batch | decoder | new tok/row | tok/s | decode tok/s | x full (decode) | x full (e2e) "
+        "| mean exit loop | loops computed/token | accept rate | mean accepted | KV/token | peak mem MiB | = full |"
+    )
+    out = [head, "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"]
+    order = {"full": 0, "speculative": 1, "anytime": 2}
+
+    def key(r):
+        return (r["model"], r["batch"], bool((r.get("options") or {}).get("kv")), order.get(r["mode"], 9), label(r))
+
+    for r in sorted(rows, key=key):
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["model"],
+                    str(r["batch"]),
+                    label(r),
+                    str(r.get("new_tokens_per_row")),
+                    _fmt(r.get("tokens_per_s")),
+                    _fmt(r.get("decode_tokens_per_s")),
+                    _fmt(r.get("decode_ratio_to_full")),
+                    _fmt(r.get("ratio_to_full")),
+                    _fmt(r.get("mean_exit_loop")),
+                    _fmt(r.get("decode_loops_per_token")),
+                    _fmt(r.get("acceptance_rate")),
+                    _fmt(r.get("mean_accepted_length")),
+                    _bytes(r.get("kv_bytes_per_token")),
+                    _fmt(r.get("peak_mem_mb"), 1),
+                    _fmt(None if r.get("token_agreement_with_full") is None else 100 * r["token_agreement_with_full"], 0, "%"),
+                ]
+            )
+            + " |"
+        )
+    return out
+
+
+def other_table(others: list[dict]) -> list[str]:
+    if not others:
+        return []
+    out = ["| benchmark | median | rounds | extra_info |", "|---|---|---|---|"]
+    for b in others:
+        st = b.get("stats") or {}
+        ei = {k: v for k, v in (b.get("extra_info") or {}).items() if isinstance(v, (int, float, str, bool)) and not isinstance(v, str) or isinstance(v, str) and len(v) < 40}
+        info = ", ".join(f"{k}={_fmt(v, 3) if isinstance(v, float) else v}" for k, v in list(ei.items())[:12])
+        med = st.get("median")
+        out.append(f"| `{b.get('fullname', b.get('name'))}` | {_fmt(med * 1e3 if med else None, 1, ' ms')} | {st.get('rounds', '–')} | {info} |")
+    return out
+
+
+def section(path: Path, data: dict, out_dir: Path) -> list[str]:
+    suffix = _suffix(path)
+    rows, others = rows_of(data), others_of(data)
+    outcomes = data.get("looplm_outcomes") or []
+    machine, mi = machine_line(data)
+    device = mi.get("device", "cpu")
+    commit = mi.get("commit") or (data.get("commit_info") or {}).get("id", "?")[:7]
+    dirty = mi.get("dirty", (data.get("commit_info") or {}).get("dirty"))
+    date = mi.get("date_utc") or data.get("datetime", "?")
+    lines = [
+        f"## {device.upper()}: {mi.get('gpu') or mi.get('cpu') or '?'}",
+        "",
+        f"- Machine: {machine}.",
+        f"- Run: {date}, commit `{commit}`" + (" (with uncommitted changes to the measured code)" if dirty else " (clean)") + f", from `benchmarks/{path.name}`.",
+    ]
+    if mi.get("load_average_at_start"):
+        la = mi["load_average_at_start"]
+        lines.append(f"- Load average when the run started: {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} (1/5/15 min; other jobs share this machine).")
+    descs = {r["model"]: r.get("model_description", "") for r in rows}
+    for name, desc in sorted(descs.items()):
+        lines.append(f"- `{name}`: {desc}.")
+    counts = defaultdict(int)
+    for o in outcomes:
+        counts[o["outcome"]] += 1
+    if outcomes:
+        lines.append(f"- Tests: {counts['passed']} passed, {counts['skipped']} skipped, {counts['failed']} failed.")
+    lines += [
+        "",
+        "### Headlines",
+        "",
+        f"- **Best speculative speedup**: {best_speculative(rows, outcomes)}",
+        f"- **Memory saved by KV sharing** (KV bytes per token of the cache after prefill; peak memory of one call):",
+        kv_savings(rows, outcomes) if kv_savings(rows, outcomes).startswith("  ") else f"  {kv_savings(rows, outcomes)}",
+        "- **Anytime decoding** (batch 1):",
+        anytime_summary(rows, outcomes) if anytime_summary(rows, outcomes).startswith("  ") else f"  {anytime_summary(rows, outcomes)}",
+        "",
+    ]
+    plots = [
+        (f"tokens_per_s_by_mode{suffix}.png", "Decode tokens/s by mode (batch 1)", plot_by_mode),
+        (f"tokens_per_s_by_batch{suffix}.png", "Decode tokens/s by batch size", plot_by_batch),
+        (f"spec_speedup{suffix}.png", "Speculative speedup versus draft loop and draft length", plot_spec),
+        (f"anytime_loops{suffix}.png", "Anytime: mean loops versus budget", plot_anytime),
+    ]
+    lines += ["### Plots", ""]
+    for name, title, fn in plots:
+        if fn(rows, out_dir / name):
+            lines.append(f"![{title}]({name})")
+            lines.append("")
+        else:
+            lines.append(f"- {title}: not measured in this run.")
+    lines += ["### All decoder measurements", ""] + table(rows) + [""]
+    lines += [
+        "Columns: *tok/s* = new tokens (all rows) / median wall time of one `Engine.generate` call; "
+        "*decode tok/s* excludes the prefill (`Generation.stats['prefill_ms']`, or `prefill` timed apart); "
+        "*x full* = ratio to full-depth decoding of the same model, batch and length measured in this run; "
+        "*mean exit loop* = mean 1-based loop whose head emitted each token; *loops computed/token* = "
+        "`model.token_loops` after prefill per new token (rejected drafts and finished skipped loops included); "
+        "*KV/token* = bytes of the KV cache per position and row, after decoding; *peak mem* = "
+        + next((r["peak_mem_method"] for r in rows if r.get("peak_mem_method")), "not measured")
+        + ", during the untimed warm-up call"
+        + "; *= full* = fraction of tokens equal to full-depth greedy output.",
+        "",
+    ]
+    other = other_table(others)
+    if other:
+        lines += ["### Other benchmarks in this run", ""] + other + [""]
+    bad = [o for o in outcomes if o["outcome"] != "passed"]
+    if bad:
+        lines += ["### Skipped or failed", ""]
+        lines += [f"- `{o['test']}` ({o['outcome']}): {o['reason']}" for o in bad]
+        lines.append("")
+    return lines
+
+
+def render(paths: list[Path] | None = None, out: Path | None = None) -> Path:
+    """Writes RESULTS.md (and the plots next to it) from the given pytest-benchmark JSON files."""
+    if not paths:
+        paths = [p for p in (HERE / "results.json", HERE / "results-cuda.json") if p.is_file()]
+    out = out or HERE / "RESULTS.md"
+    lines = [
+        "# looplm benchmark results",
+        "",
+        "Generated by `python -m benchmarks` (pytest-benchmark, `benchmarks/test_*.py`) from the JSON named in each "
+        "section; regenerate rather than edit. Every decoder runs greedy on the same model in the same process, "
+        "with a warm-up call outside the timed rounds, and each benchmark asserts that what it timed is correct "
+        "(speculative output equals full-depth output, and so on), never that it is fast.",
+        "",
+    ]
+    if not paths:
+        lines.append("not measured: no results JSON (run `python -m benchmarks`).")
+    for p in paths:
+        lines += section(Path(p), load(p), out.parent)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    print(render([Path(a) for a in sys.argv[1:]] or None))
