@@ -30,6 +30,12 @@ unwritten, and later tokens read them at those loops. `skip=` says what happens:
   token of its row, so the slot a later token reads at loop m is written before it is read. Cost:
   no extra forward calls or latency at batch 1 beyond a wider forward (up to T positions instead of
   1 per row), and the full T loops of compute per token in the end (`loops_computed_per_token`).
+  `finish="lazy"` runs a pending loop only when a later token of the row reaches that loop (in
+  the same forward, at the same loop: the slot is written before the same layer reads it), so
+  loops that no later token reaches are never computed: with a budget of k loops for every
+  token, decoding costs k loops per token. Same tokens; the cache then equals the full-depth
+  cache in every slot that was written. Eager suits hardware where a wider forward is free
+  (memory-bound batch-1 decode on a GPU); lazy suits compute-bound CPUs.
   Exact against the full-depth per-loop cache: token i equals the no-cache reference "logits of
   loop exit_loop(i) at position i of the sequence, every position's state from all T loops", so a
   loop budget of k reproduces `argmax per_loop_logits(seq)[k - 1]` and no budget/policy reproduces

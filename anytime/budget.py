@@ -101,10 +101,19 @@ class LoopCost:
             self.emit_ms = self._step(self.emit_ms, ms)
 
     def predict(self, key) -> float:
-        """Predicted milliseconds of one more loop (without the emission)."""
-        if key not in self.ema:
+        """Predicted milliseconds of one more loop (without the emission).
+
+        An unseen key borrows the nearest measured width with the same rows and context bucket,
+        scaled up in proportion when it is narrower (conservative: cost grows sublinearly in width).
+        """
+        if key in self.ema:
+            return self.ema[key] + self.safety * self.dev[key]
+        rows, width, bucket = key
+        near = [k for k in self.ema if k[0] == rows and k[2] == bucket]
+        if not near:
             return self.last_ms
-        return self.ema[key] + self.safety * self.dev[key]
+        k = min(near, key=lambda k: (abs(k[1] - width), -k[1]))
+        return (self.ema[k] + self.safety * self.dev[k]) * max(1.0, width / k[1])
 
     def predict_emit(self) -> float:
         return self.emit_ms + self.safety * self.emit_dev

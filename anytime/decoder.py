@@ -50,6 +50,7 @@ def decode(
     threshold: float | None = None,
     q: float | None = None,
     skip: str | None = None,
+    finish: str = "eager",
     clock: Callable[[], float] = time.perf_counter,
     safety: float = 1.0,
     trace: bool = False,
@@ -68,6 +69,10 @@ def decode(
             loop's K/V into the skipped slots) or "shared" (read a shared-KV cache: the request's
             cache_factory, e.g. Engine.generate(..., kv="last"|"mean")). None (default): "shared"
             when the request's cache is shared, else "exact".
+        finish: when "exact" runs a skipped loop: "eager" (default: one pending loop per iteration
+            alongside the row's next token, so the cache soon equals the full-depth cache) or
+            "lazy" (only when a later token of the row reaches that loop and needs the slot, in
+            the same forward; loops no later token reaches are never run). Same tokens either way.
         clock: callable returning seconds (default time.perf_counter); inject one to test budgets.
         safety: a time budget lets a loop start when elapsed + predicted loop + predicted emission
             <= budget, each predicted as moving mean + safety * moving absolute deviation
@@ -87,6 +92,9 @@ def decode(
     policy = make_policy(exit, threshold if threshold is not None else q)
     if policy is not None:
         policy.bind(T)
+    if finish not in ("eager", "lazy"):
+        raise ValueError(f"finish must be 'eager' or 'lazy', got {finish!r}")
+    lazy = finish == "lazy"
     if skip is not None and skip not in SKIP_MODES:
         raise ValueError(f"unknown skip mode {skip!r}; choose one of {SKIP_MODES}")
     max_loops = T if plan is None or plan.loops is None else min(plan.loops, T)
@@ -233,7 +241,11 @@ def decode(
             if not running:
                 return
             # one forward: every running row's unfinished earlier tokens (exact mode) and its current token
-            items = [rows[r].pending + [[rows[r].pos, rows[r].loop, rows[r].h]] for r in running]
+            # (lazy: only the pending loops the current token needs now, at its own loop)
+            items = [
+                [x for x in rows[r].pending if not lazy or x[1] == rows[r].loop] + [[rows[r].pos, rows[r].loop, rows[r].h]]
+                for r in running
+            ]
             width = max(len(it) for it in items)
             padded = [it + [it[-1]] * (width - len(it)) for it in items]  # duplicates rewrite the same slot
             h = torch.stack([torch.stack([x[2] for x in it]) for it in padded])  # (R, W, H)
@@ -247,11 +259,16 @@ def decode(
             cur = torch.tensor([len(it) - 1 for it in items], device=device)
             ar = torch.arange(len(running), device=device)
             hidden = res.hidden[0, ar, cur]  # (R, H) current items after this loop
+            next_width = 1
             for i, r in enumerate(running):
                 row = rows[r]
-                row.pending = [[p, l + 1, res.hidden[0, i, j]] for j, (p, l, _) in enumerate(row.pending) if l + 1 < T]
+                for j, x in enumerate(items[i][:-1]):  # the pending items just advanced by one loop
+                    x[1], x[2] = x[1] + 1, res.hidden[0, i, j]
+                row.pending = [x for x in row.pending if x[1] < T]
                 row.loop += 1
                 row.h = hidden[i]
+                due = sum(x[1] == row.loop for x in row.pending) if lazy else len(row.pending)
+                next_width = max(next_width, 1 + due)
             gates[bidx, torch.tensor([rows[r].loop - 1 for r in running], device=device)] = res.gates[0, ar, cur]
             logits = probs = None
             if need_probs:
@@ -260,10 +277,12 @@ def decode(
                 for i, r in enumerate(running):
                     rows[r].probs.append(probs[i])
             now = clock()
-            key = cost.key(len(running), width, int(pos.max()) + 1)
-            cost.update(key, (now - t_prev) * 1e3)
+            kv_len = int(pos.max()) + 1
+            cost.update(cost.key(len(running), width, kv_len), (now - t_prev) * 1e3)
             loops_now = torch.tensor([rows[r].loop for r in running], device=device)
-            reasons = decide(running, loops_now, hidden, probs, now, cost.predict(key))
+            # the next loop's forward if every row goes on: as many rows, next_width positions per row
+            predicted = cost.predict(cost.key(len(running), next_width, kv_len))
+            reasons = decide(running, loops_now, hidden, probs, now, predicted)
             prev_hidden[bidx] = hidden
             if need_probs:
                 prev_probs[bidx] = probs
@@ -281,14 +300,15 @@ def decode(
                 )
             t_prev = clock()
     finally:
-        _stats(req, log, counts, T, policy, plan, skip, cost)
+        _stats(req, log, counts, T, policy, plan, skip, cost, finish)
 
 
-def _stats(req, log, counts, T, policy, plan, skip, cost) -> None:
+def _stats(req, log, counts, T, policy, plan, skip, cost, finish) -> None:
     n = len(log["exit_loops"])
     decode_tokens = len(log["latency_ms"])
     st = {
         "skip": skip,
+        "finish": finish if skip == "exact" else None,
         "mean_loops": sum(log["exit_loops"]) / n if n else 0.0,  # mean exit loop (the loops a token waited for)
         "mean_exit_loop": sum(log["exit_loops"]) / n if n else 0.0,  # the same (the facade overwrites mean_loops)
         "exit_loop_counts": [log["exit_loops"].count(t) for t in range(1, T + 1)],

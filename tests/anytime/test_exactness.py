@@ -71,11 +71,12 @@ def test_shared_with_a_budget_runs_and_skips_nothing_extra(engine):
     assert gens[0].stats["loops_computed_per_token"] == pytest.approx((2 * T + 14 * 2) / 16)
 
 
+@pytest.mark.parametrize("finish", ["eager", "lazy"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_loop_budget_exact_equals_static_exit_reference(model, engine, k):
+def test_loop_budget_exact_equals_static_exit_reference(model, engine, k, finish):
     prompts = random_prompts(10 + k, [6, 3])
     n = 10
-    gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", budget_loops=k)
+    gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", budget_loops=k, finish=finish)
     full = engine.generate(prompts, max_new_tokens=n, stop=[])
     for p, g, f in zip(prompts, gens, full):
         ref, _ = reference(model, p, n, lambda logits, gates, hidden: k)
@@ -90,14 +91,15 @@ def test_loop_budget_exact_equals_static_exit_reference(model, engine, k):
     assert [g.tokens for g in static] == [g.tokens for g in gens]
 
 
+@pytest.mark.parametrize("finish", ["eager", "lazy"])
 @pytest.mark.parametrize("q", [0.3, 0.5, 0.9])
-def test_q_exit_exact_equals_no_cache_reference(model, engine, q):
+def test_q_exit_exact_equals_no_cache_reference(model, engine, q, finish):
     with torch.no_grad():  # spread the gate so that different tokens exit at different loops
         model.model.early_exit_gate.weight.mul_(2.0)
         model.model.early_exit_gate.bias.fill_(-1.0)
     prompts = random_prompts(20, [4, 8, 1])
     n = 12
-    gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", exit="q_exit", q=q)
+    gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", exit="q_exit", q=q, finish=finish)
     seen = set()
     for p, g in zip(prompts, gens):
         ref, ref_loops = reference(model, p, n, lambda logits, gates, hidden: int(q_exit_loops(gates, q)))
@@ -128,11 +130,12 @@ def _ref_policy(name, thr):
     return exit_loop_of
 
 
+@pytest.mark.parametrize("finish", ["eager", "lazy"])
 @pytest.mark.parametrize("name,thr", [("confidence", 0.12), ("entropy", 3.5), ("kl", 0.3), ("delta", 0.75)])
-def test_policies_exact_equal_no_cache_reference(model, engine, name, thr):
+def test_policies_exact_equal_no_cache_reference(model, engine, name, thr, finish):
     prompts = random_prompts(30, [5, 3])
     n = 12
-    gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", exit=name, threshold=thr)
+    gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", exit=name, threshold=thr, finish=finish)
     seen = set()
     for p, g in zip(prompts, gens):
         ref, ref_loops = reference(model, p, n, _ref_policy(name, thr))
@@ -142,9 +145,10 @@ def test_policies_exact_equal_no_cache_reference(model, engine, name, thr):
     assert len(seen) > 1, f"{name} at {thr} exits every token at the same loop: pick another threshold"
 
 
-def test_batch_equals_each_prompt_alone(engine):
+@pytest.mark.parametrize("finish", ["eager", "lazy"])
+def test_batch_equals_each_prompt_alone(engine, finish):
     prompts = random_prompts(40, [3, 10, 6])
-    opts = dict(max_new_tokens=10, stop=[], mode="anytime", exit="confidence", threshold=0.12)
+    opts = dict(max_new_tokens=10, stop=[], mode="anytime", exit="confidence", threshold=0.12, finish=finish)
     batch = engine.generate(prompts, **opts)
     for p, b in zip(prompts, batch):
         alone = engine.generate(p, **opts)
@@ -175,6 +179,27 @@ def test_exact_mode_cache_equals_full_depth_cache(model, k):
         done = len(seq) - T  # the last tokens' skipped loops were never needed, so never finished
         torch.testing.assert_close(cache.k[:, :, r, :, :done], ref.k[:, :, 0, :, :done], rtol=0, atol=1e-5)
         torch.testing.assert_close(cache.v[:, :, r, :, :done], ref.v[:, :, 0, :, :done], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_lazy_finishing_writes_only_needed_slots_and_they_equal_full_depth(model, k):
+    prompts = random_prompts(55 + k, [5, 2])
+    n = 12
+    holder = []
+    req = _request(prompts, n, holder)
+    steps = list(anytime.decode(model, req, budget_loops=k, finish="lazy"))
+    cache = holder[0]
+    assert req.stats["finish_loops"] == 0  # every token left at loop k: no later token needed loops > k
+    assert req.stats["loops_computed_per_token"] == pytest.approx((2 * T + 2 * (n - 1) * k) / (2 * n))
+    for r, p in enumerate(prompts):
+        seq = p + [s.token for s in steps if s.row == r]
+        ref = model.new_cache(1, len(seq))
+        prefill(model, ref, [seq])
+        m = len(seq) - 1  # the last token never ran
+        torch.testing.assert_close(cache.k[:k, :, r, :, :m], ref.k[:k, :, 0, :, :m], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cache.k[k:, :, r, :, : len(p)], ref.k[k:, :, 0, :, : len(p)], rtol=0, atol=1e-5)
+        pad = max(map(len, prompts))  # shorter prompts' padding positions hold the prefill's stale K/V
+        assert not cache.k[k:, :, r, :, pad:m].any()  # never computed: no query needed them
 
 
 @pytest.mark.parametrize("k", [1, 3])
