@@ -408,7 +408,9 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                 message = gr.HTML(_message(), elem_id="message")  # above the tabs: seen from both
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate-tab"):
-                        go = gr.Button("Generate", variant="primary", elem_id="generate")
+                        with gr.Row():
+                            go = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
+                            stop = gr.Button("Stop", variant="secondary", elem_id="stop", scale=1)
                         tokens = gr.HTML(elem_id="tokens")
                         stats = gr.HTML(elem_id="stats")
                         plot = gr.Plot(label="loops per token", elem_id="plot")
@@ -432,10 +434,12 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
         assert len(controls) == len(CONTROLS)
         mode.change(show_options, mode, [anytime_box, spec_box], queue=False)
         outputs = [tokens, stats, plot, table, message]
-        go.click(generate, controls, outputs, api_name="generate")
-        prompt.submit(generate, controls, outputs, api_visibility="private")
+        events = [go.click(generate, controls, outputs, api_name="generate"),
+                  prompt.submit(generate, controls, outputs, api_visibility="private")]
         cmp_outputs = [cmp_full_tokens, cmp_full_stats, cmp_mode_tokens, cmp_mode_stats, cmp_summary, message]
-        cmp_go.click(compare, controls, cmp_outputs, api_name="compare")
+        events.append(cmp_go.click(compare, controls, cmp_outputs, api_name="compare"))
+        # closing a handler's generator sets its cancel flag: the decode thread stops after its next token
+        stop.click(None, cancels=events, api_visibility="private")
     app.queue(default_concurrency_limit=concurrency)
     return app
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import random
 import re
+import threading
+import time
 
 import pytest
 import torch
@@ -99,6 +101,18 @@ def test_stream_run_matches_generate_and_yields_partial_results(engine, make_pro
     want = engine.generate(prompt, max_new_tokens=20, temperature=0.8, seed=seed)
     assert [s.token for s in run.steps] == want.tokens
     assert run.stats["finish_reason"] == "length" and run.stats["new_tokens"] == 20
+
+
+def test_closing_the_stream_stops_the_decode_thread(engine):
+    run = make_run(engine, ["full"], *_controls(prompt="the cat", max_new_tokens=500))  # to the context's end
+    stream = stream_run(engine, run, min_interval_s=0.0)
+    next(stream)
+    stream.close()  # what Gradio does when the user presses Stop or leaves
+    deadline = time.monotonic() + 10
+    while any(t.name == "demo-decode" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "demo-decode" for t in threading.enumerate())
+    assert run.stats is None and len(run.steps) < engine.config.max_position_embeddings - 2
 
 
 def test_decoder_errors_become_input_errors(engine):
