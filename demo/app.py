@@ -39,7 +39,7 @@ FALLBACK_POLICIES = ["q_exit", "confidence", "entropy", "kl", "delta", "static"]
 # the controls, in the order the event handlers receive them (make_run's keyword names)
 CONTROLS = ("prompt", "max_new_tokens", "mode", "temperature", "seed", "kv", "budget_ms", "exit_policy", "threshold",
             "skip", "draft_loop", "draft_len", "adaptive")
-DEFAULT_PROMPT = "Once upon a time"
+DEFAULT_PROMPT = "It is a truth universally acknowledged that"
 
 
 class InputError(ValueError):

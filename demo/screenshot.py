@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     parser.add_argument("--out", default="docs/demo.png")
     parser.add_argument("--mode", default="anytime")
-    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--prompt", default="It is a truth universally acknowledged that")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--width", type=int, default=1280)
     args = parser.parse_args(argv)
