@@ -3,18 +3,61 @@
 The plain eager step (`looplm.generate.decode_full`) attends over the cache prefix
 [0, max(pos) + 1), a new shape at every token, and dispatches every op from Python. `DecodeStep`
 instead attends over a fixed `kv_len` (the whole static cache by default, masked by position, as
-gpt-fast does), so one graph serves every token; it compiles the step with torch.compile
-(`fullgraph=True`) and, on CUDA, captures it as a CUDA graph (mode "reduce-overhead"). Stale
-cache entries beyond a row's position are masked out by position, so the result is the same as
-the eager step's (to float rounding of a different reduction order).
+gpt-fast does), so one graph serves every token. Two ways to compile it:
+
+* "graph": the whole step (T loops x L layers, cache writes included) as one torch.compile
+  graph (`fullgraph=True`), captured as a CUDA graph on CUDA (mode "reduce-overhead"). Fastest
+  per token, but compile time grows with T * L (minutes for a 100M model on a loaded 2-core CPU).
+* "layers": `compile_layers(model)` compiles the two halves of the layer around the cache access
+  (norm + QKV + RoPE, and o_proj + norms + MLP) once, one graph each shared by every layer and
+  loop; cache writes and attention stay eager in the chosen backend. Compile time is independent
+  of depth; this is the CPU default.
+
+Stale cache entries beyond a row's position are masked out by position, so the result is the
+eager step's (to float rounding of a different reduction order).
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Literal
+
 import torch
 
 from looplm.cache import LoopKVCache
+from looplm.layers import DecoderLayer
 from looplm.model import LoopLM
+
+
+def _before(layer, h, cos, sin):
+    return DecoderLayer.before_attention(layer, h, cos, sin)
+
+
+def _after(layer, h, attn_out):
+    return DecoderLayer.after_attention(layer, h, attn_out)
+
+
+def compile_layers(model: LoopLM, *, backend: str = "inductor") -> LoopLM:
+    """Compiles both halves of every layer around attention (one graph per half and input shape).
+
+    Parameters are graph inputs (torch.compile inlines nn.Modules), so all L layers and T loops
+    share one compiled graph per half; the cache write and attention stay in Python/the backend.
+    Undo with `uncompile_layers`. Returns the model.
+    """
+    before = torch.compile(_before, backend=backend, dynamic=False)
+    after = torch.compile(_after, backend=backend, dynamic=False)
+    for layer in model.model.layers:
+        layer.before_attention = functools.partial(before, layer)  # instance attributes shadow the methods
+        layer.after_attention = functools.partial(after, layer)
+    return model
+
+
+def uncompile_layers(model: LoopLM) -> LoopLM:
+    """Restores the eager layer halves."""
+    for layer in model.model.layers:
+        layer.__dict__.pop("before_attention", None)
+        layer.__dict__.pop("after_attention", None)
+    return model
 
 
 class DecodeStep:
@@ -24,9 +67,12 @@ class DecodeStep:
         model: the looped model (its attention backend is used as set).
         cache: the static cache the step writes and reads (LoopKVCache or a shared "last" cache).
         compile: torch.compile the step (False: the same fixed-shape step, eager).
-        mode: torch.compile mode; default "reduce-overhead" (CUDA graphs) on CUDA, None on CPU.
+        strategy: "graph" (the whole step, fullgraph) or "layers" (compile_layers); default
+            "graph" on CUDA, "layers" on the CPU. "layers" compiles the model's layers in place.
+        mode: torch.compile mode for "graph"; default "reduce-overhead" (CUDA graphs) on CUDA.
         backend: torch.compile backend ("inductor"; "aot_eager" traces without code generation).
-        kv_len: keys each step attends over (default cache.max_len: one graph for every position).
+        kv_len: keys each step attends over (default: cache.max_len for "graph", one graph for
+            every position; the prefix up to the furthest row's position for "layers").
     """
 
     def __init__(
@@ -35,17 +81,26 @@ class DecodeStep:
         cache: LoopKVCache,
         *,
         compile: bool = True,
+        strategy: Literal["graph", "layers"] | None = None,
         mode: str | None = None,
         backend: str = "inductor",
         kv_len: int | None = None,
     ):
-        if getattr(cache, "kv", "per_loop") == "mean":
-            raise ValueError("the compiled step supports the per-loop and 'last' caches; 'mean' keeps per-call state")
         self.model, self.cache = model, cache
-        self.kv_len = cache.max_len if kv_len is None else kv_len
         self.device = cache.k.device
+        if strategy is None:
+            strategy = "graph" if self.device.type == "cuda" else "layers"
+        if strategy not in ("graph", "layers"):
+            raise ValueError(f"strategy must be 'graph' or 'layers', got {strategy!r}")
+        if strategy == "graph" and getattr(cache, "kv", "per_loop") == "mean":
+            raise ValueError("the whole-step graph supports the per-loop and 'last' caches ('mean' keeps per-call state); use strategy='layers'")
+        # a whole-step graph needs a fixed key length; compiled layer halves do not, so they attend over the prefix
+        self.kv_len = kv_len if kv_len is not None or strategy == "layers" else cache.max_len
         fn = self._step
-        if compile:
+        self.strategy = strategy if compile else "eager"
+        if compile and strategy == "layers":
+            compile_layers(model, backend=backend)
+        elif compile:
             if mode is None and self.device.type == "cuda":
                 mode = "reduce-overhead"
                 for buf in (cache.k, cache.v):  # CUDA graphs may mutate the cache only at a fixed address
@@ -56,7 +111,8 @@ class DecodeStep:
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         m = self.model
         h = m.model.embed_tokens(tokens[:, None])  # no id check: no host sync in the step
-        out = m._run_loops(h, pos[:, None], self.cache, 0, m.num_loops, None, "last", "last", self.kv_len)
+        kv_len = self.kv_len if self.kv_len is not None else int(pos.max()) + 1
+        out = m._run_loops(h, pos[:, None], self.cache, 0, m.num_loops, None, "last", "last", kv_len)
         return out.logits[-1, :, 0]
 
     @torch.inference_mode()
@@ -75,7 +131,7 @@ class DecodeStep:
         """
         B = self.cache.batch_size
         tokens = torch.zeros(B, dtype=torch.long, device=self.device)
-        pos = torch.full((B,), self.kv_len - 1, dtype=torch.long, device=self.device)
+        pos = torch.full((B,), (self.kv_len or self.cache.max_len) - 1, dtype=torch.long, device=self.device)
         for _ in range(steps):
             self(tokens, pos)
         if self.device.type == "cuda":

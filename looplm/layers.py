@@ -72,14 +72,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, ctx, layer: int) -> torch.Tensor:
+    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, S, H) -> q (B, nh, S, hd), k and v (B, nkv, S, hd), RoPE applied to q and k."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = ctx.attend(q, k, v, layer)  # (B, nh, S, hd)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, nh, S, hd) -> (B, S, H)."""
+        B, _, S, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+    def forward(self, x, cos, sin, ctx, layer: int) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.output(ctx.attend(q, k, v, layer))  # attend: (B, nh, S, hd)
 
 
 class DecoderLayer(nn.Module):
@@ -94,6 +102,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, ctx, layer: int) -> torch.Tensor:
-        h = h + self.input_layernorm_2(self.self_attn(self.input_layernorm(h), cos, sin, ctx, layer))
+    # The layer in two halves around the cache access, so a fast path can compile each half once
+    # for every layer and loop (kernels.fast_step.compile_layers) and leave attention to the backend.
+    def before_attention(self, h, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attn.project(self.input_layernorm(h), cos, sin)
+
+    def after_attention(self, h, attn_out) -> torch.Tensor:
+        h = h + self.input_layernorm_2(self.self_attn.output(attn_out))
         return h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h)))
+
+    def forward(self, h, cos, sin, ctx, layer: int) -> torch.Tensor:
+        q, k, v = self.before_attention(h, cos, sin)
+        return self.after_attention(h, ctx.attend(q, k, v, layer))

@@ -7,6 +7,7 @@ import looplm
 from kernels.fast_step import DecodeStep, greedy_decode
 from looplm import LoopConfig, LoopLM
 from looplm.cache import cache_factory
+from looplm.decoding import prefill
 
 
 def tiny_model(seed):
@@ -40,7 +41,7 @@ def test_compiled_step_traces_whole_and_never_recompiles():
     model, prompts = _setup()
     eager_cache, cache = model.new_cache(3, 24), model.new_cache(3, 24)
     want = greedy_decode(model, eager_cache, prompts, 6)
-    step = DecodeStep(model, cache, backend="aot_eager")  # fullgraph=True: a graph break fails
+    step = DecodeStep(model, cache, strategy="graph", backend="aot_eager")  # fullgraph=True: a graph break fails
     step.warmup()  # writes only position 23, which no query below reaches
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = greedy_decode(model, cache, prompts, 6, step)
@@ -49,10 +50,34 @@ def test_compiled_step_traces_whole_and_never_recompiles():
     torch.testing.assert_close(cache.k[..., :n, :], eager_cache.k[..., :n, :], rtol=0, atol=1e-5)
 
 
-def test_mean_cache_is_refused():
+@pytest.mark.parametrize("kv", ["per_loop", "mean"])
+def test_compiled_layer_halves_match_eager_and_compile_once_for_all_layers_and_loops(kv):
+    from kernels.fast_step import uncompile_layers
+
+    model, prompts = _setup()
+    make = cache_factory(kv) or (lambda m, b, n: m.new_cache(b, n))
+    want = greedy_decode(model, make(model, 3, 24), prompts, 6)
+    cache = make(model, 3, 24)
+    step = DecodeStep(model, cache, strategy="layers", backend="aot_eager")
+    try:
+        step.warmup()  # compiles the decode shapes: one graph per half, reused by 2 layers x 4 loops
+        with torch.inference_mode():
+            tok = prefill(model, cache, prompts).logits[-1, :, 0].argmax(-1)  # prefill shape: its own graphs
+        pos, got = cache.lengths.clone(), [tok]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(5):
+                tok = step(tok, pos).argmax(-1)
+                pos, got = pos + 1, got + [tok]
+        assert torch.equal(torch.stack(got, 1), want)
+    finally:
+        uncompile_layers(model)
+    assert "before_attention" not in vars(model.model.layers[0])
+
+
+def test_mean_cache_is_refused_by_the_whole_step_graph():
     model, _ = _setup()
     with pytest.raises(ValueError, match="mean"):
-        DecodeStep(model, cache_factory("mean")(model, 1, 8), compile=False)
+        DecodeStep(model, cache_factory("mean")(model, 1, 8), strategy="graph", compile=False)
 
 
 @pytest.mark.gpu
