@@ -77,15 +77,18 @@ class Engine:
         Returns:
             A Generation, or a list of them for a batch.
         """
-        batch, gens = self._is_batch(prompt), {}
-        for step in self._run(prompt, max_new_tokens, mode, kwargs, gens):
+        stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, **kwargs)
+        for _ in stream:
             pass
-        out = [gens[i] for i in range(len(gens))]
-        return out if batch else out[0]
+        return stream.generations if self._is_batch(prompt) else stream.generations[0]
 
-    def stream(self, prompt, *, max_new_tokens: int = 64, mode: str = "full", **kwargs) -> Iterator[Step]:
-        """Same arguments as `generate`; yields each Step (token, loops, latency, text) as it is decided."""
-        return self._run(prompt, max_new_tokens, mode, kwargs, {})
+    def stream(self, prompt, *, max_new_tokens: int = 64, mode: str = "full", **kwargs) -> "Stream":
+        """Same arguments as `generate`; iterating yields each Step (token, loops, latency, text) as it is decided.
+
+        The returned Stream's `generations` hold each prompt's Generation so far (stats once it ends).
+        """
+        gens: dict[int, Generation] = {}
+        return Stream(self._run(prompt, max_new_tokens, mode, kwargs, gens), gens)
 
     # -- internals ---------------------------------------------------------------------------
     @staticmethod
@@ -168,6 +171,28 @@ class Engine:
                 "mean_loops": sum(g.loops) / max(len(g.loops), 1),
                 "elapsed_ms": elapsed * 1e3,
             }
+
+
+class Stream:
+    """An iterator of Steps that also exposes the Generations it is filling."""
+
+    def __init__(self, steps: Iterator[Step], gens: dict[int, Generation]):
+        self._steps, self._gens = steps, gens
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Step:
+        return next(self._steps)
+
+    def close(self) -> None:
+        """Stops the decode early (e.g. a client went away); the engine stays usable."""
+        self._steps.close()
+
+    @property
+    def generations(self) -> list[Generation]:
+        """One Generation per prompt, in prompt order (empty until the first step is requested)."""
+        return [self._gens[i] for i in range(len(self._gens))]
 
 
 def load(path: str | Path | None = None, *, dtype=None, device=None) -> Engine:

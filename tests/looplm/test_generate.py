@@ -97,3 +97,14 @@ def test_stats_report_speed_and_loops(engine):
     out = engine.generate([1, 2, 3], max_new_tokens=4, stop=[])
     assert out.stats["new_tokens"] == 4 and out.stats["tokens_per_s"] > 0
     assert out.stats["mean_loops"] == engine.config.total_ut_steps and out.stats["prefill_ms"] > 0
+
+
+def test_stream_exposes_its_generations(engine):
+    prompts = [[1, 2, 3], [4, 5]]
+    stream = engine.stream(prompts, max_new_tokens=4, stop=[])
+    first = next(stream)
+    assert [len(g.tokens) for g in stream.generations] == [1 if r == first.row else 0 for r in range(2)]
+    rest = list(stream)
+    assert 1 + len(rest) == 8
+    assert [g.tokens for g in stream.generations] == [g.tokens for g in engine.generate(prompts, max_new_tokens=4, stop=[])]
+    assert all(g.stats["new_tokens"] == 4 for g in stream.generations)
