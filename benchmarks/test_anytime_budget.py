@@ -2,8 +2,9 @@
 
 Self-contained: it needs none of the shared benchmark fixtures. The model is the bundled default
 model when looplm/default_model/ is present, else a small Ouro-shaped model with random weights
-(named in extra_info["model"]). For each skip mode ("exact": skipped loops finished later in a
-wider forward; "copy": K/V copied, no extra compute) a calibration right before the timed runs
+(named in extra_info["model"]). For each skip mode ("exact-eager": skipped loops finished in
+the next iterations' wider forwards; "exact-lazy": finished only when a later token needs them;
+"copy": K/V copied, no extra compute) a calibration right before the timed runs
 measures the per-token latency at one loop and at full depth; the per-token budgets span that
 range (5 points). For each budget it records in extra_info: tokens/s, mean exit loop, loops
 computed per token, the fraction of decode tokens that missed their budget, the p95 per-token
@@ -78,24 +79,32 @@ def _model():
     return {"engine": engine, "name": name, "run": run, "T": engine.model.num_loops, "threads": torch.get_num_threads()}
 
 
-def _calibrate(setup, skip):
+def _calibrate(setup, opts):
     """Median decode-token latency at one loop and at full depth in this skip mode, measured now
     (right before the budgeted runs, since a shared machine's speed drifts)."""
     run = setup["run"]
-    one = statistics.median(s.latency_ms for s in run(n=16, budget_loops=1, skip=skip).steps[1:])
-    full = statistics.median(s.latency_ms for s in run(n=16, skip=skip).steps[1:])
+    one = statistics.median(s.latency_ms for s in run(n=16, budget_loops=1, **opts).steps[1:])
+    full = statistics.median(s.latency_ms for s in run(n=16, **opts).steps[1:])
     return one, full
 
 
-@pytest.mark.parametrize("skip", ["exact", "copy"])
+SKIP_MODES = {
+    "exact-eager": {"skip": "exact", "finish": "eager"},
+    "exact-lazy": {"skip": "exact", "finish": "lazy"},
+    "copy": {"skip": "copy"},
+}
+
+
+@pytest.mark.parametrize("skip", list(SKIP_MODES))
 @pytest.mark.parametrize("fraction", FRACTIONS)
 def test_anytime_per_token_budget(setup, fraction, skip, benchmark):
-    one_ms, full_ms = _calibrate(setup, skip)
+    opts = SKIP_MODES[skip]
+    one_ms, full_ms = _calibrate(setup, opts)
     budget = one_ms + fraction * (full_ms - one_ms)
     gens = []
 
     def once():
-        gens.append(setup["run"](budget_ms=budget, skip=skip))
+        gens.append(setup["run"](budget_ms=budget, **opts))
 
     benchmark.pedantic(once, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     steps = [s for g in gens for s in g.steps[1:]]  # decode tokens (the first comes from the prefill)
