@@ -53,6 +53,10 @@ unwritten, and later tokens read them at those loops. `skip=` says what happens:
   default when the request's cache is shared; "exact"/"copy" on a shared cache raise, and so does
   "shared" on the per-loop cache.
 
+Loop k of a position reads only loop-k K/V of earlier positions, so loops that no later token
+reaches are dead compute: with the same exit loop k for every token, all three modes (and
+`finish="lazy"`) give the same tokens; they differ when tokens exit at different loops.
+
 Step output: token, exit_loop (1-based loop whose head produced it), loops (computed for it when
 emitted: exit_loop, or T for the prefill-emitted first token), latency_ms (since the row's previous
 token), reason, and info: "signal" (the policy's signal after each loop), "probs" (the chosen

@@ -76,3 +76,16 @@ def test_sampling_at_full_depth_equals_full_decoder_at_batch_1(engine):
     a = engine.generate(prompt, mode="anytime", budget_loops=1, **opts)
     b = engine.generate(prompt, mode="anytime", budget_loops=1, **opts)
     assert a.tokens == b.tokens and all(0 <= t < 64 for t in a.tokens)
+
+
+@pytest.mark.parametrize("finish", ["eager", "lazy"])
+def test_prompts_at_the_context_limit_and_single_tokens(engine, finish):
+    long, short = random_prompts(75, [126, 3])
+    opts = dict(stop=[], mode="anytime", budget_loops=1, finish=finish)
+    gens = engine.generate([long, short], max_new_tokens=5, **opts)
+    assert len(gens[0].tokens) == 2 and gens[0].finish_reason == "context"  # 128 positions in all
+    assert len(gens[1].tokens) == 5
+    full = engine.generate([long, short], max_new_tokens=5, stop=[], mode="anytime", budget_loops=1, skip="copy")
+    assert [g.tokens for g in full] == [g.tokens for g in gens]  # at 1 loop per token the K/V of loops > 1 are never read
+    one = engine.generate(short, max_new_tokens=1, **opts)
+    assert len(one.tokens) == 1 and one.steps[0].loops == T and one.stats["budget_miss_rate"] is None
