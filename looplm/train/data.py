@@ -183,7 +183,8 @@ def encode_docs(tok, docs: list[str]) -> np.ndarray:
 
 
 def build(out: Path, vocab_size: int = 2048, seed: int = 0, val_fraction: float = 0.03,
-          synthetic_fraction: float = 0.35, phop_share: float = 0.6, n_phop_val: int = 2000) -> dict:
+          synthetic_fraction: float = 0.35, phop_share: float = 0.6, n_phop_val: int = 2000,
+          tokenizer: Path | None = None) -> dict:
     """Writes the tokenizer and token arrays under `out`; returns the metadata it also writes."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -227,8 +228,13 @@ def build(out: Path, vocab_size: int = 2048, seed: int = 0, val_fraction: float 
     print(f"held-out p-hop prompts also in train: {n_train_phop} (random collisions)", flush=True)
 
     # The tokenizer sees a sample of everything, so task symbols get their own tokens too.
-    sample = train_docs + [d for docs in synth.values() for d in docs[: max(1, len(docs) // 10)]]
-    tok = train_tokenizer(sample, vocab_size)
+    if tokenizer is None:
+        sample = train_docs + [d for docs in synth.values() for d in docs[: max(1, len(docs) // 10)]]
+        tok = train_tokenizer(sample, vocab_size)
+    else:  # reuse a trained tokenizer (e.g. to build another mixture for fine-tuning the same model)
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer))
     tok.save(str(out / "tokenizer.json"))
     print(f"tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.0f}s)", flush=True)
 
@@ -265,8 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic-fraction", type=float, default=0.35, help="share of training chars")
     p.add_argument("--phop-share", type=float, default=0.6, help="share of synthetic chars that are p-hop")
+    p.add_argument("--tokenizer", type=Path, default=None, help="reuse this tokenizer.json instead of training one")
     a = p.parse_args(argv)
-    build(a.out, a.vocab_size, a.seed, synthetic_fraction=a.synthetic_fraction, phop_share=a.phop_share)
+    build(a.out, a.vocab_size, a.seed, synthetic_fraction=a.synthetic_fraction, phop_share=a.phop_share,
+          tokenizer=a.tokenizer)
 
 
 if __name__ == "__main__":
