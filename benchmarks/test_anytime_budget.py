@@ -130,6 +130,7 @@ def test_anytime_per_token_budget(setup, fraction, skip, benchmark):
             "mean_loops": statistics.mean(s.exit_loop for s in steps),
             "loops_computed_per_token": statistics.mean(g.stats["loops_computed_per_token"] for g in gens),
             "budget_miss_rate": miss,
+            "median_latency_ms": statistics.median(s.latency_ms for s in steps),
             "p95_latency_ms": p95,
             "p95_bound_ms": bound,
             "p95_within_budget_plus_one_loop": p95 <= bound,
