@@ -64,8 +64,9 @@ def setup():
 
 def _model():
     torch.manual_seed(0)
-    if (DEFAULT_MODEL / "config.json").is_file():
-        engine, name = looplm.load(), "default"
+    checkpoint = os.environ.get("ANYTIME_BENCH_CHECKPOINT")  # any Ouro checkpoint directory instead
+    if checkpoint or (DEFAULT_MODEL / "config.json").is_file():
+        engine, name = looplm.load(checkpoint), checkpoint or "default"
         prompt = "def fibonacci(n):" if engine.tokenizer is not None else list(range(1, 17))
     else:
         engine = looplm.Engine(LoopLM(SMALL_RANDOM).init_weights(0, std=0.05).eval())
