@@ -271,6 +271,8 @@ def plot_anytime(rows: list[dict], out: Path) -> bool:
             line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model}: mean exit loop")[0]
             ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls=":", color=line.get_color(), label=f"{model}: loops computed / token")
         ax.set_xlabel(xlabel)
+        if key == "budget_loops":
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("loops per token")
         ax.legend(fontsize=6)
     fig.suptitle("anytime decoding, batch 1: depth versus budget", fontsize=9)

@@ -5,8 +5,9 @@ conftest.measure), records its numbers in `extra_info`, and asserts that what it
 correct — never that it is fast:
 - full depth: every row gets its tokens at depth T, and a batched row equals the row alone;
 - speculative: output equals full-depth output token for token (lossless);
-- anytime: no budget equals full depth; a loop budget of k emits every token at loop <= k;
-  budgets in milliseconds record how often a token missed its budget;
+- anytime: no budget equals full depth; a loop budget of k and Q-exit at q equal "emit from the
+  exit loop's head, state from all T loops", recomputed without a cache (exact skip mode, float32);
+  budgets in milliseconds emit at a loop in 1..T and record how often a token missed its budget;
 - KV modes: "per_loop" equals full depth exactly; "last"/"mean" run end to end and record their
   agreement with full depth and their KV bytes per token.
 Modes and options that have not landed yet are skipped with the reason.
@@ -15,8 +16,10 @@ Modes and options that have not landed yet are skipped with the reason.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks.conftest import BenchModel, Measurement, mode_available
+from looplm.exits import q_exit_loops
 
 BATCHES = (1, 4, 16)
 
@@ -84,6 +87,26 @@ def _assert_lengths(m: Measurement, bm: BenchModel) -> None:
     assert [len(o) for o in m.outputs] == [n] * m.batch, "every row must get all its new tokens (stop=[])"
 
 
+@torch.inference_mode()
+def _static_exit_reference(bm: BenchModel, prompts, outputs, exit_loops_of) -> tuple[list[list[int]], list[list[int]]]:
+    """Per row, without a cache: the token each position's exit loop emits when every position's
+    state comes from all T loops (the reference implementation's static/Q-exit semantics).
+
+    exit_loops_of: (T, n) gates of the n positions that predict new tokens -> (n,) 1-based loops.
+    """
+    tokens, loops = [], []
+    device = bm.model.lm_head.weight.device
+    for p, out in zip(prompts, outputs):
+        ids = torch.tensor([p + out[:-1]], device=device)
+        o = bm.model.loop_outputs(ids)
+        first = len(p) - 1  # the position predicting the first new token
+        e = exit_loops_of(o.gates[:, 0, first:])  # (n,)
+        logits = o.logits[:, 0, first:]  # (T, n, V)
+        tokens.append(logits[e - 1, torch.arange(len(out), device=device)].argmax(-1).tolist())
+        loops.append(e.tolist())
+    return tokens, loops
+
+
 # -- full depth --------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", BATCHES)
 def test_full_depth(bench_model, batch, measure, baselines):
@@ -92,7 +115,7 @@ def test_full_depth(bench_model, batch, measure, baselines):
     T = bench_model.num_loops
     assert all(n == T for g in m.gens for n in g.loops), "full depth runs all T loops for every token"
     if batch > 1:  # a batch of ragged prompts gives each prompt's tokens alone
-        assert m.outputs[0] == baselines.get(bench_model, 1).outputs[0]
+        assert m.outputs[0] == baselines.get(bench_model, 1, fresh=False).outputs[0]
 
 
 # -- speculative -------------------------------------------------------------------------------
@@ -106,7 +129,7 @@ def test_speculative(model_name, draft_loop, draft_len, batch, get_model, requir
     require(bm, "speculative", draft_loop=draft_loop, draft_len=draft_len)
     m = measure(bm, batch, "speculative", draft_loop=draft_loop, draft_len=draft_len)
     _assert_lengths(m, bm)
-    assert m.outputs == baselines.get(bm, batch).outputs, "greedy speculative output must equal full depth"
+    assert m.outputs == baselines.get(bm, batch, fresh=False).outputs, "greedy speculative output must equal full depth"
 
 
 # -- anytime -----------------------------------------------------------------------------------
@@ -127,9 +150,21 @@ def test_anytime(model_name, options, batch, get_model, require, measure, baseli
     T = bm.num_loops
     assert all(1 <= s.exit_loop <= T and s.exit_loop <= s.loops <= T for s in steps)
     if not options:
-        assert m.outputs == baselines.get(bm, batch).outputs, "anytime with no budget must equal full depth"
+        assert m.outputs == baselines.get(bm, batch, fresh=False).outputs, "anytime with no budget must equal full depth"
     if "budget_loops" in options:
         assert all(s.exit_loop <= options["budget_loops"] for s in steps), "a loop budget of k emits at loop <= k"
+    exact = bm.model.lm_head.weight.dtype == torch.float32 and options.get("skip", "exact") == "exact"
+    if exact and set(options) <= {"budget_loops", "exit", "q"} and options.get("exit", "q_exit") == "q_exit" and options:
+        k = min(options.get("budget_loops", T), T)
+        q = options.get("q")
+
+        def exit_loops_of(gates):
+            e = torch.full(gates.shape[1:], k, dtype=torch.long, device=gates.device)
+            return e if q is None else torch.minimum(e, q_exit_loops(gates, q))
+
+        want_tokens, want_loops = _static_exit_reference(bm, bm.prompts(batch), m.outputs, exit_loops_of)
+        assert m.outputs == want_tokens, "exact-mode anytime must emit the exit loop's token of the full-state model"
+        assert [[s.exit_loop for s in g.steps] for g in m.gens] == want_loops
     if budget_ms is not None:
         missed = [s.latency_ms > budget_ms for g in m.gens for s in g.steps[1:]]  # first token carries prefill
         benchmark.extra_info["budget_ms"] = budget_ms
@@ -153,4 +188,4 @@ def test_kv_modes(model_name, kv, mode, options, batch, get_model, require, meas
     m = measure(bm, batch, mode, kv=kv, **options)
     _assert_lengths(m, bm)
     if kv == "per_loop":
-        assert m.outputs == baselines.get(bm, batch).outputs, "the per-loop cache is the exact one"
+        assert m.outputs == baselines.get(bm, batch, fresh=False).outputs, "the per-loop cache is the exact one"
