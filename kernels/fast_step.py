@@ -8,10 +8,14 @@ gpt-fast does), so one graph serves every token. Two ways to compile it:
 * "graph": the whole step (T loops x L layers, cache writes included) as one torch.compile
   graph (`fullgraph=True`), captured as a CUDA graph on CUDA (mode "reduce-overhead"). Fastest
   per token, but compile time grows with T * L (minutes for a 100M model on a loaded 2-core CPU).
+* "loop": one loop (L layers) as one graph, a pure function of the cache slots it reads (its
+  own position's slot replaced by its new K/V) that returns the new K/V; the cache writes happen
+  outside, in place. The same graph runs all T loops (compile time T-fold below "graph", T graph
+  calls per token), and no cache buffer is copied by functionalization. The CPU default.
 * "layers": `compile_layers(model)` compiles the two halves of the layer around the cache access
   (norm + QKV + RoPE, and o_proj + norms + MLP) once, one graph each shared by every layer and
   loop; cache writes and attention stay eager in the chosen backend. Compile time is independent
-  of depth; this is the CPU default.
+  of depth, but it pays two compiled-call overheads per layer and loop.
 
 Stale cache entries beyond a row's position are masked out by position, so the result is the
 eager step's (to float rounding of a different reduction order).
@@ -67,10 +71,12 @@ class DecodeStep:
         model: the looped model (its attention backend is used as set).
         cache: the static cache the step writes and reads (LoopKVCache or a shared "last" cache).
         compile: torch.compile the step (False: the same fixed-shape step, eager).
-        strategy: "graph" (the whole step, fullgraph) or "layers" (compile_layers); default
-            "graph" on CUDA, "layers" on the CPU. "layers" compiles the model's layers in place.
+        strategy: "graph" (the whole step, fullgraph), "loop" (one loop's graph reused for every
+            loop) or "layers" (compile_layers, which compiles the model's layers in place);
+            default "graph" on CUDA, "loop" on the CPU.
         mode: torch.compile mode for "graph"; default "reduce-overhead" (CUDA graphs) on CUDA.
         backend: torch.compile backend ("inductor"; "aot_eager" traces without code generation).
+        options: torch.compile inductor options (e.g. {"freezing": True} on the CPU).
         kv_len: keys each step attends over (default: cache.max_len for "graph", one graph for
             every position; the prefix up to the furthest row's position for "layers").
     """
@@ -81,31 +87,38 @@ class DecodeStep:
         cache: LoopKVCache,
         *,
         compile: bool = True,
-        strategy: Literal["graph", "layers"] | None = None,
+        strategy: Literal["graph", "loop", "layers"] | None = None,
         mode: str | None = None,
         backend: str = "inductor",
         kv_len: int | None = None,
+        options: dict | None = None,
     ):
         self.model, self.cache = model, cache
         self.device = cache.k.device
         if strategy is None:
-            strategy = "graph" if self.device.type == "cuda" else "layers"
-        if strategy not in ("graph", "layers"):
-            raise ValueError(f"strategy must be 'graph' or 'layers', got {strategy!r}")
+            strategy = "graph" if self.device.type == "cuda" else "loop"
+        if strategy not in ("graph", "loop", "layers"):
+            raise ValueError(f"strategy must be 'graph', 'loop' or 'layers', got {strategy!r}")
         if strategy == "graph" and getattr(cache, "kv", "per_loop") == "mean":
-            raise ValueError("the whole-step graph supports the per-loop and 'last' caches ('mean' keeps per-call state); use strategy='layers'")
+            raise ValueError("strategy 'graph' supports the per-loop and 'last' caches ('mean' keeps per-call state); use 'loop'")
         # a whole-step graph needs a fixed key length; compiled layer halves do not, so they attend over the prefix
         self.kv_len = kv_len if kv_len is not None or strategy == "layers" else cache.max_len
         fn = self._step
+        self._rows = torch.arange(cache.batch_size, device=self.device)[:, None]
+        self._k_pos = None
         self.strategy = strategy if compile else "eager"
         if compile and strategy == "layers":
             compile_layers(model, backend=backend)
+        elif strategy == "loop":
+            if compile:
+                self._one_loop = torch.compile(self._one_loop, backend=backend, fullgraph=True, dynamic=False, options=options)
+            fn = self._looped_step
         elif compile:
             if mode is None and self.device.type == "cuda":
                 mode = "reduce-overhead"
                 for buf in (cache.k, cache.v):  # CUDA graphs may mutate the cache only at a fixed address
                     torch._dynamo.mark_static_address(buf)
-            fn = torch.compile(fn, mode=mode, backend=backend, fullgraph=True, dynamic=False)
+            fn = torch.compile(fn, mode=mode, backend=backend, fullgraph=True, dynamic=False, options=options)
         self._fn = fn
 
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -114,6 +127,37 @@ class DecodeStep:
         kv_len = self.kv_len if self.kv_len is not None else int(pos.max()) + 1
         out = m._run_loops(h, pos[:, None], self.cache, 0, m.num_loops, None, "last", "last", kv_len)
         return out.logits[-1, :, 0]
+
+    def _one_loop(self, h, pos, cos, sin, k_slots, v_slots):
+        """One loop over all layers as a pure function of the cache slots it reads (no mutation in
+        the graph, so nothing copies the cache): each layer's query at position p sees the slot
+        with position p replaced by its own new K/V. Returns the loop's output and the new K/V."""
+        m = self.model
+        own = (self._k_pos[:1] == pos)[:, None, :, None]  # (B, 1, kv_len, 1): the query's own slot
+        new_k, new_v = [], []
+        for i, layer in enumerate(m.model.layers):
+            q, k, v = layer.before_attention(h, cos, sin)  # k, v (B, Hkv, 1, D)
+            ck, cv = torch.where(own, k, k_slots[i]), torch.where(own, v, v_slots[i])
+            h = layer.after_attention(h, m.attention(q, ck, cv, pos, self._k_pos))
+            new_k.append(k)
+            new_v.append(v)
+        return m.model.norm(h), new_k, new_v
+
+    def _looped_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        m, cache, B = self.model, self.cache, tokens.shape[0]
+        h = m.model.embed_tokens(tokens[:, None])
+        pos = pos[:, None]
+        cos, sin = m.rotary(pos, h.dtype)
+        rows = self._rows[:B]
+        if self._k_pos is None or self._k_pos.shape[0] != B:
+            self._k_pos = torch.arange(self.kv_len, device=self.device).expand(B, -1)
+        for t in range(m.num_loops):
+            slots = [cache.read(t, i, None, self.kv_len) for i in range(len(m.model.layers))]
+            h, new_k, new_v = self._one_loop(h, pos, cos, sin, [k for k, _ in slots], [v for _, v in slots])
+            for i, (k, v) in enumerate(zip(new_k, new_v)):  # the writes, eager and in place
+                cache.write(t, i, rows, pos, k, v)
+        cache.commit()
+        return m.lm_head(h[:, -1])
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,23 @@ def test_compiled_layer_halves_match_eager_and_compile_once_for_all_layers_and_l
     assert "before_attention" not in vars(model.model.layers[0])
 
 
+@pytest.mark.parametrize("kv", ["per_loop", "last", "mean"])
+def test_compiled_loop_graph_matches_eager_for_every_cache(kv):
+    """One graph for all T loops (the CPU default): same tokens and same cache as eager decoding."""
+    model, prompts = _setup()
+    make = cache_factory(kv) or (lambda m, b, n: m.new_cache(b, n))
+    eager_cache, cache = make(model, 3, 24), make(model, 3, 24)
+    want = greedy_decode(model, eager_cache, prompts, 6)
+    step = DecodeStep(model, cache, strategy="loop", backend="aot_eager")
+    assert step.strategy == "loop"
+    step.warmup()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = greedy_decode(model, cache, prompts, 6, step)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(cache.k[..., :14, :], eager_cache.k[..., :14, :], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache.v[..., :14, :], eager_cache.v[..., :14, :], rtol=0, atol=1e-5)
+
+
 def test_mean_cache_is_refused_by_the_whole_step_graph():
     model, _ = _setup()
     with pytest.raises(ValueError, match="mean"):
