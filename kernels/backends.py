@@ -41,17 +41,19 @@ def xformers_unavailable(device=None) -> str | None:
 def flash_attention(q, k, v, q_pos, k_pos) -> torch.Tensor:
     """`flash_attn_with_kvcache` over a static cache (same contract as sdpa_attention).
 
-    flash-attn masks by length, not by position, so this assumes the static-cache layout the
-    model uses: k_pos[n] = arange(Skv) and each row's queries at consecutive positions
-    q_pos[n, 0] .. q_pos[n, 0] + S - 1. Then `cache_seqlens = q_pos[:, -1] + 1` with
-    `causal=True` (flash-attn aligns the causal mask to the bottom-right) gives exactly
-    "key j visible iff j <= q_pos". float32 inputs (which flash-attn does not take) go to SDPA.
+    flash-attn masks by length, not by position, so this assumes the layouts the model uses:
+    each row's keys at consecutive positions k_pos[n, 0] + arange(Skv) (the static cache:
+    k_pos[n, 0] = 0; a no-cache forward: the queries' own positions) and its queries at
+    consecutive positions ending at q_pos[n, -1]. Then `cache_seqlens = q_pos[:, -1] + 1 - k_pos[:, 0]`
+    with `causal=True` (flash-attn aligns the causal mask to the bottom-right) gives exactly
+    "key j visible iff k_pos[n, j] <= q_pos[n, s]", with no host sync. float32 inputs (which
+    flash-attn does not take) go to SDPA.
     """
     if q.dtype not in (torch.float16, torch.bfloat16):
         return sdpa_attention(q, k, v, q_pos, k_pos)
     from flash_attn import flash_attn_with_kvcache
 
-    seqlens = (q_pos[:, -1] + 1).to(torch.int32)
+    seqlens = (q_pos[:, -1] + 1 - k_pos[:, 0]).to(torch.int32)
     out = flash_attn_with_kvcache(
         q.transpose(1, 2),  # (N, S, Hq, D)
         k.transpose(1, 2),  # (N, Skv, Hkv, D), last dim contiguous as flash-attn requires
