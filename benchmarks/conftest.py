@@ -90,6 +90,12 @@ def pytest_addoption(parser):
         help="fewer new tokens and rounds (env LOOPLM_BENCH_QUICK=1)",
     )
     group.addoption(
+        "--bench-threads",
+        type=int,
+        default=int(os.environ.get("LOOPLM_BENCH_THREADS", "1")),
+        help="torch intra-op threads on the CPU (env LOOPLM_BENCH_THREADS; default 1: steadiest on a shared machine)",
+    )
+    group.addoption(
         "--bench-checkpoint",
         default=os.environ.get("LOOPLM_BENCH_CHECKPOINT") or None,
         help="an Ouro checkpoint directory to benchmark in place of the bundled default model (env LOOPLM_BENCH_CHECKPOINT)",
@@ -136,6 +142,7 @@ def machine_description(device: str = "cpu") -> dict:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["looplm"] = machine_description(config.getoption("--bench-device"))
+    machine_info["looplm"]["torch_threads"] = config.getoption("--bench-threads")
 
 
 # outcomes of every test, so the report can say what was skipped (and why) or failed
@@ -225,6 +232,15 @@ def bench_device(pytestconfig) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("--bench-device cuda but no CUDA device is available")
     return device
+
+
+@pytest.fixture(autouse=True)
+def _bench_threads(pytestconfig):
+    """Every benchmark of this folder runs with --bench-threads intra-op threads (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(pytestconfig.getoption("--bench-threads"))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -549,6 +565,7 @@ def extra_info(m: Measurement, base: Measurement | None, description: str = "") 
         "model_description": description,
         "mode": m.mode,
         "batch": m.batch,
+        "torch_threads": torch.get_num_threads(),
         "options": {k: v for k, v in m.options.items()},
         "new_tokens_per_row": m.new_tokens // max(m.batch, 1),
         "new_tokens": m.new_tokens,

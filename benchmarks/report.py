@@ -33,13 +33,13 @@ def rows_of(data: dict) -> list[dict]:
     rows = []
     for b in data.get("benchmarks", []):
         ei = b.get("extra_info") or {}
-        if "mode" in ei and "tokens_per_s" in ei:
+        if "mode" in ei and "decode_tokens_per_s" in ei:
             rows.append({**ei, "test": b.get("fullname", b.get("name", "")), "name": b.get("name", "")})
     return rows
 
 
 def others_of(data: dict) -> list[dict]:
-    return [b for b in data.get("benchmarks", []) if not ("mode" in (b.get("extra_info") or {}) and "tokens_per_s" in b["extra_info"])]
+    return [b for b in data.get("benchmarks", []) if not ("mode" in (b.get("extra_info") or {}) and "decode_tokens_per_s" in b["extra_info"])]
 
 
 def label(r: dict) -> str:
@@ -290,7 +290,7 @@ def machine_line(data: dict) -> tuple[str, dict]:
         return f"{m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}", {}
     gpu = mi.get("gpu") or "no GPU"
     text = (
-        f"{mi.get('cpu')}, {mi.get('cores')} cores (torch threads {mi.get('torch_threads')}, "
+        f"{mi.get('cpu')}, {mi.get('cores')} cores (torch threads {mi.get('torch_threads')} in test_decoders.py, "
         f"OMP_WAIT_POLICY={mi.get('omp_wait_policy')}), {gpu}; device `{mi.get('device')}`; torch {mi.get('torch')}, "
         f"Python {mi.get('python')}"
     )
@@ -336,15 +336,38 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def other_table(others: list[dict]) -> list[str]:
-    if not others:
-        return []
-    out = ["| benchmark | median | rounds | extra_info |", "|---|---|---|---|"]
+    """The other benchmark files' results, one table per file, with their own scalar extra_info."""
+    by_file = defaultdict(list)
     for b in others:
-        st = b.get("stats") or {}
-        ei = {k: v for k, v in (b.get("extra_info") or {}).items() if isinstance(v, (int, float, str, bool)) and not isinstance(v, str) or isinstance(v, str) and len(v) < 40}
-        info = ", ".join(f"{k}={_fmt(v, 3) if isinstance(v, float) else v}" for k, v in list(ei.items())[:12])
-        med = st.get("median")
-        out.append(f"| `{b.get('fullname', b.get('name'))}` | {_fmt(med * 1e3 if med else None, 1, ' ms')} | {st.get('rounds', '–')} | {info} |")
+        by_file[b.get("fullname", b.get("name", "?")).split("::")[0]].append(b)
+    out = []
+    for file, bs in by_file.items():
+        out += [f"#### `{file}`", "", "| benchmark | median | rounds | extra_info |", "|---|---|---|---|"]
+        for b in bs:
+            st = b.get("stats") or {}
+            ei = {
+                k: v
+                for k, v in (b.get("extra_info") or {}).items()
+                if isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) < 40)
+            }
+            info = ", ".join(f"{k}={_fmt(v, 3) if isinstance(v, float) else v}" for k, v in ei.items())
+            med = st.get("median")
+            out.append(f"| `{b.get('name')}` | {_fmt(med * 1e3 if med else None, 1, ' ms')} | {st.get('rounds', '–')} | {info} |")
+        out.append("")
+    return out
+
+
+def not_passed(outcomes: list[dict]) -> list[str]:
+    """Skipped and failed tests, grouped by file and reason."""
+    groups = defaultdict(list)
+    for o in outcomes:
+        if o["outcome"] != "passed":
+            file, _, name = o["test"].partition("::")
+            groups[(o["outcome"], file, o["reason"])].append(name)
+    out = []
+    for (outcome, file, reason), names in groups.items():
+        shown = ", ".join(f"`{n}`" for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        out.append(f"- {outcome}: {len(names)} in `{file}` ({shown}): {reason}")
     return out
 
 
@@ -413,12 +436,10 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     ]
     other = other_table(others)
     if other:
-        lines += ["### Other benchmarks in this run", ""] + other + [""]
-    bad = [o for o in outcomes if o["outcome"] != "passed"]
+        lines += ["### Other benchmarks in this run", ""] + other
+    bad = not_passed(outcomes)
     if bad:
-        lines += ["### Skipped or failed", ""]
-        lines += [f"- `{o['test']}` ({o['outcome']}): {o['reason']}" for o in bad]
-        lines.append("")
+        lines += ["### Skipped or failed", ""] + bad + [""]
     return lines
 
 
