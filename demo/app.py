@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -25,6 +26,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from looplm import Engine  # noqa: E402
+from looplm.api import DEFAULT_MODEL  # noqa: E402
 from looplm.decoding import MODES, Step, resolve_mode  # noqa: E402
 
 from . import render  # noqa: E402
@@ -298,6 +300,8 @@ def _describe(engine: Engine) -> str:
     c = engine.config
     params = sum(p.numel() for p in engine.model.parameters())
     where = engine.path if engine.path is not None else "in memory"
+    if engine.path is not None and Path(engine.path).resolve() == DEFAULT_MODEL.resolve():
+        where = "looplm/default_model (bundled)"
     size = f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params / 1e3:.0f}k"
     return (f"Model `{where}`: {size} parameters, {c.num_hidden_layers} layers run "
             f"**T = {c.total_ut_steps}** times per token, context {c.max_position_embeddings}. "

@@ -72,7 +72,7 @@ def legend_html(num_loops: int, speculative: bool = False) -> str:
 def _visible(text: str) -> str:
     if not text:
         return "\u00b7"  # a token that added no text yet (e.g. half a character)
-    return html.escape(text).replace("\n", "\u21b5\n")  # show line breaks as a visible mark, then break
+    return html.escape(text).replace("\n", "\u21b5")  # a visible mark; the break itself follows the span
 
 
 def step_title(step: Step) -> str:
@@ -99,7 +99,7 @@ def tokens_html(prompt: str, steps: Sequence[Step], num_loops: int, *, mode: str
         spans.append(
             f'<span class="tok{kind}" data-loops="{s.loops}" data-exit="{s.exit_loop}" data-index="{s.index}" '
             f'data-token-id="{s.token}" data-reason="{html.escape(s.reason)}" title="{html.escape(step_title(s))}" '
-            f'style="background:{bg};color:{fg}">{_visible(s.text)}</span>'
+            f'style="background:{bg};color:{fg}">{_visible(s.text)}</span>' + "\n" * s.text.count("\n")
         )
     return (
         f'{legend_html(num_loops, mode == "speculative")}'

@@ -157,7 +157,7 @@ def test_markup_colours_each_token_by_its_loops():
     spans = _spans(html)
     assert [s["loops"] for s in spans] == ["1", "4", "2"] and [s["reason"] for s in spans] == ["policy", "draft", "verify"]
     assert "&lt;b&gt;&amp;" in html and "a &lt;prompt&gt;" in html and "<b>&" not in html  # escaped
-    assert ">\u00b7</span>" in html and ">\u21b5\n</span>" in html  # empty and newline tokens stay visible
+    assert ">\u00b7</span>" in html and ">\u21b5</span>\n" in html  # empty and newline tokens stay visible
     assert 'class="tok draft"' in html and 'class="tok verify"' in html and "accepted draft" in html
     assert len(re.findall(r'class="legend-item" data-loops="\d"', html)) == T
     colours = [render.loop_colour(k, T)[0] for k in range(1, T + 1)]
