@@ -69,7 +69,8 @@ class DecodeStep:
 
     Args:
         model: the looped model (its attention backend is used as set).
-        cache: the static cache the step writes and reads (LoopKVCache or a shared "last" cache).
+        cache: the static cache the step writes and reads: a LoopKVCache or a SharedKVCache
+            ("graph" takes per_loop and "last" only: "mean" keeps per-call state in Python).
         compile: torch.compile the step (False: the same fixed-shape step, eager).
         strategy: "graph" (the whole step, fullgraph), "loop" (one loop's graph reused for every
             loop) or "layers" (compile_layers, which compiles the model's layers in place);
@@ -77,8 +78,8 @@ class DecodeStep:
         mode: torch.compile mode for "graph"; default "reduce-overhead" (CUDA graphs) on CUDA.
         backend: torch.compile backend ("inductor"; "aot_eager" traces without code generation).
         options: torch.compile inductor options (e.g. {"freezing": True} on the CPU).
-        kv_len: keys each step attends over (default: cache.max_len for "graph", one graph for
-            every position; the prefix up to the furthest row's position for "layers").
+        kv_len: keys each step attends over (default: cache.max_len for "graph" and "loop", one
+            graph for every position; the prefix up to the furthest row's position for "layers").
     """
 
     def __init__(
