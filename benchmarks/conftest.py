@@ -7,8 +7,9 @@
 - `measure(bm, batch, mode, **options)`: times `Engine.generate` under pytest-benchmark (a warm-up
   call outside the timed rounds), checks nothing itself, and fills `benchmark.extra_info` with
   tokens/s, loops per token, speculative statistics, KV bytes per token, peak memory and the ratio
-  to full-depth decoding of the same model and batch measured in this session (`baselines`).
-- `baselines`: the session's full-depth runs per (model, batch, new tokens), measured on first use.
+  to full-depth decoding of the same model, batch and length, timed in calls interleaved with the
+  benchmark's own rounds (untimed by pytest-benchmark), so drifting machine load cancels out.
+- `baselines`: the session's full-depth outputs per (model, batch, new tokens), measured on first use.
 
 Options: `--bench-device cpu|cuda` (env LOOPLM_BENCH_DEVICE) and `--bench-quick`
 (env LOOPLM_BENCH_QUICK=1, fewer tokens and rounds).
@@ -17,7 +18,6 @@ Options: `--bench-device cpu|cuda` (env LOOPLM_BENCH_DEVICE) and `--bench-quick`
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import platform
 import statistics
@@ -388,7 +388,10 @@ def _kv_bytes_per_token(caches: dict[int, LoopKVCache], stats: dict) -> tuple[fl
 
 @dataclass
 class Measurement:
-    """One benchmark's results: the outputs of its calls and what they cost."""
+    """One benchmark's results: the outputs of its calls and what they cost.
+
+    Speeds use the fastest round (min wall time): on a shared machine noise only slows a run.
+    """
 
     model: str
     mode: str
@@ -397,29 +400,30 @@ class Measurement:
     outputs: list[list[int]]  # new tokens per row (identical in every round: greedy)
     gens: list[Generation]
     seconds: list[float]  # wall time of each timed generate call
-    prefill_ms: float  # median over the timed rounds (Generation.stats['prefill_ms'], or measured apart)
+    prefill_ms: list[float]  # per timed call (Generation.stats['prefill_ms'], or prefill measured apart)
     new_tokens: int  # new tokens of one call, all rows
-    token_loops: int  # (token, loop) pairs computed in one call, prefill included
-    prefill_token_loops: int
-    kv_bytes_per_token: float | None
-    kv_bytes_source: str
-    peak_mem_bytes: int | None
-    peak_mem_method: str
+    token_loops: int = 0  # (token, loop) pairs computed in the warm-up call, prefill included
+    prefill_token_loops: int = 0
+    kv_bytes_per_token: float | None = None
+    kv_bytes_source: str = ""
+    peak_mem_bytes: int | None = None
+    peak_mem_method: str = ""
     stats: dict = field(default_factory=dict)
+    paired: "Measurement | None" = None  # full-depth calls interleaved with the timed rounds
 
     @property
-    def seconds_median(self) -> float:
-        return statistics.median(self.seconds)
+    def decode_seconds(self) -> list[float]:
+        return [max(s - p / 1e3, 1e-9) for s, p in zip(self.seconds, self.prefill_ms)]
 
     @property
     def tokens_per_s(self) -> float:
-        """New tokens per second of the whole generate call (prefill included)."""
-        return self.new_tokens / self.seconds_median
+        """New tokens per second of the whole generate call (prefill included), best round."""
+        return self.new_tokens / min(self.seconds)
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """New tokens per second of decoding: the call's wall time minus its prefill."""
-        return self.new_tokens / max(self.seconds_median - self.prefill_ms / 1e3, 1e-9)
+        """New tokens per second of decoding (the call's wall time minus its prefill), best round."""
+        return self.new_tokens / min(self.decode_seconds)
 
     @property
     def mean_loops(self) -> float:
@@ -445,27 +449,23 @@ def _first(stats: dict, *names):
 
 
 class Baselines:
-    """Full-depth runs of this session per (model, batch, new tokens): the denominators of every ratio.
+    """Full-depth runs of this session per (model, batch, new tokens): the reference outputs.
 
-    A shared machine's speed drifts within a session, so a run older than `max_age_s` is measured
-    again before it serves as a denominator: each ratio compares runs minutes apart at most.
+    (Ratios use the full-depth calls interleaved with each benchmark's rounds, `Measurement.paired`.)
     """
 
-    def __init__(self, device: str, max_age_s: float = 90.0):
-        self.device, self.max_age_s = device, max_age_s
+    def __init__(self, device: str):
+        self.device = device
         self.runs: dict[tuple, Measurement] = {}
-        self.measured_at: dict[tuple, float] = {}
 
-    def get(self, bm: BenchModel, batch: int, new_tokens: int | None = None, rounds: int | None = None, fresh: bool = True) -> Measurement:
-        """The full-depth run (re-measured when `fresh` and older than max_age_s)."""
+    def get(self, bm: BenchModel, batch: int, new_tokens: int | None = None, rounds: int | None = None) -> Measurement:
         key = (bm.name, batch, new_tokens or bm.new_tokens)
-        stale = fresh and time.monotonic() - self.measured_at.get(key, -math.inf) > self.max_age_s
-        if key not in self.runs or stale:
-            self.put(key, run_generate(bm, batch, "full", {}, key[2], rounds or bm.rounds, self.device))
+        if key not in self.runs:
+            self.runs[key] = run_generate(bm, batch, "full", {}, key[2], rounds or bm.rounds, self.device)
         return self.runs[key]
 
     def put(self, key: tuple, m: Measurement) -> None:
-        self.runs[key], self.measured_at[key] = m, time.monotonic()
+        self.runs.setdefault(key, m)
 
 
 @pytest.fixture(scope="session")
@@ -495,15 +495,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_generate(bm: BenchModel, batch: int, mode: str, options: dict, new_tokens: int, rounds: int, device: str, benchmark=None) -> Measurement:
+def run_generate(
+    bm: BenchModel, batch: int, mode: str, options: dict, new_tokens: int, rounds: int, device: str, benchmark=None, paired_full: bool = False
+) -> Measurement:
     """Warm-up call (memory, caches, token loops measured there), then `rounds` timed calls.
 
     With `benchmark` the timed calls run under benchmark.pedantic (one iteration per round).
+    With `paired_full`, a full-depth call runs (timed by us, untimed by pytest-benchmark) right
+    before each timed round; the result's `.paired` holds those runs, so the ratio to full depth
+    compares calls made seconds apart on a machine whose speed drifts.
     """
     prompts = bm.prompts(batch)
     engine, model = bm.engine, bm.model
 
-    def call():
+    def call(mode=mode, options=options):
         return engine.generate(prompts, max_new_tokens=new_tokens, mode=mode, stop=[], **options)
 
     before = model.token_loops
@@ -514,47 +519,54 @@ def run_generate(bm: BenchModel, batch: int, mode: str, options: dict, new_token
     kv, kv_source = _kv_bytes_per_token(caches, warm_stats)
     del caches
 
-    seconds, prefill, results = [], [], []
+    runs = {"self": ([], [], []), "full": ([], [], [])}  # seconds, prefill_ms, results
 
-    def timed():
+    def timed(which="self", **kw):
+        seconds, prefill, results = runs[which]
         _sync(device)
         t0 = time.perf_counter()
-        out = call()
+        out = call(**kw)
         _sync(device)
         seconds.append(time.perf_counter() - t0)
         prefill.append(out[0].stats.get("prefill_ms"))
         results.append(out)
         return out
 
+    def setup():
+        if paired_full:
+            timed("full", mode="full", options={})
+
     if benchmark is not None:
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
     else:
         for _ in range(rounds):
+            setup()
             timed()
-    gens = results[-1]
-    if all(isinstance(p, (int, float)) for p in prefill):
-        prefill_ms = statistics.median(prefill)
-    else:
-        prefill_ms = _prefill_ms(bm, batch, device)
+    measured_prefill = None
+
+    def build(which, mode, options, **extra) -> Measurement:
+        nonlocal measured_prefill
+        seconds, prefill, results = runs[which]
+        if not all(isinstance(p, (int, float)) for p in prefill):
+            if measured_prefill is None:
+                measured_prefill = _prefill_ms(bm, batch, device)
+            prefill = [measured_prefill] * len(seconds)
+        gens = results[-1]
+        return Measurement(
+            model=bm.name, mode=mode, batch=batch, options=dict(options), outputs=[list(g.tokens) for g in gens], gens=gens,
+            seconds=list(seconds), prefill_ms=list(prefill), new_tokens=sum(len(g.tokens) for g in gens), **extra,
+        )
+
     S = max(len(p) for p in prompts)
-    return Measurement(
-        model=bm.name,
-        mode=mode,
-        batch=batch,
-        options=dict(options),
-        outputs=[list(g.tokens) for g in gens],
-        gens=gens,
-        seconds=seconds,
-        prefill_ms=prefill_ms,
-        new_tokens=sum(len(g.tokens) for g in gens),
-        token_loops=token_loops,
-        prefill_token_loops=batch * S * model.num_loops,
-        kv_bytes_per_token=kv,
-        kv_bytes_source=kv_source,
-        peak_mem_bytes=mem.peak_bytes,
-        peak_mem_method=mem.method,
+    m = build(
+        "self", mode, options,
+        token_loops=token_loops, prefill_token_loops=batch * S * model.num_loops,
+        kv_bytes_per_token=kv, kv_bytes_source=kv_source, peak_mem_bytes=mem.peak_bytes, peak_mem_method=mem.method,
         stats=dict(gens[0].stats),
     )
+    if paired_full:
+        m.paired = build("full", "full", {})
+    return m
 
 
 def extra_info(m: Measurement, base: Measurement | None, description: str = "") -> dict:
@@ -570,10 +582,11 @@ def extra_info(m: Measurement, base: Measurement | None, description: str = "") 
         "new_tokens_per_row": m.new_tokens // max(m.batch, 1),
         "new_tokens": m.new_tokens,
         "rounds": len(m.seconds),
-        "seconds_median": m.seconds_median,
+        "seconds": m.seconds,
+        "seconds_min": min(m.seconds),
         "tokens_per_s": m.tokens_per_s,
         "decode_tokens_per_s": m.decode_tokens_per_s,
-        "prefill_ms": m.prefill_ms,
+        "prefill_ms": min(m.prefill_ms),
         "mean_loops": m.mean_loops,
         "mean_exit_loop": m.mean_exit_loop,
         "decode_loops_per_token": m.decode_loops_per_token,
@@ -586,6 +599,7 @@ def extra_info(m: Measurement, base: Measurement | None, description: str = "") 
         "stats": {k: v for k, v in s.items() if isinstance(v, (int, float, str, bool)) or v is None},
     }
     if base is not None:
+        info["full_seconds"] = base.seconds
         info["full_tokens_per_s"] = base.tokens_per_s
         info["full_decode_tokens_per_s"] = base.decode_tokens_per_s
         info["ratio_to_full"] = m.tokens_per_s / base.tokens_per_s
@@ -600,20 +614,21 @@ def measure(benchmark, baselines, bench_device):
     """`measure(bm, batch=1, mode="full", *, new_tokens=None, rounds=None, **options) -> Measurement`.
 
     Times `bm.engine.generate(prompts, mode=mode, stop=[], **options)` under `benchmark` (greedy),
-    after one untimed warm-up call, and records `extra_info` including the ratio to the session's
-    full-depth run of the same model, batch and length. Assert correctness on the returned
-    Measurement (its `.outputs`); `baselines.get(bm, batch, fresh=False).outputs` are the full-depth tokens.
+    after one untimed warm-up call, and records `extra_info` including the ratio to full-depth calls
+    of the same model, batch and length interleaved with its rounds. Assert correctness on the
+    returned Measurement (its `.outputs`); `baselines.get(bm, batch).outputs` are the full-depth tokens.
     """
 
     def run(bm: BenchModel, batch: int = 1, mode: str = "full", *, new_tokens: int | None = None, rounds: int | None = None, **options) -> Measurement:
         n = new_tokens or bm.new_tokens
         is_baseline = mode == "full" and not options
-        base = None if is_baseline else baselines.get(bm, batch, n, rounds)
+        if not is_baseline:
+            baselines.get(bm, batch, n, rounds)  # the full-depth outputs to check against (measured once)
         benchmark.group = f"{bm.name} batch {batch}"
-        m = run_generate(bm, batch, mode, options, n, rounds or bm.rounds, bench_device, benchmark)
+        m = run_generate(bm, batch, mode, options, n, rounds or bm.rounds, bench_device, benchmark, paired_full=not is_baseline)
         if is_baseline:
             baselines.put((bm.name, batch, n), m)
-        benchmark.extra_info.update(extra_info(m, base if base is not None else m, bm.description))
+        benchmark.extra_info.update(extra_info(m, m if is_baseline else m.paired, bm.description))
         return m
 
     return run

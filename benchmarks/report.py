@@ -423,9 +423,10 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
             lines.append(f"- {title}: not measured in this run.")
     lines += ["### All decoder measurements", ""] + table(rows) + [""]
     lines += [
-        "Columns: *tok/s* = new tokens (all rows) / median wall time of one `Engine.generate` call; "
-        "*decode tok/s* excludes the prefill (`Generation.stats['prefill_ms']`, or `prefill` timed apart); "
-        "*x full* = ratio to full-depth decoding of the same model, batch and length measured in this run; "
+        "Columns: *tok/s* = new tokens (all rows) / wall time of one greedy `Engine.generate` call, fastest of "
+        "the timed rounds (the machine is shared: noise only slows a run); *decode tok/s* excludes the prefill "
+        "(`Generation.stats['prefill_ms']`, or `prefill` timed apart); *x full* = ratio to full-depth calls of the "
+        "same model, batch and length, run right before each timed round of the same benchmark; "
         "*mean exit loop* = mean 1-based loop whose head emitted each token; *loops computed/token* = "
         "`model.token_loops` after prefill per new token (rejected drafts and finished skipped loops included); "
         "*KV/token* = bytes of the KV cache per position and row, after decoding; *peak mem* = "

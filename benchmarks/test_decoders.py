@@ -115,7 +115,7 @@ def test_full_depth(bench_model, batch, measure, baselines):
     T = bench_model.num_loops
     assert all(n == T for g in m.gens for n in g.loops), "full depth runs all T loops for every token"
     if batch > 1:  # a batch of ragged prompts gives each prompt's tokens alone
-        assert m.outputs[0] == baselines.get(bench_model, 1, fresh=False).outputs[0]
+        assert m.outputs[0] == baselines.get(bench_model, 1).outputs[0]
 
 
 # -- speculative -------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_speculative(model_name, draft_loop, draft_len, batch, get_model, requir
     require(bm, "speculative", draft_loop=draft_loop, draft_len=draft_len)
     m = measure(bm, batch, "speculative", draft_loop=draft_loop, draft_len=draft_len)
     _assert_lengths(m, bm)
-    assert m.outputs == baselines.get(bm, batch, fresh=False).outputs, "greedy speculative output must equal full depth"
+    assert m.outputs == baselines.get(bm, batch).outputs, "greedy speculative output must equal full depth"
 
 
 # -- anytime -----------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_anytime(model_name, options, batch, get_model, require, measure, baseli
     T = bm.num_loops
     assert all(1 <= s.exit_loop <= T and s.exit_loop <= s.loops <= T for s in steps)
     if not options:
-        assert m.outputs == baselines.get(bm, batch, fresh=False).outputs, "anytime with no budget must equal full depth"
+        assert m.outputs == baselines.get(bm, batch).outputs, "anytime with no budget must equal full depth"
     if "budget_loops" in options:
         assert all(s.exit_loop <= options["budget_loops"] for s in steps), "a loop budget of k emits at loop <= k"
     exact = bm.model.lm_head.weight.dtype == torch.float32 and options.get("skip", "exact") == "exact"
@@ -188,4 +188,4 @@ def test_kv_modes(model_name, kv, mode, options, batch, get_model, require, meas
     m = measure(bm, batch, mode, kv=kv, **options)
     _assert_lengths(m, bm)
     if kv == "per_loop":
-        assert m.outputs == baselines.get(bm, batch, fresh=False).outputs, "the per-loop cache is the exact one"
+        assert m.outputs == baselines.get(bm, batch).outputs, "the per-loop cache is the exact one"
