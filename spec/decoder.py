@@ -81,7 +81,8 @@ def decode(
         mean_accepted_len (accepted drafts per row-round), accepted_len_hist (count of row-rounds
         by accepted drafts 0..g_max), rounds, drafted / accepted (draft totals), loops_per_token
         ((token, loop) pairs computed after the prefill / tokens emitted; includes rows that already
-        finished, which keep computing so that shapes stay fixed), prefill_ms, exact_cache.
+        finished, which keep computing so that shapes stay fixed), prefill_ms, exact_cache,
+        kv_bytes_per_token (cache bytes per row and position).
     """
     T, B = model.num_loops, req.batch_size
     if T < 2:
@@ -94,6 +95,7 @@ def decode(
 
     cache = req.new_cache(model, req.cache_len())
     req.stats["exact_cache"] = not getattr(cache, "shared", False)
+    req.stats["kv_bytes_per_token"] = cache.bytes_per_token()
     scratch = cache.max_len - 1
     device = cache.k.device
     steps_ar = torch.arange(schedule.max, device=device)
