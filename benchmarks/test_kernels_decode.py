@@ -6,7 +6,8 @@ Self-contained: builds its own models (the bundled default model, skipped while 
 
     nice -n 10 python -m pytest benchmarks/test_kernels_decode.py --benchmark-columns=mean,rounds
 
-Environment: LOOPLM_BENCH_THREADS (torch threads, default 1: on a shared, loaded CPU more threads
+Environment: LOOPLM_BENCH_DEFAULT (a checkpoint directory standing in for the default model),
+LOOPLM_BENCH_THREADS (torch threads, default 1: on a shared, loaded CPU more threads
 make every op wait for descheduled workers), LOOPLM_BENCH_QUICK=1 (fewer tokens). Compilation
 (torch.compile with inductor) happens in the warm-up, outside the timed rounds.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,9 +46,10 @@ _rows: dict[tuple, dict] = {}  # (model, what) -> numbers for the closing table
 def _model(name: str) -> LoopLM:
     if name not in _models:
         if name == "default":
-            if not (DEFAULT_MODEL / "config.json").is_file():
-                pytest.skip(f"the default model has not landed in {DEFAULT_MODEL}")
-            _models[name] = looplm.load().model.float().eval()
+            path = Path(os.environ.get("LOOPLM_BENCH_DEFAULT", DEFAULT_MODEL))
+            if not (path / "config.json").is_file():
+                pytest.skip(f"the default model has not landed in {path}")
+            _models[name] = looplm.load(path).model.float().eval()
         else:
             _models[name] = LoopLM(RANDOM_100M).init_weights(0).eval()
     return _models[name]
@@ -90,16 +93,23 @@ def _decode(model: LoopLM, cache, tok: torch.Tensor, pos: torch.Tensor, n: int, 
 
 
 @pytest.mark.parametrize("model_name", ["default", "random-100m"])
-@pytest.mark.parametrize("step_kind", ["eager", "fast"])  # eager first: the fast step's ratio refers to it
+@pytest.mark.parametrize("step_kind", ["eager", "fast", "fast-graph"])  # eager first: the ratios refer to it
 def test_full_depth_decode(benchmark, model_name, step_kind):
-    """Decode tokens/s at batch 1 (prefill outside the timed region): eager forward_loops vs DecodeStep."""
+    """Decode tokens/s at batch 1 (prefill outside the timed region): eager forward_loops vs DecodeStep.
+
+    "fast" is the CPU default strategy ("loop": one compiled graph reused by every loop);
+    "fast-graph" compiles the whole T x L step as one graph (the GPU strategy).
+    """
+    if step_kind == "fast-graph" and model_name == "random-100m" and not torch.cuda.is_available():
+        pytest.skip("whole-step graph of the 100M model: compiling 4 x 6 unrolled layers takes tens of minutes on this CPU")
     model = _model(model_name)
     prompts, n = _prompt(model), NEW_TOKENS[model_name]
     cache = model.new_cache(1, PROMPT_LEN + n + 1)
     step = None
     warm_s = 0.0
-    if step_kind == "fast":
-        step = DecodeStep(model, cache)  # CPU: one compiled graph per loop ("loop"); GPU: whole-step CUDA graph
+    if step_kind != "eager":
+        # CPU default: one compiled graph per loop ("loop"); GPU default: whole-step CUDA graph
+        step = DecodeStep(model, cache, strategy="graph" if step_kind == "fast-graph" else None)
         t0 = time.perf_counter()
         step.warmup(2)  # compiles outside the timed region
         warm_s = time.perf_counter() - t0
@@ -114,7 +124,7 @@ def test_full_depth_decode(benchmark, model_name, step_kind):
         tok_s = n / benchmark.stats.stats.min
         row = {"tokens_per_s": round(tok_s, 2), "compile_s": round(warm_s, 1), "strategy": step.strategy if step else "eager"}
         eager = _rows.get((model_name, "eager"))
-        if step_kind == "fast" and eager is not None:
+        if step_kind != "eager" and eager is not None:
             row["speedup_vs_eager"] = round(tok_s / eager["tokens_per_s"], 2)
             row["same_tokens"] = tokens == eager["tokens"]
             assert row["same_tokens"], "the fast step must decode the eager step's tokens"
