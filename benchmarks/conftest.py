@@ -96,6 +96,12 @@ def pytest_addoption(parser):
         help="torch intra-op threads on the CPU (env LOOPLM_BENCH_THREADS; default 1: steadiest on a shared machine)",
     )
     group.addoption(
+        "--bench-dtype",
+        default=os.environ.get("LOOPLM_BENCH_DTYPE", "float32"),
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (env LOOPLM_BENCH_DTYPE; default float32, in which the exactness checks are exact)",
+    )
+    group.addoption(
         "--bench-checkpoint",
         default=os.environ.get("LOOPLM_BENCH_CHECKPOINT") or None,
         help="an Ouro checkpoint directory to benchmark in place of the bundled default model (env LOOPLM_BENCH_CHECKPOINT)",
@@ -193,12 +199,8 @@ def _count_params(model: LoopLM) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def _dtype(device: str) -> torch.dtype:
-    return torch.float32 if device == "cpu" else torch.bfloat16
-
-
-def build_default(device: str, quick: bool, path: str | None = None) -> BenchModel:
-    engine = looplm.load(path, dtype=_dtype(device), device=device)
+def build_default(device: str, quick: bool, path: str | None = None, dtype: str = "float32") -> BenchModel:
+    engine = looplm.load(path, dtype=dtype, device=device)
     engine.model.eval()
     if engine.tokenizer is not None:
         pool = [engine.encode(t) for t in TEXT_PROMPTS]
@@ -207,16 +209,16 @@ def build_default(device: str, quick: bool, path: str | None = None) -> BenchMod
     n = _count_params(engine.model)
     cfg = engine.config
     what = f"checkpoint {path}" if path else "bundled default model"
-    desc = f"{what}: {n / 1e6:.1f}M params, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers x {cfg.total_ut_steps} loops, vocab {cfg.vocab_size}"
+    desc = f"{what}: {n / 1e6:.1f}M params, {dtype}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers x {cfg.total_ut_steps} loops, vocab {cfg.vocab_size}"
     return BenchModel("default", engine, pool, new_tokens=16 if quick else 32, rounds=1 if quick else 3, params=n, description=desc)
 
 
-def build_random_100m(device: str, quick: bool) -> BenchModel:
-    model = LoopLM(RANDOM_100M).init_weights(seed=0).to(device=device, dtype=_dtype(device)).eval()
+def build_random_100m(device: str, quick: bool, dtype: str = "float32") -> BenchModel:
+    model = LoopLM(RANDOM_100M).init_weights(seed=0).to(device=device, dtype=getattr(torch, dtype)).eval()
     pool = _random_prompts(RANDOM_100M.vocab_size, 16, 6, 12, seed=2)
     n = _count_params(model)
     cfg = RANDOM_100M
-    desc = f"random Ouro-shaped model: {n / 1e6:.1f}M params, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers x {cfg.total_ut_steps} loops, vocab {cfg.vocab_size}, init std 0.02"
+    desc = f"random Ouro-shaped model: {n / 1e6:.1f}M params, {dtype}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers x {cfg.total_ut_steps} loops, vocab {cfg.vocab_size}, init std 0.02"
     return BenchModel("random-100m", Engine(model), pool, new_tokens=4 if quick else 8, rounds=1, params=n, description=desc)
 
 
@@ -250,7 +252,7 @@ def bench_quick(pytestconfig) -> bool:
 
 @pytest.fixture(scope="session")
 def _model_store(pytestconfig) -> dict:
-    return {"checkpoint": pytestconfig.getoption("--bench-checkpoint")}
+    return {"checkpoint": pytestconfig.getoption("--bench-checkpoint"), "dtype": pytestconfig.getoption("--bench-dtype")}
 
 
 def _get_model(store: dict, name: str, device: str, quick: bool) -> BenchModel:
@@ -260,9 +262,9 @@ def _get_model(store: dict, name: str, device: str, quick: bool) -> BenchModel:
             if path is None and not (DEFAULT_MODEL / "config.json").is_file():
                 store[name] = f"the bundled default model is not in {DEFAULT_MODEL} yet"
             else:
-                store[name] = build_default(device, quick, path)
+                store[name] = build_default(device, quick, path, store["dtype"])
         elif name == "random-100m":
-            store[name] = build_random_100m(device, quick)
+            store[name] = build_random_100m(device, quick, store["dtype"])
         else:
             raise ValueError(f"unknown benchmark model {name!r}; choose one of {MODEL_NAMES}")
     got = store[name]

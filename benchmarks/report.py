@@ -238,8 +238,11 @@ def plot_spec(rows: list[dict], out: Path) -> bool:
             if r["model"] == model:
                 by_k[r["options"]["draft_loop"]].append((r["options"]["draft_len"], r.get("decode_ratio_to_full"), r.get("acceptance_rate")))
         for k, pts in sorted(by_k.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"draft loop k={k}")
+            fixed = sorted(p for p in pts if isinstance(p[0], int))
+            line = ax.plot([p[0] for p in fixed], [p[1] for p in fixed], marker="o", label=f"draft loop k={k}")[0]
+            for p in pts:
+                if not isinstance(p[0], int):  # adaptive draft length: one level per k
+                    ax.axhline(p[1], color=line.get_color(), ls=":", lw=1, label=f"k={k}, draft_len={p[0]}")
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xlabel("draft length g")
         ax.set_ylabel("decode tokens/s / full depth")

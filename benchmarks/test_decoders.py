@@ -25,7 +25,7 @@ BATCHES = (1, 4, 16)
 
 # (model, draft loop k, draft length g, batch); k >= the model's T is skipped
 SPEC_CASES = (
-    [("default", k, g, 1) for k in (1, 2, 3) for g in (2, 4, 8)]
+    [("default", k, g, 1) for k in (1, 2, 3) for g in (2, 4, 8, "adaptive")]
     + [("default", k, 4, b) for k in (1, 2) for b in (4, 16)]
     + [("random-100m", k, 4, 1) for k in (1, 2, 3)]
     + [("random-100m", 2, 4, 4)]
