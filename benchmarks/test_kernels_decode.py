@@ -167,3 +167,59 @@ def test_kv_cache_bytes(benchmark, model_name, kv):
     row = {"kv_bytes_per_token": per_token, "x_smaller": per_loop // per_token, "generate_tokens_per_s": round(n / benchmark.stats.stats.min, 2)}
     _rows[(model_name, f"kv={kv}")] = row
     benchmark.extra_info.update(row, model=model_name, kv=kv, new_tokens=len(gen.tokens), threads=THREADS)
+
+
+# Ouro-1.4B's published shape (DESIGN.md §1), random weights
+OURO_1_4B = LoopConfig(
+    vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+    num_key_value_heads=16, max_position_embeddings=65536, rope_theta=1e6, total_ut_steps=4,
+)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_decode_vs_bandwidth_bound(benchmark):
+    """Batch-1 bf16 decode of an Ouro-1.4B-shaped model vs T x (layer-stack bytes) / measured copy bandwidth."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the bandwidth-bound comparison runs only on a GPU")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LoopLM(OURO_1_4B).to(torch.bfloat16).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    bandwidth = 2 * 10 * src.nbytes / (time.perf_counter() - t0)  # read + write bytes per second
+    del src, dst
+    stack = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    bound_tok_s = bandwidth / (model.num_loops * stack + head)
+    n = 64
+    cache = model.new_cache(1, PROMPT_LEN + n + 1)
+    step = DecodeStep(model, cache)
+    step.warmup(3)
+    prompts = _prompt(model)
+
+    def setup():
+        with torch.inference_mode():
+            tok = looplm.decoding.prefill(model, cache, prompts).logits[-1, :, 0].argmax(-1)
+        torch.cuda.synchronize()
+        return (model, cache, tok, cache.lengths.clone(), n, step), {}
+
+    benchmark.pedantic(_decode, setup=setup, rounds=3, iterations=1, warmup_rounds=1)
+    tok_s = n / benchmark.stats.stats.min
+    row = {
+        "device": torch.cuda.get_device_name(),
+        "tokens_per_s": round(tok_s, 1),
+        "bound_tokens_per_s": round(bound_tok_s, 1),
+        "fraction_of_bound": round(tok_s / bound_tok_s, 3),
+        "copy_GBps": round(bandwidth / 1e9, 1),
+        "strategy": step.strategy,
+    }
+    _rows[("ouro-1.4b-bf16", "gpu-decode")] = row
+    benchmark.extra_info.update(row)
