@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             cmd.append(f"--bench-checkpoint={args.checkpoint}")
         cmd += args.pytest_args
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
+        # the same settings as environment variables, for the benchmark files that read those
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive"), "LOOPLM_BENCH_DEVICE": args.device}
+        if args.quick:
+            env["LOOPLM_BENCH_QUICK"] = "1"
+        if args.checkpoint:
+            for var in ("LOOPLM_BENCH_CHECKPOINT", "LOOPLM_BENCH_DEFAULT", "ANYTIME_BENCH_CHECKPOINT"):
+                env[var] = args.checkpoint
         print("+", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=HERE.parent, env=env)
         if not json_path.is_file():
