@@ -218,7 +218,7 @@ def build_random_100m(device: str, quick: bool, dtype: str = "float32") -> Bench
     pool = _random_prompts(RANDOM_100M.vocab_size, 16, 6, 12, seed=2)
     n = _count_params(model)
     cfg = RANDOM_100M
-    desc = f"random Ouro-shaped model: {n / 1e6:.1f}M params, {dtype}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers x {cfg.total_ut_steps} loops, vocab {cfg.vocab_size}, init std 0.02"
+    desc = f"random Ouro-shaped model: {n / 1e6:.1f}M params, {dtype}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers x {cfg.total_ut_steps} loops, vocab {cfg.vocab_size}, init std 0.02 (random weights: its early loops do not predict its last loop's tokens, so its speculative rows measure the cost of drafting and verifying, not a speedup)"
     return BenchModel("random-100m", Engine(model), pool, new_tokens=4 if quick else 8, rounds=1, params=n, description=desc)
 
 
