@@ -4,7 +4,8 @@ Self-contained (uses none of benchmarks/conftest.py's fixtures). Run with
 
     pytest benchmarks/test_spec_speedup.py --benchmark-only
 
-Model: the bundled default model (looplm/default_model) when present; otherwise a random model of
+Model: the checkpoint directory in $LOOPLM_SPEC_CHECKPOINT if set, else the bundled default model
+(looplm/default_model) when present; otherwise a random model of
 the default model's shape (hidden 256, 2 layers x 4 loops, vocab 2048) whose post-sublayer norm
 weights are scaled down so that its loops partly agree (a random init with equal norms gives
 near-zero loop-1/loop-T agreement and says nothing about speculation) — `extra_info["model"]`
@@ -24,6 +25,7 @@ erratic; one thread is the stable, fair setting for both decoders.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -57,9 +59,10 @@ def _proxy_model() -> LoopLM:
 def spec_bench():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    if (DEFAULT_MODEL / "config.json").is_file():
-        engine = looplm.load()
-        name = f"default model ({DEFAULT_MODEL})"
+    checkpoint = os.environ.get("LOOPLM_SPEC_CHECKPOINT")  # another Ouro checkpoint directory to measure
+    if checkpoint or (DEFAULT_MODEL / "config.json").is_file():
+        engine = looplm.load(checkpoint)
+        name = f"checkpoint {checkpoint}" if checkpoint else f"default model ({DEFAULT_MODEL})"
         prompt = engine.encode(PROMPT_TEXT) if engine.tokenizer is not None else [1, 2, 3]
     else:
         engine = looplm.Engine(_proxy_model())
