@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:
             env["LOOPLM_BENCH_QUICK"] = "1"
         if args.checkpoint:
-            for var in ("LOOPLM_BENCH_CHECKPOINT", "LOOPLM_BENCH_DEFAULT", "ANYTIME_BENCH_CHECKPOINT"):
+            for var in ("LOOPLM_BENCH_CHECKPOINT", "LOOPLM_BENCH_DEFAULT", "ANYTIME_BENCH_CHECKPOINT", "LOOPLM_SPEC_CHECKPOINT"):
                 env[var] = args.checkpoint
         print("+", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=HERE.parent, env=env)
