@@ -53,8 +53,10 @@ def unavailable_reason(name: str, device=None) -> str | None:
         return xformers_unavailable(device)
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton, or the project's [triton] extra)"
-    from .triton_attention import triton_unavailable
-
+    try:
+        from .triton_attention import triton_unavailable
+    except Exception as e:  # an installed triton that cannot load (no matching backend, ABI mismatch)
+        return f"triton cannot be imported: {type(e).__name__}: {e}"
     return triton_unavailable(device)
 
 
