@@ -183,17 +183,18 @@ def make_run(engine: Engine, modes: list[str], prompt, max_new_tokens, mode, tem
 
 
 def _produce(engine: Engine, run: Run, out: queue.Queue, cancel: threading.Event) -> None:
-    gens: dict = {}
     log.info("decode start %s mode=%s options=%s", id(run), run.mode, run.options)
     try:
-        # Engine._run is Engine.stream plus access to the finished Generation (for its stats)
-        for step in engine._run(run.prompt, run.max_new_tokens, run.mode, dict(run.options), gens):
+        stream = engine.stream(run.prompt, max_new_tokens=run.max_new_tokens, mode=run.mode, **run.options)
+        for step in stream:
             out.put(("step", step))
             if cancel.is_set():
+                stream.close()
                 log.info("decode cancelled %s", id(run))
                 return
-        out.put(("done", gens.get(0)))
-        log.info("decode end %s tokens=%d", id(run), len(gens[0].tokens) if 0 in gens else 0)
+        result = stream.generations[0] if stream.generations else None
+        out.put(("done", result))
+        log.info("decode end %s tokens=%d", id(run), len(result.tokens) if result else 0)
     except Exception as e:  # reported to the UI by the consumer
         log.info("decode failed %s: %s", id(run), e)
         out.put(("error", e))

@@ -73,6 +73,8 @@ class Engine:
             temperature, top_k, top_p, seed: sampling (temperature 0 = greedy).
             stop: None for the checkpoint's eos ids, else a list of token ids and/or strings
                 (an empty list never stops early).
+            kv: "per_loop" (default: the exact cache, T*L slots per position), "last" or "mean"
+                (one K/V per layer after prefill, T-fold smaller; an approximation, DESIGN.md §1).
             **mode_options: options of the chosen decoder (e.g. draft_loop, budget).
         Returns:
             A Generation, or a list of them for a batch.
@@ -149,15 +151,19 @@ class Engine:
             g.loops.append(step.loops)
             g.steps.append(step)
             text = self.decode(g.tokens)
-            step.text, g.text = text[len(g.text):], text
-            hit = next((s for s in stop_strs if s in g.text), None)
+            hit = next((s for s in stop_strs if s in text), None)
             if step.token in stop_ids or hit is not None:
                 req.done[step.row], g.finish_reason = True, "stop"
                 if hit is not None:
-                    g.text = g.text[: g.text.index(hit)]
+                    text = text[: text.index(hit)]
             elif len(g.tokens) >= req.max_new[step.row]:
                 req.done[step.row] = True
                 g.finish_reason = "length" if req.max_new[step.row] == max_new_tokens else "context"
+            elif text.endswith("\ufffd"):
+                # a byte-level token ended inside a UTF-8 character: hold the partial character back
+                # until a later token completes it, so streamed pieces concatenate to the final text
+                text = text.rstrip("\ufffd")
+            step.text, g.text = text[len(g.text):], text
             yield step
         elapsed = time.perf_counter() - start
         total = sum(len(g.tokens) for g in gens.values())

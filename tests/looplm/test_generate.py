@@ -108,3 +108,33 @@ def test_stream_exposes_its_generations(engine):
     assert 1 + len(rest) == 8
     assert [g.tokens for g in stream.generations] == [g.tokens for g in engine.generate(prompts, max_new_tokens=4, stop=[])]
     assert all(g.stats["new_tokens"] == 4 for g in stream.generations)
+
+
+
+def _scripted_decoder(model, req, *, script):
+    """A decoder that emits a fixed token sequence (drives the facade's text assembly)."""
+    from looplm.decoding import Step
+
+    for i, t in enumerate(script):
+        yield Step(0, i, t, 1, 1, 0.0, "scripted")
+
+
+def test_streamed_pieces_never_split_a_character(monkeypatch):
+    """Byte-level tokens can end inside a UTF-8 character: pieces must still add up to the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from looplm import decoding
+    from looplm.tokenizer import Tokenizer as LoopTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    engine = looplm.Engine(tiny_model(vocab=tok.get_vocab_size()), LoopTokenizer(tok))
+    ids = engine.encode("é€ a")
+    assert len(ids) == 7  # one token per byte: 2 + 3 + 1 + 1
+    monkeypatch.setitem(decoding.MODES, "scripted", f"{__name__}:_scripted_decoder")
+    stream = engine.stream([1], max_new_tokens=len(ids), stop=[], mode="scripted", script=ids)
+    pieces = [s.text for s in stream]
+    assert "".join(pieces) == "é€ a" == stream.generations[0].text
+    assert all("\ufffd" not in p for p in pieces) and pieces[0] == "" and pieces[1] == "é"
