@@ -48,8 +48,10 @@ def test_hand_written_published_checkpoint_matches_reference(tmp_path, tied, sha
     engine = looplm.load(tmp_path)
     ids = torch.randint(0, cfg["vocab_size"], (2, 9))
     want_logits, want_gates = reference_per_loop(sd, cfg, ids)
-    # an independent float32 implementation sums in another order: logits reach ~10 here
-    torch.testing.assert_close(engine.model.per_loop_logits(ids), want_logits, rtol=1e-5, atol=5e-5)
+    # an independent float32 implementation sums in another order; with a tied std-1 embedding the
+    # logits reach ~30, so the bound is float32's ~1e-5 relative to the logits' scale
+    got = engine.model.per_loop_logits(ids)
+    assert (got - want_logits).abs().max() <= 1e-5 * max(1.0, want_logits.abs().max().item())
     torch.testing.assert_close(engine.model.per_loop_gates(ids), want_gates, rtol=1e-5, atol=1e-5)
 
 
