@@ -45,13 +45,13 @@ from looplm.sampling import choose, probabilities, sample
 from .accept import accept_greedy, accept_sampled
 from .schedule import DraftLength
 
-# Defaults measured on the project's default model (d256, 2 layers x 4 loops) at batch 1 on a CPU,
-# greedy, 128 new tokens, by CPU time (benchmarks/test_spec_speedup.py sweeps k in 1..3 and g): its
-# loop-k heads agree with loop 4 on ~52% (k=1), ~75% (k=2), ~88% (k=3) of tested drafts, and
-# k=2, g=2 was fastest (about 1.05-1.1x full depth; k=1 needs ~80% agreement to pay off there).
-# A model whose early loops agree more (Ouro-1.4B: ~94% at loop 1) wants k=1, draft_len="adaptive".
+# Defaults measured on the bundled default model (d256, 2 layers x 4 loops) at batch 1 on a CPU,
+# greedy, 128 new tokens (benchmarks/test_spec_speedup.py sweeps k in 1..3, g in 2,3,4,6,adaptive):
+# a tested loop-k draft passes 52% (k=1), 84% (k=2), 92% (k=3) of the time; k=2, g=3 was fastest
+# at 1.2x full depth (k=1: <= 1.0x, k=3: 1.02x). A model whose early loops agree more (Ouro-1.4B:
+# ~94% at loop 1) wants k=1 with draft_len="adaptive".
 DEFAULT_DRAFT_LOOP = 2
-DEFAULT_DRAFT_LEN: int | str = 2
+DEFAULT_DRAFT_LEN: int | str = 3
 
 
 @torch.inference_mode()
