@@ -219,7 +219,7 @@ def build_random_100m(device: str, quick: bool, dtype: str = "float32") -> Bench
     n = _count_params(model)
     cfg = RANDOM_100M
     desc = f"random Ouro-shaped model: {n / 1e6:.1f}M params, {dtype}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers x {cfg.total_ut_steps} loops, vocab {cfg.vocab_size}, init std 0.02 (random weights: its early loops do not predict its last loop's tokens, so its speculative rows measure the cost of drafting and verifying, not a speedup)"
-    return BenchModel("random-100m", Engine(model), pool, new_tokens=4 if quick else 8, rounds=1, params=n, description=desc)
+    return BenchModel("random-100m", Engine(model), pool, new_tokens=4 if quick else 8, rounds=1 if quick else 2, params=n, description=desc)
 
 
 def _random_prompts(vocab: int, count: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -604,8 +604,11 @@ def extra_info(m: Measurement, base: Measurement | None, description: str = "") 
         info["full_seconds"] = base.seconds
         info["full_tokens_per_s"] = base.tokens_per_s
         info["full_decode_tokens_per_s"] = base.decode_tokens_per_s
-        info["ratio_to_full"] = m.tokens_per_s / base.tokens_per_s
-        info["decode_ratio_to_full"] = m.decode_tokens_per_s / base.decode_tokens_per_s
+        # median over rounds of (paired full-depth call time / this round's time): each ratio compares
+        # two calls made back to back, so a change of machine load between rounds cancels out
+        n = min(len(base.seconds), len(m.seconds))
+        info["ratio_to_full"] = statistics.median(base.seconds[i] / m.seconds[i] for i in range(n))
+        info["decode_ratio_to_full"] = statistics.median(base.decode_seconds[i] / m.decode_seconds[i] for i in range(n))
         agree = [a == b for x, y in zip(m.outputs, base.outputs) for a, b in zip(x, y)]
         info["token_agreement_with_full"] = sum(agree) / max(len(agree), 1)
     return info
