@@ -428,8 +428,9 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     lines += [
         "Columns: *tok/s* = new tokens (all rows) / wall time of one greedy `Engine.generate` call, fastest of "
         "the timed rounds (the machine is shared: noise only slows a run); *decode tok/s* excludes the prefill "
-        "(`Generation.stats['prefill_ms']`, or `prefill` timed apart); *x full* = ratio to full-depth calls of the "
-        "same model, batch and length, run right before each timed round of the same benchmark; "
+        "(`Generation.stats['prefill_ms']`, or `prefill` timed apart); *x full* = median over the timed rounds of "
+        "(time of a full-depth call of the same model, batch and length, run right before the round) / "
+        "(the round's time); "
         "*mean exit loop* = mean 1-based loop whose head emitted each token; *loops computed/token* = "
         "`model.token_loops` after prefill per new token (rejected drafts and finished skipped loops included); "
         "*KV/token* = bytes of the KV cache per position and row, after decoding; *peak mem* = "
