@@ -60,11 +60,3 @@ def clocked(model: LoopLM, clock: FakeClock, ms_per_call: float):
     model.forward_loops = forward_loops
     return model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster on a contended machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -59,14 +59,6 @@ def fresh_engine() -> looplm.Engine:
     return tiny_engine(int(torch.randint(0, 2**31, ()).item()))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, two threads fighting over it are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class _Records(logging.Handler):
     def __init__(self):

@@ -1,19 +1,10 @@
 import random
 
-import pytest
 import torch
 
 from looplm.config import LoopConfig
 from looplm.model import LoopLM
 
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    # the shared 2-core machine runs other jobs: two intra-op threads there are ~30x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def spec_model(seed: int | None = None, *, loops: int = 4, vocab: int = 64, max_pos: int = 48, std: float = 0.1,
