@@ -104,7 +104,7 @@ def decode(
     t0 = time.perf_counter()
     logits = prefill(model, cache, req.prompts).logits[-1, :, 0]  # (B, V)
     req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
-    loops_at_start = model.token_loops
+    computed = 0  # (token, loop) pairs this request ran after prefill; per request, unlike model.token_loops
     x = choose(logits, params, gen)  # (B,) the first new token, exact (prefill ran all T loops)
     produced, pos = [0] * B, [len(p) for p in req.prompts]  # pos: position of the row's last token
     last = x.tolist()  # the row's last emitted token: it starts the next round
@@ -127,7 +127,7 @@ def decode(
             mean_accepted_len=n_acc / max(sum(hist), 1),
             accepted_len_hist=list(hist),
             rounds=n_rounds,
-            loops_per_token=(model.token_loops - loops_at_start) / max(emitted, 1),
+            loops_per_token=computed / max(emitted, 1),
         )
 
     stats()
@@ -150,6 +150,7 @@ def decode(
             out = model.forward_loops(embed(inp), v_pos[:, i : i + 1], cache, num_loops=k, logits="last",
                                       kv_len=min(top + i, scratch) + 1)
             hs.append(out.hidden[-1])  # (B, 1, H) loop-k state of token i
+            computed += B * k
             if params.greedy:
                 inp = out.logits[-1].argmax(-1)  # (B, 1)
             else:
@@ -162,6 +163,7 @@ def decode(
         # -- verify: loops k+1..T over all G positions in one call --------------------------
         target = model.forward_loops(torch.cat(hs, 1), v_pos, cache, start_loop=k, logits="all",
                                      kv_len=min(top + G - 1, scratch) + 1).logits[-1]  # (B, G, V)
+        computed += B * G * (T - k)
         if params.greedy:
             accepted, tokens = accept_greedy(drafts_t, target.argmax(-1), limit)
         else:
