@@ -87,8 +87,11 @@ def test_compiled_loop_graph_matches_eager_for_every_cache(kv):
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = greedy_decode(model, cache, prompts, 6, step)
     assert torch.equal(got, want)
-    torch.testing.assert_close(cache.k[..., :14, :], eager_cache.k[..., :14, :], rtol=0, atol=1e-5)
-    torch.testing.assert_close(cache.v[..., :14, :], eager_cache.v[..., :14, :], rtol=0, atol=1e-5)
+    # "mean" keeps a float32 running average whose op order differs between the graph and eager:
+    # its entries (~1 in size) agree to float32's ~1e-5 relative (DESIGN.md §3), the others to 1e-5
+    rtol = 1e-5 if kv == "mean" else 0
+    torch.testing.assert_close(cache.k[..., :14, :], eager_cache.k[..., :14, :], rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(cache.v[..., :14, :], eager_cache.v[..., :14, :], rtol=rtol, atol=1e-5)
 
 
 def test_mean_cache_is_refused_by_the_whole_step_graph():
