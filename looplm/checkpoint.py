@@ -140,9 +140,9 @@ def save_pretrained(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
-    state = {}
+    state, tensors = {}, model.state_dict()
     for name in expected_shapes(model):
-        t = model.state_dict()[name].detach()
+        t = tensors[name].detach()
         state[name] = (t.to(resolve_dtype(dtype)) if dtype is not None else t).cpu().contiguous().clone()
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
