@@ -43,6 +43,7 @@ from looplm.model import LoopLM
 from looplm.sampling import choose, probabilities, sample
 
 from .accept import accept_greedy, accept_sampled
+from .pipeline import decode_pipelined
 from .schedule import DraftLength
 
 # Defaults measured on the bundled default model (d256, 2 layers x 4 loops) at batch 1 on a CPU,
@@ -61,6 +62,7 @@ def decode(
     *,
     draft_loop: int | None = None,
     draft_len: int | str | None = None,
+    pipeline: bool = False,
 ) -> Iterator[Step]:
     """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
 
@@ -71,6 +73,8 @@ def decode(
             min(DEFAULT_DRAFT_LOOP, T-1)).
         draft_len: tokens drafted per round, an int >= 1, or "adaptive" (spec.schedule: picks
             g in 1..8 maximising expected tokens per loop pass from the running acceptance rate).
+        pipeline: draft token n+1 in the same forward that runs token n's remaining loops
+            (spec.pipeline; k must divide T, and the draft length is then T/k - 1 tokens in flight).
     Yields:
         Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
@@ -90,6 +94,11 @@ def decode(
     k = min(DEFAULT_DRAFT_LOOP, T - 1) if draft_loop is None else draft_loop
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T - 1:
         raise ValueError(f"draft_loop must be an integer in 1..{T - 1} (loops are 1-based), got {draft_loop!r}")
+    if pipeline:
+        if draft_len is not None:
+            raise ValueError(f"pipeline=True sets the draft length itself (T/k - 1 = {T // k - 1} in flight); got draft_len={draft_len!r}")
+        yield from decode_pipelined(model, req, k)
+        return
     schedule = DraftLength(DEFAULT_DRAFT_LEN if draft_len is None else draft_len, k, T)
     params, gen = req.sampling, req.generator
 

@@ -1,5 +1,24 @@
+import os
+import random
+
 import pytest
 import torch
+
+# Fresh random inputs every session, reproducible: LOOPLM_TEST_SEED=<seed> replays a run.
+SEED = int(os.environ.get("LOOPLM_TEST_SEED") or random.SystemRandom().randrange(2**31))
+
+
+def pytest_report_header(config):
+    return f"LOOPLM_TEST_SEED={SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """Each test draws from its own stream: the session seed plus the test's id, so a failure
+    replays alone with the printed LOOPLM_TEST_SEED, whatever ran before it."""
+    seed = SEED + sum(i * ord(c) for i, c in enumerate(request.node.nodeid, 1))
+    torch.manual_seed(seed)
+    random.seed(seed)
 
 
 @pytest.fixture(autouse=True, scope="session")

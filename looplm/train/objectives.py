@@ -7,6 +7,8 @@ tokens selected by an optional boolean mask (True = counted); losses are float32
       L = mean_tokens[ sum_t p(t|x) CE_t(x) - beta * H(p(.|x)) ]
 - Stage I, plain per-loop cross-entropy with loop weights w_t (1:2:3:4 separates loops early):
       L = sum_t w_t mean_tokens[CE_t] / sum_t w_t
+- Loop distillation (optional, for draft quality): loop t's head learns loop T's distribution,
+      L = sum_t d_t mean_tokens[ KL(stopgrad(p_T) || p_t) ] / sum_t d_t   (d_T is ignored)
 - Stage II (gate only; the LM's losses enter detached):
       I_t = max(0, CE_{t-1} - CE_t),  w_t = sigmoid(k (I_t - gamma))   (target "continue")
       loss_t = -mean_tokens[ w_t log(1 - lambda_t) + (1 - w_t) log lambda_t ]
@@ -97,6 +99,35 @@ def weighted_per_loop_loss(
     per_loop = torch.stack([_masked_mean(ce[t].float(), mask) for t in range(T)])
     w = w.to(per_loop.device)
     return (w * per_loop).sum() / w.sum(), per_loop.detach()
+
+
+def loop_distillation_loss(
+    logits: torch.Tensor, weights: Sequence[float], mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL from the last loop's (detached) next-token distribution to each earlier loop's.
+
+    Raises the agreement of early loops with the last one (what self-speculation's drafts need)
+    without a label: the last loop is the teacher and gets no gradient from this term.
+
+    Args:
+        logits: [T, ...,  V] every loop's logits.
+        weights: T non-negative weights d_t; the last one is ignored (KL of loop T to itself is 0).
+        mask: [...] tokens to count.
+    Returns:
+        (loss, per_loop) with loss = sum_t d_t mean(KL_t) / sum_{t<T} d_t and per_loop [T] the
+        detached mean KL_t of each loop (0 for loop T).
+    """
+    T = logits.shape[0]
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if w.numel() != T:
+        raise ValueError(f"{w.numel()} distillation weights for {T} loops")
+    logp = F.log_softmax(logits.float(), dim=-1)
+    teacher = logp[-1].detach()
+    kl = (teacher.exp() * (teacher - logp)).sum(-1)  # [T, ...]
+    per_loop = torch.stack([_masked_mean(kl[t], mask) for t in range(T)])
+    w = w.to(per_loop.device)
+    w[-1] = 0.0
+    return (w * per_loop).sum() / w.sum().clamp_min(1e-12), per_loop.detach()
 
 
 def stage2_targets(ce: torch.Tensor, k: float = 50.0, gamma: float = 0.005) -> torch.Tensor:

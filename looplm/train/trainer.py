@@ -28,7 +28,8 @@ from tqdm import tqdm
 from looplm.config import LoopConfig
 from looplm.model import LoopLM
 
-from .objectives import entropy_regularized_loss, per_loop_ce, weighted_per_loop_loss
+from .objectives import IGNORE_INDEX, entropy_regularized_loss, loop_distillation_loss, per_loop_ce, weighted_per_loop_loss
+from .tasks import PhopRows
 
 
 @dataclass
@@ -53,6 +54,13 @@ class TrainConfig:
     loop_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
     beta: float = 0.1  # entropy weight of the "entropy" objective
     beta_late: float = 0.05  # ... after half of the run
+    # synthetic task rows (looplm.train.tasks): p-hop problems generated on the fly, loss on answers only
+    phop_rows: int = 0  # rows of each batch given to p-hop problems (the rest are corpus windows)
+    phop_weight: float = 1.0  # the answers' loss term is added with this weight
+    phop_loop_weights: list[float] = field(default_factory=list)  # default: loop_weights
+    phop_max_hops: int = 4
+    # loop distillation on the corpus rows (objectives.loop_distillation_loss): T weights, empty = off
+    distill_weights: list[float] = field(default_factory=list)
     # optimisation
     seq_len: int = 256
     batch_size: int = 16
@@ -159,32 +167,51 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
 
 
-def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str, loop_weights, beta: float):
-    """(loss, per-loop mean CE [T]) for one batch under the given objective."""
+def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str, loop_weights, beta: float,
+                task_rows: int = 0, task_weight: float = 1.0, task_loop_weights=None, distill_weights=None):
+    """(loss, per-loop mean CE [T] of the corpus rows, per-loop answer CE [T] of the task rows or None).
+
+    The last `task_rows` rows are task rows (targets IGNORE_INDEX except answers): their masked
+    per-loop CE enters as a separate term, `task_weight` times the weighted mean over loops.
+    `distill_weights` (T weights) adds the loop-distillation term on the corpus rows.
+    """
     out = model.loop_outputs(x)
     ce = per_loop_ce(out.logits, y)
-    per_loop = ce.detach().mean(dim=(1, 2))
+    n = x.shape[0] - task_rows
+    per_loop = ce[:, :n].detach().mean(dim=(1, 2))
     if objective == "weighted":
-        loss, _ = weighted_per_loop_loss(ce, loop_weights)
+        loss, _ = weighted_per_loop_loss(ce[:, :n], loop_weights)
     elif objective == "entropy":
-        loss, _ = entropy_regularized_loss(ce, out.gates, beta)
+        loss, _ = entropy_regularized_loss(ce[:, :n], out.gates[:, :n], beta)
     else:
         raise ValueError(f"unknown objective {objective!r}")
-    return loss, per_loop
+    task_per_loop = None
+    if task_rows:
+        task_loss, task_per_loop = weighted_per_loop_loss(ce[:, n:], task_loop_weights or loop_weights, y[n:] != IGNORE_INDEX)
+        loss = loss + task_weight * task_loss
+    if distill_weights:
+        distill, _ = loop_distillation_loss(out.logits[:, :n], distill_weights)
+        loss = loss + distill
+    return loss, per_loop, task_per_loop
 
 
 @torch.no_grad()
-def evaluate_batches(model: LoopLM, batches, device: str = "cpu") -> torch.Tensor:
-    """Mean per-loop CE [T] over fixed batches."""
+def evaluate_batches(model: LoopLM, batches, device: str = "cpu", agreement: bool = False):
+    """Mean per-loop CE [T] over fixed batches; with agreement=True also the fraction [T] of
+    tokens whose loop-t argmax equals the last loop's (the draft quality of loop t)."""
     was_training = model.training
     model.eval()
-    total, n = None, 0
+    total, agree, n = None, None, 0
     for x, y in batches:
-        ce = per_loop_ce(model.loop_outputs(x.to(device)).logits, y.to(device)).mean(dim=(1, 2)).cpu()
+        logits = model.loop_outputs(x.to(device)).logits
+        ce = per_loop_ce(logits, y.to(device)).mean(dim=(1, 2)).cpu()
+        am = logits.argmax(-1)
+        ag = (am == am[-1]).float().mean(dim=(1, 2)).cpu()
         total = ce * x.numel() if total is None else total + ce * x.numel()
+        agree = ag * x.numel() if agree is None else agree + ag * x.numel()
         n += x.numel()
     model.train(was_training)
-    return total / n
+    return (total / n, agree / n) if agreement else total / n
 
 
 def _rng_state() -> dict:
@@ -212,6 +239,15 @@ def train(tc: TrainConfig) -> Path:
     train_data = TokenData(data_dir / "train.bin", tc.seq_len)
     val_path = data_dir / "val_text.bin" if (data_dir / "val_text.bin").is_file() else data_dir / "val.bin"
     val_batches = TokenData(val_path, tc.seq_len).fixed_batches(tc.eval_batches, tc.batch_size)
+
+    phop, tokenizer = None, None
+    if tc.phop_rows:
+        from looplm.tokenizer import Tokenizer
+
+        if not 0 < tc.phop_rows < tc.batch_size:
+            raise ValueError(f"--phop-rows {tc.phop_rows} must leave corpus rows in a batch of {tc.batch_size}")
+        tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        phop = PhopRows(tokenizer, tc.seq_len, tc.phop_max_hops, exclude_file=data_dir / "phop_val.jsonl")
 
     model = build_model(tc, vocab_size).to(tc.device)
     model.set_attention(_causal_sdpa)
@@ -256,11 +292,16 @@ def train(tc: TrainConfig) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr
         gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        x, y = train_data.batch(tc.batch_size, gen)
+        x, y = train_data.batch(tc.batch_size - tc.phop_rows, gen)
+        if phop is not None:
+            px, py = phop.batch(tc.phop_rows, seed=tc.seed * 1_000_003 + step)
+            x, y = torch.cat([x, px]), torch.cat([y, py])
         x, y = x.to(tc.device), y.to(tc.device)
         with autocast:
             beta = tc.beta if progress < 0.5 else tc.beta_late
-            loss, per_loop = fwd(model, x, y, tc.objective, tuple(tc.loop_weights), beta)
+            loss, per_loop, task_per_loop = fwd(model, x, y, tc.objective, tuple(tc.loop_weights), beta,
+                                                tc.phop_rows, tc.phop_weight, tuple(tc.phop_loop_weights) or None,
+                                                tuple(tc.distill_weights) or None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -277,12 +318,20 @@ def train(tc: TrainConfig) -> Path:
             rec = {"step": step, "elapsed_s": round(elapsed, 1), "lr": lr, "loss": loss.item(),
                    "per_loop": [round(v, 4) for v in per_loop.tolist()], "grad_norm": float(gnorm),
                    "tok_per_s": round(step * tc.batch_size * tc.seq_len / max(elapsed, 1e-9))}
+            if task_per_loop is not None:
+                rec["phop_per_loop"] = [round(v, 4) for v in task_per_loop.float().tolist()]
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if step % tc.eval_every == 0 or step == tc.steps:
-            val = evaluate_batches(model, val_batches, tc.device)
+            val, agree = evaluate_batches(model, val_batches, tc.device, agreement=True)
             msg = {"step": step, "val_per_loop": [round(v, 4) for v in val.tolist()],
-                   "gap_1_T": round(float(val[0] - val[-1]), 4)}
+                   "gap_1_T": round(float(val[0] - val[-1]), 4), "agree_with_T": [round(v, 3) for v in agree.tolist()]}
+            if phop is not None:  # held-out answer accuracy per loop on the first 400 problems
+                from .evaluate import phop_accuracy
+
+                acc = phop_accuracy(model, tokenizer, data_dir / "phop_val.jsonl", limit=400)
+                model.train()
+                msg["phop_acc_per_loop"] = [round(v, 3) for v in acc["per_loop"]]
             log.write(json.dumps(msg) + "\n")
             log.flush()
             tqdm.write(json.dumps(msg))

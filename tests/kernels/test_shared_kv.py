@@ -58,7 +58,9 @@ def test_prefill_is_per_loop_then_collapses_and_cache_is_T_fold_smaller(kv):
 def test_decode_equals_per_loop_decode_over_a_collapsed_history(kv):
     """Step by step: the shared cache == a per-loop cache whose earlier positions hold last/mean in every slot."""
     model, prompts = _fresh()
-    atol = 0 if kv == "last" else 1e-5
+    # "mean": the cache averages in another order than _collapse; float32 rounding compounds over the
+    # loops, measured up to 5e-6 of the largest logit over 60 fresh models (one test flaked at 1e-5 absolute)
+    rel = 0 if kv == "last" else 1e-4
     with torch.inference_mode():
         shared, ref, exact = cache_factory(kv)(model, 3, 24), model.new_cache(3, 24), model.new_cache(3, 24)
         out = prefill(model, shared, prompts)
@@ -74,7 +76,7 @@ def test_decode_equals_per_loop_decode_over_a_collapsed_history(kv):
             got = model.forward_loops(*args, shared, logits="last", logits_loops="all").logits
             want = model.forward_loops(*args, ref, logits="last", logits_loops="all").logits
             per_loop = model.forward_loops(*args, exact, logits="last", logits_loops="all").logits
-            torch.testing.assert_close(got, want, rtol=0, atol=atol)
+            torch.testing.assert_close(got, want, rtol=0, atol=rel * float(want.abs().max()))
             max_diff_vs_exact = max(max_diff_vs_exact, float((got - per_loop).abs().max()))
             for r in range(3):
                 _collapse(ref, kv, r, [int(pos[r])])

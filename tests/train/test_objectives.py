@@ -8,6 +8,7 @@ from looplm.exits import exit_distribution
 from looplm.train.objectives import (
     entropy_regularized_loss,
     exit_entropy,
+    loop_distillation_loss,
     per_loop_ce,
     stage2_gate_loss,
     stage2_targets,
@@ -118,3 +119,26 @@ def test_stage2_loss_ignores_lm_gradients():
     loss, _ = stage2_gate_loss(z, ce)
     loss.backward()
     assert ce.grad is None
+
+
+def test_loop_distillation_by_hand():
+    # one token, T = 3, two classes: teacher (loop 3) p = softmax([0, 0]) = (0.5, 0.5)
+    logits = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]]], requires_grad=True)  # [3, 1, 2]
+    loss, per_loop = loop_distillation_loss(logits, [1.0, 3.0, 5.0])
+    q1 = [math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)]
+    kl1 = 0.5 * math.log(0.5 / q1[0]) + 0.5 * math.log(0.5 / q1[1])
+    torch.testing.assert_close(per_loop, torch.tensor([kl1, 0.0, 0.0]), rtol=0, atol=1e-6)
+    assert abs(loss.item() - (1 * kl1 + 3 * 0.0) / 4) < 1e-6  # the last loop's weight is ignored
+    loss.backward()
+    # dKL/dz1 = softmax(z1) - p_teacher; the teacher gets no gradient
+    want = torch.tensor([q1[0] - 0.5, q1[1] - 0.5]) / 4
+    torch.testing.assert_close(logits.grad[0, 0], want, rtol=0, atol=1e-6)
+    assert torch.equal(logits.grad[2], torch.zeros(1, 2))
+
+
+def test_loop_distillation_masks_tokens():
+    logits = torch.randn(2, 3, 5)
+    mask = torch.tensor([True, False, True])
+    _, per_loop = loop_distillation_loss(logits, [1.0, 0.0], mask)
+    _, kept = loop_distillation_loss(logits[:, mask], [1.0, 0.0])
+    torch.testing.assert_close(per_loop, kept)

@@ -1,0 +1,184 @@
+"""Pipelined self-speculation: each forward drafts the next token and verifies an earlier one.
+
+With draft loop k dividing T, a token's T loops are split into D = T / k stages of k loops. Every
+call runs k loops over all tokens in flight, each at its own stage (rows at different loops, one
+`forward_loops` call, each row reading and writing its own loop's cache slots):
+
+    call c:   token n+D-1 at loops 1..k  |  ...  |  token n at loops T-k+1..T
+
+The token leaving stage 1 (loop k) drafts its successor with the shared head, which enters stage 1
+in the next call; the token leaving stage D (loop T) has exact full-depth logits, which verify its
+successor's draft (greedy: equal argmax; sampling: the Leviathan/Chen rule of spec.accept). On
+acceptance nothing waits: in steady state one token is emitted per call of k loops instead of T.
+On rejection the target's token replaces the draft, the drafts behind it are dropped (their cache
+entries are overwritten later and never read), and the pipeline refills from the corrected token.
+
+Exactness: each emitted token's logits come from all T loops over the exact K/V of its accepted
+prefix: stage s of token n reads stage s of tokens < n, which ran one call earlier (token n-1 is
+one stage ahead) or before. Nothing is computed twice: a token's loops 1..k run once when it
+enters, loops k+1..T once each as it advances; a corrected token is a new token at that position.
+
+Cost in loop passes per emitted token, with a the chance that a tested draft passes:
+k + (1 - a) * (T - k) (a rejection costs a refill of D - 1 calls), against T at full depth.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from looplm.decoding import DecodeRequest, Step, Timer, prefill
+from looplm.model import LoopLM
+from looplm.sampling import choose, probabilities, sample
+
+from .accept import accept_sampled
+
+
+@dataclass
+class _Token:
+    """A token in flight: its position, the stage it runs next, its state, its draft distribution."""
+
+    index: int  # 0-based index among the row's new tokens
+    token: int
+    stage: int  # stages done so far; the next call runs loops [stage*k, stage*k + k)
+    hidden: torch.Tensor | None = None  # (H,) state after loop stage*k (None before stage 0)
+    q: torch.Tensor | None = None  # (V,) the distribution it was drafted from (sampling only)
+    slot: int = -1  # its row in the current forward call
+
+
+@torch.inference_mode()
+def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int) -> Iterator[Step]:
+    """Speculative decoding with the draft of token n+1 computed in the same forward as the
+    remaining loops of token n (see the module docstring). Same Steps and stats keys as spec.decode,
+    plus stats["pipeline"] = True; a "round" is one forward call."""
+    T, B = model.num_loops, req.batch_size
+    if T % k:
+        raise ValueError(f"the pipeline splits T = {T} loops into stages of draft_loop = {k}: k must divide T")
+    D = T // k
+    params, gen = req.sampling, req.generator
+    cache = req.new_cache(model, req.cache_len())
+    req.stats["exact_cache"] = not getattr(cache, "shared", False)
+    req.stats["kv_bytes_per_token"] = cache.bytes_per_token()
+    device = cache.k.device
+    embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
+    timer = Timer(B)
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, req.prompts).logits[-1, :, 0]  # (B, V)
+    req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+    plen = [len(p) for p in req.prompts]
+    first = choose(logits, params, gen).tolist()
+    produced = [0] * B
+    flight: list[list[_Token]] = [[] for _ in range(B)]  # oldest (deepest stage) first
+    computed = n_acc = n_rej = n_prop = calls = emitted = 0
+    run = [0] * B  # accepted drafts since the row's last rejection
+    hist: list[int] = [0] * (D + 1)
+
+    def grow(hist_len: int) -> None:
+        while len(hist) <= hist_len:
+            hist.append(0)
+
+    def stats() -> None:
+        closed = sum(hist)
+        req.stats.update(
+            pipeline=True, draft_loop=k, draft_len=D - 1, drafted=n_prop, accepted=n_acc, rejected=n_rej,
+            acceptance_rate=n_acc / max(n_prop, 1), token_acceptance=n_acc / max(n_acc + n_rej, 1),
+            mean_accepted_len=n_acc / max(closed + sum(1 for r in run if r), 1), accepted_len_hist=list(hist),
+            rounds=calls, loops_per_token=computed / max(emitted, 1),
+        )
+
+    for row in range(B):
+        if req.active(row, 0):
+            yield Step(row, 0, first[row], T, T, timer.lap(row), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
+            produced[row] = 1
+            emitted += 1
+            if req.active(row, 1):
+                flight[row].append(_Token(0, first[row], 0))
+    stats()
+    while True:
+        items = [t for row in range(B) for t in flight[row]]
+        if not items:
+            break
+        for i, t in enumerate(items):
+            t.slot = i
+        rows = torch.tensor([r for r in range(B) for _ in flight[r]], device=device)
+        pos_list = [plen[r] + t.index for r in range(B) for t in flight[r]]
+        start = torch.tensor([t.stage * k for t in items], device=device)
+        fresh = [i for i, t in enumerate(items) if t.stage == 0]
+        emb = iter(embed(torch.tensor([items[i].token for i in fresh], device=device))) if fresh else None
+        h = torch.stack([t.hidden if t.stage else next(emb) for t in items])  # (N, H) in call order
+        out = model.forward_loops(h[:, None], torch.tensor(pos_list, device=device)[:, None], cache,
+                                  start_loop=start[:, None], num_loops=k, batch_idx=rows, logits="last",
+                                  kv_len=max(pos_list) + 1)
+        calls += 1
+        computed += len(items) * k
+        hidden, lg = out.hidden[-1, :, 0], out.logits[-1, :, 0]  # (N, H), (N, V)
+        heads = [row for row in range(B) if flight[row] and flight[row][0].stage == D - 1]
+        verdict: dict[int, tuple[int, bool]] = {}  # row -> (emitted token, was it the accepted draft)
+        draft_tok: dict[int, int] = {}  # call slot of a token leaving loop k -> its successor's draft
+        draft_q: dict[int, torch.Tensor] = {}
+        if params.greedy:  # one argmax and one host transfer for the whole call
+            ids = lg.argmax(-1).tolist()
+            for r in heads:
+                tok = ids[flight[r][0].slot]
+                verdict[r] = (tok, len(flight[r]) > 1 and flight[r][1].token == tok)
+            draft_tok = {i: ids[i] for i in fresh}
+        else:
+            # -- verify: a token leaving loop T tests its successor's draft (Leviathan/Chen) --------
+            if heads:
+                succ = [flight[r][1] if len(flight[r]) > 1 else None for r in heads]
+                p = probabilities(lg[[flight[r][0].slot for r in heads]], params)[:, None]  # (n, 1, V)
+                q = torch.stack([s.q if s is not None else p[j, 0] for j, s in enumerate(succ)])[:, None]
+                drafts = torch.tensor([[s.token if s is not None else 0] for s in succ], device=device)
+                limit = torch.tensor([int(s is not None) for s in succ], device=device)
+                accepted, tokens = accept_sampled(drafts, q, p, limit, gen)
+                for r, a, tok in zip(heads, accepted.tolist(), tokens[:, 0].tolist()):
+                    verdict[r] = (tok, bool(a))
+            # -- draft: a token leaving loop k samples its successor from its loop-k head ----------
+            if fresh:
+                qd = probabilities(lg[fresh], params)
+                draft_tok = dict(zip(fresh, sample(qd, gen).tolist()))
+                draft_q = dict(zip(fresh, qd))
+
+        # -- advance every row's pipeline and emit in order ----------------------------------------
+        for row in range(B):
+            toks = flight[row]
+            for t in toks:
+                t.stage += 1
+                t.hidden = hidden[t.slot]
+            if row in verdict:
+                head = toks.pop(0)  # ran its last loop
+                tok, ok = verdict[row]
+                if ok:
+                    n_acc += 1
+                    run[row] += 1
+                    yield Step(row, produced[row], tok, T, T, timer.lap(row), "draft",
+                               info={"draft": True, "accepted": run[row], "proposed": run[row]})
+                else:
+                    if toks:  # the successor was a tested draft, and failed
+                        n_rej += 1
+                        grow(run[row])
+                        hist[run[row]] += 1
+                        run[row] = 0
+                    toks.clear()  # drafts behind a rejection are void
+                    yield Step(row, produced[row], tok, T, T, timer.lap(row), "verify",
+                               info={"draft": False, "accepted": run[row], "proposed": run[row] + 1})
+                    toks.append(_Token(head.index + 1, tok, 0))
+                produced[row] += 1
+                emitted += 1
+                if not req.active(row, produced[row]):
+                    toks.clear()
+                    continue
+            newest = toks[-1] if toks else None  # drafts if it has just left loop k
+            if newest is not None and newest.stage == 1 and newest.slot in draft_tok and newest.index + 1 < req.max_new[row]:
+                toks.append(_Token(newest.index + 1, draft_tok[newest.slot], 0, q=draft_q.get(newest.slot)))
+                n_prop += 1
+        stats()
+    for r in range(B):
+        if run[r]:
+            grow(run[r])
+            hist[run[r]] += 1
+            run[r] = 0
+    stats()
