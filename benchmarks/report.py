@@ -45,7 +45,9 @@ def others_of(data: dict) -> list[dict]:
 def label(r: dict) -> str:
     o = dict(r.get("options") or {})
     kv = o.pop("kv", None)
-    if r["mode"] == "speculative":
+    if r["mode"] == "speculative" and o.pop("pipeline", False):
+        text = f"speculative k={o.pop('draft_loop', '?')} pipelined"
+    elif r["mode"] == "speculative":
         text = f"speculative k={o.pop('draft_loop', '?')} g={o.pop('draft_len', '?')}"
     elif r["mode"] == "anytime":
         if "exit" in o:
@@ -236,13 +238,16 @@ def plot_spec(rows: list[dict], out: Path) -> bool:
         by_k = defaultdict(list)
         for r in spec:
             if r["model"] == model:
-                by_k[r["options"]["draft_loop"]].append((r["options"]["draft_len"], r.get("decode_ratio_to_full"), r.get("acceptance_rate")))
+                o = r["options"]
+                g = "pipelined" + (f", c={o['extrapolate']}" if o.get("extrapolate") else "") if o.get("pipeline") else o["draft_len"]
+                by_k[o["draft_loop"]].append((g, r.get("decode_ratio_to_full"), r.get("acceptance_rate")))
         for k, pts in sorted(by_k.items()):
             fixed = sorted(p for p in pts if isinstance(p[0], int))
             line = ax.plot([p[0] for p in fixed], [p[1] for p in fixed], marker="o", label=f"draft loop k={k}")[0]
             for p in pts:
-                if not isinstance(p[0], int):  # adaptive draft length: one level per k
-                    ax.axhline(p[1], color=line.get_color(), ls=":", lw=1, label=f"k={k}, draft_len={p[0]}")
+                if not isinstance(p[0], int):  # adaptive draft length or pipelined: one level each
+                    ls = ":" if p[0] == "adaptive" else "-."
+                    ax.axhline(p[1], color=line.get_color(), ls=ls, lw=1, label=f"k={k}, {p[0]}")
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xlabel("draft length g")
         ax.set_ylabel("decode tokens/s / full depth")

@@ -31,6 +31,13 @@ SPEC_CASES = (
     + [("random-100m", 2, 4, 4)]
 )
 
+# (model, options, batch): pipelined self-speculation (spec.pipeline), with and without extrapolated drafts
+PIPELINE_CASES = (
+    [("default", {"draft_loop": k, "pipeline": True, "extrapolate": 0.0}, 1) for k in (1, 2)]
+    + [("default", {"draft_loop": 2, "pipeline": True, "extrapolate": 0.5}, b) for b in (1, 4, 16)]
+    + [("random-100m", {"draft_loop": 2, "pipeline": True, "extrapolate": 0.0}, 1)]
+)
+
 # (model, options, batch); budget_ms_frac is a fraction of the same run's full-depth ms per token
 ANYTIME_CASES = (
     [("default", {}, 1)]
@@ -126,8 +133,20 @@ def test_speculative(model_name, draft_loop, draft_len, batch, get_model, requir
     bm = get_model(model_name)
     if draft_loop >= bm.num_loops:
         pytest.skip(f"draft loop {draft_loop} >= the model's {bm.num_loops} loops")
-    require(bm, "speculative", draft_loop=draft_loop, draft_len=draft_len)
-    m = measure(bm, batch, "speculative", draft_loop=draft_loop, draft_len=draft_len)
+    # extrapolate=0: plain loop-k drafts here, whatever the checkpoint recommends (pipelined cases below)
+    require(bm, "speculative", draft_loop=draft_loop, draft_len=draft_len, extrapolate=0.0)
+    m = measure(bm, batch, "speculative", draft_loop=draft_loop, draft_len=draft_len, extrapolate=0.0)
+    _assert_lengths(m, bm)
+    assert m.outputs == baselines.get(bm, batch).outputs, "greedy speculative output must equal full depth"
+
+
+@pytest.mark.parametrize("model_name,options,batch", PIPELINE_CASES, ids=[_case_id(*c) for c in PIPELINE_CASES])
+def test_speculative_pipelined(model_name, options, batch, get_model, require, measure, baselines):
+    bm = get_model(model_name)
+    if bm.num_loops % options["draft_loop"]:
+        pytest.skip(f"draft loop {options['draft_loop']} does not divide the model's {bm.num_loops} loops")
+    require(bm, "speculative", **options)
+    m = measure(bm, batch, "speculative", **options)
     _assert_lengths(m, bm)
     assert m.outputs == baselines.get(bm, batch).outputs, "greedy speculative output must equal full depth"
 

@@ -75,7 +75,9 @@ class Engine:
                 (an empty list never stops early).
             kv: "per_loop" (default: the exact cache, T*L slots per position), "last" or "mean"
                 (one K/V per layer after prefill, T-fold smaller; an approximation, DESIGN.md §1).
-            **mode_options: options of the chosen decoder (e.g. draft_loop, budget).
+            **mode_options: options of the chosen decoder (e.g. draft_loop, budget). A checkpoint
+                may recommend its own in generation_config.json under "looplm": {mode: {...}}
+                (see `mode_defaults`); what is passed here overrides them.
         Returns:
             A Generation, or a list of them for a batch.
         """
@@ -136,9 +138,16 @@ class Engine:
         req.cache_factory = cache_factory(options.pop("kv", "per_loop"))
         return req, stop_ids, stop_strs, options
 
+    def mode_defaults(self, mode: str) -> dict:
+        """Decoder options the checkpoint recommends for `mode` (generation_config.json, key "looplm")."""
+        defaults = (self.generation_config.get("looplm") or {}).get(mode) or {}
+        if not isinstance(defaults, dict):
+            raise ValueError(f"generation_config.json: looplm.{mode} must be an object of options, got {defaults!r}")
+        return dict(defaults)
+
     def _run(self, prompt, max_new_tokens, mode, kwargs, gens: dict) -> Iterator[Step]:
         decoder = resolve_mode(mode)
-        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, dict(kwargs))
+        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, {**self.mode_defaults(mode), **kwargs})
         for i, p in enumerate(req.prompts):
             gens[i] = Generation(prompt_tokens=p)
         start = time.perf_counter()

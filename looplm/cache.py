@@ -50,11 +50,17 @@ class LoopKVCache:
         self.v[loop, layer, batch_idx, :, pos] = vt.to(self.v.dtype)
 
     def read(self, loop: int, layer: int, batch_idx, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot (loop, layer) for rows batch_idx (None = all), positions [0, kv_len): (B', Hkv, kv_len, D)."""
+        """Slot (loop, layer) for rows batch_idx (None = all; a slice reads a view), positions [0, kv_len): (B', Hkv, kv_len, D)."""
         k, v = self.k[loop, layer, :, :, :kv_len], self.v[loop, layer, :, :, :kv_len]
-        if batch_idx is not None:
+        if isinstance(batch_idx, slice):
+            k, v = k[batch_idx], v[batch_idx]
+        elif batch_idx is not None:
             k, v = k[batch_idx.view(-1)], v[batch_idx.view(-1)]
         return k, v
+
+    def read_loops(self, loops: slice, layer: int, row: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots (loop, layer) for a slice of loops of one cache row, as a view: (n_loops, Hkv, kv_len, D)."""
+        return self.k[loops, layer, row, :, :kv_len], self.v[loops, layer, row, :, :kv_len]
 
     def read_per_token(self, loops, layer: int, batch_idx, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token slots: loops/batch_idx broadcast to (B', S) -> (B'*S, Hkv, kv_len, D)."""
@@ -153,6 +159,12 @@ class SharedKVCache(LoopKVCache):
     def read(self, loop: int, layer: int, batch_idx, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared slot of `layer` (any loop) for rows batch_idx (None = all): (B', Hkv, kv_len, D)."""
         return super().read(0, layer, batch_idx, kv_len)
+
+    def read_loops(self, loops: slice, layer: int, row: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every loop reads the shared slot: (n_loops, Hkv, kv_len, D), an expanded view."""
+        n = len(range(*loops.indices(self.num_loops)))
+        k, v = self.k[0, layer, row : row + 1, :, :kv_len], self.v[0, layer, row : row + 1, :, :kv_len]
+        return k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
 
     def read_per_token(self, loops, layer: int, batch_idx, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token reads (every loop reads the shared slot): (B'*S, Hkv, kv_len, D)."""

@@ -32,9 +32,19 @@ class _LoopStep:
     key positions, per-token query positions) are made here once; `loop` is advanced per loop.
     """
 
-    def __init__(self, attn_fn, cache, pos, batch_idx, kv_len):
+    def __init__(self, attn_fn, cache, pos, batch_idx, kv_len, groups=None):
         self.attn_fn, self.cache, self.pos, self.kv_len = attn_fn, cache, pos, kv_len
         self.loop = 0
+        self.step = 0  # loops run so far in this call (loop = start_loop + step)
+        self.groups = groups  # rows at different loops, grouped by start loop (see LoopLM._loop_groups)
+        # every group one row, in call order (the pipelined and anytime decoders' usual case)
+        self.one_row_groups = groups is not None and [g[0] for g in groups] == [slice(i, i + 1) for i in range(len(groups))]
+        self.strided = None  # (first loop, loop step, rows, cache row) when the rows are one cache
+        if self.one_row_groups and len(groups) > 1 and hasattr(cache, "read_loops"):  # row at evenly spaced loops
+            starts, rows = [g[2] for g in groups], {g[1].start for g in groups if isinstance(g[1], slice)}
+            d = starts[1] - starts[0]
+            if d > 0 and len(rows) == 1 and all(isinstance(g[1], slice) for g in groups) and starts == list(range(starts[0], starts[0] + d * len(starts), d)):
+                self.strided = (starts[0], d, len(starts), rows.pop())
         if cache is None:
             return
         B, S = pos.shape
@@ -51,6 +61,21 @@ class _LoopStep:
         if isinstance(self.loop, int):
             ck, cv = self.cache.read(self.loop, layer, self.batch_idx, self.kv_len)
             return self.attn_fn(q, ck, cv, self.pos, self.k_pos)
+        if self.strided is not None:  # one row per loop lo, lo+d, ...: a strided view of the cache
+            lo, d, n, row = self.strided
+            ck, cv = self.cache.read_loops(slice(lo + self.step, lo + self.step + d * (n - 1) + 1, d), layer, row, self.kv_len)
+            return self.attn_fn(q, ck, cv, self.pos, self.k_pos)
+        if self.groups is not None:  # one plain read per group of rows at the same loop, no gather
+            reads = [self.cache.read(start + self.step, layer, rows, self.kv_len) for _, rows, start, _ in self.groups]
+            if self.one_row_groups:  # rows in call order: concatenate the reads, attend once
+                ck, cv = torch.cat([r[0] for r in reads]), torch.cat([r[1] for r in reads])
+                return self.attn_fn(q, ck, cv, self.pos, self.k_pos)
+            out = torch.empty_like(q)
+            for (sel, _, _, n), (ck, cv) in zip(self.groups, reads):
+                if ck.shape[0] != n:  # several rows of one cache row
+                    ck, cv = ck.expand(n, -1, -1, -1), cv.expand(n, -1, -1, -1)
+                out[sel] = self.attn_fn(q[sel], ck, cv, self.pos[sel], self.k_pos[sel])
+            return out
         # rows at different loops: every query reads its own loop's slot
         B, Hq, S, D = q.shape
         ck, cv = self.cache.read_per_token(self.loop, layer, self.rows, self.kv_len)
@@ -108,6 +133,10 @@ class LoopLM(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The shared LM head on hidden states a loop returned (LoopOutput.hidden): (..., H) -> (..., V)."""
+        return self.lm_head(h)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, S) ids -> (B, S, H); raises on ids outside the vocabulary."""
@@ -177,21 +206,51 @@ class LoopLM(nn.Module):
                 raise ValueError(f"position {kv_len - 1} is beyond the cache's max_len {cache.max_len}")
         if batch_idx is not None:
             batch_idx = batch_idx.view(B, 1)
-        out = self._run_loops(h, input_pos, cache, start_loop, num_loops, batch_idx, logits, logits_loops, kv_len)
+        groups = None
+        if cache is not None and not isinstance(start_loop, int) and S == 1:
+            groups = self._loop_groups(start_loop, batch_idx)
+        out = self._run_loops(h, input_pos, cache, start_loop, num_loops, batch_idx, logits, logits_loops, kv_len, groups)
         if not torch.compiler.is_compiling():  # a mutated int attribute would force a recompile per call
             self.token_loops += B * S * num_loops
         return out
 
-    def _run_loops(self, h, input_pos, cache, start_loop, num_loops, batch_idx, logits, logits_loops, kv_len) -> LoopOutput:
+    @staticmethod
+    def _loop_groups(start_loop: torch.Tensor, batch_idx: torch.Tensor | None) -> list[tuple]:
+        """Rows (one position each) grouped by start loop, so each group reads its loop's cache
+        slot with one plain read instead of a per-token gather: [(rows of the call (slice or
+        index tensor), cache rows to read (slice or (n, 1) tensor), start loop, n)]."""
+        starts = start_loop[:, 0].tolist()
+        cache_rows = list(range(len(starts))) if batch_idx is None else batch_idx.view(-1).tolist()
+        by_start: dict[int, list[int]] = {}
+        for i, s in enumerate(starts):
+            by_start.setdefault(s, []).append(i)
+        device = start_loop.device
+        groups = []
+        for s, idx in by_start.items():
+            n = len(idx)
+            sel = slice(idx[0], idx[0] + n) if idx == list(range(idx[0], idx[0] + n)) else torch.tensor(idx, device=device)
+            mine = [cache_rows[i] for i in idx]
+            if len(set(mine)) == 1:
+                rows = slice(mine[0], mine[0] + 1)
+            elif mine == list(range(mine[0], mine[0] + n)):
+                rows = slice(mine[0], mine[0] + n)
+            else:
+                rows = torch.tensor(mine, device=device)[:, None]
+            groups.append((sel, rows, s, n))
+        return groups
+
+    def _run_loops(self, h, input_pos, cache, start_loop, num_loops, batch_idx, logits, logits_loops, kv_len,
+                   groups=None) -> LoopOutput:
         """forward_loops after validation (batch_idx (B, 1), kv_len set): no host syncs, no counters.
 
         This is the part a compiled fixed-shape step traces (kernels.fast_step).
         """
         cos, sin = self.rotary(input_pos, h.dtype)
         hiddens, gates, outs = [], [], []
-        ctx = _LoopStep(self.attention, cache, input_pos, batch_idx, kv_len)
+        ctx = _LoopStep(self.attention, cache, input_pos, batch_idx, kv_len, groups)
         for i in range(num_loops):
             ctx.loop = start_loop + i
+            ctx.step = i
             for layer_idx, layer in enumerate(self.model.layers):
                 h = layer(h, cos, sin, ctx, layer_idx)
             h = self.model.norm(h)  # Ouro norms after every loop: output of loop t, input of loop t+1

@@ -43,6 +43,7 @@ from looplm.model import LoopLM
 from looplm.sampling import choose, probabilities, sample
 
 from .accept import accept_greedy, accept_sampled
+from .drafts import draft_state
 from .pipeline import decode_pipelined
 from .schedule import DraftLength
 
@@ -62,7 +63,8 @@ def decode(
     *,
     draft_loop: int | None = None,
     draft_len: int | str | None = None,
-    pipeline: bool = False,
+    pipeline: bool | None = None,
+    extrapolate: float = 0.0,
 ) -> Iterator[Step]:
     """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
 
@@ -75,6 +77,10 @@ def decode(
             g in 1..8 maximising expected tokens per loop pass from the running acceptance rate).
         pipeline: draft token n+1 in the same forward that runs token n's remaining loops
             (spec.pipeline; k must divide T, and the draft length is then T/k - 1 tokens in flight).
+            None (default): pipelined when draft_len is not given and k divides T (it was faster
+            than every fixed or adaptive draft length on the default model), else draft rounds.
+        extrapolate: c in [0, 10]; drafts come from z_k + c (z_k - z_{k-1}) (spec.drafts). For
+            k = 1 there is no earlier loop: drafts are loop 1's and stats["extrapolate"] is 0.0.
     Yields:
         Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
@@ -94,10 +100,16 @@ def decode(
     k = min(DEFAULT_DRAFT_LOOP, T - 1) if draft_loop is None else draft_loop
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T - 1:
         raise ValueError(f"draft_loop must be an integer in 1..{T - 1} (loops are 1-based), got {draft_loop!r}")
+    if isinstance(extrapolate, bool) or not isinstance(extrapolate, (int, float)) or not 0 <= extrapolate <= 10:
+        raise ValueError(f"extrapolate must be a number in [0, 10], got {extrapolate!r}")
+    if k < 2:
+        extrapolate = 0.0  # loop 1 has no earlier loop to extrapolate from (stats say 0.0)
+    if pipeline is None:
+        pipeline = draft_len is None and T % k == 0
     if pipeline:
         if draft_len is not None:
             raise ValueError(f"pipeline=True sets the draft length itself (T/k - 1 = {T // k - 1} in flight); got draft_len={draft_len!r}")
-        yield from decode_pipelined(model, req, k)
+        yield from decode_pipelined(model, req, k, float(extrapolate))
         return
     schedule = DraftLength(DEFAULT_DRAFT_LEN if draft_len is None else draft_len, k, T)
     params, gen = req.sampling, req.generator
@@ -129,6 +141,7 @@ def decode(
         req.stats.update(
             draft_loop=k,
             draft_len=draft_len if draft_len is not None else DEFAULT_DRAFT_LEN,
+            extrapolate=extrapolate,
             drafted=n_prop,
             accepted=n_acc,
             acceptance_rate=n_acc / max(n_prop, 1),
@@ -156,14 +169,15 @@ def decode(
         # -- draft: one k-loop call per draft token, keeping loop-k hidden states -----------
         hs, drafts, qs = [], [], []
         for i in range(G):
-            out = model.forward_loops(embed(inp), v_pos[:, i : i + 1], cache, num_loops=k, logits="last",
+            out = model.forward_loops(embed(inp), v_pos[:, i : i + 1], cache, num_loops=k,
                                       kv_len=min(top + i, scratch) + 1)
             hs.append(out.hidden[-1])  # (B, 1, H) loop-k state of token i
             computed += B * k
+            z = model.head(draft_state(out.hidden, extrapolate))  # (B, 1, V) draft logits
             if params.greedy:
-                inp = out.logits[-1].argmax(-1)  # (B, 1)
+                inp = z.argmax(-1)  # (B, 1)
             else:
-                q = probabilities(out.logits[-1, :, 0], params)  # (B, V)
+                q = probabilities(z[:, 0], params)  # (B, V)
                 qs.append(q)
                 inp = sample(q, gen)[:, None]
             drafts.append(inp)

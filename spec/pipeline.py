@@ -35,6 +35,7 @@ from looplm.model import LoopLM
 from looplm.sampling import choose, probabilities, sample
 
 from .accept import accept_sampled
+from .drafts import draft_state
 
 
 @dataclass
@@ -50,10 +51,11 @@ class _Token:
 
 
 @torch.inference_mode()
-def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int) -> Iterator[Step]:
+def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: float = 0.0) -> Iterator[Step]:
     """Speculative decoding with the draft of token n+1 computed in the same forward as the
     remaining loops of token n (see the module docstring). Same Steps and stats keys as spec.decode,
-    plus stats["pipeline"] = True; a "round" is one forward call."""
+    plus stats["pipeline"] = True; a "round" is one forward call. `extrapolate` = c drafts from
+    spec.drafts.draft_state (loop k's logits pushed c times further along their change from loop k-1)."""
     T, B = model.num_loops, req.batch_size
     if T % k:
         raise ValueError(f"the pipeline splits T = {T} loops into stages of draft_loop = {k}: k must divide T")
@@ -75,6 +77,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int) -> Iterator[Step
     computed = n_acc = n_rej = n_prop = calls = emitted = 0
     run = [0] * B  # accepted drafts since the row's last rejection
     hist: list[int] = [0] * (D + 1)
+    layouts: dict[tuple, tuple] = {}
 
     def grow(hist_len: int) -> None:
         while len(hist) <= hist_len:
@@ -83,7 +86,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int) -> Iterator[Step
     def stats() -> None:
         closed = sum(hist)
         req.stats.update(
-            pipeline=True, draft_loop=k, draft_len=D - 1, drafted=n_prop, accepted=n_acc, rejected=n_rej,
+            pipeline=True, draft_loop=k, draft_len=D - 1, extrapolate=extrapolate, drafted=n_prop, accepted=n_acc, rejected=n_rej,
             acceptance_rate=n_acc / max(n_prop, 1), token_acceptance=n_acc / max(n_acc + n_rej, 1),
             mean_accepted_len=n_acc / max(closed + sum(1 for r in run if r), 1), accepted_len_hist=list(hist),
             rounds=calls, loops_per_token=computed / max(emitted, 1),
@@ -98,23 +101,33 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int) -> Iterator[Step
                 flight[row].append(_Token(0, first[row], 0))
     stats()
     while True:
-        items = [t for row in range(B) for t in flight[row]]
+        # call rows: each row's tokens youngest (lowest loops) first, so that one sequence's tokens sit
+        # at evenly spaced loops and attention reads them as one strided view of the cache
+        items = [t for row in range(B) for t in reversed(flight[row])]
         if not items:
             break
         for i, t in enumerate(items):
             t.slot = i
-        rows = torch.tensor([r for r in range(B) for _ in flight[r]], device=device)
-        pos_list = [plen[r] + t.index for r in range(B) for t in flight[r]]
-        start = torch.tensor([t.stage * k for t in items], device=device)
-        fresh = [i for i, t in enumerate(items) if t.stage == 0]
-        emb = iter(embed(torch.tensor([items[i].token for i in fresh], device=device))) if fresh else None
-        h = torch.stack([t.hidden if t.stage else next(emb) for t in items])  # (N, H) in call order
+        rows = tuple(r for r in range(B) for _ in flight[r])
+        stages = tuple(t.stage for t in items)
+        if (rows, stages) not in layouts:  # index tensors of a call layout, built once (few layouts recur)
+            fresh_ = [i for i, st in enumerate(stages) if st == 0]
+            layouts[rows, stages] = (torch.tensor(rows, device=device), torch.tensor(stages, device=device)[:, None] * k,
+                                     fresh_, torch.tensor(fresh_, device=device))
+        rows_t, start, fresh, fresh_t = layouts[rows, stages]
+        pos_list = [plen[r] + t.index for r in range(B) for t in reversed(flight[r])]
+        table = embed.weight  # a row of the embedding table is the embedding (a view, no lookup op)
+        h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])  # (N, H) in call order
         out = model.forward_loops(h[:, None], torch.tensor(pos_list, device=device)[:, None], cache,
-                                  start_loop=start[:, None], num_loops=k, batch_idx=rows, logits="last",
-                                  kv_len=max(pos_list) + 1)
+                                  start_loop=start, num_loops=k, batch_idx=rows_t, kv_len=max(pos_list) + 1)
         calls += 1
         computed += len(items) * k
-        hidden, lg = out.hidden[-1, :, 0], out.logits[-1, :, 0]  # (N, H), (N, V)
+        hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
+        state = hidden
+        if extrapolate and fresh:  # rows leaving loop k draft from extrapolated states (spec.drafts)
+            last_two = out.hidden[:, :, 0].index_select(1, fresh_t)  # (k, n, H)
+            state = hidden.index_copy(0, fresh_t, draft_state(last_two, extrapolate))
+        lg = model.head(state)  # (N, V): exact loop-T logits of the rows leaving loop T, drafts of fresh rows
         heads = [row for row in range(B) if flight[row] and flight[row][0].stage == D - 1]
         verdict: dict[int, tuple[int, bool]] = {}  # row -> (emitted token, was it the accepted draft)
         draft_tok: dict[int, int] = {}  # call slot of a token leaving loop k -> its successor's draft

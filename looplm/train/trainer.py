@@ -61,6 +61,7 @@ class TrainConfig:
     phop_max_hops: int = 4
     # loop distillation on the corpus rows (objectives.loop_distillation_loss): T weights, empty = off
     distill_weights: list[float] = field(default_factory=list)
+    distill_scale: float = 1.0  # the (weight-normalised) distillation term is added times this
     # optimisation
     seq_len: int = 256
     batch_size: int = 16
@@ -168,12 +169,13 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
 
 
 def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str, loop_weights, beta: float,
-                task_rows: int = 0, task_weight: float = 1.0, task_loop_weights=None, distill_weights=None):
+                task_rows: int = 0, task_weight: float = 1.0, task_loop_weights=None, distill_weights=None,
+                distill_scale: float = 1.0):
     """(loss, per-loop mean CE [T] of the corpus rows, per-loop answer CE [T] of the task rows or None).
 
     The last `task_rows` rows are task rows (targets IGNORE_INDEX except answers): their masked
     per-loop CE enters as a separate term, `task_weight` times the weighted mean over loops.
-    `distill_weights` (T weights) adds the loop-distillation term on the corpus rows.
+    `distill_weights` (T weights) adds `distill_scale` times the loop-distillation term on the corpus rows.
     """
     out = model.loop_outputs(x)
     ce = per_loop_ce(out.logits, y)
@@ -191,7 +193,7 @@ def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str,
         loss = loss + task_weight * task_loss
     if distill_weights:
         distill, _ = loop_distillation_loss(out.logits[:, :n], distill_weights)
-        loss = loss + distill
+        loss = loss + distill_scale * distill
     return loss, per_loop, task_per_loop
 
 
@@ -301,7 +303,7 @@ def train(tc: TrainConfig) -> Path:
             beta = tc.beta if progress < 0.5 else tc.beta_late
             loss, per_loop, task_per_loop = fwd(model, x, y, tc.objective, tuple(tc.loop_weights), beta,
                                                 tc.phop_rows, tc.phop_weight, tuple(tc.phop_loop_weights) or None,
-                                                tuple(tc.distill_weights) or None)
+                                                tuple(tc.distill_weights) or None, tc.distill_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -138,3 +138,21 @@ def test_streamed_pieces_never_split_a_character(monkeypatch):
     pieces = [s.text for s in stream]
     assert "".join(pieces) == "é€ a" == stream.generations[0].text
     assert all("\ufffd" not in p for p in pieces) and pieces[0] == "" and pieces[1] == "é"
+
+
+def test_checkpoint_recommended_mode_options_are_defaults_and_explicit_options_win():
+    from looplm.config import LoopConfig
+    from looplm.model import LoopLM
+
+    cfg = LoopConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, total_ut_steps=4, max_position_embeddings=32)
+    model = LoopLM(cfg).init_weights(int(torch.randint(0, 1000, ())), std=0.2).eval()
+    engine = looplm.Engine(model, generation_config={"looplm": {"speculative": {"draft_loop": 1, "draft_len": 2}}})
+    assert engine.generate([1, 2, 3], max_new_tokens=6, stop=[], mode="speculative").stats["draft_loop"] == 1
+    st = engine.generate([1, 2, 3], max_new_tokens=6, stop=[], mode="speculative", draft_loop=3).stats
+    assert (st["draft_loop"], st["draft_len"]) == (3, 2)
+    assert "draft_loop" not in engine.generate([1, 2], max_new_tokens=2, stop=[]).stats  # other modes untouched
+    bad = looplm.Engine(model, generation_config={"looplm": {"speculative": 2}})
+    with pytest.raises(ValueError, match="generation_config"):
+        bad.generate([1, 2], max_new_tokens=2, mode="speculative")
+    assert bad.generate([1, 2], max_new_tokens=2, stop=[]).tokens  # still usable

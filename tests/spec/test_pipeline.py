@@ -7,6 +7,7 @@ import torch
 
 import looplm
 import spec.pipeline
+from spec.drafts import draft_state
 from looplm.sampling import SamplingParams
 
 from .conftest import ragged_prompts, spec_model
@@ -128,3 +129,48 @@ def test_invalid_options():
     with pytest.raises(ValueError, match="draft length"):
         engine.generate([1, 2], max_new_tokens=3, mode="speculative", draft_loop=2, draft_len=3, pipeline=True)
     assert len(engine.generate([1, 2], max_new_tokens=3, stop=[], mode="speculative", draft_loop=2, pipeline=True).tokens) == 3
+
+
+def test_draft_state_is_logit_extrapolation():
+    model = spec_model(loops=4)
+    h = torch.randn(2, 3, 1, model.config.hidden_size)  # (loops, rows, 1, H)
+    c = float(torch.rand(()) * 2)
+    want_logits = model.head(h[1]) + c * (model.head(h[1]) - model.head(h[0]))  # z_k + c (z_k - z_{k-1})
+    torch.testing.assert_close(model.head(draft_state(h, c)), want_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(draft_state(h, 0.0), h[-1])
+    with pytest.raises(ValueError, match="two loops"):
+        draft_state(h[:1], 0.5)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_extrapolated_drafts_stay_exact(pipeline):
+    model = spec_model(loops=4, max_pos=40)
+    engine = looplm.Engine(model)
+    prompts = ragged_prompts(3, model.config.vocab_size, 1, 10)
+    full = engine.generate(prompts, max_new_tokens=25, stop=[])
+    opts = {"pipeline": True} if pipeline else {"draft_len": 3}
+    for c in (0.5, 2.0):
+        spec_ = engine.generate(prompts, max_new_tokens=25, stop=[], mode="speculative", draft_loop=2, extrapolate=c, **opts)
+        assert [s.tokens for s in spec_] == [f.tokens for f in full]
+        assert spec_[0].stats["extrapolate"] == c
+    # loop 1 has nothing to extrapolate from: the option is a no-op there
+    one = engine.generate(prompts, max_new_tokens=25, stop=[], mode="speculative", draft_loop=1, extrapolate=0.5, **opts)
+    plain = engine.generate(prompts, max_new_tokens=25, stop=[], mode="speculative", draft_loop=1, **opts)
+    assert one[0].stats["extrapolate"] == 0.0 and [g.stats["drafted"] for g in one] == [g.stats["drafted"] for g in plain]
+
+
+def test_sampling_with_extrapolated_drafts_follows_full_depth():
+    """Extrapolation changes the draft distribution q; the emitted distribution must not change."""
+    torch.manual_seed(5)
+    model = spec_model(seed=13, vocab=5, loops=4, std=0.2, step_scale=1.0, max_pos=16)
+    params = SamplingParams(temperature=1.0, top_k=4)
+    prompt, n, N = [2, 4], 3, 6_000
+    joint = exact_joint(model, prompt, n, params)
+    engine = looplm.Engine(model)
+    gens = engine.generate([prompt] * N, max_new_tokens=n, stop=[], mode="speculative", draft_loop=2, pipeline=True,
+                           extrapolate=1.0, seed=4, temperature=1.0, top_k=4)
+    assert 0 < gens[0].stats["acceptance_rate"] < 1
+    toks = torch.tensor([g.tokens for g in gens])
+    code = (toks * (5 ** torch.arange(n - 1, -1, -1))).sum(-1)
+    stat, df = chi2_stat(code, joint.float())
+    assert stat < chi2_critical(df), (stat, df)
