@@ -44,7 +44,10 @@ class ExitPolicy:
 
     name = "none"
     needs_probs = False  # needs the LM head after every loop
-    threshold: float = math.nan
+    default_threshold: float = math.nan
+
+    def __init__(self, threshold: float | None = None):
+        self.threshold = float(self.default_threshold if threshold is None else threshold)
 
     def bind(self, num_loops: int) -> "ExitPolicy":
         """Resolves defaults that depend on the model's depth T; returns self."""
@@ -65,12 +68,12 @@ class QExit(ExitPolicy):
     Default q = 0.5. q = 1.0 runs every token to depth T (up to float rounding of the CDF).
     """
 
-    name = "q_exit"
+    name, default_threshold = "q_exit", 0.5
 
-    def __init__(self, threshold: float = 0.5):
-        if not 0 <= threshold <= 1:
+    def __init__(self, threshold: float | None = None):
+        super().__init__(threshold)
+        if not 0 <= self.threshold <= 1:
             raise ValueError(f"q must lie in [0, 1], got {threshold}")
-        self.threshold = float(threshold)
 
     def decide(self, obs):
         cdf = exit_cdf(obs.gates.T)  # (T, R); entries up to each token's loop use only lambdas 1..loop
@@ -84,10 +87,7 @@ class Confidence(ExitPolicy):
     Cost: the LM head and a softmax after every loop.
     """
 
-    name, needs_probs = "confidence", True
-
-    def __init__(self, threshold: float = 0.9):
-        self.threshold = float(threshold)
+    name, needs_probs, default_threshold = "confidence", True, 0.9
 
     def decide(self, obs):
         signal = obs.probs.max(-1).values
@@ -100,10 +100,7 @@ class Entropy(ExitPolicy):
     Cost: the LM head and a softmax after every loop.
     """
 
-    name, needs_probs = "entropy", True
-
-    def __init__(self, threshold: float = 1.0):
-        self.threshold = float(threshold)
+    name, needs_probs, default_threshold = "entropy", True, 1.0
 
     def decide(self, obs):
         p = obs.probs
@@ -118,10 +115,7 @@ class KLExit(ExitPolicy):
     every loop, and one extra (R, V) distribution kept per row.
     """
 
-    name, needs_probs = "kl", True
-
-    def __init__(self, threshold: float = 0.01):
-        self.threshold = float(threshold)
+    name, needs_probs, default_threshold = "kl", True, 0.01
 
     def decide(self, obs):
         p, q = obs.probs, obs.prev_probs
@@ -137,10 +131,7 @@ class HiddenDelta(ExitPolicy):
     H-vector per loop; no LM head before the exit.
     """
 
-    name = "delta"
-
-    def __init__(self, threshold: float = 0.05):
-        self.threshold = float(threshold)
+    name, default_threshold = "delta", 0.05
 
     def decide(self, obs):
         h, h0 = obs.hidden.float(), obs.prev_hidden.float()

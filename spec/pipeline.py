@@ -100,98 +100,98 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
             if req.active(row, 1):
                 flight[row].append(_Token(0, first[row], 0))
     stats()
-    while True:
-        # call rows: each row's tokens youngest (lowest loops) first, so that one sequence's tokens sit
-        # at evenly spaced loops and attention reads them as one strided view of the cache
-        items = [t for row in range(B) for t in reversed(flight[row])]
-        if not items:
-            break
-        for i, t in enumerate(items):
-            t.slot = i
-        rows = tuple(r for r in range(B) for _ in flight[r])
-        stages = tuple(t.stage for t in items)
-        if (rows, stages) not in layouts:  # index tensors of a call layout, built once (few layouts recur)
-            fresh_ = [i for i, st in enumerate(stages) if st == 0]
-            layouts[rows, stages] = (torch.tensor(rows, device=device), torch.tensor(stages, device=device)[:, None] * k,
-                                     fresh_, torch.tensor(fresh_, device=device))
-        rows_t, start, fresh, fresh_t = layouts[rows, stages]
-        pos_list = [plen[r] + t.index for r in range(B) for t in reversed(flight[r])]
-        table = embed.weight  # a row of the embedding table is the embedding (a view, no lookup op)
-        h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])  # (N, H) in call order
-        out = model.forward_loops(h[:, None], torch.tensor(pos_list, device=device)[:, None], cache,
-                                  start_loop=start, num_loops=k, batch_idx=rows_t, kv_len=max(pos_list) + 1)
-        calls += 1
-        computed += len(items) * k
-        hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
-        state = hidden
-        if extrapolate and fresh:  # rows leaving loop k draft from extrapolated states (spec.drafts)
-            last_two = out.hidden[:, :, 0].index_select(1, fresh_t)  # (k, n, H)
-            state = hidden.index_copy(0, fresh_t, draft_state(last_two, extrapolate))
-        lg = model.head(state)  # (N, V): exact loop-T logits of the rows leaving loop T, drafts of fresh rows
-        heads = [row for row in range(B) if flight[row] and flight[row][0].stage == D - 1]
-        verdict: dict[int, tuple[int, bool]] = {}  # row -> (emitted token, was it the accepted draft)
-        draft_tok: dict[int, int] = {}  # call slot of a token leaving loop k -> its successor's draft
-        draft_q: dict[int, torch.Tensor] = {}
-        if params.greedy:  # one argmax and one host transfer for the whole call
-            ids = lg.argmax(-1).tolist()
-            for r in heads:
-                tok = ids[flight[r][0].slot]
-                verdict[r] = (tok, len(flight[r]) > 1 and flight[r][1].token == tok)
-            draft_tok = {i: ids[i] for i in fresh}
-        else:
-            # -- verify: a token leaving loop T tests its successor's draft (Leviathan/Chen) --------
-            if heads:
-                succ = [flight[r][1] if len(flight[r]) > 1 else None for r in heads]
-                p = probabilities(lg[[flight[r][0].slot for r in heads]], params)[:, None]  # (n, 1, V)
-                q = torch.stack([s.q if s is not None else p[j, 0] for j, s in enumerate(succ)])[:, None]
-                drafts = torch.tensor([[s.token if s is not None else 0] for s in succ], device=device)
-                limit = torch.tensor([int(s is not None) for s in succ], device=device)
-                accepted, tokens = accept_sampled(drafts, q, p, limit, gen)
-                for r, a, tok in zip(heads, accepted.tolist(), tokens[:, 0].tolist()):
-                    verdict[r] = (tok, bool(a))
-            # -- draft: a token leaving loop k samples its successor from its loop-k head ----------
-            if fresh:
-                qd = probabilities(lg[fresh], params)
-                draft_tok = dict(zip(fresh, sample(qd, gen).tolist()))
-                draft_q = dict(zip(fresh, qd))
+    try:
+        while True:
+            # call rows: each row's tokens youngest (lowest loops) first, so that one sequence's tokens sit
+            # at evenly spaced loops and attention reads them as one strided view of the cache
+            items = [t for row in range(B) for t in reversed(flight[row])]
+            if not items:
+                break
+            for i, t in enumerate(items):
+                t.slot = i
+            rows = tuple(r for r in range(B) for _ in flight[r])
+            stages = tuple(t.stage for t in items)
+            if (rows, stages) not in layouts:  # index tensors of a call layout, built once (few layouts recur)
+                fresh_ = [i for i, st in enumerate(stages) if st == 0]
+                stage_t = torch.tensor(stages, device=device)[:, None]
+                layouts[rows, stages] = (torch.tensor(rows, device=device), stage_t * k, fresh_, stage_t == 0)
+            rows_t, start, fresh, is_fresh = layouts[rows, stages]
+            pos_list = [plen[r] + t.index for r in range(B) for t in reversed(flight[r])]
+            table = embed.weight  # a row of the embedding table is the embedding (a view, no lookup op)
+            h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])  # (N, H) in call order
+            out = model.forward_loops(h[:, None], torch.tensor(pos_list, device=device)[:, None], cache,
+                                      start_loop=start, num_loops=k, batch_idx=rows_t, kv_len=max(pos_list) + 1)
+            calls += 1
+            computed += len(items) * k
+            hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
+            state = hidden
+            if extrapolate and fresh:  # rows leaving loop k draft from extrapolated states (spec.drafts)
+                state = torch.where(is_fresh, draft_state(out.hidden[:, :, 0], extrapolate), hidden)
+            lg = model.head(state)  # (N, V): exact loop-T logits of the rows leaving loop T, drafts of fresh rows
+            heads = [row for row in range(B) if flight[row] and flight[row][0].stage == D - 1]
+            verdict: dict[int, tuple[int, bool]] = {}  # row -> (emitted token, was it the accepted draft)
+            draft_tok: dict[int, int] = {}  # call slot of a token leaving loop k -> its successor's draft
+            draft_q: dict[int, torch.Tensor] = {}
+            if params.greedy:  # one argmax and one host transfer for the whole call
+                ids = lg.argmax(-1).tolist()
+                for r in heads:
+                    tok = ids[flight[r][0].slot]
+                    verdict[r] = (tok, len(flight[r]) > 1 and flight[r][1].token == tok)
+                draft_tok = {i: ids[i] for i in fresh}
+            else:
+                # -- verify: a token leaving loop T tests its successor's draft (Leviathan/Chen) --------
+                if heads:
+                    succ = [flight[r][1] if len(flight[r]) > 1 else None for r in heads]
+                    p = probabilities(lg[[flight[r][0].slot for r in heads]], params)[:, None]  # (n, 1, V)
+                    q = torch.stack([s.q if s is not None else p[j, 0] for j, s in enumerate(succ)])[:, None]
+                    drafts = torch.tensor([[s.token if s is not None else 0] for s in succ], device=device)
+                    limit = torch.tensor([int(s is not None) for s in succ], device=device)
+                    accepted, tokens = accept_sampled(drafts, q, p, limit, gen)
+                    for r, a, tok in zip(heads, accepted.tolist(), tokens[:, 0].tolist()):
+                        verdict[r] = (tok, bool(a))
+                # -- draft: a token leaving loop k samples its successor from its loop-k head ----------
+                if fresh:
+                    qd = probabilities(lg[fresh], params)
+                    draft_tok = dict(zip(fresh, sample(qd, gen).tolist()))
+                    draft_q = dict(zip(fresh, qd))
 
-        # -- advance every row's pipeline and emit in order ----------------------------------------
-        for row in range(B):
-            toks = flight[row]
-            for t in toks:
-                t.stage += 1
-                t.hidden = hidden[t.slot]
-            if row in verdict:
-                head = toks.pop(0)  # ran its last loop
-                tok, ok = verdict[row]
-                if ok:
-                    n_acc += 1
-                    run[row] += 1
-                    yield Step(row, produced[row], tok, T, T, timer.lap(row), "draft",
-                               info={"draft": True, "accepted": run[row], "proposed": run[row]})
-                else:
-                    if toks:  # the successor was a tested draft, and failed
-                        n_rej += 1
-                        grow(run[row])
-                        hist[run[row]] += 1
-                        run[row] = 0
-                    toks.clear()  # drafts behind a rejection are void
-                    yield Step(row, produced[row], tok, T, T, timer.lap(row), "verify",
-                               info={"draft": False, "accepted": run[row], "proposed": run[row] + 1})
-                    toks.append(_Token(head.index + 1, tok, 0))
-                produced[row] += 1
-                emitted += 1
-                if not req.active(row, produced[row]):
-                    toks.clear()
-                    continue
-            newest = toks[-1] if toks else None  # drafts if it has just left loop k
-            if newest is not None and newest.stage == 1 and newest.slot in draft_tok and newest.index + 1 < req.max_new[row]:
-                toks.append(_Token(newest.index + 1, draft_tok[newest.slot], 0, q=draft_q.get(newest.slot)))
-                n_prop += 1
+            # -- advance every row's pipeline and emit in order ----------------------------------------
+            for row in range(B):
+                toks = flight[row]
+                for t in toks:
+                    t.stage += 1
+                    t.hidden = hidden[t.slot]
+                if row in verdict:
+                    head = toks.pop(0)  # ran its last loop
+                    tok, ok = verdict[row]
+                    if ok:
+                        n_acc += 1
+                        run[row] += 1
+                        yield Step(row, produced[row], tok, T, T, timer.lap(row), "draft",
+                                   info={"draft": True, "accepted": run[row], "proposed": run[row]})
+                    else:
+                        if toks:  # the successor was a tested draft, and failed
+                            n_rej += 1
+                            grow(run[row])
+                            hist[run[row]] += 1
+                            run[row] = 0
+                        toks.clear()  # drafts behind a rejection are void
+                        yield Step(row, produced[row], tok, T, T, timer.lap(row), "verify",
+                                   info={"draft": False, "accepted": run[row], "proposed": run[row] + 1})
+                        toks.append(_Token(head.index + 1, tok, 0))
+                    produced[row] += 1
+                    emitted += 1
+                    if not req.active(row, produced[row]):
+                        toks.clear()
+                        continue
+                newest = toks[-1] if toks else None  # drafts if it has just left loop k
+                if newest is not None and newest.stage == 1 and newest.slot in draft_tok and newest.index + 1 < req.max_new[row]:
+                    toks.append(_Token(newest.index + 1, draft_tok[newest.slot], 0, q=draft_q.get(newest.slot)))
+                    n_prop += 1
+    finally:  # also when the consumer stops early (Stream.close)
+        for r in range(B):
+            if run[r]:
+                grow(run[r])
+                hist[run[r]] += 1
+                run[r] = 0
         stats()
-    for r in range(B):
-        if run[r]:
-            grow(run[r])
-            hist[run[r]] += 1
-            run[r] = 0
-    stats()
