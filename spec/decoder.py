@@ -48,10 +48,12 @@ from .pipeline import decode_pipelined
 from .schedule import DraftLength
 
 # Defaults measured on the bundled default model (d256, 2 layers x 4 loops) at batch 1 on a CPU,
-# greedy, 128 new tokens (benchmarks/test_spec_speedup.py sweeps k in 1..3, g in 2,3,4,6,adaptive):
-# a tested loop-k draft passes 52% (k=1), 84% (k=2), 92% (k=3) of the time; k=2, g=3 was fastest
-# at 1.2x full depth (k=1: <= 1.0x, k=3: 1.02x). A model whose early loops agree more (Ouro-1.4B:
-# ~94% at loop 1) wants k=1 with draft_len="adaptive".
+# greedy, 128 new tokens (benchmarks/test_spec_speedup.py; numbers in benchmarks/RESULTS.md): a
+# tested loop-k draft passes 52% (k=1), 84% (k=2), 92% (k=3) of the time. In rounds, k=2, g=3 was
+# fastest at ~1.2x full depth; pipelined (spec.pipeline) k=2 reached ~1.45x, and ~1.5x with drafts
+# extrapolated from loops 1-2 (extrapolate=0.5, acceptance 91%), which the default model's
+# generation_config.json recommends. k=2 is the default draft loop; pipelining is the default
+# whenever k divides T and no draft length is asked for.
 DEFAULT_DRAFT_LOOP = 2
 DEFAULT_DRAFT_LEN: int | str = 3
 

@@ -114,3 +114,32 @@ def test_phop_answer_by_hand():
     seq = list("cabcab")
     # b(5) -> prev b(2) -> pos 3 'c'; c(3) -> prev c(0) -> pos 1 'a'
     assert phop_answer(seq, 2) == "a"
+
+
+def test_release_ships_the_checkpoint_and_keeps_recommended_options(data_dir, trained, tmp_path):
+    from looplm.train.release import SHIPPED, release
+
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0")).save(str(run / "final" / "tokenizer.json"))
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    shutil.copyfile(data / "val.bin", data / "val_text.bin")  # the natural-text split the card reports on
+    meta = {"vocab_size": VOCAB, "natural_docs": {"python_docs": 1, "stdlib": 1, "austen": 1}, "synthetic_fraction_chars": 0.3,
+            "phop_share_of_synthetic": 0.6, "train_tokens": 10_000, "val_text_tokens": 2_000, "n_phop_val": 0}
+    (data / "meta.json").write_text(json.dumps(meta))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "generation_config.json").write_text(json.dumps({"looplm": {"speculative": {"draft_loop": 2}}}))
+    release(run, data, dest, gate_steps=3, feature_batches=2, eval_batches=2)
+    assert all((dest / name).is_file() for name in SHIPPED + ("exit_curve.png", "MODEL_CARD.md"))
+    gen = json.loads((dest / "generation_config.json").read_text())
+    assert gen["looplm"] == {"speculative": {"draft_loop": 2}} and "eos_token_id" in gen
+    import looplm
+
+    engine = looplm.load(str(dest))
+    assert engine.mode_defaults("speculative") == {"draft_loop": 2}
