@@ -18,7 +18,8 @@ Backends:
 only by name (it has not been measured against SDPA on a GPU yet).
 
 Fast steps (kernels.fast_step): `DecodeStep(model, cache)` is a fixed-shape full-depth decode
-step compiled once (whole-step graph + CUDA graphs on GPU, compiled layer halves on CPU);
+step compiled once (whole-step graph + CUDA graphs on GPU, one loop's graph reused on CPU); the
+facade runs it with `Engine.generate(..., step="compiled")` (`pooled_step` keeps one per shape);
 `compile_layers(model)` compiles the layer halves for every forward call, so the speculative
 verify and the anytime decoder's calls get them too (one graph per distinct (batch, positions)
 shape: batch sizes and draft lengths are the buckets).

@@ -24,6 +24,7 @@ eager step's (to float rounding of a different reduction order).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Literal
 
 import torch
@@ -183,23 +184,24 @@ class DecodeStep:
             torch.cuda.synchronize()
 
 
-@torch.inference_mode()
-def greedy_decode(model: LoopLM, cache: LoopKVCache, prompts: list[list[int]], new_tokens: int, step=None) -> torch.Tensor:
-    """Prefill, then `new_tokens - 1` greedy steps with `step` (a DecodeStep; None: the eager forward).
+# model -> {(batch, cache length, KV mode, compiled): DecodeStep}; dies with the model
+_POOL: "weakref.WeakKeyDictionary[LoopLM, dict]" = weakref.WeakKeyDictionary()
+BUCKET = 128  # cache lengths are rounded up to a multiple of this, so one graph serves many requests
 
-    Returns:
-        (B, new_tokens) token ids (the first from the prefill logits).
+
+def pooled_step(model: LoopLM, req, *, compile: bool = True) -> DecodeStep:
+    """The fixed-shape step for a request, built (and warmed up: compiled) once and then reused.
+
+    Steps are kept per model, batch size, cache length (the request's, rounded up to BUCKET and
+    capped at max_position_embeddings) and KV mode. The step's cache is the request's cache: its
+    prefill overwrites what an earlier request left, and stale positions are masked by position.
     """
-    from looplm.decoding import prefill
-
-    tok = prefill(model, cache, prompts).logits[-1, :, 0].argmax(-1)
-    pos = cache.lengths.clone()
-    out = [tok]
-    for _ in range(new_tokens - 1):
-        if step is None:
-            logits = model.forward_loops(model.embed(tok[:, None]), pos[:, None], cache, logits="last").logits[-1, :, 0]
-        else:
-            logits = step(tok, pos)
-        tok, pos = logits.argmax(-1), pos + 1
-        out.append(tok)
-    return torch.stack(out, 1)
+    max_len = min(-(-req.cache_len() // BUCKET) * BUCKET, model.config.max_position_embeddings)
+    cache = req.new_cache(model, max_len)
+    key = (req.batch_size, max_len, getattr(cache, "kv", "per_loop"), compile)
+    steps = _POOL.setdefault(model, {})
+    if key not in steps:
+        step = DecodeStep(model, cache, compile=compile)
+        step.warmup()  # compiles before the request's prefill, which then overwrites the warm-up's writes
+        steps[key] = step
+    return steps[key]
