@@ -15,7 +15,7 @@ from .config import LoopConfig
 from .decoding import DecodeRequest, Step, resolve_mode
 from .model import LoopLM
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .tokenizer import IncrementalText, Tokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
@@ -150,6 +150,7 @@ class Engine:
         req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, {**self.mode_defaults(mode), **kwargs})
         for i, p in enumerate(req.prompts):
             gens[i] = Generation(prompt_tokens=p)
+        detok = [IncrementalText(self.tokenizer.decode) for _ in req.prompts] if self.tokenizer is not None else None
         start = time.perf_counter()
         steps = decoder(self.model, req, **options)
         for step in steps:
@@ -159,7 +160,7 @@ class Engine:
             g.tokens.append(step.token)
             g.loops.append(step.loops)
             g.steps.append(step)
-            text = self.decode(g.tokens)
+            text = detok[step.row].update(g.tokens) if detok is not None else ""
             hit = next((s for s in stop_strs if s in text), None)
             if step.token in stop_ids or hit is not None:
                 req.done[step.row], g.finish_reason = True, "stop"

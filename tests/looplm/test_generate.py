@@ -156,3 +156,33 @@ def test_checkpoint_recommended_mode_options_are_defaults_and_explicit_options_w
     with pytest.raises(ValueError, match="generation_config"):
         bad.generate([1, 2], max_new_tokens=2, mode="speculative")
     assert bad.generate([1, 2], max_new_tokens=2, stop=[]).tokens  # still usable
+
+
+def test_incremental_text_equals_full_decodes_and_decodes_only_a_window():
+    """Byte-level tokens that split multi-byte characters, random ids, and a Metaspace-style decoder."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers
+
+    from looplm.tokenizer import IncrementalText, Tokenizer
+
+    hf = HF(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    from tokenizers import trainers
+
+    hf.train_from_iterator(["é€ a b ab 漢字 naïve"] * 10, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(hf)
+    widths = []
+    decode = lambda ids: (widths.append(len(ids)), tok.decode(ids))[1]  # noqa: E731
+    ids = torch.randint(0, hf.get_vocab_size(), (60,)).tolist() + tok.encode("漢字 é€ naïve")
+    inc = IncrementalText(decode)
+    for n in range(1, len(ids) + 1):
+        got = inc.update(ids[:n])
+        full = tok.decode(ids[:n])
+        assert got == full or (got.rstrip("\ufffd") == full.rstrip("\ufffd")), n
+    assert max(widths[-20:]) < 12  # windows, not the whole list
+    # a decoder that drops a leading space at the start of what it decodes (Metaspace-like)
+    words = ["▁Hello", "▁world", "!", "▁again"]
+    meta = lambda ids: "".join(words[i] for i in ids).replace("▁", " ").lstrip(" ")  # noqa: E731
+    inc = IncrementalText(meta)
+    for n in range(1, 5):
+        assert inc.update(list(range(n))) == meta(list(range(n)))
