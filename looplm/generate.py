@@ -59,10 +59,13 @@ def decode_full(model: LoopLM, req: DecodeRequest, step: str | Callable | None =
         produced += 1
         if not any(req.active(row, produced) for row in range(B)):
             return
-        # rows that are finished keep computing (cheap, keeps shapes fixed) at a clamped position
-        if fn is None:
-            out = model.forward_loops(model.embed(tokens[:, None]), pos[:, None].clamp(max=limit), cache, logits="last")
-            logits = out.logits[-1, :, 0]
-        else:
+        if fn is not None:  # a fixed-shape step: finished rows keep computing at a clamped position
             logits = fn(tokens, pos.clamp(max=limit))
+        elif all(req.active(row, produced) for row in range(B)):
+            out = model.forward_loops(model.embed(tokens[:, None]), pos[:, None], cache, logits="last")
+            logits = out.logits[-1, :, 0]
+        else:  # only the rows still generating; the others keep their last logits (same sampling draws)
+            rows = torch.tensor([r for r in range(B) if req.active(r, produced)], device=pos.device)
+            out = model.forward_loops(model.embed(tokens[rows, None]), pos[rows, None], cache, batch_idx=rows, logits="last")
+            logits = logits.index_copy(0, rows, out.logits[-1, :, 0])
         pos += 1

@@ -102,21 +102,24 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
     stats()
     try:
         while True:
-            # call rows: each row's tokens youngest (lowest loops) first, so that one sequence's tokens sit
-            # at evenly spaced loops and attention reads them as one strided view of the cache
-            items = [t for row in range(B) for t in reversed(flight[row])]
-            if not items:
+            # call rows ordered by stage, then by batch row: the rows at one loop are contiguous and,
+            # with every sequence in flight, their cache rows too (attention reads views, no gather);
+            # a single sequence's tokens sit at evenly spaced loops (one strided view of the cache)
+            pairs = sorted(((t.stage, r), t) for r in range(B) for t in flight[r]) if B > 1 else \
+                [((t.stage, 0), t) for t in reversed(flight[0])]
+            if not pairs:
                 break
+            items = [t for _, t in pairs]
             for i, t in enumerate(items):
                 t.slot = i
-            rows = tuple(r for r in range(B) for _ in flight[r])
+            rows = tuple(r for (_, r), _ in pairs)
             stages = tuple(t.stage for t in items)
             if (rows, stages) not in layouts:  # index tensors of a call layout, built once (few layouts recur)
                 fresh_ = [i for i, st in enumerate(stages) if st == 0]
                 stage_t = torch.tensor(stages, device=device)[:, None]
                 layouts[rows, stages] = (torch.tensor(rows, device=device), stage_t * k, fresh_, stage_t == 0)
             rows_t, start, fresh, is_fresh = layouts[rows, stages]
-            pos_list = [plen[r] + t.index for r in range(B) for t in reversed(flight[r])]
+            pos_list = [plen[r] + t.index for (_, r), t in pairs]
             table = embed.weight  # a row of the embedding table is the embedding (a view, no lookup op)
             h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])  # (N, H) in call order
             out = model.forward_loops(h[:, None], torch.tensor(pos_list, device=device)[:, None], cache,

@@ -186,3 +186,28 @@ def test_incremental_text_equals_full_decodes_and_decodes_only_a_window():
     inc = IncrementalText(meta)
     for n in range(1, 5):
         assert inc.update(list(range(n))) == meta(list(range(n)))
+
+
+def test_finished_rows_stop_computing_and_outputs_are_unchanged():
+    """A ragged batch (one row ends at a stop token, one at its context limit) decodes each row as
+    alone, sampled or greedy, and computes loops only for rows still generating."""
+    from looplm.config import LoopConfig
+    from looplm.model import LoopLM
+
+    cfg = LoopConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, total_ut_steps=3, max_position_embeddings=24)
+    model = LoopLM(cfg).init_weights(int(torch.randint(0, 1000, ())), std=0.3).eval()
+    engine = looplm.Engine(model)
+    prompts = [torch.randint(0, 32, (n,)).tolist() for n in (4, 20, 6)]
+    alone = [engine.generate(p, max_new_tokens=10, stop=[]) for p in prompts]
+    stop = alone[2].tokens[2]
+    want = [engine.generate(p, max_new_tokens=10, stop=[stop]) for p in prompts]
+    before = model.token_loops
+    got = engine.generate(prompts, max_new_tokens=10, stop=[stop])
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    # prefill (3 rows x 20 padded positions) + one decode row per token each row still had to produce
+    decode_rows = sum(max(len(g.tokens) - 1, 0) for g in got)
+    assert model.token_loops - before == 3 * (3 * 20 + decode_rows)
+    sampled = engine.generate(prompts, max_new_tokens=10, stop=[], temperature=0.9, seed=3)
+    again = engine.generate(prompts, max_new_tokens=10, stop=[], temperature=0.9, seed=3)
+    assert [g.tokens for g in sampled] == [g.tokens for g in again]
