@@ -189,7 +189,8 @@ class LoopLM(nn.Module):
             if num_loops is None:
                 raise ValueError("num_loops is required when start_loop is a tensor")
             start_loop = start_loop.expand(B, S)
-            lo, hi = int(start_loop.min()), int(start_loop.max())
+            starts = start_loop[:, 0].tolist() if S == 1 else None  # one transfer serves the range check and the groups
+            lo, hi = (min(starts), max(starts)) if starts else (int(start_loop.min()), int(start_loop.max()))
             if lo == hi:  # a uniform tensor takes the fast path
                 start_loop = lo
         else:
@@ -208,23 +209,21 @@ class LoopLM(nn.Module):
             batch_idx = batch_idx.view(B, 1)
         groups = None
         if cache is not None and not isinstance(start_loop, int) and S == 1:
-            groups = self._loop_groups(start_loop, batch_idx)
+            groups = self._loop_groups(starts, batch_idx, h.device)
         out = self._run_loops(h, input_pos, cache, start_loop, num_loops, batch_idx, logits, logits_loops, kv_len, groups)
         if not torch.compiler.is_compiling():  # a mutated int attribute would force a recompile per call
             self.token_loops += B * S * num_loops
         return out
 
     @staticmethod
-    def _loop_groups(start_loop: torch.Tensor, batch_idx: torch.Tensor | None) -> list[tuple]:
+    def _loop_groups(starts: list[int], batch_idx: torch.Tensor | None, device) -> list[tuple]:
         """Rows (one position each) grouped by start loop, so each group reads its loop's cache
         slot with one plain read instead of a per-token gather: [(rows of the call (slice or
         index tensor), cache rows to read (slice or (n, 1) tensor), start loop, n)]."""
-        starts = start_loop[:, 0].tolist()
         cache_rows = list(range(len(starts))) if batch_idx is None else batch_idx.view(-1).tolist()
         by_start: dict[int, list[int]] = {}
         for i, s in enumerate(starts):
             by_start.setdefault(s, []).append(i)
-        device = start_loop.device
         groups = []
         for s, idx in by_start.items():
             n = len(idx)
