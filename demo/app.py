@@ -40,7 +40,7 @@ MAX_ANALYSIS_ELEMENTS = 2**25  # T * tokens * vocab floats for the after-the-run
 FALLBACK_POLICIES = ["q_exit", "confidence", "entropy", "kl", "delta", "static"]
 # the controls, in the order the event handlers receive them (make_run's keyword names)
 CONTROLS = ("prompt", "max_new_tokens", "mode", "temperature", "seed", "kv", "budget_ms", "exit_policy", "threshold",
-            "skip", "draft_loop", "draft_len", "adaptive")
+            "skip", "draft_loop", "draft_len", "adaptive", "pipelined")
 DEFAULT_PROMPT = "It is a truth universally acknowledged that"
 
 
@@ -103,7 +103,7 @@ def defaults() -> dict:
     """The controls' initial values, by CONTROLS name."""
     return {"prompt": DEFAULT_PROMPT, "max_new_tokens": 48, "mode": "full", "temperature": 0.0, "seed": 0,
             "kv": "per_loop", "budget_ms": 0, "exit_policy": default_policy(), "threshold": "", "skip": "exact",
-            "draft_loop": 1, "draft_len": 4, "adaptive": False}
+            "draft_loop": 2, "draft_len": 4, "adaptive": False, "pipelined": True}
 
 
 @dataclass
@@ -139,7 +139,7 @@ def _number(value, name: str, *, lo: float, hi: float, integer: bool = False, al
 
 def make_run(engine: Engine, modes: list[str], prompt, max_new_tokens, mode, temperature=0.0, seed=0,
              kv="per_loop", budget_ms=None, exit_policy="none", threshold=None, skip="exact", draft_loop=1, draft_len=4,
-             adaptive=False) -> Run:
+             adaptive=False, pipelined=False) -> Run:
     """Validates the controls (CONTROLS, in order) into a Run; raises InputError with a readable message.
 
     Only the options a user set reach the decoder (e.g. no budget_ms for "0 = none"), so the same
@@ -176,9 +176,15 @@ def make_run(engine: Engine, modes: list[str], prompt, max_new_tokens, mode, tem
         if skip and skip != "exact":
             options["skip"] = skip
     elif mode == "speculative":
-        options["draft_loop"] = _number(draft_loop, "Draft loop", lo=1, hi=max(T - 1, 1), integer=True)
-        options["draft_len"] = ("adaptive" if adaptive else
-                                _number(draft_len, "Draft length", lo=1, hi=MAX_DRAFT_LEN, integer=True))
+        options["draft_loop"] = k = _number(draft_loop, "Draft loop", lo=1, hi=max(T - 1, 1), integer=True)
+        if pipelined:  # the draft of token n+1 rides along with token n's last loops (spec.pipeline)
+            if T % k:
+                raise InputError(f"Pipelined drafting splits the {T} loops into stages of k: choose a draft loop that divides {T}.")
+            options["pipeline"] = True
+        else:
+            options["pipeline"] = False
+            options["draft_len"] = ("adaptive" if adaptive else
+                                    _number(draft_len, "Draft length", lo=1, hi=MAX_DRAFT_LEN, integer=True))
     return Run(prompt, max_new, mode, options)
 
 
@@ -404,8 +410,10 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                                            elem_id="threshold", max_lines=1)
                     skip = gr.Dropdown(skip_modes(), value=init["skip"], label="Skipped loops", elem_id="skip")
                 with gr.Group(visible=False, elem_id="spec-options") as spec_box:
-                    draft_loop = gr.Slider(1, max(T - 1, 1), value=init["draft_loop"], step=1, label="Draft loop k",
-                                           elem_id="draft-loop")
+                    draft_loop = gr.Slider(1, max(T - 1, 1), value=min(init["draft_loop"], max(T - 1, 1)), step=1,
+                                           label="Draft loop k", elem_id="draft-loop")
+                    pipelined = gr.Checkbox(init["pipelined"], label="Pipelined (draft the next token while verifying; "
+                                            "ignores the draft length)", elem_id="pipelined")
                     draft_len = gr.Slider(1, 16, value=init["draft_len"], step=1, label="Draft length",
                                           elem_id="draft-len")
                     adaptive = gr.Checkbox(init["adaptive"], label="Adaptive draft length", elem_id="adaptive")
@@ -435,7 +443,7 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                                 cmp_mode_tokens = gr.HTML(elem_id="compare-mode-tokens")
                                 cmp_mode_stats = gr.HTML(elem_id="compare-mode-stats")
         controls = [prompt, max_new, mode, temperature, seed, kv, budget, policy, threshold, skip, draft_loop, draft_len,
-                    adaptive]
+                    adaptive, pipelined]
         assert len(controls) == len(CONTROLS)
         mode.change(show_options, mode, [anytime_box, spec_box], queue=False)
         outputs = [tokens, stats, plot, table, message]

@@ -71,9 +71,15 @@ def test_mode_options_reach_the_decoder_only_when_set(engine):
     for budget in (1e12, -1, float("inf"), "lots"):
         with pytest.raises(InputError, match="Budget"):
             make_run(engine, modes, *_controls(mode="anytime", budget_ms=budget))
-    run = make_run(engine, modes, *_controls(mode="speculative", draft_loop=T - 1, draft_len=3))
-    assert (run.options["draft_loop"], run.options["draft_len"]) == (T - 1, 3)
-    assert make_run(engine, modes, *_controls(mode="speculative", adaptive=True)).options["draft_len"] == "adaptive"
+    run = make_run(engine, modes, *_controls(mode="speculative", draft_loop=T - 1, draft_len=3, pipelined=False))
+    assert (run.options["draft_loop"], run.options["draft_len"], run.options["pipeline"]) == (T - 1, 3, False)
+    assert make_run(engine, modes, *_controls(mode="speculative", adaptive=True, pipelined=False)).options["draft_len"] == "adaptive"
+    run = make_run(engine, modes, *_controls(mode="speculative", draft_loop=1, draft_len=3))  # pipelined by default
+    assert run.options == {"temperature": 0.0, "seed": 0, "draft_loop": 1, "pipeline": True}
+    odd = next((k for k in range(2, T) if T % k), None)
+    if odd is not None:
+        with pytest.raises(InputError, match="divides"):
+            make_run(engine, modes, *_controls(mode="speculative", draft_loop=odd))
     for k in (0, T):
         with pytest.raises(InputError, match="Draft loop"):
             make_run(engine, modes, *_controls(mode="speculative", draft_loop=k))
