@@ -410,7 +410,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         "### Headlines",
         "",
         f"- **Best speculative speedup**: {best_speculative(rows, outcomes)}",
-        f"- **Memory saved by KV sharing** (KV cache bytes per position and row; peak memory of one call):",
+        "- **Memory saved by KV sharing** (KV cache bytes per position and row; peak memory of one call):",
         kv_savings(rows, outcomes) if kv_savings(rows, outcomes).startswith("  ") else f"  {kv_savings(rows, outcomes)}",
         "- **Anytime decoding** (batch 1):",
         anytime_summary(rows, outcomes) if anytime_summary(rows, outcomes).startswith("  ") else f"  {anytime_summary(rows, outcomes)}",

@@ -70,7 +70,7 @@ class LoopConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid config value(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+            raise ValueError("invalid config value(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
 
     @property
     def num_loops(self) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import evaluate, interpolate
+from .evaluate import evaluate
 from .trainer import TrainConfig, build_model
 
 SHIPPED = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")

@@ -4,7 +4,6 @@ import math
 
 import pytest
 
-import anytime
 from anytime import Budget, LoopCost
 
 from .conftest import FakeClock, clocked, random_prompts

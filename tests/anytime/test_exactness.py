@@ -208,7 +208,7 @@ def test_copy_mode_fills_skipped_slots_from_the_exit_loop(model, k):
     n = 9
     holder = []
     req = _request(prompts, n, holder)
-    steps = list(anytime.decode(model, req, budget_loops=k, skip="copy"))
+    list(anytime.decode(model, req, budget_loops=k, skip="copy"))
     cache = holder[0]
     assert req.stats["copied_slots"] == 2 * (n - 1) * (T - k) * model.config.num_hidden_layers
     for r, p in enumerate(prompts):

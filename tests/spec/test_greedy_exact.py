@@ -1,6 +1,5 @@
 """Invariant: greedy self-speculative output equals greedy full-depth output, token for token."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -27,23 +27,28 @@ def record_layer_calls(model):
     return log, handles
 
 
+def logged_run(T, prompt, **opts):
+    """A 30-token speculative run with every layer call logged, on a fresh random model that both
+    accepted and rejected drafts (a fresh model occasionally accepts every draft, so up to 20 are
+    drawn). Returns (model, log, generation, model.token_loops before the run)."""
+    for _ in range(20):
+        model = spec_model(loops=T, step_scale=0.08)
+        log, handles = record_layer_calls(model)
+        before = model.token_loops
+        gen = looplm.Engine(model).generate(prompt, max_new_tokens=30, stop=[], mode="speculative", **opts)
+        for h in handles:
+            h.remove()
+        if 0 < gen.stats["token_acceptance"] < 1:
+            break
+    return model, log, gen, before
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("g", [1, 3, 6])
 def test_each_token_runs_each_loop_once(k, g):
     T, prompt = 4, [5, 9, 2, 7]
-    # the run must see both accepted and rejected drafts; a fresh random model occasionally accepts
-    # every draft, so draw fresh models (a bounded number of times) until one does both
-    for _ in range(20):
-        model = spec_model(loops=T, step_scale=0.08)
-        L = model.config.num_hidden_layers
-        engine = looplm.Engine(model)
-        log, handles = record_layer_calls(model)
-        before = model.token_loops
-        gen = engine.generate(prompt, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, draft_len=g)
-        for h in handles:
-            h.remove()
-        if 0 < gen.stats["acceptance_rate"] < 1:
-            break
+    model, log, gen, before = logged_run(T, prompt, draft_loop=k, draft_len=g)
+    L = model.config.num_hidden_layers
     # per layer and position, the loops computed over time must be whole runs 0, 1, .., T-1: a token
     # that re-enters a position (after a rejection) starts again at loop 0, but no token ever has a
     # loop computed twice (a recomputation of loops 1..k would read 0..k-1, 0..T-1)

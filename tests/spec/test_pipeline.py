@@ -8,12 +8,11 @@ import torch
 import looplm
 import spec.pipeline
 from spec.drafts import draft_state
-from looplm.sampling import SamplingParams
 
 from .conftest import ragged_prompts, spec_model
-from .test_accept import accept_without_ratio, chi2_critical, chi2_stat, resample_from_target
-from .test_no_recompute import record_layer_calls
-from .test_sampling_e2e import exact_joint
+from .test_accept import chi2_critical
+from .test_no_recompute import logged_run
+from .test_sampling_e2e import WRONG_RULES, sampled_chi2
 
 
 @pytest.mark.parametrize("loops,k", [(2, 1), (4, 1), (4, 2)])
@@ -58,16 +57,7 @@ def test_each_token_runs_each_loop_once(k):
     """Per layer and position the loops run are whole runs 0..T-1 (a corrected token restarts at 0),
     and the count of runs is the prompt plus every token that entered the pipeline."""
     T, prompt = 4, [5, 9, 2, 7]
-    for _ in range(20):
-        model = spec_model(loops=T, step_scale=0.08)
-        engine = looplm.Engine(model)
-        log, handles = record_layer_calls(model)
-        before = model.token_loops
-        gen = engine.generate(prompt, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, pipeline=True)
-        for h in handles:
-            h.remove()
-        if 0 < gen.stats["token_acceptance"] < 1:
-            break
+    model, log, gen, before = logged_run(T, prompt, draft_loop=k, pipeline=True)
     st = gen.stats
     assert 0 < st["token_acceptance"] < 1
     L = model.config.num_hidden_layers
@@ -97,24 +87,13 @@ def test_each_token_runs_each_loop_once(k):
     assert st["loops_per_token"] * len(gen.tokens) == pytest.approx((model.token_loops - before) - T * len(prompt))
 
 
-@pytest.mark.parametrize(
-    "wrong_rule,post",
-    [(None, {"top_k": 4}), (None, {"top_p": 0.85, "temperature": 0.8}), (accept_without_ratio, {"top_k": 4}), (resample_from_target, {"top_k": 4})],
-)
+@pytest.mark.parametrize("wrong_rule,post", WRONG_RULES)
 def test_sampled_tokens_follow_full_depth_distribution(wrong_rule, post, monkeypatch):
     torch.manual_seed(7)
     model = spec_model(seed=11, vocab=5, loops=2, std=0.2, step_scale=1.0, max_pos=16)
-    post = {"temperature": 1.0, **post}
-    params = SamplingParams(**post)
-    prompt, n, N = [1, 3], 3, 6_000
-    joint = exact_joint(model, prompt, n, params)
     if wrong_rule is not None:
         monkeypatch.setattr(spec.pipeline, "accept_sampled", wrong_rule)
-    engine = looplm.Engine(model)
-    gens = engine.generate([prompt] * N, max_new_tokens=n, stop=[], mode="speculative", draft_loop=1, pipeline=True, seed=3, **post)
-    toks = torch.tensor([g.tokens for g in gens])  # (N, n)
-    code = (toks * (5 ** torch.arange(n - 1, -1, -1))).sum(-1)
-    stat, df = chi2_stat(code, joint.float())
+    stat, df, gens = sampled_chi2(model, [1, 3], post, draft_loop=1, pipeline=True)
     if wrong_rule is None:
         assert 0 < gens[0].stats["acceptance_rate"] < 1
         assert stat < chi2_critical(df), (stat, df)
@@ -163,14 +142,6 @@ def test_sampling_with_extrapolated_drafts_follows_full_depth():
     """Extrapolation changes the draft distribution q; the emitted distribution must not change."""
     torch.manual_seed(5)
     model = spec_model(seed=13, vocab=5, loops=4, std=0.2, step_scale=1.0, max_pos=16)
-    params = SamplingParams(temperature=1.0, top_k=4)
-    prompt, n, N = [2, 4], 3, 6_000
-    joint = exact_joint(model, prompt, n, params)
-    engine = looplm.Engine(model)
-    gens = engine.generate([prompt] * N, max_new_tokens=n, stop=[], mode="speculative", draft_loop=2, pipeline=True,
-                           extrapolate=1.0, seed=4, temperature=1.0, top_k=4)
+    stat, df, gens = sampled_chi2(model, [2, 4], {"top_k": 4}, draft_loop=2, pipeline=True, extrapolate=1.0)
     assert 0 < gens[0].stats["acceptance_rate"] < 1
-    toks = torch.tensor([g.tokens for g in gens])
-    code = (toks * (5 ** torch.arange(n - 1, -1, -1))).sum(-1)
-    stat, df = chi2_stat(code, joint.float())
     assert stat < chi2_critical(df), (stat, df)

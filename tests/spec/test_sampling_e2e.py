@@ -28,17 +28,28 @@ def exact_joint(model, prompt, n, params) -> torch.Tensor:
     return joint
 
 
-@pytest.mark.parametrize(
-    "wrong_rule,post",
-    [(None, {"top_k": 4}), (None, {"top_p": 0.85, "temperature": 0.8}), (accept_without_ratio, {"top_k": 4}), (resample_from_target, {"top_k": 4})],
-)
+WRONG_RULES = [(None, {"top_k": 4}), (None, {"top_p": 0.85, "temperature": 0.8}), (accept_without_ratio, {"top_k": 4}),
+               (resample_from_target, {"top_k": 4})]
+
+
+def sampled_chi2(model, prompt, post: dict, n: int = 3, N: int = 6_000, **opts):
+    """N speculative samples of n tokens (batch N, vocab 5) against the exact full-depth joint:
+    (chi-square statistic, degrees of freedom, the generations)."""
+    post = {"temperature": 1.0, **post}
+    joint = exact_joint(model, prompt, n, SamplingParams(**post))
+    gens = looplm.Engine(model).generate([prompt] * N, max_new_tokens=n, stop=[], mode="speculative", seed=3, **opts, **post)
+    toks = torch.tensor([g.tokens for g in gens])  # (N, n)
+    code = (toks * (5 ** torch.arange(n - 1, -1, -1))).sum(-1)
+    stat, df = chi2_stat(code, joint.float())
+    print(f"chi2 {stat:.1f} on {df} df, critical {chi2_critical(df):.1f}")
+    return stat, df, gens
+
+
+@pytest.mark.parametrize("wrong_rule,post", WRONG_RULES)
 def test_sampled_tokens_follow_full_depth_distribution(wrong_rule, post, monkeypatch):
     torch.manual_seed(7)
     model = spec_model(seed=11, vocab=5, loops=3, std=0.2, step_scale=1.0, max_pos=16)
-    post = {"temperature": 1.0, **post}
-    params = SamplingParams(**post)
-    prompt, n, N = [1, 3], 3, 6_000
-    joint = exact_joint(model, prompt, n, params)
+    prompt, params = [1, 3], SamplingParams(**{"temperature": 1.0, **post})
     # the draft (loop 1) must differ from the target for the test to have power
     with torch.no_grad():
         ll = model.per_loop_logits(torch.tensor([prompt + [0]]))[:, 0, -1]
@@ -46,13 +57,7 @@ def test_sampled_tokens_follow_full_depth_distribution(wrong_rule, post, monkeyp
     assert 0.5 * (p - q).abs().sum() > 0.15
     if wrong_rule is not None:
         monkeypatch.setattr(spec.decoder, "accept_sampled", wrong_rule)
-    engine = looplm.Engine(model)
-    gens = engine.generate([prompt] * N, max_new_tokens=n, stop=[], mode="speculative", draft_loop=1, draft_len=2,
-                           seed=3, **post)
-    toks = torch.tensor([g.tokens for g in gens])  # (N, n)
-    code = (toks * (5 ** torch.arange(n - 1, -1, -1))).sum(-1)
-    stat, df = chi2_stat(code, joint.float())
-    print(f"chi2 {stat:.1f} on {df} df, critical {chi2_critical(df):.1f}")
+    stat, df, gens = sampled_chi2(model, prompt, post, draft_loop=1, draft_len=2)
     if wrong_rule is None:
         assert 0 < gens[0].stats["acceptance_rate"] < 1
         assert stat < chi2_critical(df), (stat, df)
