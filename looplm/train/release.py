@@ -14,6 +14,7 @@ e.g. of a run still in progress) into a published-format directory at --dest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -160,14 +161,17 @@ def model_card(run: Path, data: Path, result: dict, eval_md: str, stage2: dict, 
 
 
 def _train_flags(tc: dict) -> list[str]:
-    keys = ["data", "out", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    keys = ["data", "out", "init_from", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "total_ut_steps", "max_position_embeddings", "rope_theta", "objective",
-            "loop_weights", "seq_len", "batch_size", "steps", "time_budget_min", "lr", "warmup_steps", "seed",
+            "loop_weights", "phop_rows", "phop_weight", "phop_loop_weights", "distill_weights", "distill_scale",
+            "seq_len", "batch_size", "steps", "time_budget_min", "lr", "min_lr_ratio", "warmup_steps", "seed",
             "eval_every", "save_every"]
+    defaults = dataclasses.asdict(TrainConfig())
+    optional = {"init_from", "phop_rows", "phop_weight", "phop_loop_weights", "distill_weights", "distill_scale", "min_lr_ratio"}
     flags = []
     for k in keys:
         v = tc.get(k)
-        if v is None:
+        if v is None or v == [] or (k in optional and v == defaults.get(k)):
             continue
         flag = "--" + k.replace("_", "-")
         flags.append(f"{flag} {' '.join(f'{x:g}' for x in v)}" if isinstance(v, list) else f"{flag} {v}")
