@@ -12,6 +12,11 @@ def pytest_report_header(config):
     return f"LOOPLM_TEST_SEED={SEED}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The seed again at the end (-q hides the header): rerun a failure with it."""
+    terminalreporter.write_line(f"LOOPLM_TEST_SEED={SEED} (set it to replay this run's random inputs)")
+
+
 @pytest.fixture(autouse=True)
 def _seeded(request):
     """Each test draws from its own stream: the session seed plus the test's id, so a failure
