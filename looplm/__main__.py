@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     s = result.stats
     print(f"\n{s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, mean loops {s['mean_loops']:.2f} of "
           f"{engine.config.total_ut_steps}, finish: {result.finish_reason}")
+    if "token_acceptance" in s:  # speculative: how often a loop-k draft passed full-depth verification
+        how = "pipelined" if s.get("pipeline") else f"draft length {s['draft_len']}"
+        print(f"drafts from loop {s['draft_loop']} ({how}): {100 * s['token_acceptance']:.0f}% of tested drafts "
+              f"accepted, {s['loops_per_token']:.2f} loops computed per token")
     return 0
 
 

@@ -31,3 +31,18 @@ def test_cli_with_tokenizer(tmp_path):
     rows = [line.split() for line in run.stdout.splitlines() if line[:4].strip().isdigit()]
     assert len(rows) >= 1 and all(r[1] == "3" for r in rows)  # every token used all 3 loops
     assert "mean loops 3.00 of 3" in run.stdout
+
+
+def test_cli_speculative_reports_draft_acceptance(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["one two three four five six"] * 10, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>"]))
+    tok.save(str(tmp_path / "tok.json"))
+    save_pretrained(tiny_model(vocab=tok.get_vocab_size(), loops=4), tmp_path / "m", tokenizer_json_path=tmp_path / "tok.json")
+    assert main(["generate", "one two", "--model", str(tmp_path / "m"), "--max-new-tokens", "8", "--mode", "speculative",
+                 "-o", "draft_loop=2"]) == 0
+    out = capsys.readouterr().out
+    assert "mean loops 4.00 of 4" in out
+    assert "drafts from loop 2 (pipelined):" in out and "% of tested drafts accepted" in out
