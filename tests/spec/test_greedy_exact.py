@@ -104,3 +104,7 @@ def test_default_model_greedy_exact_near_the_context_limit():
         full, spec = _both(engine, prompts, 32, draft_loop=k, draft_len=4)
         assert [s.tokens for s in spec] == [f.tokens for f in full], k
         assert spec[1].finish_reason == "context"
+        if T % k == 0:  # pipelined, with the model's recommended extrapolation where k >= 2
+            _, pipe = _both(engine, prompts, 32, draft_loop=k, pipeline=True)
+            assert [s.tokens for s in pipe] == [f.tokens for f in full], k
+            assert pipe[0].stats["pipeline"] and pipe[1].finish_reason == "context"
