@@ -141,6 +141,7 @@ def decode(
 
     def stats():
         req.stats.update(
+            pipeline=False,
             draft_loop=k,
             draft_len=draft_len if draft_len is not None else DEFAULT_DRAFT_LEN,
             extrapolate=extrapolate,

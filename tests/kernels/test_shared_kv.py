@@ -124,7 +124,8 @@ def test_shared_kv_runs_in_speculative_and_anytime_modes(kv):
     model, prompts = _fresh()
     engine = looplm.Engine(model)
     n = 7
-    for mode, opts in [("speculative", dict(draft_loop=2)), ("anytime", dict(skip="shared", budget_loops=2))]:
+    for mode, opts in [("speculative", dict(draft_loop=2)), ("speculative", dict(draft_loop=1, draft_len=3)),
+                       ("anytime", dict(skip="shared", budget_loops=2))]:
         try:
             gens = engine.generate(prompts, max_new_tokens=n, stop=[], kv=kv, mode=mode, **opts)
         except ValueError as e:
@@ -133,3 +134,5 @@ def test_shared_kv_runs_in_speculative_and_anytime_modes(kv):
             raise
         assert [len(g.tokens) for g in gens] == [n] * 3
         assert all(0 <= t < 64 for g in gens for t in g.tokens)
+        if mode == "speculative":  # pipelined (k divides T) and in rounds; neither is exact on a shared cache
+            assert gens[0].stats["pipeline"] == ("draft_len" not in opts) and gens[0].stats["exact_cache"] is False
