@@ -100,6 +100,9 @@ def decode(
     max_loops = T if plan is None or plan.loops is None else min(plan.loops, T)
     timed = plan is not None and plan.timed
     need_probs = trace or (policy is not None and policy.needs_probs)
+    # nothing can end a token before loop T (no policy, no time budget, no loop cap below T, no
+    # per-loop trace): each token's T loops run in one call instead of one call per loop
+    whole = policy is None and not timed and max_loops == T and not need_probs
 
     cache = req.new_cache(model, req.cache_len())
     if skip is None:
@@ -252,24 +255,26 @@ def decode(
             pos = torch.tensor([[x[0] for x in it] for it in padded], device=device)  # (R, W)
             start = torch.tensor([[x[1] for x in it] for it in padded], device=device)  # (R, W)
             bidx = torch.tensor(running, device=device)
-            res = model.forward_loops(h, pos, cache, start_loop=start, num_loops=1, batch_idx=bidx)
+            n = T if whole and width == 1 and all(rows[r].loop == 0 for r in running) else 1  # loops in this call
+            res = model.forward_loops(h, pos, cache, start_loop=start, num_loops=n, batch_idx=bidx)
             n_items = sum(len(it) for it in items)
-            counts["decode_loops"] += n_items
+            counts["decode_loops"] += n_items * n
             counts["finish_loops"] += n_items - len(items)
             cur = torch.tensor([len(it) - 1 for it in items], device=device)
             ar = torch.arange(len(running), device=device)
-            hidden = res.hidden[0, ar, cur]  # (R, H) current items after this loop
+            hidden = res.hidden[-1, ar, cur]  # (R, H) current items after this call's last loop
             next_width = 1
             for i, r in enumerate(running):
                 row = rows[r]
                 for j, x in enumerate(items[i][:-1]):  # the pending items just advanced by one loop
                     x[1], x[2] = x[1] + 1, res.hidden[0, i, j]
                 row.pending = [x for x in row.pending if x[1] < T]
-                row.loop += 1
+                row.loop += n
                 row.h = hidden[i]
                 due = sum(x[1] == row.loop for x in row.pending) if lazy else len(row.pending)
                 next_width = max(next_width, 1 + due)
-            gates[bidx, torch.tensor([rows[r].loop - 1 for r in running], device=device)] = res.gates[0, ar, cur]
+            for j in range(n):  # the lambdas of the loops just run
+                gates[bidx, torch.tensor([rows[r].loop - n + j for r in running], device=device)] = res.gates[j, ar, cur]
             logits = probs = None
             if need_probs:
                 logits = model.lm_head(hidden)
@@ -278,7 +283,8 @@ def decode(
                     rows[r].probs.append(probs[i])
             now = clock()
             kv_len = int(pos.max()) + 1
-            cost.update(cost.key(len(running), width, kv_len), (now - t_prev) * 1e3)
+            if n == 1:  # the loop-cost model times one-loop calls (what a budget decision predicts)
+                cost.update(cost.key(len(running), width, kv_len), (now - t_prev) * 1e3)
             loops_now = torch.tensor([rows[r].loop for r in running], device=device)
             # the next loop's forward if every row goes on: as many rows, next_width positions per row
             predicted = cost.predict(cost.key(len(running), next_width, kv_len))
