@@ -53,9 +53,14 @@ class _Token:
 @torch.inference_mode()
 def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: float = 0.0) -> Iterator[Step]:
     """Speculative decoding with the draft of token n+1 computed in the same forward as the
-    remaining loops of token n (see the module docstring). Same Steps and stats keys as spec.decode,
-    plus stats["pipeline"] = True; a "round" is one forward call. `extrapolate` = c drafts from
-    spec.drafts.draft_state (loop k's logits pushed c times further along their change from loop k-1)."""
+    remaining loops of token n (see the module docstring). `extrapolate` = c drafts from
+    spec.drafts.draft_state (loop k's logits pushed c times further along their change from loop k-1).
+
+    Same Steps and stats keys as spec.decode, with pipeline = True, draft_len = T/k - 1 (drafts in
+    flight), rounds = forward calls, rejected = tested drafts that failed, and accepted_len_hist /
+    mean_accepted_len over runs of consecutive accepted drafts (a run ends at a rejection or at
+    the end of the row).
+    """
     T, B = model.num_loops, req.batch_size
     if T % k:
         raise ValueError(f"the pipeline splits T = {T} loops into stages of draft_loop = {k}: k must divide T")
