@@ -181,7 +181,7 @@ def _train_flags(tc: dict) -> list[str]:
     return flags
 
 
-def release(run: Path, data: Path, dest: Path, gate_steps: int = 400, feature_batches: int = 24,
+def release(run: Path, data: Path, dest: Path, gate_steps: int = 1000, feature_batches: int = 64,
             eval_batches: int = 32) -> dict:
     from . import gate as gate_mod
 
@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", type=Path, default=Path("data/run"))
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--dest", type=Path, default=Path("looplm/default_model"))
-    p.add_argument("--gate-steps", type=int, default=400)
-    p.add_argument("--feature-batches", type=int, default=24)
+    p.add_argument("--gate-steps", type=int, default=1000, help="Stage II steps (400 left the gate level with static exit on a trial; 1000 on 64 batches beat it)")
+    p.add_argument("--feature-batches", type=int, default=64, help="training batches whose per-loop CE Stage II caches")
     p.add_argument("--eval-batches", type=int, default=32)
     p.add_argument("--export-only", action="store_true", help="only convert <run>/ckpt.pt to --dest")
     a = p.parse_args(argv)
