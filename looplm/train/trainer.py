@@ -198,9 +198,9 @@ def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str,
 
 
 @torch.no_grad()
-def evaluate_batches(model: LoopLM, batches, device: str = "cpu", agreement: bool = False):
-    """Mean per-loop CE [T] over fixed batches; with agreement=True also the fraction [T] of
-    tokens whose loop-t argmax equals the last loop's (the draft quality of loop t)."""
+def evaluate_batches(model: LoopLM, batches, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean per-loop CE [T], fraction [T] of tokens whose loop-t argmax equals the last loop's,
+    the draft quality of loop t) over fixed batches."""
     was_training = model.training
     model.eval()
     total, agree, n = None, None, 0
@@ -213,7 +213,7 @@ def evaluate_batches(model: LoopLM, batches, device: str = "cpu", agreement: boo
         agree = ag * x.numel() if agree is None else agree + ag * x.numel()
         n += x.numel()
     model.train(was_training)
-    return (total / n, agree / n) if agreement else total / n
+    return total / n, agree / n
 
 
 def _rng_state() -> dict:
@@ -325,7 +325,7 @@ def train(tc: TrainConfig) -> Path:
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if step % tc.eval_every == 0 or step == tc.steps:
-            val, agree = evaluate_batches(model, val_batches, tc.device, agreement=True)
+            val, agree = evaluate_batches(model, val_batches, tc.device)
             msg = {"step": step, "val_per_loop": [round(v, 4) for v in val.tolist()],
                    "gap_1_T": round(float(val[0] - val[-1]), 4), "agree_with_T": [round(v, 3) for v in agree.tolist()]}
             if phop is not None:  # held-out answer accuracy per loop on the first 400 problems
