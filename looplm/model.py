@@ -40,10 +40,11 @@ class _LoopStep:
         # every group one row, in call order (the pipelined and anytime decoders' usual case)
         self.one_row_groups = groups is not None and [g[0] for g in groups] == [slice(i, i + 1) for i in range(len(groups))]
         self.strided = None  # (first loop, loop step, rows, cache row) when the rows are one cache
-        if self.one_row_groups and len(groups) > 1 and hasattr(cache, "read_loops"):  # row at evenly spaced loops
-            starts, rows = [g[2] for g in groups], {g[1].start for g in groups if isinstance(g[1], slice)}
+        if self.one_row_groups and len(groups) > 1:  # row at evenly spaced loops
+            # a one-row group's cache rows are always a one-row slice (LoopLM._loop_groups)
+            starts, rows = [g[2] for g in groups], {g[1].start for g in groups}
             d = starts[1] - starts[0]
-            if d > 0 and len(rows) == 1 and all(isinstance(g[1], slice) for g in groups) and starts == list(range(starts[0], starts[0] + d * len(starts), d)):
+            if d > 0 and len(rows) == 1 and starts == list(range(starts[0], starts[0] + d * len(starts), d)):
                 self.strided = (starts[0], d, len(starts), rows.pop())
         if cache is None:
             return
