@@ -33,19 +33,19 @@ longest row sits at max_len - 1 but is never fed back).
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import torch
 
-from looplm.decoding import DecodeRequest, Step, Timer, prefill
+from looplm.decoding import DecodeRequest, Step
 from looplm.model import LoopLM
-from looplm.sampling import choose, probabilities, sample
+from looplm.sampling import probabilities, sample
 
 from .accept import accept_greedy, accept_sampled
 from .drafts import draft_state
 from .pipeline import decode_pipelined
 from .schedule import DraftLength
+from .start import first_step, start_request
 
 # Defaults measured on the bundled default model (d256, 2 layers x 4 loops) at batch 1 on a CPU,
 # greedy, 128 new tokens (benchmarks/test_spec_speedup.py; numbers in benchmarks/RESULTS.md): a
@@ -116,24 +116,16 @@ def decode(
     schedule = DraftLength(DEFAULT_DRAFT_LEN if draft_len is None else draft_len, k, T)
     params, gen = req.sampling, req.generator
 
-    cache = req.new_cache(model, req.cache_len())
-    req.stats["exact_cache"] = not getattr(cache, "shared", False)
-    req.stats["kv_bytes_per_token"] = cache.bytes_per_token()
+    cache, timer, last = start_request(model, req)  # last: the row's last emitted token, which starts the next round
     scratch = cache.max_len - 1
     device = cache.k.device
     steps_ar = torch.arange(schedule.max, device=device)
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
-    timer = Timer(B)
-    t0 = time.perf_counter()
-    logits = prefill(model, cache, req.prompts).logits[-1, :, 0]  # (B, V)
-    req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
     computed = 0  # (token, loop) pairs this request ran after prefill; per request, unlike model.token_loops
-    x = choose(logits, params, gen)  # (B,) the first new token, exact (prefill ran all T loops)
     produced, pos = [0] * B, [len(p) for p in req.prompts]  # pos: position of the row's last token
-    last = x.tolist()  # the row's last emitted token: it starts the next round
     for row in range(B):
         if req.active(row, 0):
-            yield Step(row, 0, last[row], T, T, timer.lap(row), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
+            yield first_step(row, last[row], T, timer)
             produced[row] = 1
     hist = [0] * (schedule.max + 1)
     n_acc = n_prop = n_rej = n_rounds = 0

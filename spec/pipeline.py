@@ -24,18 +24,18 @@ k + (1 - a) * (T - k) (a rejection costs a refill of D - 1 calls), against T at 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from looplm.decoding import DecodeRequest, Step, Timer, prefill
+from looplm.decoding import DecodeRequest, Step
 from looplm.model import LoopLM
-from looplm.sampling import choose, probabilities, sample
+from looplm.sampling import probabilities, sample
 
 from .accept import accept_sampled
 from .drafts import draft_state
+from .start import first_step, start_request
 
 
 @dataclass
@@ -66,17 +66,10 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
         raise ValueError(f"the pipeline splits T = {T} loops into stages of draft_loop = {k}: k must divide T")
     D = T // k
     params, gen = req.sampling, req.generator
-    cache = req.new_cache(model, req.cache_len())
-    req.stats["exact_cache"] = not getattr(cache, "shared", False)
-    req.stats["kv_bytes_per_token"] = cache.bytes_per_token()
+    cache, timer, first = start_request(model, req)
     device = cache.k.device
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
-    timer = Timer(B)
-    t0 = time.perf_counter()
-    logits = prefill(model, cache, req.prompts).logits[-1, :, 0]  # (B, V)
-    req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
     plen = [len(p) for p in req.prompts]
-    first = choose(logits, params, gen).tolist()
     produced = [0] * B
     flight: list[list[_Token]] = [[] for _ in range(B)]  # oldest (deepest stage) first
     computed = n_acc = n_rej = n_prop = calls = emitted = 0
@@ -84,22 +77,23 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
     hist: list[int] = [0] * (D + 1)
     layouts: dict[tuple, tuple] = {}
 
-    def grow(hist_len: int) -> None:
-        while len(hist) <= hist_len:
-            hist.append(0)
+    def close_run(row: int) -> None:
+        """Counts the row's run of accepted drafts in the histogram and starts a new one."""
+        hist.extend([0] * (run[row] + 1 - len(hist)))
+        hist[run[row]] += 1
+        run[row] = 0
 
     def stats() -> None:
-        closed = sum(hist)
         req.stats.update(
             pipeline=True, draft_loop=k, draft_len=D - 1, extrapolate=extrapolate, drafted=n_prop, accepted=n_acc, rejected=n_rej,
             acceptance_rate=n_acc / max(n_prop, 1), token_acceptance=n_acc / max(n_acc + n_rej, 1),
-            mean_accepted_len=n_acc / max(closed + sum(1 for r in run if r), 1), accepted_len_hist=list(hist),
+            mean_accepted_len=n_acc / max(sum(hist), 1), accepted_len_hist=list(hist),
             rounds=calls, loops_per_token=computed / max(emitted, 1),
         )
 
     for row in range(B):
         if req.active(row, 0):
-            yield Step(row, 0, first[row], T, T, timer.lap(row), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
+            yield first_step(row, first[row], T, timer)
             produced[row] = 1
             emitted += 1
             if req.active(row, 1):
@@ -180,9 +174,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                     else:
                         if toks:  # the successor was a tested draft, and failed
                             n_rej += 1
-                            grow(run[row])
-                            hist[run[row]] += 1
-                            run[row] = 0
+                            close_run(row)
                         toks.clear()  # drafts behind a rejection are void
                         yield Step(row, produced[row], tok, T, T, timer.lap(row), "verify",
                                    info={"draft": False, "accepted": run[row], "proposed": run[row] + 1})
@@ -196,10 +188,8 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                 if newest is not None and newest.stage == 1 and newest.slot in draft_tok and newest.index + 1 < req.max_new[row]:
                     toks.append(_Token(newest.index + 1, draft_tok[newest.slot], 0, q=draft_q.get(newest.slot)))
                     n_prop += 1
-    finally:  # also when the consumer stops early (Stream.close)
+    finally:  # also when the consumer stops early (Stream.close): open runs count, then the stats
         for r in range(B):
             if run[r]:
-                grow(run[r])
-                hist[run[r]] += 1
-                run[r] = 0
+                close_run(r)
         stats()
