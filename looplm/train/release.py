@@ -190,14 +190,14 @@ def release(run: Path, data: Path, dest: Path, gate_steps: int = 1000, feature_b
                    "--steps", str(gate_steps), "--feature-batches", str(feature_batches)])
     result = evaluate(gate_dir, data, eval_dir, {"untrained": final, "stage2": gate_dir}, batches=eval_batches)
     dest.mkdir(parents=True, exist_ok=True)
-    old_gen = dest / "generation_config.json"
-    recommended = json.loads(old_gen.read_text()).get("looplm") if old_gen.is_file() else None
+    gen_path = dest / "generation_config.json"
+    recommended = json.loads(gen_path.read_text()).get("looplm") if gen_path.is_file() else None  # before the copy
     for name in SHIPPED:
         shutil.copyfile(gate_dir / name, dest / name)
     if recommended:  # decoder options measured for the shipped model (Engine.mode_defaults) survive a re-release
-        gen = json.loads(old_gen.read_text())
+        gen = json.loads(gen_path.read_text())  # the new checkpoint's
         gen.setdefault("looplm", recommended)
-        old_gen.write_text(json.dumps(gen, indent=2) + "\n")
+        gen_path.write_text(json.dumps(gen, indent=2) + "\n")
     shutil.copyfile(eval_dir / "exit_curve.png", dest / "exit_curve.png")
     stage2 = json.loads((gate_dir / "stage2_stats.json").read_text())
     card = model_card(run, data, result, (eval_dir / "eval.md").read_text(), stage2, dest)
