@@ -197,11 +197,10 @@ def pooled_step(model: LoopLM, req, *, compile: bool = True) -> DecodeStep:
     prefill overwrites what an earlier request left, and stale positions are masked by position.
     """
     max_len = min(-(-req.cache_len() // BUCKET) * BUCKET, model.config.max_position_embeddings)
-    cache = req.new_cache(model, max_len)
-    key = (req.batch_size, max_len, getattr(cache, "kv", "per_loop"), compile)
+    key = (req.batch_size, max_len, getattr(req.cache_factory, "kv", "per_loop"), compile)
     steps = _POOL.setdefault(model, {})
-    if key not in steps:
-        step = DecodeStep(model, cache, compile=compile)
+    if key not in steps:  # the cache is allocated once per step, not once per request
+        step = DecodeStep(model, req.new_cache(model, max_len), compile=compile)
         step.warmup()  # compiles before the request's prefill, which then overwrites the warm-up's writes
         steps[key] = step
     return steps[key]

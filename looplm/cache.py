@@ -189,4 +189,5 @@ def cache_factory(kv: str) -> Callable | None:
         p = model.lm_head.weight
         return SharedKVCache(model.config, batch_size, max_len, kv=kv, dtype=p.dtype, device=p.device)
 
+    build.kv = kv  # what the caches it builds hold, readable without building one
     return build

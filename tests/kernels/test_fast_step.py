@@ -135,6 +135,10 @@ def test_engine_pools_fixed_shape_steps_per_shape():
     assert len(kernels.fast_step._POOL[model]) == 1
     assert engine.generate(prompts[0], max_new_tokens=7, stop=[], step="fixed").tokens == want[0]  # batch 1: a new step
     assert len(kernels.fast_step._POOL[model]) == 2
+    shared = [g.tokens for g in engine.generate(prompts, max_new_tokens=7, stop=[], kv="last")]
+    assert [g.tokens for g in engine.generate(prompts, max_new_tokens=7, stop=[], kv="last", step="fixed")] == shared
+    assert len(kernels.fast_step._POOL[model]) == 3  # a KV mode is a shape of its own
+    assert {getattr(s.cache, "kv", "per_loop") for s in kernels.fast_step._POOL[model].values()} == {"per_loop", "last"}
     with pytest.raises(ValueError, match="step"):
         engine.generate(prompts, max_new_tokens=3, step="warp")
     small = DecodeStep(model, model.new_cache(1, 8), compile=False)
