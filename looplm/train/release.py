@@ -137,12 +137,12 @@ def model_card(run: Path, data: Path, result: dict, eval_md: str, stage2: dict, 
         "apt-get install python3.11-doc r-cran-janeaustenr   # data sources (Rscript comes with the latter)",
         "python -m looplm.train.data --out data/",
         f"python -m looplm.train \\\n    {flags}",
-        "python -m looplm.train release --run data/run --data data --dest looplm/default_model",
+        f"python -m looplm.train release --run {run} --data {data} --dest {dest}",
         "```",
         "",
-        "`release` runs Stage II (`python -m looplm.train gate --checkpoint data/run/final --data data --out data/run/gate`), "
-        "the evaluation (`python -m looplm.train eval --checkpoint data/run/gate --gate untrained=data/run/final "
-        "--gate stage2=data/run/gate --data data --out data/run/eval`), and writes this card.",
+        f"`release` runs Stage II (`python -m looplm.train gate --checkpoint {run}/final --data {data} --out {run}/gate`), "
+        f"the evaluation (`python -m looplm.train eval --checkpoint {run}/gate --gate untrained={run}/final "
+        f"--gate stage2={run}/gate --data {data} --out {run}/eval`), and writes this card.",
         "",
         "## Evaluation",
         "",

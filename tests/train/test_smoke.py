@@ -137,6 +137,8 @@ def test_release_ships_the_checkpoint_and_keeps_recommended_options(data_dir, tr
     (dest / "generation_config.json").write_text(json.dumps({"looplm": {"speculative": {"draft_loop": 2}}}))
     release(run, data, dest, gate_steps=3, feature_batches=2, eval_batches=2)
     assert all((dest / name).is_file() for name in SHIPPED + ("exit_curve.png", "MODEL_CARD.md"))
+    card = (dest / "MODEL_CARD.md").read_text()  # the reproduce commands name this run's directories
+    assert f"release --run {run} --data {data} --dest {dest}" in card and f"--checkpoint {run}/final" in card
     gen = json.loads((dest / "generation_config.json").read_text())
     assert gen["looplm"] == {"speculative": {"draft_loop": 2}} and "eos_token_id" in gen
     import looplm
