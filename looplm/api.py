@@ -139,11 +139,22 @@ class Engine:
         return req, stop_ids, stop_strs, options
 
     def mode_defaults(self, mode: str) -> dict:
-        """Decoder options the checkpoint recommends for `mode` (generation_config.json, key "looplm")."""
+        """Decoder options the checkpoint recommends for `mode` (generation_config.json, key "looplm").
+
+        A string option ending in ".safetensors" names a file of the checkpoint directory (e.g. the
+        speculative decoder's fitted "draft_map") and is passed as that file's path.
+        """
         defaults = (self.generation_config.get("looplm") or {}).get(mode) or {}
         if not isinstance(defaults, dict):
             raise ValueError(f"generation_config.json: looplm.{mode} must be an object of options, got {defaults!r}")
-        return dict(defaults)
+        out = dict(defaults)
+        for key, value in out.items():
+            if isinstance(value, str) and value.endswith(".safetensors"):
+                file = Path(self.path or ".") / value
+                if not file.is_file():
+                    raise ValueError(f"generation_config.json: looplm.{mode}.{key} names {file}, which does not exist")
+                out[key] = str(file)
+        return out
 
     def _run(self, prompt, max_new_tokens, mode, kwargs, gens: dict) -> Iterator[Step]:
         decoder = resolve_mode(mode)

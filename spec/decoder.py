@@ -42,7 +42,7 @@ from looplm.model import LoopLM
 from looplm.sampling import probabilities, sample
 
 from .accept import accept_greedy, accept_sampled
-from .drafts import draft_state
+from .drafts import DraftMap, draft_state, resolve_draft_map
 from .pipeline import decode_pipelined
 from .schedule import DraftLength
 from .start import first_step, start_request
@@ -67,6 +67,7 @@ def decode(
     draft_len: int | str | None = None,
     pipeline: bool | None = None,
     extrapolate: float = 0.0,
+    draft_map: "DraftMap | str | None" = None,
 ) -> Iterator[Step]:
     """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
 
@@ -83,6 +84,9 @@ def decode(
             than every fixed or adaptive draft length on the default model), else draft rounds.
         extrapolate: c in [0, 10]; drafts come from z_k + c (z_k - z_{k-1}) (spec.drafts). For
             k = 1 there is no earlier loop: drafts are loop 1's and stats["extrapolate"] is 0.0.
+        draft_map: a fitted spec.drafts.DraftMap (or the path of one; `python -m spec.fit_draft`)
+            whose affine map of the loop k-1 and k states drafts instead (extrapolate is then
+            unused); needs k >= 2. stats["draft"] says what drafted: "map", "extrapolate" or "loop".
     Yields:
         Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
@@ -106,12 +110,17 @@ def decode(
         raise ValueError(f"extrapolate must be a number in [0, 10], got {extrapolate!r}")
     if k < 2:
         extrapolate = 0.0  # loop 1 has no earlier loop to extrapolate from (stats say 0.0)
+    p = model.lm_head.weight
+    dmap = resolve_draft_map(draft_map, model.config.hidden_size, k, p.dtype, p.device)
+    if dmap is not None:
+        extrapolate = 0.0
+    req.stats["draft"] = "map" if dmap is not None else "extrapolate" if extrapolate else "loop"
     if pipeline is None:
         pipeline = draft_len is None and T % k == 0
     if pipeline:
         if draft_len is not None:
             raise ValueError(f"pipeline=True sets the draft length itself (T/k - 1 = {T // k - 1} in flight); got draft_len={draft_len!r}")
-        yield from decode_pipelined(model, req, k, float(extrapolate))
+        yield from decode_pipelined(model, req, k, float(extrapolate), dmap)
         return
     schedule = DraftLength(DEFAULT_DRAFT_LEN if draft_len is None else draft_len, k, T)
     params, gen = req.sampling, req.generator
@@ -168,7 +177,7 @@ def decode(
                                       kv_len=min(top + i, scratch) + 1)
             hs.append(out.hidden[-1])  # (B, 1, H) loop-k state of token i
             computed += B * k
-            z = model.head(draft_state(out.hidden, extrapolate))  # (B, 1, V) draft logits
+            z = model.head(draft_state(out.hidden, extrapolate, dmap))  # (B, 1, V) draft logits
             if params.greedy:
                 inp = z.argmax(-1)  # (B, 1)
             else:

@@ -34,7 +34,7 @@ from looplm.model import LoopLM
 from looplm.sampling import probabilities, sample
 
 from .accept import accept_sampled
-from .drafts import draft_state
+from .drafts import DraftMap, draft_state
 from .start import first_step, start_request
 
 
@@ -51,10 +51,12 @@ class _Token:
 
 
 @torch.inference_mode()
-def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: float = 0.0) -> Iterator[Step]:
+def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: float = 0.0,
+                     draft_map: DraftMap | None = None) -> Iterator[Step]:
     """Speculative decoding with the draft of token n+1 computed in the same forward as the
     remaining loops of token n (see the module docstring). `extrapolate` = c drafts from
-    spec.drafts.draft_state (loop k's logits pushed c times further along their change from loop k-1).
+    spec.drafts.draft_state (loop k's logits pushed c times further along their change from loop k-1);
+    a `draft_map` (spec.drafts.DraftMap, checked by the caller) drafts instead.
 
     Same Steps and stats keys as spec.decode, with pipeline = True, draft_len = T/k - 1 (drafts in
     flight), rounds = forward calls, rejected = tested drafts that failed, and accepted_len_hist /
@@ -127,8 +129,8 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
             computed += len(items) * k
             hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
             state = hidden
-            if extrapolate and fresh:  # rows leaving loop k draft from extrapolated states (spec.drafts)
-                state = torch.where(is_fresh, draft_state(out.hidden[:, :, 0], extrapolate), hidden)
+            if (extrapolate or draft_map is not None) and fresh:  # rows leaving loop k draft from mapped states (spec.drafts)
+                state = torch.where(is_fresh, draft_state(out.hidden[:, :, 0], extrapolate, draft_map), hidden)
             lg = model.head(state)  # (N, V): exact loop-T logits of the rows leaving loop T, drafts of fresh rows
             heads = [row for row in range(B) if flight[row] and flight[row][0].stage == D - 1]
             verdict: dict[int, tuple[int, bool]] = {}  # row -> (emitted token, was it the accepted draft)
