@@ -113,11 +113,14 @@ def spec_target(others: list[dict]) -> str | None:
     if "ratio_to_full" not in ei:
         return None
     how = "pipelined" if ei.get("pipeline") else f"draft length {ei.get('draft_len')}"
-    c = f", extrapolate {ei['extrapolate']:g}" if ei.get("extrapolate") else ""
+    c = ", fitted draft map" if ei.get("draft") == "map" else f", extrapolate {ei['extrapolate']:g}" if ei.get("extrapolate") else ""
+    per = ei.get("acceptance_per_prompt") or []
+    spread = f" (per prompt {min(per):.2f}-{max(per):.2f})" if per else ""
+    prompts = f"{ei['prompts']} prompts x " if ei.get("prompts") else ""
     return (f"**{ei['ratio_to_full']:.2f}x** full depth at k={ei.get('draft_loop')} ({how}{c}): "
             f"{ei['tokens_per_s']:.1f} vs {ei['full_tokens_per_s']:.1f} tokens/s, median of alternating rounds, "
-            f"{ei.get('new_tokens')} new tokens, batch {ei.get('batch')}; target {ei.get('target_ratio'):g}x "
-            f"{'met' if ei.get('meets_target') else 'NOT met'}; draft acceptance {ei.get('token_acceptance', float('nan')):.2f}")
+            f"{prompts}{ei.get('new_tokens')} new tokens, batch {ei.get('batch')}; target {ei.get('target_ratio'):g}x "
+            f"{'met' if ei.get('meets_target') else 'NOT met'}; draft acceptance {ei.get('acceptance_rate', float('nan')):.2f}{spread}")
 
 
 def kv_savings(rows: list[dict], outcomes: list[dict]) -> str:

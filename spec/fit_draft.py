@@ -2,8 +2,9 @@
 
     python -m spec.fit_draft --checkpoint looplm/default_model --data data [--recommend]
 
-The model is frozen. On cached training tokens, the states of loops k-1 and k and of loop T are
-collected once; the affine map W [h_{k-1}; h_k] + b starts as the extrapolation with coefficient
+The model is frozen. On cached training tokens (and, with `--generated N`, on N of the model's
+own greedy continuations of training-text prefixes: the text a greedy speculative decode actually
+drafts on), the states of loops k-1 and k and of loop T are collected once; the affine map W [h_{k-1}; h_k] + b starts as the extrapolation with coefficient
 c (`--extrapolate`) and is trained with Adam to minimise KL(loop T || head(mapped state)), the
 same distillation target a draft head would have, on minibatches of tokens. Held-out agreement of
 the draft argmax with loop T's argmax (what a greedy draft's acceptance is) is reported before and
@@ -55,6 +56,16 @@ def agreement(model: LoopLM, states: dict[int, torch.Tensor], k: int, draft=None
     return hit / n
 
 
+def generated_batches(engine, train, n: int, gen: torch.Generator, prefix: int = 32, total: int = 256, chunk: int = 32):
+    """n greedy continuations (full depth) of `prefix`-token training windows, as (chunk, total) id batches."""
+    out = []
+    for i in tqdm(range(0, n, chunk), desc="greedy continuations"):
+        prompts = train.batch(min(chunk, n - i), gen)[0][:, :prefix].tolist()
+        gens = engine.generate(prompts, max_new_tokens=total - prefix, stop=[])
+        out.append(torch.tensor([p + g.tokens for p, g in zip(prompts, gens)]))
+    return out
+
+
 def fit_draft_map(model: LoopLM, states: dict[int, torch.Tensor], k: int, *, extrapolate: float = 0.5, steps: int = 1000,
                   lr: float = 1e-3, batch_tokens: int = 4096, seed: int = 0, progress: bool = True) -> tuple[DraftMap, list[float]]:
     """Trains the loop-k map on cached float32 states (loops k-1, k, T); returns (map, KL every 50 steps)."""
@@ -101,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft-loop", type=int, default=2)
     p.add_argument("--extrapolate", type=float, default=0.5, help="the extrapolation the fit starts from")
     p.add_argument("--batches", type=int, default=64, help="training batches (of 16 x 256 tokens) whose states are cached")
+    p.add_argument("--generated", type=int, default=0, help="also fit on this many greedy continuations (224 tokens after 32-token training prefixes)")
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -125,7 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     train = TokenData(data / "train.bin", 256)
     t0 = time.time()
     loops = sorted({k - 1, k, T})
-    states = collect_states(model, tqdm([train.batch(16, gen)[0] for _ in range(a.batches)], desc="states"), loops)
+    batches = [train.batch(16, gen)[0] for _ in range(a.batches)]
+    if a.generated:
+        batches += generated_batches(engine, train, a.generated, gen)
+    states = collect_states(model, tqdm(batches, desc="states"), loops)
     val = collect_states(model, [x for x, _ in TokenData(val_path, 256).fixed_batches(a.val_batches, 16)], loops)
     print(f"cached {states[T].shape[0]} training and {val[T].shape[0]} held-out tokens in {time.time() - t0:.0f} s", flush=True)
     c = a.extrapolate
@@ -135,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     after = agreement(model, val, k, lambda h0, h1: dmap.state(torch.stack([h0, h1])))
     result = {**before, "map": after}
     print(f"held-out agreement of loop-{k} drafts with loop {T}: " + ", ".join(f"{n} {v:.2%}" for n, v in result.items()))
-    dmap.info.update(checkpoint=str(ckpt), train_tokens=int(states[T].shape[0]), val_tokens=int(val[T].shape[0]),
+    dmap.info.update(checkpoint=str(ckpt), train_tokens=int(states[T].shape[0]), generated_sequences=a.generated, val_tokens=int(val[T].shape[0]),
                      val_agreement={n: round(v, 4) for n, v in result.items()}, kl_every_50=curve)
     out = Path(a.out) if a.out else ckpt / "draft_map.safetensors"
     dmap.to(dtype=torch.bfloat16).save(out)

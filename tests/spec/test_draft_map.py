@@ -129,3 +129,21 @@ def test_fitting_lowers_the_kl_and_raises_agreement_on_its_tokens():
     assert after > before, (before, after)
     with pytest.raises(ValueError, match="2 <= draft loop < T = 4"):
         fit_draft_map(model, states, 1)
+
+
+def test_generated_batches_are_greedy_continuations_of_training_prefixes(tmp_path):
+    from looplm.train.trainer import TokenData
+    from spec.fit_draft import generated_batches
+
+    model = spec_model(loops=4, max_pos=64)
+    engine = looplm.Engine(model)
+    (tmp_path / "train.bin").write_bytes(torch.randint(0, model.config.vocab_size, (500,), dtype=torch.int16).numpy().astype("uint16").tobytes())
+    train = TokenData(tmp_path / "train.bin", 40)
+    batches = generated_batches(engine, train, 5, torch.Generator().manual_seed(1), prefix=6, total=20, chunk=2)
+    assert [tuple(b.shape) for b in batches] == [(2, 20), (2, 20), (1, 20)]
+    rows = torch.cat(batches)
+    windows = train.tokens.tobytes()
+    for row in rows:
+        prefix = row[:6].tolist()
+        assert bytes(torch.tensor(prefix, dtype=torch.int32).numpy().astype("uint16").tobytes()) in windows
+        assert engine.generate(prefix, max_new_tokens=14, stop=[]).tokens == row[6:].tolist()
