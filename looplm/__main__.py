@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{engine.config.total_ut_steps}, finish: {result.finish_reason}")
     if "token_acceptance" in s:  # speculative: how often a loop-k draft passed full-depth verification
         how = "pipelined" if s.get("pipeline") else f"draft length {s['draft_len']}"
+        how += {"map": ", fitted draft map", "extrapolate": f", extrapolated c={s.get('extrapolate', 0):g}"}.get(s.get("draft"), "")
         print(f"drafts from loop {s['draft_loop']} ({how}): {100 * s['token_acceptance']:.0f}% of tested drafts "
               f"accepted, {s['loops_per_token']:.2f} loops computed per token")
     return 0

@@ -85,8 +85,9 @@ def decode(
         extrapolate: c in [0, 10]; drafts come from z_k + c (z_k - z_{k-1}) (spec.drafts). For
             k = 1 there is no earlier loop: drafts are loop 1's and stats["extrapolate"] is 0.0.
         draft_map: a fitted spec.drafts.DraftMap (or the path of one; `python -m spec.fit_draft`)
-            whose affine map of the loop k-1 and k states drafts instead (extrapolate is then
-            unused); needs k >= 2. stats["draft"] says what drafted: "map", "extrapolate" or "loop".
+            whose map of the loop k-1 and k states drafts instead (extrapolate is then unused),
+            when it has a map for loop k (else it is not used). stats["draft"] says what
+            drafted: "map", "extrapolate" or "loop".
     Yields:
         Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first

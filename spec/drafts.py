@@ -13,9 +13,10 @@ costs one head pass, like a plain draft. Any draft distribution keeps speculativ
 lossless; only the acceptance rate changes.
 
 A fitted draft map (`DraftMap`, fitted by `python -m spec.fit_draft`) generalises the
-extrapolation to a learned affine map of the two states, W [h_{k-1}; h_k] + b, trained so that
-the head of the mapped state matches loop T's distribution (the extrapolation is the map
-W = [-c I, (1 + c) I], b = 0, where fitting starts). It costs one (2H -> H) matmul per draft.
+extrapolation to a learned map of the two states, W [h_{k-1}; h_k] + b plus optionally one hidden
+GELU layer, trained so that the head of the mapped state matches loop T's distribution (the
+extrapolation is the map W = [-c I, (1 + c) I], b = 0, where fitting starts). It costs one
+(2H -> H) matmul per draft, and two more with a hidden layer.
 """
 
 from __future__ import annotations
@@ -48,78 +49,88 @@ def draft_state(per_loop: torch.Tensor, extrapolate: float = 0.0, draft_map: "Dr
 
 def resolve_draft_map(draft_map, hidden_size: int, draft_loop: int, dtype, device) -> "DraftMap | None":
     """A decoder's `draft_map` option (None, a DraftMap, or a path to a saved one) -> a checked
-    DraftMap in the model's dtype and device, or None."""
+    DraftMap in the model's dtype and device, or None when the map has no map for `draft_loop`
+    (like `extrapolate` at k = 1: a checkpoint's recommended loop-2 map does not stop a caller from
+    drafting at another loop; stats["draft"] says what drafted). A map for another hidden size,
+    an unreadable file or another type raise."""
     if draft_map is None:
         return None
     if isinstance(draft_map, (str, Path)):
         draft_map = DraftMap.load(draft_map)
     elif not isinstance(draft_map, DraftMap):
         raise ValueError(f"draft_map must be a DraftMap or the path of a saved one, got {type(draft_map).__name__}")
-    if draft_loop < 2:
-        raise ValueError(f"a draft map maps loops k-1 and k: it needs draft_loop >= 2, got {draft_loop}")
-    draft_map.check(hidden_size, draft_loop)
+    if draft_map.hidden_size != hidden_size:
+        raise ValueError(f"the draft map is for hidden size {draft_map.hidden_size}, the model has {hidden_size}")
+    if draft_loop not in draft_map.loops:
+        return None
     return draft_map.to(dtype=dtype, device=device)
 
 
 class DraftMap:
-    """Affine draft maps per draft loop k >= 2: state = weight @ [h_{k-1}; h_k] + bias.
+    """Draft maps per draft loop k >= 2, on x = [h_{k-1}; h_k]:
 
-    `weights[k]` is (H, 2H) and `biases[k]` (H,), in the model's dtype once `to` is called.
-    Saved as one safetensors file with tensors "loop{k}.weight" and "loop{k}.bias".
+        state = weight x + bias  (+ down(gelu(up x + up_bias)) + down_bias, when the map has a hidden layer)
+
+    `params[k]` holds "weight" (H, 2H) and "bias" (H,), and optionally "up.weight" (M, 2H),
+    "up.bias" (M,), "down.weight" (H, M), "down.bias" (H,). Saved as one safetensors file with
+    tensors "loop{k}.<name>".
     """
 
-    def __init__(self, weights: dict[int, torch.Tensor], biases: dict[int, torch.Tensor], info: dict | None = None):
-        if set(weights) != set(biases):
-            raise ValueError(f"draft map: weights for loops {sorted(weights)} but biases for loops {sorted(biases)}")
-        for k, w in weights.items():
+    NAMES = ("weight", "bias", "up.weight", "up.bias", "down.weight", "down.bias")
+
+    def __init__(self, params: dict[int, dict[str, torch.Tensor]], info: dict | None = None):
+        for k, p in params.items():
             if not isinstance(k, int) or k < 2:
                 raise ValueError(f"draft map: draft loop {k!r} must be an integer >= 2 (it maps loops k-1 and k)")
-            H = w.shape[0]
-            if w.dim() != 2 or w.shape[1] != 2 * H or biases[k].shape != (H,):
-                raise ValueError(f"draft map loop {k}: weight {tuple(w.shape)} and bias {tuple(biases[k].shape)} "
-                                 "must be (H, 2H) and (H,)")
-        self.weights, self.biases, self.info = dict(weights), dict(biases), dict(info or {})
+            missing = [n for n in ("weight", "bias") if n not in p]
+            mlp = [n for n in self.NAMES[2:] if n in p]
+            if missing or mlp and len(mlp) != 4:
+                raise ValueError(f"draft map loop {k}: has {sorted(p)}; needs weight and bias, and all or none of {list(self.NAMES[2:])}")
+            H = p["weight"].shape[0]
+            M = p["up.weight"].shape[0] if mlp else 0
+            want = {"weight": (H, 2 * H), "bias": (H,), "up.weight": (M, 2 * H), "up.bias": (M,), "down.weight": (H, M), "down.bias": (H,)}
+            for n, t in p.items():
+                if n not in want:
+                    raise ValueError(f"draft map loop {k}: unexpected tensor {n!r}")
+                if tuple(t.shape) != want[n]:
+                    raise ValueError(f"draft map loop {k}: {n} has shape {tuple(t.shape)}, expected {want[n]} (H = {H})")
+        self.params = {k: dict(p) for k, p in params.items()}
+        self.info = dict(info or {})
 
     @classmethod
     def extrapolation(cls, hidden_size: int, loops, extrapolate: float = 0.0) -> "DraftMap":
         """The map that equals extrapolated drafts with coefficient c (the fit's starting point)."""
         eye = torch.eye(hidden_size)
         w = torch.cat([-extrapolate * eye, (1.0 + extrapolate) * eye], 1)
-        return cls({k: w.clone() for k in loops}, {k: torch.zeros(hidden_size) for k in loops})
+        return cls({k: {"weight": w.clone(), "bias": torch.zeros(hidden_size)} for k in loops})
 
     @property
     def loops(self) -> list[int]:
-        return sorted(self.weights)
+        return sorted(self.params)
 
     @property
     def hidden_size(self) -> int:
-        return next(iter(self.weights.values())).shape[0]
+        return next(iter(self.params.values()))["weight"].shape[0]
 
     def to(self, dtype=None, device=None) -> "DraftMap":
-        return DraftMap({k: w.to(device=device, dtype=dtype) for k, w in self.weights.items()},
-                        {k: b.to(device=device, dtype=dtype) for k, b in self.biases.items()}, self.info)
-
-    def check(self, hidden_size: int, draft_loop: int) -> None:
-        """Raises a clear error unless this map serves drafts at `draft_loop` of a model of `hidden_size`."""
-        if draft_loop not in self.weights:
-            raise ValueError(f"the draft map has loops {self.loops}, not the draft loop {draft_loop}")
-        if self.hidden_size != hidden_size:
-            raise ValueError(f"the draft map is for hidden size {self.hidden_size}, the model has {hidden_size}")
+        return DraftMap({k: {n: t.to(device=device, dtype=dtype) for n, t in p.items()} for k, p in self.params.items()}, self.info)
 
     def state(self, per_loop: torch.Tensor) -> torch.Tensor:
         """The draft state from `per_loop` [k, ..., H] (the states of loops 1..k, in order)."""
         k = per_loop.shape[0]
-        if k not in self.weights:
+        if k not in self.params:
             raise ValueError(f"the draft map has loops {self.loops}, not the draft loop {k}")
-        return F.linear(torch.cat([per_loop[-2], per_loop[-1]], -1), self.weights[k], self.biases[k])
+        p = self.params[k]
+        x = torch.cat([per_loop[-2], per_loop[-1]], -1)
+        out = F.linear(x, p["weight"], p["bias"])
+        if "up.weight" in p:
+            out = out + F.linear(F.gelu(F.linear(x, p["up.weight"], p["up.bias"])), p["down.weight"], p["down.bias"])
+        return out
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        tensors = {}
-        for k in self.loops:
-            tensors[f"loop{k}.weight"] = self.weights[k].detach().contiguous().cpu()
-            tensors[f"loop{k}.bias"] = self.biases[k].detach().contiguous().cpu()
+        tensors = {f"loop{k}.{n}": t.detach().contiguous().cpu() for k in self.loops for n, t in self.params[k].items()}
         save_file(tensors, str(path), metadata={"format": FORMAT, "info": json.dumps(self.info)})
 
     @classmethod
@@ -142,13 +153,13 @@ def _load_cached(path: str, mtime_ns: int) -> DraftMap:  # mtime in the key: a r
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a draft map (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
-    weights, biases = {}, {}
+    params: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         loop, _, kind = name.partition(".")
-        if not loop.startswith("loop") or not loop[4:].isdigit() or kind not in ("weight", "bias"):
-            raise ValueError(f"{path}: unexpected tensor {name!r} (expected loop<k>.weight / loop<k>.bias)")
-        (weights if kind == "weight" else biases)[int(loop[4:])] = t
+        if not loop.startswith("loop") or not loop[4:].isdigit() or kind not in DraftMap.NAMES:
+            raise ValueError(f"{path}: unexpected tensor {name!r} (expected loop<k>.<{'|'.join(DraftMap.NAMES)}>)")
+        params.setdefault(int(loop[4:]), {})[kind] = t
     try:
-        return DraftMap(weights, biases, json.loads(meta.get("info", "{}")))
+        return DraftMap(params, json.loads(meta.get("info", "{}")))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e

@@ -66,21 +66,36 @@ def generated_batches(engine, train, n: int, gen: torch.Generator, prefix: int =
     return out
 
 
-def fit_draft_map(model: LoopLM, states: dict[int, torch.Tensor], k: int, *, extrapolate: float = 0.5, steps: int = 1000,
-                  lr: float = 1e-3, batch_tokens: int = 4096, seed: int = 0, progress: bool = True) -> tuple[DraftMap, list[float]]:
-    """Trains the loop-k map on cached float32 states (loops k-1, k, T); returns (map, KL every 50 steps)."""
+def fit_draft_map(model: LoopLM, states: dict[int, torch.Tensor], k: int, *, extrapolate: float = 0.5, hidden: int = 0,
+                  steps: int = 1000, lr: float = 1e-3, batch_tokens: int = 4096, seed: int = 0,
+                  progress: bool = True) -> tuple[DraftMap, list[float]]:
+    """Trains the loop-k map on cached float32 states (loops k-1, k, T); returns (map, KL every 50 steps).
+
+    The affine part starts at the extrapolation with coefficient `extrapolate`; with `hidden` = M > 0
+    a GELU layer of width M is added whose output projection starts at zero, so training starts
+    from the extrapolation either way.
+    """
     T, H = model.num_loops, model.config.hidden_size
     if not 2 <= k < T:
         raise ValueError(f"a draft map needs 2 <= draft loop < T = {T}, got {k}")
-    base = DraftMap.extrapolation(H, [k], extrapolate)
-    w0 = base.weights[k]
-    dw = torch.zeros_like(w0, requires_grad=True)
-    b = torch.zeros(H, requires_grad=True)
-    opt = torch.optim.Adam([dw, b], lr=lr)
+    torch.manual_seed(seed)
+    w0 = DraftMap.extrapolation(H, [k], extrapolate).params[k]["weight"]
+    params = {"weight": torch.zeros_like(w0), "bias": torch.zeros(H)}  # weight: the change from w0
+    if hidden:
+        up = torch.nn.Linear(2 * H, hidden)  # default (Kaiming-uniform) init
+        params.update({"up.weight": up.weight.detach().clone(), "up.bias": up.bias.detach().clone(),
+                       "down.weight": torch.zeros(H, hidden), "down.bias": torch.zeros(H)})
+    for t in params.values():
+        t.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     head = model.lm_head.weight.detach().float()
     prev, cur, last = states[k - 1], states[k], states[T]
     n = cur.shape[0]
+
+    def current() -> DraftMap:
+        return DraftMap({k: {**params, "weight": w0 + params["weight"]}})
+
     curve = []
     bar = tqdm(range(steps), desc=f"draft map k={k}", disable=not progress, mininterval=2)
     for step in bar:
@@ -89,8 +104,7 @@ def fit_draft_map(model: LoopLM, states: dict[int, torch.Tensor], k: int, *, ext
         idx = torch.randint(0, n, (min(batch_tokens, n),), generator=gen)
         with torch.no_grad():
             teacher = F.log_softmax(last[idx] @ head.T, -1)
-        x = torch.cat([prev[idx], cur[idx]], -1)
-        student = F.log_softmax(F.linear(x, w0 + dw, b) @ head.T, -1)
+        student = F.log_softmax(current().state(torch.stack([prev[idx], cur[idx]])) @ head.T, -1)
         loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -98,7 +112,10 @@ def fit_draft_map(model: LoopLM, states: dict[int, torch.Tensor], k: int, *, ext
         if step % 50 == 0 or step == steps - 1:
             curve.append(round(loss.item(), 5))
             bar.set_postfix_str(f"KL={loss.item():.4f}")
-    fitted = DraftMap({k: (w0 + dw).detach()}, {k: b.detach()}, {"start_extrapolate": extrapolate, "steps": steps, "lr": lr})
+    with torch.no_grad():
+        fitted = current().to(dtype=torch.float32)
+    fitted = DraftMap({k: {name: t.detach() for name, t in fitted.params[k].items()}},
+                      {"start_extrapolate": extrapolate, "hidden": hidden, "steps": steps, "lr": lr})
     return fitted, curve
 
 
@@ -111,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="data", help="folder with train.bin and val_text.bin (or val.bin)")
     p.add_argument("--draft-loop", type=int, default=2)
     p.add_argument("--extrapolate", type=float, default=0.5, help="the extrapolation the fit starts from")
+    p.add_argument("--hidden", type=int, default=0, help="width of an optional GELU hidden layer (0: affine map only)")
     p.add_argument("--batches", type=int, default=64, help="training batches (of 16 x 256 tokens) whose states are cached")
     p.add_argument("--generated", type=int, default=0, help="also fit on this many greedy continuations (224 tokens after 32-token training prefixes)")
     p.add_argument("--val-batches", type=int, default=8)
@@ -146,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     c = a.extrapolate
     before = {"loop": agreement(model, val, k),
               f"extrapolate {c:g}": agreement(model, val, k, lambda h0, h1: draft_state(torch.stack([h0, h1]), c))}
-    dmap, curve = fit_draft_map(model, states, k, extrapolate=c, steps=a.steps, lr=a.lr, seed=a.seed)
+    dmap, curve = fit_draft_map(model, states, k, extrapolate=c, hidden=a.hidden, steps=a.steps, lr=a.lr, seed=a.seed)
     after = agreement(model, val, k, lambda h0, h1: dmap.state(torch.stack([h0, h1])))
     result = {**before, "map": after}
     print(f"held-out agreement of loop-{k} drafts with loop {T}: " + ", ".join(f"{n} {v:.2%}" for n, v in result.items()))

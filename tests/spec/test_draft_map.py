@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import looplm
@@ -16,8 +17,14 @@ from .test_accept import chi2_critical
 from .test_sampling_e2e import sampled_chi2
 
 
-def random_map(H: int, loops=(2,), scale: float = 0.3) -> DraftMap:
-    return DraftMap({k: torch.randn(H, 2 * H) * scale for k in loops}, {k: torch.randn(H) * scale for k in loops})
+def random_map(H: int, loops=(2,), scale: float = 0.3, hidden: int = 0) -> DraftMap:
+    params = {}
+    for k in loops:
+        params[k] = {"weight": torch.randn(H, 2 * H) * scale, "bias": torch.randn(H) * scale}
+        if hidden:
+            params[k].update({"up.weight": torch.randn(hidden, 2 * H) * scale, "up.bias": torch.randn(hidden) * scale,
+                              "down.weight": torch.randn(H, hidden) * scale, "down.bias": torch.randn(H) * scale})
+    return DraftMap(params)
 
 
 def test_the_extrapolation_map_equals_extrapolated_drafts():
@@ -29,14 +36,25 @@ def test_the_extrapolation_map_equals_extrapolated_drafts():
     assert torch.equal(draft_state(per_loop, 0.5, dmap), dmap.state(per_loop))  # a map replaces the extrapolation
 
 
-def test_save_load_round_trip_is_bit_exact(tmp_path):
-    dmap = random_map(8, loops=(2, 3))
+def test_a_hidden_layer_adds_its_gelu_branch():
+    per_loop = torch.randn(2, 3, 16)
+    dmap = random_map(16, hidden=8)
+    p = dmap.params[2]
+    x = torch.cat([per_loop[0], per_loop[1]], -1)
+    expected = x @ p["weight"].T + p["bias"] + F.gelu(x @ p["up.weight"].T + p["up.bias"]) @ p["down.weight"].T + p["down.bias"]
+    torch.testing.assert_close(dmap.state(per_loop), expected)
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_save_load_round_trip_is_bit_exact(tmp_path, hidden):
+    dmap = random_map(8, loops=(2, 3), hidden=hidden)
     dmap.info["note"] = "x"
     dmap.save(tmp_path / "m.safetensors")
     back = DraftMap.load(tmp_path / "m.safetensors")
     assert back.loops == [2, 3] and back.info == {"note": "x"}
     for k in (2, 3):
-        assert torch.equal(back.weights[k], dmap.weights[k]) and torch.equal(back.biases[k], dmap.biases[k])
+        assert sorted(back.params[k]) == sorted(dmap.params[k])
+        assert all(torch.equal(back.params[k][n], dmap.params[k][n]) for n in dmap.params[k])
 
 
 def test_bad_files_get_errors_naming_the_problem(tmp_path):
@@ -53,8 +71,12 @@ def test_bad_files_get_errors_naming_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unexpected tensor 'head'"):
         DraftMap.load(tmp_path / "extra.safetensors")
     save_file({"loop2.weight": torch.zeros(4, 4), "loop2.bias": torch.zeros(4)}, str(tmp_path / "shape.safetensors"), meta)
-    with pytest.raises(ValueError, match=r"shape.safetensors: draft map loop 2: weight \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"shape.safetensors: draft map loop 2: weight has shape \(4, 4\), expected \(4, 8\)"):
         DraftMap.load(tmp_path / "shape.safetensors")
+    save_file({"loop2.weight": torch.zeros(4, 8), "loop2.bias": torch.zeros(4), "loop2.up.weight": torch.zeros(3, 8)},
+              str(tmp_path / "half.safetensors"), meta)
+    with pytest.raises(ValueError, match="all or none of"):
+        DraftMap.load(tmp_path / "half.safetensors")
 
 
 @pytest.mark.parametrize("opts", [{"pipeline": True}, {"draft_len": 3}])
@@ -69,6 +91,9 @@ def test_greedy_with_a_draft_map_equals_full_depth(opts):
             continue
         spec_ = engine.generate(prompts, max_new_tokens=25, stop=[], mode="speculative", draft_loop=k, draft_map=dmap,
                                 extrapolate=0.5, **opts)
+        assert [s.tokens for s in spec_] == [f.tokens for f in full]
+        mlp = random_map(model.config.hidden_size, loops=(k,), hidden=16)
+        spec_ = engine.generate(prompts, max_new_tokens=25, stop=[], mode="speculative", draft_loop=k, draft_map=mlp, **opts)
         assert [s.tokens for s in spec_] == [f.tokens for f in full]
         assert spec_[0].stats["draft"] == "map" and spec_[0].stats["extrapolate"] == 0.0
 
@@ -87,16 +112,25 @@ def test_bad_draft_map_options_fail_cleanly_and_leave_the_engine_usable():
     model = spec_model(loops=4, max_pos=40)
     engine = looplm.Engine(model)
     H = model.config.hidden_size
-    with pytest.raises(ValueError, match="needs draft_loop >= 2"):
-        engine.generate([1, 2], max_new_tokens=4, mode="speculative", draft_loop=1, draft_map=random_map(H))
-    with pytest.raises(ValueError, match="not the draft loop 3"):
-        engine.generate([1, 2], max_new_tokens=4, mode="speculative", draft_loop=3, draft_map=random_map(H))
     with pytest.raises(ValueError, match=f"hidden size {H + 8}, the model has {H}"):
         engine.generate([1, 2], max_new_tokens=4, mode="speculative", draft_loop=2, draft_map=random_map(H + 8))
     with pytest.raises(ValueError, match="draft_map must be a DraftMap"):
         engine.generate([1, 2], max_new_tokens=4, mode="speculative", draft_loop=2, draft_map=3)
     full = engine.generate([1, 2], max_new_tokens=8, stop=[])
     assert engine.generate([1, 2], max_new_tokens=8, stop=[], mode="speculative", draft_map=random_map(H)).tokens == full.tokens
+
+
+@pytest.mark.parametrize("k,c,drafted_by", [(1, 0.5, "loop"), (3, 0.5, "extrapolate"), (3, 0.0, "loop"), (2, 0.5, "map")])
+def test_a_map_without_the_draft_loop_is_not_used(k, c, drafted_by):
+    """Like extrapolate at k = 1: a (recommended) loop-2 map leaves drafting at other loops to the other options."""
+    model = spec_model(loops=4, max_pos=40)
+    engine = looplm.Engine(model)
+    prompts = ragged_prompts(2, model.config.vocab_size, 1, 8)
+    full = engine.generate(prompts, max_new_tokens=12, stop=[])
+    spec_ = engine.generate(prompts, max_new_tokens=12, stop=[], mode="speculative", draft_loop=k, extrapolate=c,
+                            draft_map=random_map(model.config.hidden_size))
+    assert [s.tokens for s in spec_] == [f.tokens for f in full]
+    assert spec_[0].stats["draft"] == drafted_by
 
 
 def test_a_checkpoint_recommends_its_draft_map(tmp_path):
@@ -117,14 +151,19 @@ def test_a_checkpoint_recommends_its_draft_map(tmp_path):
         engine.generate([3, 1, 4], max_new_tokens=4, mode="speculative")
 
 
-def test_fitting_lowers_the_kl_and_raises_agreement_on_its_tokens():
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_fitting_lowers_the_kl_and_raises_agreement_on_its_tokens(hidden):
     model = spec_model(loops=4, max_pos=64, step_scale=0.3).float()
     x = torch.randint(0, model.config.vocab_size, (8, 48))
     states = collect_states(model, [x[:4], x[4:]], [1, 2, 4])
     assert states[4].shape == (8 * 48, model.config.hidden_size)
     before = agreement(model, states, 2, lambda h0, h1: draft_state(torch.stack([h0, h1]), 0.5))
-    dmap, curve = fit_draft_map(model, states, 2, extrapolate=0.5, steps=150, lr=1e-2, batch_tokens=256, progress=False)
+    start, _ = fit_draft_map(model, states, 2, extrapolate=0.5, hidden=hidden, steps=0, progress=False)
+    h = torch.stack([states[1], states[2]])
+    torch.testing.assert_close(start.state(h), draft_state(h, 0.5), rtol=1e-5, atol=1e-5)  # starts at the extrapolation
+    dmap, curve = fit_draft_map(model, states, 2, extrapolate=0.5, hidden=hidden, steps=150, lr=1e-2, batch_tokens=256, progress=False)
     after = agreement(model, states, 2, lambda h0, h1: dmap.state(torch.stack([h0, h1])))
+    assert sorted(dmap.params[2]) == sorted(["weight", "bias"] + (["up.weight", "up.bias", "down.weight", "down.bias"] if hidden else []))
     assert curve[-1] < curve[0]
     assert after > before, (before, after)
     with pytest.raises(ValueError, match="2 <= draft loop < T = 4"):
