@@ -48,12 +48,12 @@ from .schedule import DraftLength
 from .start import first_step, start_request
 
 # Defaults measured on the bundled default model (d256, 2 layers x 4 loops) at batch 1 on a CPU,
-# greedy, 128 new tokens (benchmarks/test_spec_speedup.py; numbers in benchmarks/RESULTS.md): a
-# tested loop-k draft passes 52% (k=1), 84% (k=2), 92% (k=3) of the time. In rounds, k=2, g=3 was
-# fastest at ~1.2x full depth; pipelined (spec.pipeline) k=2 reached ~1.45x, and ~1.5x with drafts
-# extrapolated from loops 1-2 (extrapolate=0.5, acceptance 91%), which the default model's
-# generation_config.json recommends. k=2 is the default draft loop; pipelining is the default
-# whenever k divides T and no draft length is asked for.
+# greedy, 128 new tokens after each of 16 prompts (benchmarks/test_spec_speedup.py; numbers in
+# benchmarks/RESULTS.md): pipelined (spec.pipeline) k=2 is fastest, ~1.5x full depth with the
+# model's fitted draft map (spec.fit_draft; 91% of drafts accepted) against ~1.4x with drafts
+# extrapolated from loops 1-2 (80%) and ~1.35x from loop 2 alone; draft rounds peak at ~1.2x.
+# The model's generation_config.json recommends k=2 and its draft map. k=2 is the default draft
+# loop; pipelining is the default whenever k divides T and no draft length is asked for.
 DEFAULT_DRAFT_LOOP = 2
 DEFAULT_DRAFT_LEN: int | str = 3
 

@@ -1,4 +1,4 @@
-"""What a draft is proposed from: the loop-k head, optionally extrapolated along the loops.
+"""What a draft is proposed from: the loop-k head, extrapolated along the loops, or a fitted map.
 
 Successive loops move the shared head's logits towards the last loop's. Pushing loop k's logits
 further along their change from loop k-1,
@@ -6,8 +6,8 @@ further along their change from loop k-1,
     z_draft = z_k + c * (z_k - z_{k-1}),
 
 predicts the last loop's argmax more often than z_k alone when the refinement keeps its direction:
-on the default model's held-out text, loop-2 drafts agree with loop 4 on 82.1% of tokens at c = 0
-and 84.1% at c = 0.5 (c = 1: 82.5%). The head is linear (Ouro's lm_head has no bias), so
+on the default model's held-out text (65k tokens), loop-2 drafts agree with loop 4 on 74.3% of
+tokens at c = 0 and 78.3% at c = 0.5. The head is linear (Ouro's lm_head has no bias), so
 z_draft = head(h_k + c * (h_k - h_{k-1})) on the loops' normed hidden states: the extrapolation
 costs one head pass, like a plain draft. Any draft distribution keeps speculative decoding
 lossless; only the acceptance rate changes.
@@ -16,7 +16,8 @@ A fitted draft map (`DraftMap`, fitted by `python -m spec.fit_draft`) generalise
 extrapolation to a learned map of the two states, W [h_{k-1}; h_k] + b plus optionally one hidden
 GELU layer, trained so that the head of the mapped state matches loop T's distribution (the
 extrapolation is the map W = [-c I, (1 + c) I], b = 0, where fitting starts). It costs one
-(2H -> H) matmul per draft, and two more with a hidden layer.
+(2H -> H) matmul per draft, and two more with a hidden layer. The default model's affine map
+agrees with loop 4 on 82.5% of the same held-out tokens.
 """
 
 from __future__ import annotations
