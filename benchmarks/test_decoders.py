@@ -23,7 +23,8 @@ from looplm.exits import q_exit_loops
 
 BATCHES = (1, 4, 16)
 
-# (model, draft loop k, draft length g, batch); k >= the model's T is skipped
+# (model, draft loop k, draft length g, batch); k >= the model's T is skipped. Drafts use the model's
+# recommended options (the default model: its fitted map at k=2, extrapolate 0.5 at k=3)
 SPEC_CASES = (
     [("default", k, g, 1) for k in (1, 2, 3) for g in (2, 4, 8, "adaptive")]
     + [("default", k, 4, b) for k in (1, 2) for b in (4, 16)]
@@ -31,10 +32,12 @@ SPEC_CASES = (
     + [("random-100m", 2, 4, 4)]
 )
 
-# (model, options, batch): pipelined self-speculation (spec.pipeline), with and without extrapolated drafts
+# (model, options, batch): pipelined self-speculation (spec.pipeline) with plain, extrapolated and
+# (the default model's recommendation) fitted-map drafts; draft_map=None turns the recommended map off
 PIPELINE_CASES = (
-    [("default", {"draft_loop": k, "pipeline": True, "extrapolate": 0.0}, 1) for k in (1, 2)]
-    + [("default", {"draft_loop": 2, "pipeline": True, "extrapolate": 0.5}, b) for b in (1, 4, 16)]
+    [("default", {"draft_loop": k, "pipeline": True, "extrapolate": 0.0, "draft_map": None}, 1) for k in (1, 2)]
+    + [("default", {"draft_loop": 2, "pipeline": True, "extrapolate": 0.5, "draft_map": None}, 1)]
+    + [("default", {"draft_loop": 2, "pipeline": True}, b) for b in (1, 4, 16)]
     + [("random-100m", {"draft_loop": 2, "pipeline": True, "extrapolate": 0.0}, 1)]
 )
 

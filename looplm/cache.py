@@ -49,6 +49,20 @@ class LoopKVCache:
         self.k[loop, layer, batch_idx, :, pos] = kt.to(self.k.dtype)
         self.v[loop, layer, batch_idx, :, pos] = vt.to(self.v.dtype)
 
+    writes_diagonal = True  # see write_diagonal
+
+    def write_diagonal(self, first_loop: int, loop_step: int, layer: int, row: int, first_pos: int, k, v) -> None:
+        """Stores k/v (n, Hkv, 1, D) of n tokens of one cache row where token i sits at loop
+        first_loop + i * loop_step and position first_pos - i (a pipelined call's tokens): each of
+        k and v is one copy into a strided view, where `write` would scatter through index tensors.
+        With n = 1 it is a plain single-position write (loop_step unused)."""
+        for src, dst in ((k, self.k), (v, self.v)):
+            st = dst.stride()
+            n, heads, _, d = src.shape
+            view = dst.as_strided((n, heads, d), (loop_step * st[0] - st[4] if n > 1 else st[0], st[3], st[5]),
+                                  dst.storage_offset() + first_loop * st[0] + layer * st[1] + row * st[2] + first_pos * st[4])
+            view.copy_(src[:, :, 0])
+
     def read(self, loop: int, layer: int, batch_idx, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot (loop, layer) for rows batch_idx (None = all; a slice reads a view), positions [0, kv_len): (B', Hkv, kv_len, D)."""
         k, v = self.k[loop, layer, :, :, :kv_len], self.v[loop, layer, :, :, :kv_len]
@@ -103,6 +117,8 @@ class SharedKVCache(LoopKVCache):
     not token-for-token equal to full-depth decoding on the same shared cache. The anytime
     decoder's skip="shared" reads this cache and is exact against itself.
     """
+
+    writes_diagonal = False  # a shared slot has no loop axis: writes go through `write`
 
     def __init__(self, cfg: LoopConfig, batch_size: int, max_len: int, *, kv: SharedKV = "last", dtype=torch.float32, device=None):
         if kv not in ("last", "mean"):

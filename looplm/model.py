@@ -40,12 +40,22 @@ class _LoopStep:
         # every group one row, in call order (the pipelined and anytime decoders' usual case)
         self.one_row_groups = groups is not None and [g[0] for g in groups] == [slice(i, i + 1) for i in range(len(groups))]
         self.strided = None  # (first loop, loop step, rows, cache row) when the rows are one cache
+        self.diagonal = None  # (first loop or None = self.loop, loop step, cache row, first position) for cache.write_diagonal
         if self.one_row_groups and len(groups) > 1:  # row at evenly spaced loops
             # a one-row group's cache rows are always a one-row slice (LoopLM._loop_groups)
             starts, rows = [g[2] for g in groups], {g[1].start for g in groups}
             d = starts[1] - starts[0]
             if d > 0 and len(rows) == 1 and starts == list(range(starts[0], starts[0] + d * len(starts), d)):
                 self.strided = (starts[0], d, len(starts), rows.pop())
+                positions = pos[:, 0].tolist()
+                if getattr(cache, "writes_diagonal", False) and not torch.compiler.is_compiling() and positions == list(range(positions[0], positions[0] - len(positions), -1)):
+                    self.diagonal = (starts[0], d, self.strided[3], positions[0])  # the pipeline's usual call
+        elif (groups is None and cache is not None and pos.numel() == 1 and pos.device.type == "cpu"
+              and getattr(cache, "writes_diagonal", False) and not torch.compiler.is_compiling()):
+            # one token at one loop per step (batch-1 decoding): a plain write, no index tensors (on
+            # the CPU, where reading the position costs no device sync)
+            row = 0 if batch_idx is None else int(batch_idx.view(-1)[0])
+            self.diagonal = (None, 1, row, int(pos.view(-1)[0]))
         if cache is None:
             return
         B, S = pos.shape
@@ -58,7 +68,11 @@ class _LoopStep:
     def attend(self, q, k, v, layer: int) -> torch.Tensor:
         if self.cache is None:  # no-cache forward: the call's own keys, causal by position
             return self.attn_fn(q, k, v, self.pos, self.pos)
-        self.cache.write(self.loop, layer, self.rows, self.pos, k, v)
+        if self.diagonal is not None:
+            lo, d, row, p0 = self.diagonal
+            self.cache.write_diagonal(self.loop if lo is None else lo + self.step, d, layer, row, p0, k, v)
+        else:
+            self.cache.write(self.loop, layer, self.rows, self.pos, k, v)
         if isinstance(self.loop, int):
             ck, cv = self.cache.read(self.loop, layer, self.batch_idx, self.kv_len)
             return self.attn_fn(q, ck, cv, self.pos, self.k_pos)

@@ -80,3 +80,40 @@ def test_cache_reports_its_size():
     per_token = 2 * cfg.total_ut_steps * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
     assert cache.bytes_per_token() == per_token
     assert cache.nbytes == per_token * 2 * 10
+
+
+@pytest.mark.parametrize("n,step", [(2, 2), (4, 1), (3, 1)])
+def test_diagonal_write_equals_the_indexed_write(n, step):
+    """write_diagonal (token i at loop lo + i*step, position p0 - i) stores what `write` stores."""
+    model = tiny_model(loops=4, layers=2)
+    a, b = model.new_cache(3, 12), model.new_cache(3, 12)
+    cfg = model.config
+    k = torch.randn(n, cfg.num_key_value_heads, 1, cfg.head_dim)
+    v = torch.randn(n, cfg.num_key_value_heads, 1, cfg.head_dim)
+    lo, row, p0, layer = 4 - 1 - step * (n - 1), 2, 9, 1
+    loops = torch.tensor([[lo + i * step] for i in range(n)])
+    a.write(loops, layer, torch.full((n, 1), row), torch.tensor([[p0 - i] for i in range(n)]), k, v)
+    b.write_diagonal(lo, step, layer, row, p0, k, v)
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and a.k.abs().sum() > 0
+
+
+def test_pipelined_rows_of_one_sequence_write_the_diagonal_and_stay_exact():
+    """A single sequence's tokens at loops lo, lo+d, ... and consecutive positions (the pipeline's call)."""
+    model = tiny_model(loops=4)
+    seq = torch.randint(0, model.config.vocab_size, (1, 9))
+    full = model.per_loop_logits(seq)
+    cache = model.new_cache(1, 9)
+    calls = []
+    write_diagonal = cache.write_diagonal
+    cache.write_diagonal = lambda *a: (calls.append(a[:5]), write_diagonal(*a))
+    with torch.no_grad():
+        prefill(model, cache, seq[:, :6].tolist())
+        first = model.forward_loops(model.embed(seq[:, 6:7]), torch.tensor([6]), cache, num_loops=2)
+        assert calls == [(0, 1, 0, 0, 6), (0, 1, 1, 0, 6), (1, 1, 0, 0, 6), (1, 1, 1, 0, 6)]  # batch-1 steps write plainly too
+        calls.clear()
+        h = torch.cat([model.embed(seq[:, 7:8])[0], first.hidden[-1][0]])[:, None]  # newest first, as the pipeline orders rows
+        both = model.forward_loops(h, torch.tensor([[7], [6]]), cache, start_loop=torch.tensor([[0], [2]]), num_loops=2,
+                                   batch_idx=torch.tensor([0, 0]), logits="all", logits_loops="all")
+    torch.testing.assert_close(both.logits[:, 1, 0], full[2:, 0, 6], rtol=0, atol=1e-5)  # token 6 at loops 3, 4
+    torch.testing.assert_close(both.logits[:, 0, 0], full[:2, 0, 7], rtol=0, atol=1e-5)  # token 7 at loops 1, 2
+    assert calls == [(0, 2, 0, 0, 7), (0, 2, 1, 0, 7), (1, 2, 0, 0, 7), (1, 2, 1, 0, 7)]  # (loop, step, layer, row, pos)
