@@ -50,12 +50,13 @@ def _weight_files(path: Path) -> dict[str, Path]:
                 raise FileNotFoundError(f"{path / INDEX} names shard {shard.name}, which does not exist")
         return files
     if (path / SINGLE).is_file():
-        with _open(path / SINGLE) as f:
+        with open_safetensors(path / SINGLE) as f:
             return {name: path / SINGLE for name in f.keys()}
     raise FileNotFoundError(f"{path}: neither {SINGLE} nor {INDEX}")
 
 
-def _open(file: Path):
+def open_safetensors(file: str | Path):
+    """safe_open on the CPU; a corrupt or truncated header raises ValueError naming the file."""
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises SafetensorError on truncated/corrupt headers
@@ -91,7 +92,7 @@ def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
         raise ValueError(f"{path}: checkpoint tensors do not match the config: missing {missing}, unexpected {unexpected}")
     state = {}
     for file in sorted(set(files.values())):
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 if files.get(name) != file:
                     continue

@@ -144,14 +144,11 @@ class DraftMap:
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(path: str, mtime_ns: int) -> DraftMap:  # mtime in the key: a rewritten file is read again
-    from safetensors import safe_open
+    from looplm.checkpoint import open_safetensors
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # SafetensorError on a truncated or foreign file
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a draft map (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
     params: dict[int, dict[str, torch.Tensor]] = {}
