@@ -47,11 +47,11 @@ class _LoopStep:
             d = starts[1] - starts[0]
             if d > 0 and len(rows) == 1 and starts == list(range(starts[0], starts[0] + d * len(starts), d)):
                 self.strided = (starts[0], d, len(starts), rows.pop())
-                positions = pos[:, 0].tolist()
-                if getattr(cache, "writes_diagonal", False) and not torch.compiler.is_compiling() and positions == list(range(positions[0], positions[0] - len(positions), -1)):
+                positions = pos[:, 0].tolist() if cache.writes_diagonal and not torch.compiler.is_compiling() else None
+                if positions and positions == list(range(positions[0], positions[0] - len(positions), -1)):
                     self.diagonal = (starts[0], d, self.strided[3], positions[0])  # the pipeline's usual call
         elif (groups is None and cache is not None and pos.numel() == 1 and pos.device.type == "cpu"
-              and getattr(cache, "writes_diagonal", False) and not torch.compiler.is_compiling()):
+              and cache.writes_diagonal and not torch.compiler.is_compiling()):
             # one token at one loop per step (batch-1 decoding): a plain write, no index tensors (on
             # the CPU, where reading the position costs no device sync)
             row = 0 if batch_idx is None else int(batch_idx.view(-1)[0])

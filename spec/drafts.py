@@ -36,7 +36,7 @@ def draft_state(per_loop: torch.Tensor, extrapolate: float = 0.0, draft_map: "Dr
     """The hidden state whose head logits are the draft logits, from the states of loops 1..k
     `per_loop` [k >= 1, ..., H] (LoopOutput.hidden, loops in order).
 
-    With a `draft_map` its affine map of the last two states (extrapolate is then unused); else
+    With a `draft_map`, its map of the last two states (extrapolate is then unused); else
     extrapolate = c > 0 gives h_k + c * (h_k - h_{k-1}) (needs k >= 2), and c = 0 returns h_k.
     """
     if draft_map is not None:

@@ -112,11 +112,8 @@ def fit_draft_map(model: LoopLM, states: dict[int, torch.Tensor], k: int, *, ext
         if step % 50 == 0 or step == steps - 1:
             curve.append(round(loss.item(), 5))
             bar.set_postfix_str(f"KL={loss.item():.4f}")
-    with torch.no_grad():
-        fitted = current().to(dtype=torch.float32)
-    fitted = DraftMap({k: {name: t.detach() for name, t in fitted.params[k].items()}},
-                      {"start_extrapolate": extrapolate, "hidden": hidden, "steps": steps, "lr": lr})
-    return fitted, curve
+    fitted = {name: t.detach() for name, t in current().params[k].items()}
+    return DraftMap({k: fitted}, {"start_extrapolate": extrapolate, "hidden": hidden, "steps": steps, "lr": lr}), curve
 
 
 def main(argv: list[str] | None = None) -> None:
