@@ -11,10 +11,12 @@ from a queue.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -63,7 +65,9 @@ class Scheduler:
 
     Args:
         model: the looped model.
-        cache_bytes: bytes of each KV mode's paged cache (allocated when first used).
+        cache_bytes: bytes of each KV mode's paged cache (allocated when first used); default
+            DEFAULT_CACHE_BYTES, raised to hold at least one whole context. A request that needs
+            more positions than the whole cache holds is refused when submitted.
         block_size: positions per block.
         max_running: requests decoding at once; more wait in the queue.
     """
@@ -73,7 +77,9 @@ class Scheduler:
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
         self.model = model
-        self.cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+        if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 1):
+            raise ValueError(f"cache_bytes must be a positive integer, got {cache_bytes!r}")
+        self.cache_bytes = cache_bytes
         self.block_size, self.max_running = block_size, max_running
         self.runners: dict[str, Runner] = {}
         self.waiting: deque[Request] = deque()
@@ -81,14 +87,17 @@ class Scheduler:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._atexit = False
 
     # -- caches ---------------------------------------------------------------------------------
     def num_blocks(self, kv: str) -> int:
         p = self.model.lm_head.weight
         per_block = bytes_per_position(self.model.config, kv, p.dtype) * self.block_size
-        # at least one whole context, whatever the byte budget says
+        if self.cache_bytes is not None:  # what the user asked for (at least one block)
+            return max(self.cache_bytes // per_block, 1)
+        # the default budget, but at least one whole context
         floor = -(-self.model.config.max_position_embeddings // self.block_size)
-        return max(self.cache_bytes // per_block, floor)
+        return max(DEFAULT_CACHE_BYTES // per_block, floor)
 
     def runner(self, kv: str) -> Runner:
         if kv not in self.runners:
@@ -118,9 +127,22 @@ class Scheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="looplm-engine", daemon=True)
                 self._thread.start()
+                if not self._atexit:  # stop the loop before the interpreter tears torch down under it
+                    ref = weakref.ref(self)
+                    atexit.register(lambda: ref() is not None and ref().shutdown())
+                    self._atexit = True
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancels every live request and waits for the loop to stop (the engine stays usable)."""
+        with self._lock:
+            for r in self.running + list(self.waiting):
+                r.cancelled = True
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
