@@ -76,7 +76,7 @@ class Engine:
             stop: None for the checkpoint's eos ids, else a list of token ids and/or strings
                 (an empty list never stops early).
             kv: "per_loop" (default: the exact cache, T*L slots per position), "last" or "mean"
-                (one K/V per layer after prefill, T-fold smaller; an approximation, DESIGN.md §1).
+                (one K/V per layer after prefill, T-fold smaller; an approximation, docs/design.md "Shared KV").
             **mode_options: options of the chosen decoder (e.g. draft_loop, budget). A checkpoint
                 may recommend its own in generation_config.json under "looplm": {mode: {...}}
                 (see `mode_defaults`); what is passed here overrides them.

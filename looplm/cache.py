@@ -88,7 +88,7 @@ SharedKV = Literal["last", "mean"]
 
 
 class SharedKVCache(LoopKVCache):
-    """One K/V per (layer, position) shared by every loop: a T-fold smaller cache (DESIGN.md §1, Table 14).
+    """One K/V per (layer, position) shared by every loop: a T-fold smaller cache (docs/design.md, "Shared KV"; Ouro's Table 14).
 
     Storage is (1, L, B, Hkv, max_len, D); `read(loop, ...)` ignores the loop. Semantics, exactly:
 
