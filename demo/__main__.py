@@ -11,6 +11,18 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 def main(argv: list[str] | None = None) -> int:
     """Loads the model, builds the app and serves it until interrupted; returns the exit status
     (2, with one `error: ...` line, for a user error)."""
+    from looplm.__main__ import UsageError
+
+    try:
+        return _serve(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def _serve(argv: list[str] | None) -> int:
     from looplm.__main__ import Parser, UsageError
 
     parser = Parser(prog="python -m demo", description=__doc__)
@@ -23,33 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: $LOOPLM_THREADS, else chosen from the model's size)")
     try:
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # --help
-            return int(e.code or 0)
-        if args.concurrency < 1:
-            parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
-        if args.port is not None and not 0 < args.port < 65536:
-            parser.error(f"--port must lie in 1..65535, got {args.port}")
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    if args.concurrency < 1:
+        parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.port is not None and not 0 < args.port < 65536:
+        parser.error(f"--port must lie in 1..65535, got {args.port}")
 
-        import looplm
+    import looplm
 
-        try:
-            engine = looplm.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
-            from .app import build_app, launch
+    try:
+        engine = looplm.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+        from .app import build_app, launch
 
-            app = build_app(engine, concurrency=args.concurrency)
-        except (ValueError, OSError) as e:
-            raise UsageError(" ".join(str(e).split())) from None
-        try:
-            launch(app, args.port)
-        except OSError as e:  # e.g. the port is taken
-            raise UsageError(" ".join(str(e).split())) from None
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
+        app = build_app(engine, concurrency=args.concurrency)
+        launch(app, args.port)
+    except (ValueError, OSError) as e:  # a bad checkpoint or device; OSError: e.g. the port is taken
+        raise UsageError(" ".join(str(e).split())) from None
     return 0
 
 
