@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, validate
 from .config import LoopConfig
 from .decoding import MODES, DecodeRequest, Step, resolve_mode
 from .paged import check_kv_mode
 from .model import LoopLM
 from .sampling import SamplingParams
+from .threads import apply_threads, check_threads
 from .tokenizer import IncrementalText, Tokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -102,7 +104,8 @@ class Engine:
         (or dropping the Stream) cancels it and frees its cache blocks. A list of prompts gives
         one Stream over all of them: steps arrive per prompt in turn, `step.row` names the prompt.
         """
-        prompts = self._split(prompt)
+        validate.request(max_new_tokens, kwargs)
+        prompts = validate.prompts(prompt)
         seed = kwargs.pop("seed", None)
         streams = []
         try:
@@ -133,11 +136,8 @@ class Engine:
     def _is_batch(prompt) -> bool:
         return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
 
-    def _split(self, prompt) -> list:
-        return list(prompt) if self._is_batch(prompt) else [prompt]
-
     def _prompt_ids(self, p, i: int = 0) -> list[int]:
-        ids = self.encode(p) if isinstance(p, str) else [int(t) for t in p]
+        ids = self.encode(p) if isinstance(p, str) else list(p)
         if not ids:
             raise ValueError(f"prompt {i} is empty")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -151,8 +151,7 @@ class Engine:
         return ids
 
     def _request(self, prompt, max_new_tokens, options, index: int = 0) -> tuple[DecodeRequest, list[int], list[str], dict]:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        validate.request(max_new_tokens, options)
         seed = options.pop("seed", None)
         sampling = SamplingParams(
             temperature=options.pop("temperature", 0.0), top_k=options.pop("top_k", None), top_p=options.pop("top_p", None)
@@ -295,18 +294,60 @@ def _mode_params(mode: str) -> set[str]:
     return set(list(inspect.signature(resolve_mode(mode)).parameters)[2:])
 
 
-def load(path: str | Path | None = None, *, dtype=None, device=None) -> Engine:
-    """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine."""
+def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None) -> Engine:
+    """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine.
+
+    Args:
+        path: the checkpoint directory; None loads looplm/default_model.
+        dtype: "float32", "bfloat16", "float16" or a torch dtype (default: float32 on the CPU,
+            the config's torch_dtype elsewhere).
+        device: a torch device ("cpu", "cuda", "cuda:1"); a ValueError when torch cannot use it.
+        threads: torch intra-op threads, set process-wide (`torch.set_num_threads`). None takes
+            $LOOPLM_THREADS, else one thread per 64 MiB of weights up to the available cores
+            (looplm.threads: a model as small as the bundled one gets 1).
+    """
     if path is None:
         path = DEFAULT_MODEL
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"the bundled default model is missing from {path}; pass a checkpoint path")
+    if threads is not None:
+        check_threads(threads)  # a bad value fails before the weights are read
     model, tokenizer, gen_cfg = checkpoint.load_pretrained(path, dtype=dtype, device=device)
+    apply_threads(model, threads)
     return Engine(model, tokenizer, gen_cfg, Path(path))
 
 
 def save(engine: Engine, path: str | Path, **kwargs) -> None:
-    """Writes the engine's model (and tokenizer) in the published Ouro layout."""
+    """Writes the engine's model (and tokenizer) in the published Ouro layout.
+
+    Files that the generation config's per-mode options name (e.g. the speculative decoder's
+    "draft_map.safetensors", see `Engine.mode_defaults`) are copied from the engine's checkpoint
+    directory, so the saved checkpoint runs every mode as the original does. Raises ValueError
+    (before writing anything) when such a file is missing or is not a plain name inside the directory.
+    """
+    files = _named_files(engine)
     checkpoint.save_pretrained(
         engine.model, path, tokenizer=engine.tokenizer, generation_config=engine.generation_config or None, **kwargs
     )
+    for name, source in files.items():
+        target = Path(path) / name
+        if source.resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+
+
+def _named_files(engine: Engine) -> dict[str, Path]:
+    """Relative file name -> source path of every ".safetensors" option in generation_config["looplm"]."""
+    files = {}
+    for mode, options in (engine.generation_config.get("looplm") or {}).items():
+        for key, value in (options or {}).items() if isinstance(options, dict) else ():
+            if not (isinstance(value, str) and value.endswith(".safetensors")):
+                continue
+            where = f"generation_config looplm.{mode}.{key} = {value!r}"
+            if Path(value).is_absolute() or ".." in Path(value).parts:
+                raise ValueError(f"{where}: a checkpoint file must be named relative to its directory")
+            source = Path(engine.path or ".") / value
+            if engine.path is None or not source.is_file():
+                raise ValueError(f"{where}: no such file in the engine's checkpoint directory {engine.path}")
+            files[value] = source
+    return files

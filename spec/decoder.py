@@ -92,7 +92,7 @@ def decode(
         token from the prefill); info = {"draft": bool, "accepted": a, "proposed": g} for the round.
     Stats (req.stats): draft_loop, draft_len, acceptance_rate (accepted / proposed drafts),
         token_acceptance (accepted / (accepted + rejections): the chance a tested draft passes,
-        the alpha of DESIGN.md's (1 - alpha^(g+1)) / (1 - alpha); drafts after a rejection are untested),
+        the alpha of (1 - alpha^(g+1)) / (1 - alpha), docs/design.md "Self-speculation"; drafts after a rejection are untested),
         mean_accepted_len (accepted drafts per row-round), accepted_len_hist (count of row-rounds
         by accepted drafts 0..g_max), rounds, drafted / accepted (draft totals), loops_per_token
         ((token, loop) pairs computed after the prefill / tokens emitted; includes rows that already

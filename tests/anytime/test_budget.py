@@ -156,7 +156,7 @@ def test_budget_validation(engine):
         engine.generate([1, 2], max_new_tokens=2, mode="anytime", exit="nope")
     with pytest.raises(ValueError, match="unknown skip mode"):
         engine.generate([1, 2], max_new_tokens=2, mode="anytime", skip="nope")
-    with pytest.raises(ValueError, match="q must lie"):
+    with pytest.raises(ValueError, match=r"q_exit threshold must be a finite number in \[0, 1\]"):
         engine.generate([1, 2], max_new_tokens=2, mode="anytime", exit="q_exit", q=1.5)
     assert Budget(deadline_ms=100).token_ms(40.0, 3) == 20.0
     assert Budget(deadline_ms=100).token_ms(140.0, 3) == 0.0
