@@ -200,7 +200,10 @@ class Engine:
         gen = Generation(prompt_tokens=req.prompts[0])
         detok = IncrementalText(self.tokenizer.decode) if self.tokenizer is not None else None
         request = Request(req, decoder, mode, stop_ids, stop_strs, detok, gen)
-        request.pending = next(decoder)  # validates the decoder's options here, in the caller's thread
+        try:  # runs the decoder to its first item: its options are checked here, in the caller's thread
+            request.first = next(decoder)
+        except StopIteration:
+            request.first = None
         self.scheduler.submit(request)
         return Stream(self.scheduler, request)
 

@@ -45,6 +45,7 @@ class Request:
     generation: object  # looplm.api.Generation
     id: int = 0
     out: queue.Queue = field(default_factory=queue.Queue)
+    first: object = None  # the decoder's first item (taken when submitted: a Forward, a Step, or None)
     pending: Forward | None = None  # the Forward its decoder waits on
     cancelled: bool = False
     finished: bool = False
@@ -115,7 +116,7 @@ class Scheduler:
 
     # -- submission -----------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        """Queues a request whose decoder has already yielded its first Forward (its prefill)."""
+        """Queues a request whose decoder has already yielded its first item (`request.first`)."""
         blocks = -(-request.positions // self.block_size)
         total = self.num_blocks(request.req.kv)
         if blocks > total:
@@ -175,6 +176,18 @@ class Scheduler:
             self.waiting.popleft()
             pool.admit(r.id, r.positions)
             self.running.append(r)
+            self._start(r)
+
+    def _start(self, r: Request) -> None:
+        """Hands the decoder's first item on: a Forward waits for the next step, a Step is emitted."""
+        first, r.first = r.first, None
+        if isinstance(first, Forward):
+            r.pending = first
+        elif first is None:
+            self._finish(r, None)
+        else:
+            self._emit(r, first)
+            self._advance(r, None)
 
     @torch.inference_mode()
     def step(self) -> None:
