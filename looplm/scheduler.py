@@ -50,6 +50,8 @@ class Request:
     cancelled: bool = False
     finished: bool = False
     started: float = field(default_factory=time.perf_counter)
+    chunks: list[tuple[int, int]] | None = None  # a long prompt's chunks (positions [a, b)), while it runs in pieces
+    chunk_outs: list | None = None
     token_loops: int = 0  # (position, loop) pairs its Forwards ran, prefill included
     prefill_loops: int = 0
     weight_passes: int = 0  # loops of every Forward it ran (each one pass over the weights)
@@ -71,12 +73,18 @@ class Scheduler:
             more positions than the whole cache holds is refused when submitted.
         block_size: positions per block.
         max_running: requests decoding at once; more wait in the queue.
+        max_step_tokens: positions one engine step runs (at least one request's Forward runs);
+            the Forwards of other requests wait for the next step.
+        prefill_chunk: a prompt longer than this (on the exact per-loop cache) joins in chunks of
+            this many positions, one per step, so that running requests keep decoding meanwhile.
     """
 
     def __init__(self, model: LoopLM, *, cache_bytes: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 max_running: int = 256):
-        if max_running < 1:
-            raise ValueError(f"max_running must be >= 1, got {max_running}")
+                 max_running: int = 256, max_step_tokens: int = 1024, prefill_chunk: int = 256):
+        for name, value in (("max_running", max_running), ("max_step_tokens", max_step_tokens), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.max_step_tokens, self.prefill_chunk = max_step_tokens, prefill_chunk
         self.model = model
         if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 1):
             raise ValueError(f"cache_bytes must be a positive integer, got {cache_bytes!r}")
@@ -191,33 +199,78 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One engine step: advance every running decoder to its next Forward, run them all."""
+        """One engine step: advance every running decoder to its next Forward; run, in one runner
+        step per KV mode, the Forwards that fit the step's token budget (requests with a time
+        budget first, then in order of arrival); the others wait for the next step."""
         for r in list(self.running):
             if r.cancelled:
                 self._finish(r, None)
             elif r.pending is None:
                 self._advance(r, None)
-        by_kv: dict[str, list[Request]] = {}
-        for r in self.running:
-            by_kv.setdefault(r.req.kv, []).append(r)
-        for kv, reqs in by_kv.items():
+        order = sorted(self.running, key=lambda r: (not r.req.timed, r.id))
+        chosen: dict[str, list[tuple[Request, Forward]]] = {}
+        tokens = 0
+        for r in order:
+            fwd = self._next_piece(r)
+            n = fwd.inputs.shape[0] * fwd.inputs.shape[1]
+            if tokens and tokens + n > self.max_step_tokens:
+                continue
+            tokens += n
+            chosen.setdefault(r.req.kv, []).append((r, fwd))
+        for kv, pairs in chosen.items():
             runner = self.runner(kv)
             pool = runner.cache.pool
-            items = []
-            for r in reqs:
-                fwd = r.pending
-                fwd.pos = torch.as_tensor(fwd.pos, device=runner.cache.k.device)
-                items.append((pool.ensure(r.id, int(fwd.pos.max()) + 1), fwd))
+            items = [(pool.ensure(r.id, int(fwd.pos.max()) + 1), fwd) for r, fwd in pairs]
             outs = runner.run(items)
-            for r, (_, fwd), out in zip(reqs, items, outs):
+            for (r, fwd), out in zip(pairs, outs):
                 n = fwd.inputs.shape[0] * fwd.inputs.shape[1] * fwd.num_loops
                 r.token_loops += n
                 if r.forwards == 0:
-                    r.prefill_loops = n
+                    r.prefill_loops += n
                 r.weight_passes += fwd.num_loops
-                r.forwards += 1
-                r.pending = None
-                self._advance(r, out)
+                out = self._collect(r, fwd, out)
+                if out is not None:
+                    r.forwards += 1
+                    r.pending = None
+                    self._advance(r, out)
+
+    def _next_piece(self, r: Request) -> Forward:
+        """The Forward r runs next: its pending Forward, or the next chunk of a long prompt."""
+        fwd = r.pending
+        if r.chunks is None:
+            fwd.pos = torch.as_tensor(fwd.pos, device=self.model.lm_head.weight.device)
+            S = fwd.inputs.shape[1]
+            if S <= self.prefill_chunk or not self._chunkable(r, fwd):
+                return fwd
+            r.chunks = [(a, min(a + self.prefill_chunk, S)) for a in range(0, S, self.prefill_chunk)]
+            r.chunk_outs = []
+        a, b = r.chunks[len(r.chunk_outs)]
+        last = b == fwd.inputs.shape[1]
+        logits = fwd.logits if last or fwd.logits == "all" else None
+        return Forward(fwd.inputs[:, a:b], fwd.pos[:, a:b], logits=logits, logits_loops=fwd.logits_loops)
+
+    def _chunkable(self, r: Request, fwd: Forward) -> bool:
+        """A whole-depth prompt Forward on the exact cache: its chunks compute the same K/V (a
+        chunk attends to the earlier chunks' per-loop K/V). Shared-KV caches are not chunked:
+        their prefill attends with per-loop K/V only within one step."""
+        return (r.req.kv == "per_loop" and fwd.inputs.dtype in (torch.int32, torch.int64) and fwd.inputs.shape[0] == 1
+                and isinstance(fwd.start_loop, int) and fwd.start_loop == 0
+                and fwd.num_loops in (None, self.model.num_loops) and not fwd.copy_slots
+                and fwd.logits in (None, "last", "all"))
+
+    def _collect(self, r: Request, piece: Forward, out):
+        """The output to hand r's decoder, or None while chunks of its prompt remain."""
+        if r.chunks is None:
+            return out
+        r.chunk_outs.append(out)
+        if len(r.chunk_outs) < len(r.chunks):
+            return None
+        outs, r.chunks, r.chunk_outs = r.chunk_outs, None, None
+        hidden = torch.cat([o.hidden for o in outs], 2)
+        gates = torch.cat([o.gates for o in outs], 2)
+        logits = outs[-1].logits if r.pending.logits != "all" else torch.cat([o.logits for o in outs], 2)
+        r.pending.num_loops = self.model.num_loops
+        return type(out)(hidden, gates, logits)
 
     def _advance(self, r: Request, value) -> None:
         """Resumes r's decoder with `value` until it yields a Forward or ends."""

@@ -143,3 +143,32 @@ def test_a_request_larger_than_the_cache_is_refused_at_submit_and_others_wait_fo
     assert [g.tokens for g in streams.generations] == alone
     assert max(peak) >= 1  # some request really waited for room
     assert engine.usage()["caches"]["per_loop"]["blocks_used"] == 0
+
+
+def test_long_prompts_join_in_chunks_and_decode_exactly():
+    model = tiny_model(loops=3, max_pos=96)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (50, 3, 23)]
+    whole = looplm.Engine(model, prefill_chunk=96)
+    chunked = looplm.Engine(model, prefill_chunk=8)
+    for mode, opts in [("full", {}), ("anytime", {"exit": "confidence", "threshold": 0.1}),
+                       ("speculative", {"draft_loop": 1, "draft_len": 2})]:
+        want = [g.tokens for g in whole.generate(prompts, max_new_tokens=10, stop=[], mode=mode, **opts)]
+        got = chunked.generate(prompts, max_new_tokens=10, stop=[], mode=mode, **opts)
+        assert [g.tokens for g in got] == want, mode
+        assert got[0].stats["weight_passes_per_token"] > got[1].stats["weight_passes_per_token"]  # 7 chunks of 3 loops
+
+
+def test_a_decoding_request_keeps_going_while_a_long_prompt_is_chunked():
+    model = tiny_model(loops=3, max_pos=200)
+    engine = looplm.Engine(model, prefill_chunk=4, max_step_tokens=5)
+    short = engine.stream([1, 2], max_new_tokens=30, stop=[])
+    first = next(short)  # running
+    runner = engine.scheduler.runner("per_loop")
+    before = runner.steps
+    long = engine.stream(torch.randint(0, 61, (120,)).tolist(), max_new_tokens=2, stop=[])
+    rest = [first] + list(short)
+    assert len(rest) == 30 and len(list(long)) == 2
+    # the 120-token prompt took 30 chunk steps; the short request decoded during them (a budget of 5
+    # positions fits one chunk of 4 and one decode row per step)
+    assert runner.steps - before < 30 + 29
+    assert [s.token for s in rest] == engine.generate([1, 2], max_new_tokens=30, stop=[]).tokens
