@@ -194,7 +194,9 @@ class Engine:
 
         decoder_fn = resolve_mode(mode)
         given = dict(kwargs)
-        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, {**self.mode_defaults(mode), **kwargs}, index)
+        defaults = self.mode_defaults(mode)
+        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, {**defaults, **kwargs}, index)
+        req.recommended = frozenset(k for k in defaults if k not in kwargs)
         check_mode_options(mode, decoder_fn, options, given)
         decoder = decoder_fn(self.model, req, **options)
         gen = Generation(prompt_tokens=req.prompts[0])

@@ -110,7 +110,10 @@ def decode(
     if k < 2:
         extrapolate = 0.0  # loop 1 has no earlier loop to extrapolate from (stats say 0.0)
     p = model.lm_head.weight
-    dmap = resolve_draft_map(draft_map, model.config.hidden_size, k, p.dtype, p.device)
+    recommended = "draft_map" in req.recommended
+    dmap = resolve_draft_map(draft_map, model.config.hidden_size, k, p.dtype, p.device, recommended=recommended)
+    if draft_map is not None and dmap is None:  # the checkpoint's map has no map for this loop: said, not silent
+        req.stats["draft_map_unused"] = f"the checkpoint's recommended draft map has no map for draft_loop={k}"
     if dmap is not None:
         extrapolate = 0.0
     req.stats["draft"] = "map" if dmap is not None else "extrapolate" if extrapolate else "loop"
