@@ -46,7 +46,7 @@ unwritten, and later tokens read them at those loops. `skip=` says what happens:
   is exactly the exit loops. Approximate (CALM-style state propagation): exact only against itself;
   equals full depth when no token skips a loop.
 - "shared": read a shared-KV cache (`Engine.generate(..., kv="last"|"mean")`,
-  looplm.cache.SharedKVCache: one K/V per layer and position). Nothing to fill: "last" holds the
+  a one-slot looplm.paged.PagedKVCache: one K/V per layer and position). Nothing to fill: "last" holds the
   K/V of the token's exit loop, "mean" the average over the loops it computed. Cost: nothing, and
   a T-fold smaller cache. Exact against decoding on that shared cache (with no budget or policy it
   equals full-depth decoding with the same kv mode), not against the per-loop cache. It is the

@@ -106,7 +106,7 @@ def decode(
     if skip == "shared" and not req.shared_kv:
         raise ValueError(
             "skip='shared' needs a shared-KV cache (one K/V per layer): pass kv='last' or kv='mean' "
-            "(looplm.cache.SharedKVCache), or use skip='exact' / 'copy' with the per-loop cache"
+            "(one K/V per layer and position), or use skip='exact' / 'copy' with the per-loop cache"
         )
     if skip != "shared" and req.shared_kv:
         raise ValueError(f"skip={skip!r} needs the per-loop cache (kv='per_loop'); a shared-KV cache takes skip='shared'")

@@ -45,8 +45,9 @@ class Engine:
         """engine_options: the scheduler's (cache_bytes, block_size, max_running; looplm.scheduler.Scheduler)."""
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.generation_config = generation_config or {}
-        self.engine_options = engine_options
-        self._scheduler = None
+        from .scheduler import Scheduler
+
+        self.scheduler = Scheduler(model, **engine_options)  # checks the options now; allocates caches when first used
 
     @property
     def config(self) -> LoopConfig:
@@ -124,14 +125,6 @@ class Engine:
         return self.scheduler.usage()
 
     # -- internals ---------------------------------------------------------------------------
-    @property
-    def scheduler(self):
-        if self._scheduler is None:
-            from .scheduler import Scheduler
-
-            self._scheduler = Scheduler(self.model, **self.engine_options)
-        return self._scheduler
-
     @staticmethod
     def _is_batch(prompt) -> bool:
         return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
@@ -299,7 +292,7 @@ def _mode_params(mode: str) -> set[str]:
     return set(list(inspect.signature(resolve_mode(mode)).parameters)[2:])
 
 
-def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None) -> Engine:
+def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None, **engine_options) -> Engine:
     """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine.
 
     Args:
@@ -310,6 +303,8 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, threads: in
         threads: torch intra-op threads, set process-wide (`torch.set_num_threads`). None takes
             $LOOPLM_THREADS, else one thread per 64 MiB of weights up to the available cores
             (looplm.threads: a model as small as the bundled one gets 1).
+        **engine_options: the engine's scheduler (looplm.scheduler.Scheduler): cache_bytes,
+            block_size, max_running, max_step_tokens, prefill_chunk.
     """
     if path is None:
         path = DEFAULT_MODEL
@@ -319,7 +314,7 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, threads: in
         check_threads(threads)  # a bad value fails before the weights are read
     model, tokenizer, gen_cfg = checkpoint.load_pretrained(path, dtype=dtype, device=device)
     apply_threads(model, threads)
-    return Engine(model, tokenizer, gen_cfg, Path(path))
+    return Engine(model, tokenizer, gen_cfg, Path(path), **engine_options)
 
 
 def save(engine: Engine, path: str | Path, **kwargs) -> None:
