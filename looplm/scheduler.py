@@ -52,10 +52,12 @@ class Request:
     started: float = field(default_factory=time.perf_counter)
     chunks: list[tuple[int, int]] | None = None  # a long prompt's chunks (positions [a, b)), while it runs in pieces
     chunk_outs: list | None = None
+    slices: list | None = None  # outputs of the single-loop pieces of its pending Forward so far
     token_loops: int = 0  # (position, loop) pairs its Forwards ran, prefill included
     prefill_loops: int = 0
     weight_passes: int = 0  # loops of every Forward it ran (each one pass over the weights)
     forwards: int = 0
+    runner_steps: int = 0  # engine steps it took part in (a chunked or loop-sliced Forward takes several)
 
     @property
     def positions(self) -> int:
@@ -97,6 +99,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._atexit = False
+        self._slice = False
 
     # -- caches ---------------------------------------------------------------------------------
     def num_blocks(self, kv: str) -> int:
@@ -208,6 +211,7 @@ class Scheduler:
             elif r.pending is None:
                 self._advance(r, None)
         order = sorted(self.running, key=lambda r: (not r.req.timed, r.id))
+        self._slice = order and order[0].req.timed  # a request keeps a time budget: one loop per step for all
         chosen: dict[str, list[tuple[Request, Forward]]] = {}
         tokens = 0
         for r in order:
@@ -228,6 +232,7 @@ class Scheduler:
                 if r.forwards == 0:
                     r.prefill_loops += n
                 r.weight_passes += fwd.num_loops
+                r.runner_steps += 1
                 out = self._collect(r, fwd, out)
                 if out is not None:
                     r.forwards += 1
@@ -235,11 +240,17 @@ class Scheduler:
                     self._advance(r, out)
 
     def _next_piece(self, r: Request) -> Forward:
-        """The Forward r runs next: its pending Forward, or the next chunk of a long prompt."""
+        """The Forward r runs next: its pending Forward, the next chunk of a long prompt, or, while
+        a request with a time budget runs, the next single loop of a many-loop Forward."""
         fwd = r.pending
+        if r.slices is not None:
+            return self._loop_piece(r)
         if r.chunks is None:
             fwd.pos = torch.as_tensor(fwd.pos, device=self.model.lm_head.weight.device)
             S = fwd.inputs.shape[1]
+            if self._slice and fwd.inputs.shape[0] * S <= self.model.num_loops and self._loops(fwd) > 1:
+                r.slices = []
+                return self._loop_piece(r)
             if S <= self.prefill_chunk or not self._chunkable(r, fwd):
                 return fwd
             r.chunks = [(a, min(a + self.prefill_chunk, S)) for a in range(0, S, self.prefill_chunk)]
@@ -258,8 +269,33 @@ class Scheduler:
                 and fwd.num_loops in (None, self.model.num_loops) and not fwd.copy_slots
                 and fwd.logits in (None, "last", "all"))
 
+    def _loops(self, fwd: Forward) -> int:
+        if fwd.num_loops is not None:
+            return fwd.num_loops
+        return self.model.num_loops - (fwd.start_loop if isinstance(fwd.start_loop, int) else 0)
+
+    def _loop_piece(self, r: Request) -> Forward:
+        """Loop i of r's pending Forward as a Forward of its own (exact: a loop range resumes from
+        the saved state of the loop before it)."""
+        fwd, i = r.pending, len(r.slices)
+        n = self._loops(fwd)
+        last = i == n - 1
+        inputs = fwd.inputs if i == 0 else r.slices[-1].hidden[-1]
+        logits = fwd.logits if last or fwd.logits_loops == "all" else None
+        return Forward(inputs, fwd.pos, start_loop=fwd.start_loop + i, num_loops=1, logits=logits,
+                       copy_slots=fwd.copy_slots if i == 0 else [])
+
     def _collect(self, r: Request, piece: Forward, out):
-        """The output to hand r's decoder, or None while chunks of its prompt remain."""
+        """The output to hand r's decoder, or None while chunks of its prompt (or loops of its
+        Forward) remain."""
+        if r.slices is not None:
+            r.slices.append(out)
+            if len(r.slices) < self._loops(r.pending):
+                return None
+            outs, r.slices = r.slices, None
+            logits = torch.cat([o.logits for o in outs]) if r.pending.logits_loops == "all" else outs[-1].logits
+            r.pending.num_loops = len(outs)
+            return type(out)(torch.cat([o.hidden for o in outs]), torch.cat([o.gates for o in outs]), logits)
         if r.chunks is None:
             return out
         r.chunk_outs.append(out)
@@ -348,6 +384,7 @@ def _stats(r: Request, T: int) -> dict:
         # loops of every forward the request took part in (prefill included) per new token
         weight_passes_per_token=r.weight_passes / n if n else 0.0,
         forwards=r.forwards,
+        runner_steps=r.runner_steps,
         token_loops=r.token_loops,  # (position, loop) pairs of every Forward, prefill included
     )
     st["mean_loops"] = st["mean_exit_loop"]
