@@ -288,11 +288,20 @@ class Runner:
         m = self.model
         outs: list[LoopOutput] = []
         heads: list[tuple[int, torch.Tensor]] = []  # (item, selected last-loop states) for one batched head call
+        # every loop's states in one (loops, N, H) tensor: a Forward's outputs are views of it
+        steps, N, H = len(hiddens), plan.n_tokens, hiddens[0].shape[-1]
+        if all(x.shape[0] == N for x in hiddens):
+            all_h, all_g = torch.stack(hiddens), torch.stack(gates)
+        else:
+            all_h, all_g = hiddens[0].new_zeros(steps, N, H), gates[0].new_zeros(steps, N)
+            for i, (x, g) in enumerate(zip(hiddens, gates)):
+                all_h[i, : x.shape[0]] = x
+                all_g[i, : g.shape[0]] = g
         for idx, ((_, fwd), (B, S)) in enumerate(zip(items, shapes)):
             sp = plan.spans[idx]
             n = fwd.num_loops
-            hid = torch.stack([hiddens[i][sp] for i in range(n)]).view(n, B, S, -1)
-            gat = torch.stack([gates[i][sp] for i in range(n)]).view(n, B, S)
+            hid = all_h[:n, sp].view(n, B, S, H)
+            gat = all_g[:n, sp].view(n, B, S)
             outs.append(LoopOutput(hid, gat, None))
             if fwd.logits is not None:
                 if fwd.logits_loops == "all":
