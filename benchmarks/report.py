@@ -536,6 +536,11 @@ def render(paths: list[Path] | None = None, out: Path | None = None) -> Path:
         lines.append("not measured: no results JSON (run `python -m benchmarks`).")
     for p in paths:
         lines += section(Path(p), load(p), out.parent)
+    gpu_json = HERE / "results-gpu.json"  # python -m benchmarks.gpu on a lent GPU
+    if gpu_json.is_file():
+        from .gpu import render_section
+
+        lines += render_section(load(gpu_json))
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out
 
