@@ -13,6 +13,7 @@ from . import checkpoint
 from .cache import cache_factory
 from .config import LoopConfig
 from .decoding import DecodeRequest, Step, resolve_mode
+from .fuse import fuse_if_large
 from .model import LoopLM
 from .sampling import SamplingParams
 from .tokenizer import IncrementalText, Tokenizer
@@ -223,13 +224,17 @@ class Stream:
 
 
 def load(path: str | Path | None = None, *, dtype=None, device=None) -> Engine:
-    """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine."""
+    """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine.
+
+    dtype None: `looplm.dtypes.default_dtype`. Models of more than 256 MiB of bf16 weights get
+    fused q/k/v and gate/up projections (`looplm.fuse`; the state dict is unchanged).
+    """
     if path is None:
         path = DEFAULT_MODEL
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"the bundled default model is missing from {path}; pass a checkpoint path")
     model, tokenizer, gen_cfg = checkpoint.load_pretrained(path, dtype=dtype, device=device)
-    return Engine(model, tokenizer, gen_cfg, Path(path))
+    return Engine(fuse_if_large(model), tokenizer, gen_cfg, Path(path))
 
 
 def save(engine: Engine, path: str | Path, **kwargs) -> None:
