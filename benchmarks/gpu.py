@@ -14,7 +14,7 @@ on the CPU in float32 (the test suite runs it, so it cannot rot). On a GPU, in b
    pipelined), recording weight passes per token (calls of a layer's MLP) and wall-clock;
 5. measures throughput at 1..64 concurrent requests (a batch of prompts to `Engine.generate`).
 It writes `results-gpu.json` and `RESULTS-gpu.md` (the section benchmarks/report.py also renders
-into RESULTS.md) to --out (default: benchmarks/). A phase that raises is recorded as failed and the
+into RESULTS.md) to --out (default: benchmarks/), after every phase. A phase that raises is recorded as failed and the
 others still run; a phase that would start past --budget-s is skipped and says so. Exit status 1
 when any check failed. Runs on what is installed (no network, no pip): absent backends are listed
 with the reason.
@@ -378,23 +378,29 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("float32" if args.dry_run else "bfloat16"))
     run = Run(args.dry_run, dtype, args.budget_s, args.backends.split(",") if args.backends else None)
     run.results["environment"] = environment(run)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every phase: a run cut short (a timeout) still leaves its results
+        run.results.update(seconds=run.elapsed(), failures=run.failures)
+        (args.out / "results-gpu.json").write_text(json.dumps(run.results, indent=1) + "\n")
+        (args.out / "RESULTS-gpu.md").write_text("\n".join(render_section(run.results)))
+
     root = Path(tempfile.mkdtemp(prefix="looplm-gpu-"))
     try:
         with run.phase("checkpoints") as out:
             if out is not None:
                 write_checkpoints(run, root, out)
+        save()
         if run.main in run.engines:
             for name, fn in (("attention backends", check_backends), ("decode vs bandwidth", measure_decode), ("speculative", check_speculative),
                              ("throughput", measure_throughput), ("compiled step", check_compiled_step)):
                 with run.phase(name) as out:
                     if out is not None:
                         fn(run, out)
+                save()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    run.results.update(seconds=run.elapsed(), failures=run.failures)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results-gpu.json").write_text(json.dumps(run.results, indent=1) + "\n")
-    (args.out / "RESULTS-gpu.md").write_text("\n".join(render_section(run.results)))
+    save()
     print("\n".join(render_section(run.results)))
     print(f"wrote {args.out / 'results-gpu.json'} and {args.out / 'RESULTS-gpu.md'}")
     return 1 if run.failures else 0
