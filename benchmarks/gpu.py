@@ -5,19 +5,21 @@ on the CPU in float32 (the test suite runs it, so it cannot rot). On a GPU, in b
 1. writes random checkpoints of Ouro-1.4B's and Ouro-2.6B's shapes (benchmarks/checkpoints.py, on
    the device) into a temporary directory and loads them back with `looplm.load`;
 2. checks every attention backend available there (`kernels.available_backends`) against the
-   float32 reference: the attention function on prefill and decode inputs, and the model's
-   per-loop logits (no cache); greedy decode tokens per backend are recorded;
+   reference (kernels.reference_attention): the attention function on prefill and decode inputs
+   (against float32), and the model's per-loop logits (no cache) against the same model attending
+   with the reference; greedy decode tokens per backend are recorded;
 3. measures the device's bandwidth (a large matrix-vector product of the run's dtype, and a copy)
-   and batch-1 full-depth decode tokens/s of both models against bytes per token / that rate, eager
-   and with the compiled fixed-shape step (`step="compiled"`; "fixed", uncompiled, in a dry run);
-4. checks compiled-step decoding == eager, and speculative greedy == full depth (plain drafts and
-   pipelined), recording weight passes per token (calls of a layer's MLP) and wall-clock;
-5. measures throughput at 1..64 concurrent requests (a batch of prompts to `Engine.generate`).
+   and batch-1 full-depth eager decode tokens/s of both models against bytes per token / that rate;
+4. checks speculative greedy == full depth (plain drafts and pipelined), recording weight passes
+   per token (calls of a layer's MLP) and wall-clock;
+5. measures throughput at 1..64 concurrent requests (a batch of prompts to `Engine.generate`);
+6. last (its compilation takes longest), checks the compiled fixed-shape step (`step="compiled"`;
+   "fixed", uncompiled, in a dry run) == eager decoding, and measures it against the bound.
 It writes `results-gpu.json` and `RESULTS-gpu.md` (the section benchmarks/report.py also renders
-into RESULTS.md) to --out (default: benchmarks/), after every phase. A phase that raises is recorded as failed and the
-others still run; a phase that would start past --budget-s is skipped and says so. Exit status 1
-when any check failed. Runs on what is installed (no network, no pip): absent backends are listed
-with the reason.
+into RESULTS.md) to --out (default: benchmarks/), after every phase. A phase that raises is recorded
+as failed and the others still run; a phase that would start past --budget-s is skipped and says
+so. Exit status 1 when any check failed. Runs on what is installed (no network, no pip): absent
+backends are listed with the reason.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import shutil
 import sys
