@@ -5,9 +5,14 @@ loop, so its speed is the rate at which a matrix-vector product streams weights 
 bfloat16 halves the bytes, but only pays where the CPU computes it natively (AMX-BF16 or
 AVX512-BF16). Without those instructions PyTorch's bf16 matrix-vector product converts in
 software and reads about as many *parameters* per second as float32 does (measured on an AVX2
-AMD EPYC: 5.2 G params/s float32, 5.2 G params/s bf16, 1 thread), so float32 is as fast there and
-exact. And a model whose weights fit in the caches is not bandwidth-bound at all: per-op
-overhead dominates and bf16's conversions only add to it (the bundled 2.6M-parameter model).
+AMD EPYC, 1 thread: 20.8 GB/s float32, 10.4 GB/s bf16, i.e. 5.2 G params/s each), so there a
+large model decodes no faster in bf16 (random Ouro-1.4B shape: 0.93x-1.26x float32 tokens/s under
+heavy load) while every logit is rounded. A small model is not bandwidth-bound at all; the bundled
+2.6M-parameter model decodes 1.11x faster in bf16 on that CPU (median of 30 paired rounds, load
+average 7-9), not enough to give up float32's exact outputs (its greedy tokens differ from
+float32's after a few tokens). So bf16 is the default only where it is native and the model large
+enough to be bandwidth-bound; the size threshold is an estimate (a server CPU's last-level cache
+is tens of MiB), not measured on a native-bf16 CPU.
 
 The rule (`default_dtype`): bfloat16 on the CPU when the config says bfloat16, the CPU has native
 bf16, and the weights exceed `BF16_MIN_BYTES` in bf16; float32 otherwise.
