@@ -12,6 +12,7 @@ import torch
 from . import checkpoint, validate
 from .config import LoopConfig
 from .decoding import MODES, DecodeRequest, Step, resolve_mode
+from .fuse import fuse_if_large
 from .paged import check_kv_mode
 from .model import LoopLM
 from .sampling import SamplingParams
@@ -297,14 +298,18 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, threads: in
 
     Args:
         path: the checkpoint directory; None loads looplm/default_model.
-        dtype: "float32", "bfloat16", "float16" or a torch dtype (default: float32 on the CPU,
-            the config's torch_dtype elsewhere).
+        dtype: "float32", "bfloat16", "float16" or a torch dtype (default:
+            `looplm.dtypes.default_dtype`: the config's torch_dtype on a GPU; on the CPU bfloat16
+            only for a large bf16 checkpoint on a CPU with native bf16, else float32).
         device: a torch device ("cpu", "cuda", "cuda:1"); a ValueError when torch cannot use it.
         threads: torch intra-op threads, set process-wide (`torch.set_num_threads`). None takes
             $LOOPLM_THREADS, else one thread per 64 MiB of weights up to the available cores
             (looplm.threads: a model as small as the bundled one gets 1).
         **engine_options: the engine's scheduler (looplm.scheduler.Scheduler): cache_bytes,
             block_size, max_running, max_step_tokens, prefill_chunk.
+
+    Models of more than 256 MiB of bf16 weights get fused q/k/v and gate/up projections
+    (`looplm.fuse`; the state dict is unchanged).
     """
     if path is None:
         path = DEFAULT_MODEL
@@ -314,7 +319,7 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, threads: in
         check_threads(threads)  # a bad value fails before the weights are read
     model, tokenizer, gen_cfg = checkpoint.load_pretrained(path, dtype=dtype, device=device)
     apply_threads(model, threads)
-    return Engine(model, tokenizer, gen_cfg, Path(path), **engine_options)
+    return Engine(fuse_if_large(model), tokenizer, gen_cfg, Path(path), **engine_options)
 
 
 def save(engine: Engine, path: str | Path, **kwargs) -> None:
