@@ -191,6 +191,8 @@ class LoopLMEval(TemplateLM):
         for (context, continuation), ctx_ids, cont_ids in requests:
             if not cont_ids:
                 raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+            # an all-whitespace context moves into the continuation (TemplateLM._encode_pair): condition on the prefix token
+            ctx_ids = ctx_ids or [self.prefix_token_id]
             if len(cont_ids) > self.max_length:
                 raise ValueError(f"continuation of {len(cont_ids)} tokens exceeds max_length {self.max_length}")
             ids = (ctx_ids + cont_ids)[-(self.max_length + 1):]  # keep the last max_length inputs

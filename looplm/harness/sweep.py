@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", default="looplm_card", help="comma-separated lm-eval tasks")
     p.add_argument("--include_path", "--include-path", dest="include_path", default=None,
                    help="task directory (python -m looplm.harness.tasks writes the local ones)")
-    p.add_argument("--depths", type=int, nargs="*", default=None, help="static depths (default: 1..T)")
+    p.add_argument("--depths", type=int, nargs="*", default=None, help="static depths (default: 1..T; none when given empty)")
     p.add_argument("--exit", action="append", default=[], help="exit policy to sweep (repeatable), e.g. q_exit")
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval --limit)")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         base = simple_parse_args_string(a.model_args) if a.model_args else {}
         if a.pretrained:
             base["pretrained"] = a.pretrained
-        depths = a.depths or list(range(1, load(a.pretrained).model.num_loops + 1))
+        depths = a.depths if a.depths is not None else list(range(1, load(a.pretrained).model.num_loops + 1))
         configs = [(f"static_{k}", {"loops": k}) for k in depths]
         configs += [(f"{e}_{t:g}", {"exit": e, "threshold": t}) for e in a.exit for t in a.thresholds]
         for label, args in configs:

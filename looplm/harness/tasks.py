@@ -4,7 +4,10 @@
   looplm_phop_argmax  the same problems as a loglikelihood task whose acc is lm-eval's is_greedy: the
                       answer token is the argmax over the whole vocabulary, the card's scoring rule.
   looplm_text         held-out text as rolling loglikelihood (only with --data: the card's windows of
-                      data/val_text.bin, each one document).
+                      data/val_text.bin, each one document, so lm-eval scores all of a window's tokens
+                      after the <|endoftext|> prefix token).
+  looplm_text_card    the same windows as loglikelihood of all but the first token given the first:
+                      the card's per-loop loss exactly (its windows have no prefix token).
 
 The held-out p-hop problems are regenerated from looplm.train.data's seed stream, so no data/
 directory is needed for them. All three carry the tag "looplm_card".
@@ -82,24 +85,32 @@ def write_phop_tasks(out: str | Path, problems: list[dict]) -> list[Path]:
     return [mc, argmax]
 
 
-def write_text_task(out: str | Path, windows: list[list[int]], tokenizer, name: str = "looplm_text") -> Path:
-    """Writes <name>.jsonl (one document per token window, decoded) and <name>.yaml (rolling loglikelihood).
+def write_text_task(out: str | Path, windows: list[list[int]], tokenizer, name: str = "looplm_text") -> list[Path]:
+    """Writes <name>.jsonl (one line per token window) and two tasks over it: <name> (rolling
+    loglikelihood of the decoded window) and <name>_card (loglikelihood of the window's tokens 2..n
+    given its first token, as the card scored them). Returns the YAML paths.
 
-    Each line records n_tokens and whether encoding the text gives the window back (roundtrip), so
-    a reader can tell that lm-eval scores the same tokens.
+    Each line records n_tokens and whether encoding the text (and the first token's text) gives the
+    window back (roundtrip), so a reader can tell that lm-eval scores the same tokens.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / f"{name}.jsonl"
     with open(jsonl, "w") as f:
         for w in windows:
-            text = tokenizer.decode(w)
-            f.write(json.dumps({"text": text, "n_tokens": len(w), "roundtrip": tokenizer.encode(text) == list(w)}) + "\n")
-    path = out / f"{name}.yaml"
-    path.write_text(_yaml(name, jsonl, (
+            text, first = tokenizer.decode(w), tokenizer.decode(w[:1])
+            ok = tokenizer.encode(text) == list(w) and text.startswith(first) and tokenizer.encode(first) == list(w[:1])
+            f.write(json.dumps({"text": text, "context": first, "continuation": text[len(first):] if text.startswith(first) else text,
+                                "n_tokens": len(w), "roundtrip": ok}) + "\n")
+    rolling = out / f"{name}.yaml"
+    rolling.write_text(_yaml(name, jsonl, (
         "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")))
-    return path
+    card = out / f"{name}_card.yaml"
+    card.write_text(_yaml(f"{name}_card", jsonl, (
+        "output_type: loglikelihood\ndoc_to_text: \"{{context}}\"\ndoc_to_target: \"{{continuation}}\"\n"
+        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n")))
+    return [rolling, card]
 
 
 def write_tasks(out: str | Path, data: str | Path | None = None, n_phop: int = 2000, tokenizer=None) -> list[Path]:
@@ -110,7 +121,7 @@ def write_tasks(out: str | Path, data: str | Path | None = None, n_phop: int = 2
             import looplm
 
             tokenizer = looplm.load().tokenizer
-        paths.append(write_text_task(out, card_windows(data), tokenizer))
+        paths += write_text_task(out, card_windows(data), tokenizer)
     return paths
 
 

@@ -97,6 +97,15 @@ def test_rolling_loglikelihood_equals_per_loop_ce(engine, tmp_path):
     st = res["config"]["looplm"]["per_task"]["looplm_synth/loglikelihood_rolling"]
     assert st["tokens"] == n and st["mean_exit_loop"] == k
     assert st["nats_per_token"] == pytest.approx(-total / n, rel=1e-5)
+    # the _card task: tokens 2..n of each window given its first token, no prefix token (the card's windows)
+    card = evaluate(LoopLMEval(loops=k), ["looplm_synth_card"], tmp_path)["config"]["looplm"]["per_task"]
+    want = []
+    for w in windows:
+        with torch.no_grad():
+            logp = engine.model.per_loop_logits(torch.tensor([w[:-1]]))[k - 1, 0].float().log_softmax(-1)
+        want += logp.gather(1, torch.tensor(w[1:])[:, None])[:, 0].tolist()
+    assert card["looplm_synth_card/loglikelihood"]["tokens"] == len(want)
+    assert card["looplm_synth_card/loglikelihood"]["nats_per_token"] == pytest.approx(-sum(want) / len(want), rel=1e-5)
     nbytes = sum(len(d.encode()) for d in docs)
     bpb = res["results"]["looplm_synth"]["bits_per_byte,none"]
     assert bpb * math.log(2) * nbytes == pytest.approx(-total, rel=1e-5)
