@@ -41,7 +41,12 @@ TIME_BUDGETS = ("budget_ms", "deadline_ms")
 
 
 class _Tally:
-    """Per-task counts behind the recorded statistics."""
+    """Per-task counts behind the recorded statistics.
+
+    Loops computed per token: T for a scored token (the no-cache forward runs every loop at every
+    position, as exact anytime decoding eventually does for the loops a token skipped), Step.loops
+    for a generated one.
+    """
 
     def __init__(self, T: int):
         self.tokens = 0

@@ -109,7 +109,9 @@ def write_text_task(out: str | Path, windows: list[list[int]], tokenizer, name: 
     card = out / f"{name}_card.yaml"
     card.write_text(_yaml(f"{name}_card", jsonl, (
         "output_type: loglikelihood\ndoc_to_text: \"{{context}}\"\ndoc_to_target: \"{{continuation}}\"\n"
-        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n")))
+        "# the loss per token is config.looplm.per_task in the results (lm-eval's perplexity here would be\n"
+        "# exp(-mean window loglikelihood), which overflows); acc = the whole window is the greedy decode\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")))
     return [rolling, card]
 
 
