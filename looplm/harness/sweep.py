@@ -7,7 +7,7 @@ line, each exit policy as a curve over its thresholds (cf. Ouro's Figure 5).
 
 Usage:
     python -m looplm.harness.sweep --tasks looplm_phop,looplm_text --include_path TASK_DIR \\
-        --depths 1 2 3 4 --exit q_exit --thresholds 0.1 0.3 0.5 0.7 0.9 --out sweep/
+        --depths 1 2 3 4 --exit q_exit --thresholds 0.1 0.3 0.5 0.7 0.9 --metric looplm_text_card=loss --out sweep/
     python -m looplm.harness.sweep --plot-only --out sweep/ RESULTS.json ...   (any lm-eval outputs of looplm)
 """
 
@@ -51,8 +51,13 @@ def _task_stats(per_task: dict, task: str, subtasks: list[str]) -> dict | None:
     return merged
 
 
-def points(results: dict) -> list[dict]:
-    """(task, policy, threshold, avg loops, metric, value) for every task of one lm-eval results dict."""
+def points(results: dict, metrics: dict[str, str] | None = None) -> list[dict]:
+    """(task, policy, threshold, avg loops, metric, value) for every task of one lm-eval results dict.
+
+    metrics: task -> lm-eval metric key (e.g. "acc_norm,none") or "loss" (nats per token, from the
+    looplm tally) to plot; default: "loss" for rolling loglikelihood, else the first of PREFERRED.
+    """
+    metrics = metrics or {}
     info = results.get("config", {}).get("looplm")
     if info is None:
         raise ValueError("these results do not come from the looplm model (no config.looplm)")
@@ -60,17 +65,22 @@ def points(results: dict) -> list[dict]:
     policy = "static" if "depth" in rule else rule["policy"]
     out = []
     groups = results.get("group_subtasks", {})
-    for task, metrics in results["results"].items():
+    for task, scores in results["results"].items():
         stats = _task_stats(info["per_task"], task, groups.get(task, []))
         if stats is None:
             continue
-        metric = next((m for m in PREFERRED if isinstance(metrics.get(m), (int, float))), None)
-        if stats["rolling"] and "nats_per_token" in stats:
+        want = metrics.get(task, "loss" if stats["rolling"] else None)
+        if want == "loss":
+            if "nats_per_token" not in stats:
+                raise ValueError(f"{task}: no loss recorded (its requests were not scored)")
             metric, value = "loss (nats/token)", stats["nats_per_token"]
-        elif metric is None:
-            continue
         else:
-            value = metrics[metric]
+            metric = want or next((m for m in PREFERRED if isinstance(scores.get(m), (int, float))), None)
+            if metric is None:
+                continue
+            if metric not in scores:
+                raise ValueError(f"{task}: no metric {metric!r} in the results; it has {sorted(scores)}")
+            value = scores[metric]
         out.append({"task": task, "policy": policy, "threshold": rule.get("depth", rule.get("threshold")),
                     "avg_loops": stats["mean_exit_loop"], "metric": metric, "value": float(value)})
     return out
@@ -121,8 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_fewshot", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", type=Path, required=True, help="directory for results_*.json, sweep.json, sweep.png")
+    p.add_argument("--metric", action="append", default=[], metavar="TASK=METRIC",
+                   help='what to plot for a task: an lm-eval metric key (e.g. "acc_norm,none") or "loss" '
+                        "(nats per token); default: loss for rolling loglikelihood, else accuracy; repeatable")
     p.add_argument("--plot-only", action="store_true", help="only plot the given results files")
     a = p.parse_args(argv)
+    bad = [m for m in a.metric if "=" not in m]
+    if bad:
+        raise ValueError(f"--metric takes TASK=METRIC, got {bad}")
+    metrics = dict(m.split("=", 1) for m in a.metric)
     a.out.mkdir(parents=True, exist_ok=True)
     files = list(a.results)
     if not a.plot_only:
@@ -141,10 +158,11 @@ def main(argv: list[str] | None = None) -> None:
             path = a.out / f"results_{label}.json"
             path.write_text(json.dumps(res, indent=2, default=str))
             files.append(path)
-            print(label, [(pt["task"], round(pt["avg_loops"], 3), round(pt["value"], 4)) for pt in points(res)], flush=True)
+            print(label, [(pt["task"], round(pt["avg_loops"], 3), round(pt["value"], 4)) for pt in points(res, metrics)],
+                  flush=True)
     if not files:
         raise ValueError("no results to plot: run a sweep or pass lm-eval results files with --plot-only")
-    pts = [pt for f in files for pt in points(json.loads(Path(f).read_text()))]
+    pts = [pt for f in files for pt in points(json.loads(Path(f).read_text()), metrics)]
     (a.out / "sweep.json").write_text(json.dumps(pts, indent=2))
     plot(pts, a.out / "sweep.png", title=a.pretrained or "looplm default model")
     print(a.out / "sweep.png")
