@@ -128,7 +128,7 @@ def decode(
     device = model.lm_head.weight.device
     steps_ar = torch.arange(schedule.max, device=device)
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
-    computed = 0  # (token, loop) pairs this request ran after prefill; per request, unlike model.token_loops
+    computed = 0  # (token, loop) pairs this request ran after prefill
     produced, pos = [0] * B, [len(p) for p in req.prompts]  # pos: position of the row's last token
     for row in range(B):
         if req.active(row, 0):
