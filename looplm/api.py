@@ -293,7 +293,8 @@ def _mode_params(mode: str) -> set[str]:
     return set(list(inspect.signature(resolve_mode(mode)).parameters)[2:])
 
 
-def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None, **engine_options) -> Engine:
+def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None, tp: int | None = None,
+         **engine_options) -> Engine:
     """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine.
 
     Args:
@@ -305,6 +306,10 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, threads: in
         threads: torch intra-op threads, set process-wide (`torch.set_num_threads`). None takes
             $LOOPLM_THREADS, else one thread per 64 MiB of weights up to the available cores
             (looplm.threads: a model as small as the bundled one gets 1).
+        tp: tensor parallelism over this many ranks of a `torchrun --nproc-per-node tp` launch
+            (looplm.tp): each rank loads only its slices of the weights and holds only its KV
+            heads. Returns the engine on rank 0; on the other ranks it serves rank 0's steps and
+            exits the process when rank 0 exits. None or 1: one process.
         **engine_options: the engine's scheduler (looplm.scheduler.Scheduler): cache_bytes,
             block_size, max_running, max_step_tokens, prefill_chunk.
 
@@ -317,9 +322,19 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, threads: in
             raise FileNotFoundError(f"the bundled default model is missing from {path}; pass a checkpoint path")
     if threads is not None:
         check_threads(threads)  # a bad value fails before the weights are read
-    model, tokenizer, gen_cfg = checkpoint.load_pretrained(path, dtype=dtype, device=device)
+    shard = None
+    if tp is not None and tp != 1:
+        from . import tp as tensor_parallel
+
+        tensor_parallel.check_divisible(checkpoint.read_config(path), tp)  # before joining a launch
+        rank, device = tensor_parallel.init(tp, device)
+        shard = (rank, tp)
+    model, tokenizer, gen_cfg = checkpoint.load_pretrained(path, dtype=dtype, device=device, tp=shard)
     apply_threads(model, threads)
-    return Engine(fuse_if_large(model), tokenizer, gen_cfg, Path(path), **engine_options)
+    engine = Engine(fuse_if_large(model), tokenizer, gen_cfg, Path(path), **engine_options)
+    if shard is not None:
+        tensor_parallel.start(engine)  # returns on rank 0 only
+    return engine
 
 
 def save(engine: Engine, path: str | Path, **kwargs) -> None:

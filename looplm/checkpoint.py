@@ -78,13 +78,16 @@ def expected_shapes(model: LoopLM) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
+def load_model(path: str | Path, *, dtype=None, device=None, tp: tuple[int, int] | None = None) -> LoopLM:
     """Builds the model on the meta device and assigns tensors read from the safetensors files.
 
     Every name and shape is checked before anything is assigned, so a bad checkpoint raises
     without leaving a half-loaded model. dtype defaults to `looplm.dtypes.default_dtype`: the
     config's torch_dtype on a GPU; on the CPU bfloat16 where the config says so and the CPU
     computes it natively for a model too large for its caches, float32 otherwise.
+
+    tp: (rank, world) builds rank `rank`'s part of a tensor-parallel model (looplm.tp): only that
+    rank's slices of the split weights are read from the memory-mapped files.
     """
     path = Path(path)
     cfg = read_config(path)
@@ -93,6 +96,11 @@ def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
     with torch.device("meta"):
         model = LoopLM(cfg)
     want = expected_shapes(model)
+    if tp is not None:
+        from . import tp as tensor_parallel
+
+        with torch.device("meta"):
+            model = LoopLM(tensor_parallel.rank_config(cfg, tp[1]))
     files = _weight_files(path)
     missing = sorted(set(want) - set(files))
     unexpected = sorted(set(files) - set(want))
@@ -107,8 +115,9 @@ def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != want[name]:
                     raise ValueError(f"{file}: tensor {name} has shape {shape}, the config needs {want[name]}")
+                index = tensor_parallel.rank_slice(name, shape, *tp) if tp is not None else None
                 try:
-                    t = f.get_tensor(name)
+                    t = f.get_tensor(name) if index is None else f.get_slice(name)[index]
                 except Exception as e:
                     raise ValueError(f"{file}: cannot read tensor {name} ({e})") from e
                 t = t.to(device=device, dtype=dtype)
@@ -123,6 +132,8 @@ def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers(device)
+    if tp is not None:
+        tensor_parallel.connect(model, *tp)
     return model.eval()
 
 
@@ -211,7 +222,7 @@ def _split(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
     return shards + [cur]
 
 
-def load_pretrained(path: str | Path, *, dtype=None, device=None):
-    """(model, tokenizer or None, generation config dict) from a checkpoint directory."""
-    model = load_model(path, dtype=dtype, device=device)
+def load_pretrained(path: str | Path, *, dtype=None, device=None, tp: tuple[int, int] | None = None):
+    """(model, tokenizer or None, generation config dict) from a checkpoint directory (tp: see load_model)."""
+    model = load_model(path, dtype=dtype, device=device, tp=tp)
     return model, load_tokenizer(path), load_generation_config(path)

@@ -68,6 +68,8 @@ class Request:
 class Scheduler:
     """Admission, the engine step and the background loop (see the module docstring).
 
+    `runner_class` makes each KV mode's runner (looplm.tp sets its broadcasting runner on rank 0).
+
     Args:
         model: the looped model.
         cache_bytes: bytes of each KV mode's paged cache (allocated when first used); default
@@ -80,6 +82,8 @@ class Scheduler:
         prefill_chunk: a prompt longer than this (on the exact per-loop cache) joins in chunks of
             this many positions, one per step, so that running requests keep decoding meanwhile.
     """
+
+    runner_class = Runner
 
     def __init__(self, model: LoopLM, *, cache_bytes: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  max_running: int = 256, max_step_tokens: int = 1024, prefill_chunk: int = 256):
@@ -115,7 +119,7 @@ class Scheduler:
         if kv not in self.runners:
             p = self.model.lm_head.weight
             cache = PagedKVCache(self.model.config, self.num_blocks(kv), self.block_size, kv=kv, dtype=p.dtype, device=p.device)
-            self.runners[kv] = Runner(self.model, cache)
+            self.runners[kv] = self.runner_class(self.model, cache)
         return self.runners[kv]
 
     def usage(self) -> dict:

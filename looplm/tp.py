@@ -1,0 +1,218 @@
+"""Tensor parallelism across processes with torch.distributed (gpt-fast style, as a transform).
+
+Each of `world` ranks holds 1/world of every layer: q/k/v split by heads (column-parallel: rows
+of their (out, in) weights), o_proj split by its input columns (row-parallel), gate/up by
+columns, down_proj by rows; o_proj's and down_proj's partial outputs are summed by an all-reduce
+(two per layer and loop). The embeddings, the norms, the exit gate and the LM head are
+replicated, so every rank holds the same hidden states, gates and logits after each loop. A
+rank's model has the per-rank head counts in its config, so its paged KV cache holds only its
+own KV heads (1/world of the cache bytes).
+
+The engine: rank 0 runs the scheduler and the decoders; before each runner step its runner
+(`TPRunner`) broadcasts the step's (block table, Forward) items, and every other rank runs the
+same step on its own runner and cache (`serve`). Decoders therefore see exactly what one process
+computing with these weights would see. Launch with `torchrun --nproc-per-node N` (every rank
+runs the same script; `looplm.load(path, tp=N)` returns the engine on rank 0 and never returns on
+the others: they serve rank 0 and exit when it does).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import LoopConfig
+from .model import LoopLM
+from .runner import Runner
+from .work import Forward
+
+# checkpoint name suffix -> the weight dimension split across ranks (0: output rows, 1: input columns)
+_SPLIT = {
+    "self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 0, "self_attn.v_proj.weight": 0,
+    "self_attn.o_proj.weight": 1,
+    "mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0, "mlp.down_proj.weight": 1,
+}
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def check_divisible(cfg: LoopConfig, world: int) -> None:
+    """Raises ValueError unless heads, KV heads and the MLP width divide evenly over `world` ranks."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"tp must be an integer >= 1, got {world!r}")
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        n = getattr(cfg, name)
+        if n % world:
+            raise ValueError(f"tp={world}: the model's {name}={n} is not divisible by {world} ranks")
+
+
+def rank_config(cfg: LoopConfig, world: int) -> LoopConfig:
+    """The config of one rank's model: 1/world of the heads, KV heads and MLP width."""
+    check_divisible(cfg, world)
+    return dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // world,
+                               num_key_value_heads=cfg.num_key_value_heads // world,
+                               intermediate_size=cfg.intermediate_size // world)
+
+
+def rank_slice(name: str, shape: tuple[int, ...], rank: int, world: int) -> tuple[slice, ...] | None:
+    """The index of rank `rank`'s part of checkpoint tensor `name` of full shape `shape`, or None
+    when the tensor is replicated. Heads stay whole: a split by rows of q/k/v is a split by heads."""
+    dim = next((d for suffix, d in _SPLIT.items() if name.endswith(suffix)), None)
+    if dim is None:
+        return None
+    n = shape[dim] // world
+    index = [slice(None)] * len(shape)
+    index[dim] = slice(rank * n, (rank + 1) * n)
+    return tuple(index)
+
+
+@torch.no_grad()
+def shard(model: LoopLM, rank: int, world: int) -> LoopLM:
+    """Keeps rank `rank`'s part of every split weight of a whole model (in place) and connects the
+    all-reduces; returns the model. Needs an initialised process group of `world` ranks to run.
+
+    Raises ValueError when heads, KV heads or the MLP width do not divide over `world`, or when the
+    model's projections are fused (shard first, then `looplm.fuse`).
+    """
+    check_divisible(model.config, world)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside [0, {world})")
+    if getattr(model, "tp", None) is not None:
+        raise ValueError(f"the model is already sharded (rank {model.tp[0]} of {model.tp[1]})")
+    if any(layer.self_attn.qkv is not None or layer.mlp.gate_up is not None for layer in model.model.layers):
+        raise ValueError("shard the model before fusing its projections (looplm.fuse)")
+    for name, p in list(model.named_parameters()):
+        index = rank_slice(name, tuple(p.shape), rank, world)
+        if index is not None:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            module.weight = nn.Parameter(p[index].clone(), requires_grad=p.requires_grad)
+    model.config = rank_config(model.config, world)
+    for layer in model.model.layers:
+        layer.self_attn.n_heads, layer.self_attn.n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    return connect(model, rank, world)
+
+
+def connect(model: LoopLM, rank: int, world: int) -> LoopLM:
+    """Adds the all-reduce after o_proj and down_proj of a model holding one rank's weights
+    (`shard`, or built from `rank_config` and loaded with `rank_slice`); sets `model.tp`."""
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            proj.register_forward_hook(_all_reduce)
+    model.tp = (rank, world)
+    return model
+
+
+def _all_reduce(module, inputs, out: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(out)  # the partial products of this rank's columns: their sum is the whole product
+    return out
+
+
+# -- launching ------------------------------------------------------------------------------------
+def init(world: int, device: str | torch.device | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> tuple[int, torch.device]:
+    """Joins the process group of a launch of `world` ranks (torchrun sets RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT); gloo on the CPU, NCCL on CUDA (rank r on GPU LOCAL_RANK). An
+    already initialised group is used as it is. Returns (rank, this rank's device).
+
+    Raises ValueError when not launched with `world` ranks.
+    """
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"tp must be an integer >= 1, got {world!r}")
+    if dist.is_available() and dist.is_initialized():
+        rank, size = dist.get_rank(), dist.get_world_size()
+    else:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ValueError(f"tp={world} needs a distributed launch: run under `torchrun --nproc-per-node {world}` "
+                             "(RANK and WORLD_SIZE are not set), or use `python -m looplm generate --tp N`")
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if size != world:
+        raise ValueError(f"tp={world} but the launch has WORLD_SIZE={size} processes")
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=size, timeout=timeout)
+    return rank, dev
+
+
+class TPRunner(Runner):
+    """Rank 0's runner: broadcasts each step's items to the other ranks, then runs them itself."""
+
+    @torch.inference_mode()
+    def run(self, items: list[tuple[list[int], Forward]]):
+        try:
+            dist.broadcast_object_list([("run", self.cache.kv, [(table, _to(fwd, "cpu")) for table, fwd in items])], src=0)
+        except RuntimeError as e:
+            raise RuntimeError(f"tensor parallel: a worker rank is gone ({_one_line(e)})") from e
+        return super().run(items)
+
+
+def _to(fwd: Forward, device) -> Forward:
+    """A copy of the Forward with its tensors on `device` (pickled tensors keep their device)."""
+    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return dataclasses.replace(fwd, inputs=move(fwd.inputs), pos=move(fwd.pos), start_loop=move(fwd.start_loop),
+                               logits=move(fwd.logits), copy_slots=list(fwd.copy_slots))
+
+
+def start(engine) -> None:
+    """Rank 0: routes the engine's runner steps through `TPRunner` and stops the other ranks when
+    the process exits (or at `stop()`). Other ranks: serve rank 0's steps, then exit the process."""
+    rank, _ = engine.model.tp
+    if rank == 0:
+        engine.scheduler.runner_class = TPRunner
+        _state["engine"] = engine
+        atexit.register(stop)
+        return
+    code = serve(engine)
+    sys.exit(code)
+
+
+_state: dict = {}
+
+
+def stop() -> None:
+    """Rank 0: stops the engine, tells the other ranks to exit and leaves the process group."""
+    engine = _state.pop("engine", None)
+    if engine is None or not dist.is_initialized():
+        return
+    engine.scheduler.shutdown()
+    try:
+        dist.broadcast_object_list([("stop",)], src=0)
+    except RuntimeError:
+        pass  # a worker already gone has nothing to stop
+    dist.destroy_process_group()
+
+
+def serve(engine) -> int:
+    """A worker rank's loop: runs each runner step rank 0 broadcasts on this rank's runners until
+    rank 0 stops. Returns the exit status: 0, or 1 (with a message) when rank 0 or a peer is gone."""
+    rank = engine.model.tp[0]
+    device = engine.device
+    while True:
+        box = [None]
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError as e:
+            print(f"looplm tp rank {rank}: rank 0 is gone or unreachable, exiting ({_one_line(e)})", file=sys.stderr)
+            return 1
+        msg = box[0]
+        if msg[0] == "stop":
+            dist.destroy_process_group()
+            return 0
+        _, kv, items = msg
+        try:
+            engine.scheduler.runner(kv).run([(table, _to(fwd, device)) for table, fwd in items])
+        except RuntimeError as e:  # a collective failed: a peer died mid-step
+            print(f"looplm tp rank {rank}: a step failed, exiting ({_one_line(e)})", file=sys.stderr)
+            return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
