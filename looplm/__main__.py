@@ -65,6 +65,9 @@ def _parser() -> Parser:
     gen.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     gen.add_argument("--threads", type=_positive_int, default=None,
                      help="torch intra-op threads (default: $LOOPLM_THREADS, else chosen from the model's size)")
+    gen.add_argument("--tp", type=_positive_int, default=1,
+                     help="tensor parallelism over N processes, launched here (under torchrun: its "
+                          "--nproc-per-node N) (default: %(default)s)")
     gen.add_argument("--no-warmup", action="store_true",
                      help="time the first call, one-time warm-up included (default: a short warm-up call first)")
     gen.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
@@ -100,10 +103,15 @@ def _main(argv: list[str] | None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
+    import os
+
     import looplm
 
+    if args.tp > 1 and "RANK" not in os.environ:
+        return _launch_tp(args, argv)
     try:
-        engine = looplm.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+        engine = looplm.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+                             tp=args.tp if args.tp > 1 else None)
         stop = None if args.stop is None else args.stop + engine.default_stop_ids()
         request = dict(mode=args.mode, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        seed=args.seed, stop=stop, **dict(args.option))
@@ -134,6 +142,45 @@ def _main(argv: list[str] | None) -> int:
         print(f"drafts from loop {s['draft_loop']} ({how}): {100 * s['token_acceptance']:.0f}% of tested drafts "
               f"accepted, {s['loops_per_token']:.2f} loops computed per token")
     return 0
+
+
+def _launch_tp(args, argv: list[str] | None) -> int:
+    """Runs this command in args.tp processes on this machine (rank 0 prints); returns rank 0's status."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from looplm import checkpoint, tp
+    from looplm.api import DEFAULT_MODEL
+
+    try:  # checked once here, not printed by every rank
+        tp.check_divisible(checkpoint.read_config(args.model or DEFAULT_MODEL), args.tp)
+    except (ValueError, OSError) as e:
+        raise UsageError(_one_line(e)) from None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = sys.argv[1:] if argv is None else argv
+    from looplm.__main__ import _tp_rank as rank_main  # by module name: `python -m looplm` runs this file as __main__
+    try:
+        mp.start_processes(rank_main, args=(args.tp, port, argv), nprocs=args.tp, start_method="spawn")
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.error_index == 0 else 1
+    return 0
+
+
+def _tp_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """One rank of `--tp`: the same command under torchrun's environment variables."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    code = main(argv)  # ranks > 0 serve rank 0 inside looplm.load and exit there
+    from looplm import tp
+
+    tp.stop()  # rank 0: tell the other ranks to exit
+    if code:
+        sys.exit(code)
 
 
 def _one_line(e: Exception) -> str:

@@ -200,3 +200,19 @@ def test_a_dead_rank_makes_rank_0_raise_instead_of_hanging(tmp_path):
             if p.is_alive():
                 p.kill()
     assert "tensor parallel" in (tmp_path / "error.txt").read_text()
+
+
+def test_cli_tp_launches_its_ranks_and_prints_what_one_process_prints(capfd):
+    from looplm.__main__ import main
+
+    argv = ["generate", "The little cat", "--max-new-tokens", "6", "--threads", "1", "--no-warmup"]
+    assert main(argv) == 0
+    single = capfd.readouterr().out
+    assert main(argv + ["--tp", "2"]) == 0  # spawns 2 ranks; rank 0 prints
+    out = capfd.readouterr().out
+    text = lambda o: o.split("\n\n   #")[0]  # noqa: E731  (the continuation, before the timed table)
+    tokens = lambda o: [line.split()[-1] for line in o.splitlines() if line[:4].strip().isdigit()]  # noqa: E731
+    assert text(out) == text(single) and len(tokens(out)) == 6
+    assert tokens(out) == tokens(single)
+    assert main(argv + ["--tp", "4"]) == 2
+    assert "num_key_value_heads=2 is not divisible by 4" in capfd.readouterr().err
