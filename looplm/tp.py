@@ -39,7 +39,10 @@ _SPLIT = {
     "self_attn.o_proj.weight": 1,
     "mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0, "mlp.down_proj.weight": 1,
 }
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+# How long a collective waits for a peer (the process group's timeout; $LOOPLM_TP_TIMEOUT seconds).
+# A rank whose process dies is noticed at once (its sockets close); the timeout bounds a rank that
+# hangs, and also how long the other ranks may wait idle for rank 0's next step.
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("LOOPLM_TP_TIMEOUT", 24 * 3600)))
 
 
 def check_divisible(cfg: LoopConfig, world: int) -> None:

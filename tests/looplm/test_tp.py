@@ -129,6 +129,7 @@ def test_rank_slices_of_a_checkpoint_are_the_sharded_weights(tmp_path):
 RUNS = {
     "full": dict(mode="full"),
     "full_kv_last": dict(mode="full", kv="last"),
+    "full_fixed_step": dict(mode="full", step="fixed"),
     "spec_rounds": dict(mode="speculative", draft_len=2, pipeline=False),
     "spec_pipelined": dict(mode="speculative", pipeline=True),
     "anytime": dict(mode="anytime"),
