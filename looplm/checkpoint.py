@@ -106,26 +106,32 @@ def load_model(path: str | Path, *, dtype=None, device=None, tp: tuple[int, int]
     unexpected = sorted(set(files) - set(want))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint tensors do not match the config: missing {missing}, unexpected {unexpected}")
-    state = {}
+    shapes = {}
     for file in sorted(set(files.values())):
-        with open_safetensors(file) as f:
+        with open_safetensors(file) as f:  # headers only: every shape is checked before any data is read
             for name in f.keys():
                 if files.get(name) != file:
                     continue
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != want[name]:
-                    raise ValueError(f"{file}: tensor {name} has shape {shape}, the config needs {want[name]}")
-                index = tensor_parallel.rank_slice(name, shape, *tp) if tp is not None else None
-                try:
-                    t = f.get_tensor(name) if index is None else f.get_slice(name)[index]
-                except Exception as e:
-                    raise ValueError(f"{file}: cannot read tensor {name} ({e})") from e
-                t = t.to(device=device, dtype=dtype)
-                # checked per tensor: NaN or inf weights would load silently and emit only token 0
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    bad = int((~torch.isfinite(t)).sum())
-                    raise ValueError(f"{file}: tensor {name} has {bad} non-finite value(s) (NaN or inf) in {dtype}")
-                state[name] = t
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+                if shapes[name] != want[name]:
+                    raise ValueError(f"{file}: tensor {name} has shape {shapes[name]}, the config needs {want[name]}")
+    state = {}
+    for name, file in files.items():
+        index = tensor_parallel.rank_slice(name, shapes[name], *tp) if tp is not None else None
+        # one mapping per tensor: the file's pages read so far leave this process's resident memory
+        # when it closes (held open, a whole shard's pages would count on top of the copies)
+        with open_safetensors(file) as f:
+            try:
+                # a slice is a view of the whole tensor's mapped storage: the copy holds only this rank's part
+                t = f.get_tensor(name) if index is None else f.get_slice(name)[index].clone(memory_format=torch.contiguous_format)
+            except Exception as e:
+                raise ValueError(f"{file}: cannot read tensor {name} ({e})") from e
+        t = t.to(device=device, dtype=dtype)
+        # checked per tensor: NaN or inf weights would load silently and emit only token 0
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{file}: tensor {name} has {bad} non-finite value(s) (NaN or inf) in {dtype}")
+        state[name] = t
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)

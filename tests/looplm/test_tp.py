@@ -121,6 +121,8 @@ def test_rank_slices_of_a_checkpoint_are_the_sharded_weights(tmp_path):
         assert got.keys() == want.keys()
         for name in want:
             assert torch.equal(got[name], want[name]), name
+            if tp.rank_slice(name, (8, 8), rank, 2) is not None:  # a split weight holds only its part, not a view of the whole
+                assert got[name].untyped_storage().nbytes() == got[name].nbytes, name
     assert got["model.layers.0.self_attn.k_proj.weight"].shape == (2 * 8, 64)
     assert got["model.layers.0.mlp.down_proj.weight"].shape == (64, 48)
 
