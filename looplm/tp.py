@@ -42,6 +42,7 @@ _SPLIT = {
 # How long a collective waits for a peer (the process group's timeout; $LOOPLM_TP_TIMEOUT seconds).
 # A rank whose process dies is noticed at once (its sockets close); the timeout bounds a rank that
 # hangs, and also how long the other ranks may wait idle for rank 0's next step.
+_state: dict = {}  # rank 0's engine, stopped at exit
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("LOOPLM_TP_TIMEOUT", 24 * 3600)))
 
 
@@ -126,6 +127,8 @@ def init(world: int, device: str | torch.device | None = None, timeout: datetime
     """
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"tp must be an integer >= 1, got {world!r}")
+    if "engine" in _state:  # the other ranks serve the first engine's steps
+        raise ValueError("this process already has a tensor-parallel engine (one per launch); call looplm.tp.stop() first")
     if dist.is_available() and dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
     else:
@@ -177,8 +180,6 @@ def start(engine) -> None:
     sys.exit(code)
 
 
-_state: dict = {}
-
 
 def stop() -> None:
     """Rank 0: stops the engine, tells the other ranks to exit and leaves the process group."""
@@ -212,6 +213,8 @@ def serve(engine) -> int:
         _, kv, items = msg
         try:
             engine.scheduler.runner(kv).run([(table, _to(fwd, device)) for table, fwd in items])
+        except ValueError:
+            continue  # a Forward the runner refuses before computing: rank 0 raised the same error
         except RuntimeError as e:  # a collective failed: a peer died mid-step
             print(f"looplm tp rank {rank}: a step failed, exiting ({_one_line(e)})", file=sys.stderr)
             return 1

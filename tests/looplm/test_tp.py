@@ -17,6 +17,7 @@ from looplm.api import DEFAULT_MODEL
 from looplm.config import LoopConfig
 from looplm.fuse import fuse
 from looplm.model import LoopLM
+from looplm.work import Forward
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=4, head_dim=8, total_ut_steps=3, max_position_embeddings=64, rope_theta=1e4)
@@ -95,6 +96,8 @@ def test_heads_not_divisible_raise_naming_them():
         tp.shard(LoopLM(LoopConfig(**TINY)), 0, 8)
     with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by 4"):
         looplm.load(DEFAULT_MODEL, tp=4)  # the bundled model: 2 KV heads
+    with pytest.raises(ValueError, match="tp must be an integer >= 1, got 0"):
+        looplm.load(DEFAULT_MODEL, tp=0)
 
 
 def test_tp_outside_a_launch_or_with_another_world_size_raises(monkeypatch):
@@ -152,8 +155,18 @@ def _generate_all(engine, runs) -> dict:
 
 def _engine(rank, world, runs, out):
     engine = looplm.load(DEFAULT_MODEL, dtype="float32", tp=world, cache_bytes=CACHE_BYTES)  # returns on rank 0 only
+    refused = None
+    try:  # a Forward the runner refuses (on every rank): the ranks keep serving
+        engine.scheduler.runner("per_loop").run([([0], Forward(torch.tensor([[1, 2]]), [[0]]))])
+    except ValueError as e:
+        refused = str(e)
     result = _generate_all(engine, runs)
+    result["refused"] = refused
     result["kv_bytes_per_position"] = engine.scheduler.runners["per_loop"].cache.bytes_per_token()
+    try:
+        looplm.load(DEFAULT_MODEL, tp=world)
+    except ValueError as e:
+        result["second_load"] = str(e)
     torch.save(result, f"{out}/tokens.pt")
     tp.stop()
 
@@ -168,6 +181,8 @@ def test_engine_tokens_in_every_mode_equal_one_process(tmp_path):
         assert got[name] == ref[name], name
         assert all(len(t) == NEW for t in got[name])
     assert got["kv_bytes_per_position"] * 2 == ref_bytes  # each rank holds half the KV heads
+    assert "already has a tensor-parallel engine" in got["second_load"]
+    assert "does not match its inputs" in got["refused"]
 
 
 def test_a_seeded_sampled_run_equals_itself_across_launches(tmp_path):
