@@ -1,9 +1,9 @@
 """Tensor parallelism across processes with torch.distributed (gpt-fast style, as a transform).
 
-Each of `world` ranks holds 1/world of every layer: q/k/v split by heads (column-parallel: rows
-of their (out, in) weights), o_proj split by its input columns (row-parallel), gate/up by
-columns, down_proj by rows; o_proj's and down_proj's partial outputs are summed by an all-reduce
-(two per layer and loop). The embeddings, the norms, the exit gate and the LM head are
+Each of `world` ranks holds 1/world of every layer. Column-parallel (a slice of the output
+features, i.e. of the rows of the (out, in) weight): q/k/v, split by whole heads and KV heads, and
+gate/up. Row-parallel (a slice of the input features): o_proj and down_proj, whose partial
+outputs an all-reduce sums (two per layer and loop). The embeddings, the norms, the exit gate and the LM head are
 replicated, so every rank holds the same hidden states, gates and logits after each loop. A
 rank's model has the per-rank head counts in its config, so its paged KV cache holds only its
 own KV heads (1/world of the cache bytes).
@@ -39,10 +39,10 @@ _SPLIT = {
     "self_attn.o_proj.weight": 1,
     "mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0, "mlp.down_proj.weight": 1,
 }
+_state: dict = {}  # rank 0's engine, stopped at exit
 # How long a collective waits for a peer (the process group's timeout; $LOOPLM_TP_TIMEOUT seconds).
 # A rank whose process dies is noticed at once (its sockets close); the timeout bounds a rank that
 # hangs, and also how long the other ranks may wait idle for rank 0's next step.
-_state: dict = {}  # rank 0's engine, stopped at exit
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("LOOPLM_TP_TIMEOUT", 24 * 3600)))
 
 
