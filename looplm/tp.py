@@ -3,10 +3,10 @@
 Each of `world` ranks holds 1/world of every layer. Column-parallel (a slice of the output
 features, i.e. of the rows of the (out, in) weight): q/k/v, split by whole heads and KV heads, and
 gate/up. Row-parallel (a slice of the input features): o_proj and down_proj, whose partial
-outputs an all-reduce sums (two per layer and loop). The embeddings, the norms, the exit gate and the LM head are
-replicated, so every rank holds the same hidden states, gates and logits after each loop. A
-rank's model has the per-rank head counts in its config, so its paged KV cache holds only its
-own KV heads (1/world of the cache bytes).
+outputs an all-reduce sums (two per layer and loop). The embeddings, the norms, the exit gate
+and the LM head are replicated, so every rank holds the same hidden states, gates and logits
+after each loop. A rank's model has the per-rank head counts in its config, so its paged KV
+cache holds only its own KV heads (1/world of the cache bytes per position).
 
 The engine: rank 0 runs the scheduler and the decoders; before each runner step its runner
 (`TPRunner`) broadcasts the step's (block table, Forward) items, and every other rank runs the
