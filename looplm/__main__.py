@@ -35,11 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("-o", "--option", type=_option, action="append", default=[], help="mode option key=value, e.g. draft_loop=1")
     demo = sub.add_parser("demo", help="start the Gradio demo")
     demo.add_argument("args", nargs=argparse.REMAINDER)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server (python -m looplm serve --help)", add_help=False)
+    serve.add_argument("args", nargs=argparse.REMAINDER)
     args, unknown = parser.parse_known_args(argv)  # REMAINDER misses leading options ("demo --port 1")
     if args.command == "demo":
         from demo.__main__ import main as demo_main
 
         return demo_main(unknown + args.args)
+    if args.command == "serve":
+        from looplm.serve.cli import main as serve_main
+
+        return serve_main(unknown + args.args)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
