@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(unknown + args.args)
     if args.command == "serve":
-        from looplm.serve.cli import main as serve_main
+        try:
+            from looplm.serve.cli import main as serve_main
+        except ImportError as e:
+            print(f"error: {e.name} is missing: pip install 'looplm[serve]'", file=sys.stderr)
+            return 2
 
         return serve_main(unknown + args.args)
     if unknown:

@@ -167,10 +167,13 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_running: in
         ctx.job = job
         first = await job.events.get()
         if isinstance(first, Failed):
-            if first.invalid:
-                raise APIError(400, first.message, param=fmt.param_of(first.message))
-            raise APIError(500, first.message, "server_error")
+            raise failure(first)
         return job, first
+
+    def failure(ev: Failed) -> APIError:
+        if ev.status == 400:
+            return APIError(400, ev.message, param=fmt.param_of(ev.message))
+        return APIError(ev.status, ev.message, "server_error")
 
     def on_token(ctx: Ctx, ev: Token) -> None:
         if ctx.first_token is None:
@@ -206,7 +209,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_running: in
                 if isinstance(ev, Token):
                     on_token(ctx, ev)
                 elif isinstance(ev, Failed):
-                    raise APIError(500, ev.message, "server_error")
+                    raise failure(ev)
                 else:
                     return ev
 
@@ -267,8 +270,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_running: in
                         finish(ctx, 200, ev)
                         return
                     else:
-                        yield fmt.sse(error_body(ev.message, "server_error"))
-                        finish(ctx, 500)
+                        yield fmt.sse(failure(ev).body)
+                        finish(ctx, ev.status)
                         return
                     ev = await job.events.get()
             finally:

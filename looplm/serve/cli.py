@@ -7,6 +7,7 @@ SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight fin
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -14,9 +15,12 @@ import socket
 import sys
 import threading
 
+import uvicorn
+
 from .chat import TEMPLATES
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+BACKSTOP_S = 5.0  # uvicorn cancels what is left this long after the grace period
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,6 +40,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, cancelling the requests still running `grace_s` after shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, runner, grace_s: float):
+        super().__init__(config)
+        self.runner, self.grace_s = runner, grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.grace_s, self.runner.cancel_all, 0.0)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
 def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None,
           grace_period: float = 30.0, **app_options) -> int:
     """Serves `engine` until SIGTERM or SIGINT; returns 0 after a graceful shutdown.
@@ -46,14 +65,14 @@ def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.soc
         grace_period: seconds the requests in flight get to finish once a stop signal arrives.
         **app_options: create_app's options (max_running, max_queue, api_key, chat_template, model_name).
     """
-    import uvicorn
-
     from .app import create_app
 
     app = create_app(engine, **app_options)  # ValueError for bad options, before anything listens
+    # uvicorn's own timeout is only the backstop: at the grace period's end the requests still
+    # running are cancelled, and each then ends its response (an error event) and its connection
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
-                            timeout_graceful_shutdown=grace_period, timeout_keep_alive=5)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=grace_period + BACKSTOP_S, timeout_keep_alive=5)
+    server = _Server(config, app.state.runner, grace_period)
     # uvicorn re-raises the stop signal once it has shut down, to the handler that was installed
     # before it started: make that one a no-op so a graceful stop exits 0 rather than dying by signal
     main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
@@ -70,14 +89,6 @@ def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.soc
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        import uvicorn  # noqa: F401  (fail early, with the fix, when the serve extra is missing)
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-    except ImportError as e:
-        print(f"error: {e.name} is missing: pip install 'looplm[serve]'", file=sys.stderr)
-        return 2
-
     import looplm
 
     try:

@@ -50,10 +50,11 @@ class Done:
 
 @dataclass
 class Failed:
-    """The engine refused the request (ValueError: `invalid` True) or failed while decoding."""
+    """The request ended without a result: its HTTP status says why (400: the engine refused its
+    arguments with a ValueError; 503: cancelled, e.g. at shutdown; 500: decoding failed)."""
 
     message: str
-    invalid: bool
+    status: int
 
 
 @dataclass(eq=False)  # identity: jobs are kept in sets
@@ -147,7 +148,7 @@ class Runner:
             sent: dict[int, int] = {}  # row -> characters of its text already handed out
             for step in stream:
                 if job.cancelled.is_set():
-                    emit(Failed("the request was cancelled", invalid=False))
+                    emit(Failed("the request was cancelled (the server is shutting down or the client went away)", 503))
                     break
                 text = stream.generations[step.row].text
                 safe = len(text) - _stop_prefix_len(text, job.stop_strings)
@@ -160,10 +161,10 @@ class Runner:
                 lp = None if job.logprobs is None else [self._logprobs(g, job.logprobs) for g in gens]
                 emit(Done(gens, tails, lp))
         except ValueError as e:
-            emit(Failed(str(e), invalid=True))
+            emit(Failed(str(e), 400))
         except Exception:  # a bug or a device error: logged here, never sent to the client
             log.exception("request %s failed while decoding", job.id)
-            emit(Failed("the server failed while decoding this request", invalid=False))
+            emit(Failed("the server failed while decoding this request", 500))
         finally:
             if stream is not None:
                 stream.close()
