@@ -308,6 +308,71 @@ def plot_anytime(rows: list[dict], out: Path) -> bool:
     return True
 
 
+# -- the server under load (benchmarks/test_serve_load.py) ------------------------------------
+CONCURRENCY_TICKS = (1, 8, 32, 64)
+
+
+def serve_runs(others: list[dict]) -> list[dict]:
+    """The serve load benchmarks' extra_info, one per mode (those with per-concurrency levels)."""
+    return [b["extra_info"] for b in others if (b.get("extra_info") or {}).get("serve_levels")]
+
+
+def plot_serve(others: list[dict], out: Path) -> bool:
+    runs = serve_runs(others)
+    if not runs:
+        return False
+    plt = _plt()
+    panels = [("tokens/s (all streams)", [("tokens_per_s", "-")]),
+              ("time to first token (ms)", [("ttft_p50_ms", "-"), ("ttft_p95_ms", ":")]),
+              ("inter-token latency (ms)", [("itl_p50_ms", "-"), ("itl_p95_ms", ":")])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.6), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for run in runs:
+            levels = run["serve_levels"]
+            xs = [lv["concurrency"] for lv in levels]
+            for key, ls in series:
+                ys = [lv.get(key) for lv in levels]
+                ax.plot(xs, ys, marker="o", ls=ls, color=MODE_COLORS.get(run["serve_mode"], "#999999"),
+                        label=f"{run['serve_mode']} {key.rsplit('_', 2)[-2] if key != 'tokens_per_s' else ''}".strip())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(CONCURRENCY_TICKS), [str(c) for c in CONCURRENCY_TICKS])
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=6)
+    fig.suptitle("looplm serve on loopback: streaming clients against concurrency", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def serve_lines(others: list[dict], plot_name: str | None) -> list[str]:
+    """The "Server under load" subsection: the plot, one table row per mode and concurrency, and the
+    budget-under-saturation case."""
+    runs = serve_runs(others)
+    if not runs:
+        return []
+    lines = ["### Server under load (`test_serve_load.py`)", ""]
+    if plot_name:
+        lines += [f"![looplm serve: throughput and latency against concurrency]({plot_name})", ""]
+    lines += ["| mode | clients | requests | tokens | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for lv in run["serve_levels"]:
+            lines.append(f"| {label({'mode': run['serve_mode'], 'options': run.get('options') or {}})} | {lv['concurrency']} | "
+                         f"{lv['requests']} | {lv['tokens']} | {_fmt(lv['tokens_per_s'], 1)} | {_fmt(lv['ttft_p50_ms'], 1)} | "
+                         f"{_fmt(lv['ttft_p95_ms'], 1)} | {_fmt(lv['itl_p50_ms'], 1)} | {_fmt(lv['itl_p95_ms'], 1)} |")
+    first = runs[0]
+    lines += ["", f"Streaming requests of {first.get('new_tokens')} greedy tokens over raw SSE; TTFT from sending the "
+              "request to its first token chunk, ITL between a stream's token chunks."]
+    sat = next((b["extra_info"] for b in others if (b.get("extra_info") or {}).get("serve_case")), None)
+    if sat:
+        lines += ["", f"- {sat['serve_case']}: budget {sat['budget_ms']:g} ms per token, p95 inter-token latency "
+                  f"{_fmt(sat['budget_itl_p95_ms'], 1)} ms against budget + one loop = {sat['budget_ms'] + sat['one_loop_ms']:.1f} ms: "
+                  f"{'met' if sat['within_budget_plus_one_loop'] else 'NOT met'} (deadline-aware scheduling is not built yet)."]
+    return lines + [""]
+
+
 # -- markdown ----------------------------------------------------------------------------------
 def machine_line(data: dict) -> tuple[str, dict]:
     mi = (data.get("machine_info") or {}).get("looplm") or {}
@@ -448,6 +513,8 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
             lines.append("")
         else:
             lines.append(f"- {title}: not measured in this run.")
+    serve_plot = f"serve_load{suffix}.png"
+    lines += serve_lines(others, serve_plot if plot_serve(others, out_dir / serve_plot) else None)
     lines += ["### All decoder measurements", ""] + table(rows) + [""]
     lines += [
         "Columns: *tok/s* = new tokens (all rows) / wall time of one greedy `Engine.generate` call, fastest of "

@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,7 +48,7 @@ class Ctx:
     first_token: float | None = None
     tokens: int = 0
     exit_loops: int = 0
-    closed: bool = field(default=False)
+    closed: bool = False
 
 
 def create_app(engine: Engine, *, model_name: str | None = None, max_running: int = 8, max_queue: int = 64,
@@ -232,7 +232,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_running: in
             job, first = await start(ctx, body, prompts, max_new, extra_stops, top)
         except APIError as e:
             finish(ctx, e.status)
-            ctx.job and ctx.job.cancel()
+            if ctx.job is not None:
+                ctx.job.cancel()
             raise
         created = int(time.time())
         n_prompt = sum(len(p) for p in prompts)
@@ -291,7 +292,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_running: in
         except APIError as e:
             finish(ctx, e.status)
             raise
-        return await handle(request, ctx, body, prompts, body.max_tokens, [], body.logprobs, chat=False)
+        max_new = body.max_tokens or context  # null: up to the context's end
+        return await handle(request, ctx, body, prompts, max_new, [], body.logprobs, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
