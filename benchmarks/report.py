@@ -338,6 +338,8 @@ def plot_serve(others: list[dict], out: Path) -> bool:
         ax.set_xticks(list(CONCURRENCY_TICKS), [str(c) for c in CONCURRENCY_TICKS])
         ax.set_xlabel("concurrent streaming clients")
         ax.set_ylabel(ylabel)
+        if ylabel.endswith("(ms)"):
+            ax.set_yscale("log")
         ax.legend(fontsize=6)
     fig.suptitle("looplm serve on loopback: streaming clients against concurrency", fontsize=9)
     fig.tight_layout()
@@ -359,12 +361,16 @@ def serve_lines(others: list[dict], plot_name: str | None) -> list[str]:
               "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         for lv in run["serve_levels"]:
-            lines.append(f"| {label({'mode': run['serve_mode'], 'options': run.get('options') or {}})} | {lv['concurrency']} | "
+            name = " ".join([run["serve_mode"], *(f"{k}={v}" for k, v in (run.get("options") or {}).items())])
+            lines.append(f"| {name} | {lv['concurrency']} | "
                          f"{lv['requests']} | {lv['tokens']} | {_fmt(lv['tokens_per_s'], 1)} | {_fmt(lv['ttft_p50_ms'], 1)} | "
                          f"{_fmt(lv['ttft_p95_ms'], 1)} | {_fmt(lv['itl_p50_ms'], 1)} | {_fmt(lv['itl_p95_ms'], 1)} |")
     first = runs[0]
     lines += ["", f"Streaming requests of {first.get('new_tokens')} greedy tokens over raw SSE; TTFT from sending the "
-              "request to its first token chunk, ITL between a stream's token chunks."]
+              "request to its first token chunk, ITL between a stream's token chunks (when the server or the one-process "
+              "load generator falls behind, a stream's chunks arrive in bursts: ITL p50 then drops toward 0 while p95 "
+              "keeps the gaps). Load average at the end of each mode: "
+              + ", ".join(f"{r['serve_mode']} {r['load_average'][0]:.1f}" for r in runs if r.get("load_average")) + "."]
     sat = next((b["extra_info"] for b in others if (b.get("extra_info") or {}).get("serve_case")), None)
     if sat:
         lines += ["", f"- {sat['serve_case']}: budget {sat['budget_ms']:g} ms per token, p95 inter-token latency "
