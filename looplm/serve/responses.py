@@ -17,7 +17,9 @@ from looplm.api import DEFAULT_MODEL
 from .protocol import LOOPLM_OPTIONS
 
 DEFAULT_MODEL_ID = "looplm-default"
-_REQUEST_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "prompt")
+# the first word of an engine ValueError -> the request field it is about
+_PARAMS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "looplm.top_k",
+           "seed": "seed", "stop": "stop", "prompt": "prompt", "per_token_ms": "looplm.budget_ms", "budget": "looplm.budget_loops"}
 
 
 def model_id(engine: Engine) -> str:
@@ -43,9 +45,7 @@ def param_of(message: str) -> str | None:
     word = word.group(0) if word else ""
     if word in LOOPLM_OPTIONS:
         return f"looplm.{word}"
-    if word in _REQUEST_FIELDS:
-        return {"max_new_tokens": "max_tokens", "top_k": "looplm.top_k"}.get(word, word)
-    return None
+    return _PARAMS.get(word)
 
 
 def finish_reason(gen: Generation) -> str:

@@ -38,6 +38,7 @@ def test_400_carries_the_engines_message(client, stream):
         ({"mode": "sideways"}, "unknown mode 'sideways'", None),
         ({"mode": "anytime", "exit": "never"}, "never", None),
         ({"step": "compiled"}, "looplm.step is not a per-request option", "looplm.step"),
+        ({"mode": "anytime", "budget_ms": -random.random()}, "must be a positive number of milliseconds", "looplm.budget_ms"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt=random.choice(PROMPTS), max_tokens=4, stream=stream,
