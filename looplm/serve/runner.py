@@ -139,8 +139,14 @@ class Runner:
 
     # -- the worker thread --------------------------------------------------------------------
     def _work(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        def post(fn, *args) -> None:
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the event loop is gone (the server shut down): nobody waits
+                pass
+
         def emit(event) -> None:
-            loop.call_soon_threadsafe(job.events.put_nowait, event)
+            post(job.events.put_nowait, event)
 
         stream = None
         try:
@@ -168,10 +174,7 @@ class Runner:
         finally:
             if stream is not None:
                 stream.close()
-            try:
-                loop.call_soon_threadsafe(self._finished, job)
-            except RuntimeError:  # the event loop is gone (the server shut down)
-                pass
+            post(self._finished, job)
 
     @torch.inference_mode()
     def _logprobs(self, gen: Generation, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
