@@ -18,7 +18,7 @@ The token is then chosen from the shared LM head at its exit loop (greedy or sam
 `looplm.sampling.choose`). Rows of a batch are independent: each row starts its next token as soon
 as it emitted the previous one, so rows sit at different loops within one forward (a per-row
 `start_loop` tensor) and rows that are done leave the batch (`batch_idx`). The first token of each
-row comes from the prefill, which runs all T loops with per-loop KV (DESIGN.md §1); its exit loop is
+row comes from the prefill, which runs all T loops with per-loop KV (docs/design.md, "Shared KV"); its exit loop is
 chosen by the policy and a loop budget from the prefill's per-loop outputs.
 
 Skipped loops. A token emitted at loop t < T leaves the KV slots of loops t+1..T at its position

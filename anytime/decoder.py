@@ -8,18 +8,15 @@ from typing import Callable, Iterator
 
 import torch
 
-from looplm.decoding import DecodeRequest, Step, prefill
+from looplm.decoding import Decoder, DecodeRequest, Step, prefill
 from looplm.model import LoopLM
 from looplm.sampling import choose
+from looplm.work import Forward
 
 from .budget import Budget, LoopCost, make_budget
 from .policies import ExitPolicy, LoopObservation, make_policy
 
 SKIP_MODES = ("exact", "copy", "shared")
-
-
-def _is_shared(cache) -> bool:
-    return getattr(cache, "kv", "loop") in ("last", "mean") or bool(getattr(cache, "shared", False))
 
 
 class _Row:
@@ -37,7 +34,6 @@ class _Row:
         self.signals: list[float] = []
 
 
-@torch.inference_mode()
 def decode(
     model: LoopLM,
     req: DecodeRequest,
@@ -54,7 +50,7 @@ def decode(
     clock: Callable[[], float] = time.perf_counter,
     safety: float = 1.0,
     trace: bool = False,
-) -> Iterator[Step]:
+) -> Decoder:
     """Anytime decoding (mode "anytime"): every token's loops run one at a time until it exits.
 
     Args:
@@ -104,15 +100,14 @@ def decode(
     # per-loop trace): each token's T loops run in one call instead of one call per loop
     whole = policy is None and not timed and max_loops == T and not need_probs
 
-    cache = req.new_cache(model, req.cache_len())
     if skip is None:
-        skip = "shared" if _is_shared(cache) else "exact"
-    if skip == "shared" and not _is_shared(cache):
+        skip = "shared" if req.shared_kv else "exact"
+    if skip == "shared" and not req.shared_kv:
         raise ValueError(
             "skip='shared' needs a shared-KV cache (one K/V per layer): pass kv='last' or kv='mean' "
             "(looplm.cache.SharedKVCache), or use skip='exact' / 'copy' with the per-loop cache"
         )
-    if skip != "shared" and _is_shared(cache):
+    if skip != "shared" and req.shared_kv:
         raise ValueError(f"skip={skip!r} needs the per-loop cache (kv='per_loop'); a shared-KV cache takes skip='shared'")
 
     H = model.config.hidden_size
@@ -124,6 +119,7 @@ def decode(
     cost = LoopCost(safety=safety)
     log = {"exit_loops": [], "reasons": [], "latency_ms": [], "budget_ms": [], "signal_at_exit": []}
     counts = {"finish_loops": 0, "copied_slots": 0, "decode_loops": 0}
+    copies: list[tuple[int, int]] = []  # (position, loop) whose K/V fill the later loops' slots (skip="copy")
 
     def decide(idx: list[int], loop: torch.Tensor, hidden, probs, now: float, predicted_ms: float) -> list[str | None]:
         """Updates per-row signals; returns the exit reason (or None to continue) for each row in idx."""
@@ -170,8 +166,7 @@ def decode(
                 if skip == "exact":
                     row.pending.append([row.pos, exit_loop, hidden[j]])
                 elif skip == "copy":  # slots (t', l) for t' >= exit_loop get slot (exit_loop - 1, l), every layer l
-                    cache.k[exit_loop:, :, r, :, row.pos] = cache.k[exit_loop - 1, :, r, :, row.pos]
-                    cache.v[exit_loop:, :, r, :, row.pos] = cache.v[exit_loop - 1, :, r, :, row.pos]
+                    copies.append((row.pos, exit_loop - 1))  # done by the runner before the next Forward
                     counts["copied_slots"] += (T - exit_loop) * model.config.num_hidden_layers
             info = {}
             if policy is not None:
@@ -205,7 +200,7 @@ def decode(
         # prefill: all T loops over every prompt (per-loop KV); the first token replays the exit
         # decision over the last prompt position's per-loop outputs
         lengths = [len(p) for p in req.prompts]
-        out = prefill(model, cache, req.prompts, logits_loops="all")
+        out = yield prefill(req, device, logits_loops="all")
         last = torch.tensor(lengths, device=device) - 1
         ar = torch.arange(B, device=device)
         hid = out.hidden[:, ar, last]  # (T, B, H)
@@ -256,7 +251,8 @@ def decode(
             start = torch.tensor([[x[1] for x in it] for it in padded], device=device)  # (R, W)
             bidx = torch.tensor(running, device=device)
             n = T if whole and width == 1 and all(rows[r].loop == 0 for r in running) else 1  # loops in this call
-            res = model.forward_loops(h, pos, cache, start_loop=start, num_loops=n, batch_idx=bidx)
+            res = yield Forward(h, pos, start_loop=start, num_loops=n, copy_slots=list(copies))
+            copies.clear()
             n_items = sum(len(it) for it in items)
             counts["decode_loops"] += n_items * n
             counts["finish_loops"] += n_items - len(items)

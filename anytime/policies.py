@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from looplm.exits import exit_cdf
+from looplm.validate import number_in
 
 
 @dataclass
@@ -45,8 +46,11 @@ class ExitPolicy:
     name = "none"
     needs_probs = False  # needs the LM head after every loop
     default_threshold: float = math.nan
+    threshold_range: tuple[float, float] = (-math.inf, math.inf)  # closed interval a threshold must lie in
 
     def __init__(self, threshold: float | None = None):
+        if threshold is not None:
+            number_in(f"{self.name} threshold", threshold, *self.threshold_range)
         self.threshold = float(self.default_threshold if threshold is None else threshold)
 
     def bind(self, num_loops: int) -> "ExitPolicy":
@@ -68,12 +72,7 @@ class QExit(ExitPolicy):
     Default q = 0.5. q = 1.0 runs every token to depth T (up to float rounding of the CDF).
     """
 
-    name, default_threshold = "q_exit", 0.5
-
-    def __init__(self, threshold: float | None = None):
-        super().__init__(threshold)
-        if not 0 <= self.threshold <= 1:
-            raise ValueError(f"q must lie in [0, 1], got {threshold}")
+    name, default_threshold, threshold_range = "q_exit", 0.5, (0.0, 1.0)
 
     def decide(self, obs):
         cdf = exit_cdf(obs.gates.T)  # (T, R); entries up to each token's loop use only lambdas 1..loop
@@ -87,7 +86,7 @@ class Confidence(ExitPolicy):
     Cost: the LM head and a softmax after every loop.
     """
 
-    name, needs_probs, default_threshold = "confidence", True, 0.9
+    name, needs_probs, default_threshold, threshold_range = "confidence", True, 0.9, (0.0, 1.0)
 
     def decide(self, obs):
         signal = obs.probs.max(-1).values
@@ -100,7 +99,7 @@ class Entropy(ExitPolicy):
     Cost: the LM head and a softmax after every loop.
     """
 
-    name, needs_probs, default_threshold = "entropy", True, 1.0
+    name, needs_probs, default_threshold, threshold_range = "entropy", True, 1.0, (0.0, math.inf)
 
     def decide(self, obs):
         p = obs.probs
@@ -115,7 +114,7 @@ class KLExit(ExitPolicy):
     every loop, and one extra (R, V) distribution kept per row.
     """
 
-    name, needs_probs, default_threshold = "kl", True, 0.01
+    name, needs_probs, default_threshold, threshold_range = "kl", True, 0.01, (0.0, math.inf)
 
     def decide(self, obs):
         p, q = obs.probs, obs.prev_probs
@@ -131,7 +130,7 @@ class HiddenDelta(ExitPolicy):
     H-vector per loop; no LM head before the exit.
     """
 
-    name, default_threshold = "delta", 0.05
+    name, default_threshold, threshold_range = "delta", 0.05, (0.0, math.inf)
 
     def decide(self, obs):
         h, h0 = obs.hidden.float(), obs.prev_hidden.float()
@@ -146,8 +145,8 @@ class StaticDepth(ExitPolicy):
     name = "static"
 
     def __init__(self, threshold: int | None = None):
-        if threshold is not None and (int(threshold) != threshold or threshold < 1):
-            raise ValueError(f"static depth must be an integer >= 1, got {threshold}")
+        if threshold is not None:
+            number_in("static depth", threshold, 1, integer=True)
         self.threshold = None if threshold is None else int(threshold)
 
     def bind(self, num_loops):

@@ -123,6 +123,25 @@ def spec_target(others: list[dict]) -> str | None:
             f"{'met' if ei.get('meets_target') else 'NOT met'}; draft acceptance {ei.get('acceptance_rate', float('nan')):.2f}{spread}")
 
 
+def cpu_load(others: list[dict]) -> str | None:
+    """Tokens/s with a CPU hog running beside the engine (benchmarks/test_cpu_load.py), or None if it did not run."""
+    runs = [b for b in others if b.get("name", "").startswith("test_cpu_load") and "ratio_loaded_to_quiet" in (b.get("extra_info") or {})]
+    if not runs:
+        return None
+    parts = []
+    for b in sorted(runs, key=lambda b: b["name"] != "test_cpu_load_chosen_threads"):
+        ei = b["extra_info"]
+        la = ei.get("load_average_before") or []
+        load = f", load average {la[0]:.1f} at the start" if la else ""
+        target = f" (target {ei['target_ratio']:g}: {'met' if ei.get('meets_target') else 'NOT met'})" if b["name"] == "test_cpu_load_chosen_threads" else ""
+        parts.append(
+            f"{ei.get('threads')} thread(s) ({ei.get('threads_from')}): **{ei['ratio_loaded_to_quiet']:.2f}x**{target}, "
+            f"{ei['tokens_per_s_loaded']:.1f} vs {ei['tokens_per_s_quiet']:.1f} tokens/s with {ei.get('hogs')} busy process(es) "
+            f"on {ei.get('cores')} cores{load}"
+        )
+    return "; ".join(parts)
+
+
 def kv_savings(rows: list[dict], outcomes: list[dict]) -> str:
     kv = [r for r in rows if r["mode"] == "full" and (r.get("options") or {}).get("kv")]
     by = defaultdict(dict)
@@ -499,6 +518,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         "### Headlines",
         "",
         *([f"- **Self-speculation speed target** (`test_spec_speedup.py`): {spec_target(others)}"] if spec_target(others) else []),
+        *([f"- **Under CPU load** (`test_cpu_load.py`, loaded / quiet tokens/s, median of paired rounds): {cpu_load(others)}"] if cpu_load(others) else []),
         f"- **Best speculative speedup** (`test_decoders.py`, 32 new tokens): {best_speculative(rows, outcomes)}",
         "- **Memory saved by KV sharing** (KV cache bytes per position and row; peak memory of one call):",
         kv_savings(rows, outcomes) if kv_savings(rows, outcomes).startswith("  ") else f"  {kv_savings(rows, outcomes)}",

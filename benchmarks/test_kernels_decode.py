@@ -169,7 +169,7 @@ def test_kv_cache_bytes(benchmark, model_name, kv):
     benchmark.extra_info.update(row, model=model_name, kv=kv, new_tokens=len(gen.tokens), threads=THREADS)
 
 
-# Ouro-1.4B's published shape (DESIGN.md §1), random weights
+# Ouro-1.4B's published shape (docs/design.md, "Checkpoint layout"), random weights
 OURO_1_4B = LoopConfig(
     vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
     num_key_value_heads=16, max_position_embeddings=65536, rope_theta=1e6, total_ut_steps=4,

@@ -1,37 +1,42 @@
-"""A fast full-depth decode step: fixed shapes, compiled once, warmed up outside any timed region.
+"""Fixed-shape decode steps: one loop traced once per (rows, context) bucket, and compiled layer halves.
 
-The plain eager step (`looplm.generate.decode_full`) attends over the cache prefix
-[0, max(pos) + 1), a new shape at every token, and dispatches every op from Python. `DecodeStep`
-instead attends over a fixed `kv_len` (the whole static cache by default, masked by position, as
-gpt-fast does), so one graph serves every token. Two ways to compile it:
+`FixedStep` is the engine runner's fixed-shape variant of a full-depth decode step (every token one
+position through all T loops, looplm.runner). Its rows are padded to a bucket of rows and its keys
+to a bucket of positions, so one graph serves every step of that bucket: the model's own loop body
+(`LoopLM.loop_body`) with a functional attention context is traced (torch.compile, `fullgraph`)
+as a pure function of the cache slots it reads, each query's own slot replaced by its new K/V; the
+cache writes and the gathers through the block tables happen outside the graph, in place. The
+same graph runs all T loops. Steps belong to the engine's runner (one per bucket), never to the
+process. Padded rows sit at a scratch position of the cache that no sequence owns.
 
-* "graph": the whole step (T loops x L layers, cache writes included) as one torch.compile
-  graph (`fullgraph=True`), captured as a CUDA graph on CUDA (mode "reduce-overhead"). Fastest
-  per token, but compile time grows with T * L (minutes for a 100M model on a loaded 2-core CPU).
-* "loop": one loop (L layers) as one graph, a pure function of the cache slots it reads (its
-  own position's slot replaced by its new K/V) that returns the new K/V; the cache writes happen
-  outside, in place. The same graph runs all T loops (compile time T-fold below "graph", T graph
-  calls per token), and no cache buffer is copied by functionalization. The CPU default.
-* "layers": `compile_layers(model)` compiles the two halves of the layer around the cache access
-  (norm + QKV + RoPE, and o_proj + norms + MLP) once, one graph each shared by every layer and
-  loop; cache writes and attention stay eager in the chosen backend. Compile time is independent
-  of depth, but it pays two compiled-call overheads per layer and loop.
+`compile_layers(model)` compiles the two halves of the layer around attention instead (norm + QKV
++ RoPE, and o_proj + norms + MLP), one graph per half and shape, used by every forward.
 
-Stale cache entries beyond a row's position are masked out by position, so the result is the
-eager step's (to float rounding of a different reduction order).
+Stale cache entries beyond a row's position are masked by position, so a fixed step's result is
+the eager step's up to float rounding of a different reduction order.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
-from typing import Literal
 
 import torch
 
-from looplm.cache import LoopKVCache
 from looplm.layers import DecoderLayer
 from looplm.model import LoopLM
+from looplm.paged import PagedKVCache
+
+STEPS = ("eager", "fixed", "compiled")
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CTX_BUCKET = 128  # key positions are padded to a multiple of this
+
+
+def bucket_rows(n: int) -> int:
+    return next((b for b in ROW_BUCKETS if b >= n), -(-n // 256) * 256)
+
+
+def bucket_ctx(n: int) -> int:
+    return -(-n // CTX_BUCKET) * CTX_BUCKET
 
 
 def _before(layer, h, cos, sin):
@@ -65,142 +70,66 @@ def uncompile_layers(model: LoopLM) -> LoopLM:
     return model
 
 
-class DecodeStep:
-    """One token per row through all T loops: tokens (B,), positions (B,) -> logits (B, V).
+class _SlotAttention:
+    """Functional attention of a fixed step: keys are the gathered slots with each query's own
+    position replaced by its new K/V; the new K/V are collected for the writes outside the graph."""
+
+    def __init__(self, attn_fn, k_slots, v_slots, own, q_pos, k_pos):
+        self.attn_fn, self.k_slots, self.v_slots = attn_fn, k_slots, v_slots
+        self.own, self.q_pos, self.k_pos = own, q_pos, k_pos
+        self.new_k, self.new_v = [], []
+
+    def attend(self, q, k, v, layer: int) -> torch.Tensor:
+        ck = torch.where(self.own, k, self.k_slots[layer])
+        cv = torch.where(self.own, v, self.v_slots[layer])
+        self.new_k.append(k)
+        self.new_v.append(v)
+        return self.attn_fn(q, ck, cv, self.q_pos, self.k_pos)
+
+
+class FixedStep:
+    """A full-depth decode step of `rows` rows over `ctx` key positions (see the module docstring).
 
     Args:
         model: the looped model (its attention backend is used as set).
-        cache: the static cache the step writes and reads: a LoopKVCache or a SharedKVCache
-            ("graph" takes per_loop and "last" only: "mean" keeps per-call state in Python).
-        compile: torch.compile the step (False: the same fixed-shape step, eager).
-        strategy: "graph" (the whole step, fullgraph), "loop" (one loop's graph reused for every
-            loop) or "layers" (compile_layers, which compiles the model's layers in place);
-            default "graph" on CUDA, "loop" on the CPU.
-        mode: torch.compile mode for "graph"; default "reduce-overhead" (CUDA graphs) on CUDA.
+        cache: the runner's paged cache.
+        rows, ctx: the bucket (padded rows, padded key positions).
+        compile: torch.compile the loop (False: the same fixed-shape step, eager).
         backend: torch.compile backend ("inductor"; "aot_eager" traces without code generation).
-        options: torch.compile inductor options (e.g. {"freezing": True} on the CPU).
-        kv_len: keys each step attends over (default: cache.max_len for "graph" and "loop", one
-            graph for every position; the prefix up to the furthest row's position for "layers").
     """
 
-    def __init__(
-        self,
-        model: LoopLM,
-        cache: LoopKVCache,
-        *,
-        compile: bool = True,
-        strategy: Literal["graph", "loop", "layers"] | None = None,
-        mode: str | None = None,
-        backend: str = "inductor",
-        kv_len: int | None = None,
-        options: dict | None = None,
-    ):
-        self.model, self.cache = model, cache
-        self.device = cache.k.device
-        if strategy is None:
-            strategy = "graph" if self.device.type == "cuda" else "loop"
-        if strategy not in ("graph", "loop", "layers"):
-            raise ValueError(f"strategy must be 'graph', 'loop' or 'layers', got {strategy!r}")
-        if strategy == "graph" and getattr(cache, "kv", "per_loop") == "mean":
-            raise ValueError("strategy 'graph' supports the per-loop and 'last' caches ('mean' keeps per-call state); use 'loop'")
-        # a whole-step graph needs a fixed key length; compiled layer halves do not, so they attend over the prefix
-        self.kv_len = kv_len if kv_len is not None or strategy == "layers" else cache.max_len
-        fn = self._step
-        self._rows = torch.arange(cache.batch_size, device=self.device)[:, None]
-        self._k_pos = None
-        self.strategy = strategy if compile else "eager"
-        if compile and strategy == "layers":
-            compile_layers(model, backend=backend)
-        elif strategy == "loop":
-            if compile:
-                self._one_loop = torch.compile(self._one_loop, backend=backend, fullgraph=True, dynamic=False, options=options)
-            fn = self._looped_step
-        elif compile:
-            if mode is None and self.device.type == "cuda":
-                mode = "reduce-overhead"
-                for buf in (cache.k, cache.v):  # CUDA graphs may mutate the cache only at a fixed address
-                    torch._dynamo.mark_static_address(buf)
-            fn = torch.compile(fn, mode=mode, backend=backend, fullgraph=True, dynamic=False, options=options)
-        self._fn = fn
+    def __init__(self, model: LoopLM, cache: PagedKVCache, rows: int, ctx: int, *, compile: bool = True,
+                 backend: str = "inductor"):
+        self.model, self.cache, self.rows, self.ctx = model, cache, rows, ctx
+        self.compiled = compile
+        self._loop = torch.compile(self._one_loop, backend=backend, fullgraph=True, dynamic=False) if compile else self._one_loop
+        self.k_pos = torch.arange(ctx, device=cache.k.device).expand(rows, -1)
+        self.calls = 0
 
-    def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        h = m.model.embed_tokens(tokens[:, None])  # no id check: no host sync in the step
-        kv_len = self.kv_len if self.kv_len is not None else int(pos.max()) + 1
-        out = m._run_loops(h, pos[:, None], self.cache, 0, m.num_loops, None, "last", "last", kv_len)
-        return out.logits[-1, :, 0]
+    def _one_loop(self, h, cos, sin, k_slots, v_slots, own, q_pos):
+        ctx = _SlotAttention(self.model.attention, k_slots, v_slots, own, q_pos, self.k_pos)
+        h = self.model.loop_body(h, cos, sin, ctx)
+        return h, ctx.new_k, ctx.new_v
 
-    def _one_loop(self, h, pos, cos, sin, k_slots, v_slots):
-        """One loop over all layers as a pure function of the cache slots it reads (no mutation in
-        the graph, so nothing copies the cache): each layer's query at position p sees the slot
-        with position p replaced by its own new K/V. Returns the loop's output and the new K/V."""
-        m = self.model
-        own = (self._k_pos[:1] == pos)[:, None, :, None]  # (B, 1, kv_len, 1): the query's own slot
-        new_k, new_v = [], []
-        for i, layer in enumerate(m.model.layers):
-            q, k, v = layer.before_attention(h, cos, sin)  # k, v (B, Hkv, 1, D)
-            ck, cv = torch.where(own, k, k_slots[i]), torch.where(own, v, v_slots[i])
-            h = layer.after_attention(h, m.attention(q, ck, cv, pos, self._k_pos))
-            new_k.append(k)
-            new_v.append(v)
-        return m.model.norm(h), new_k, new_v
-
-    def _looped_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        m, cache, B = self.model, self.cache, tokens.shape[0]
-        h = m.model.embed_tokens(tokens[:, None])
+    def __call__(self, h: torch.Tensor, pos: torch.Tensor, flat: list[int], flat_index: torch.Tensor) -> list[torch.Tensor]:
+        """h (rows, H) embeddings, pos (rows,), flat: each row's write position, flat_index (rows, ctx)
+        its key positions -> the hidden state after every loop, T x (rows, H)."""
+        m, cache = self.model, self.cache
+        L = m.config.num_hidden_layers
         pos = pos[:, None]
         cos, sin = m.rotary(pos, h.dtype)
-        rows = self._rows[:B]
-        if self._k_pos is None or self._k_pos.shape[0] != B:
-            self._k_pos = torch.arange(self.kv_len, device=self.device).expand(B, -1)
+        own = (self.k_pos == pos)[:, None, :, None]  # (rows, 1, ctx, 1): the query's own slot
+        flat_t = torch.tensor(flat, device=h.device)
+        x, out = h[:, None], []
         for t in range(m.num_loops):
-            slots = [cache.read(t, i, None, self.kv_len) for i in range(len(m.model.layers))]
-            h, new_k, new_v = self._one_loop(h, pos, cos, sin, [k for k, _ in slots], [v for _, v in slots])
-            for i, (k, v) in enumerate(zip(new_k, new_v)):  # the writes, eager and in place
-                cache.write(t, i, rows, pos, k, v)
-        cache.commit()
-        return m.lm_head(h[:, -1])
-
-    @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """tokens (B,) at positions pos (B,) -> (B, V) logits after the last loop; writes their K/V."""
-        logits = self._fn(tokens, pos)
-        self.model.token_loops += tokens.shape[0] * self.model.num_loops
-        return logits.clone() if self.device.type == "cuda" else logits  # CUDA graph outputs are reused
-
-    @torch.inference_mode()
-    def warmup(self, steps: int = 3) -> None:
-        """Compiles (and captures) the step; writes only to the last cache position, which is then stale.
-
-        Run it before any timed region and before prefill (or accept that position max_len - 1 is
-        overwritten: a query at an earlier position never sees it).
-        """
-        B = self.cache.batch_size
-        tokens = torch.zeros(B, dtype=torch.long, device=self.device)
-        pos = torch.full((B,), (self.kv_len or self.cache.max_len) - 1, dtype=torch.long, device=self.device)
-        for _ in range(steps):
-            self(tokens, pos)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-
-# model -> {(batch, cache length, KV mode, compiled): DecodeStep}; dies with the model
-_POOL: "weakref.WeakKeyDictionary[LoopLM, dict]" = weakref.WeakKeyDictionary()
-BUCKET = 128  # cache lengths are rounded up to a multiple of this, so one graph serves many requests
-
-
-def pooled_step(model: LoopLM, req, *, compile: bool = True) -> DecodeStep:
-    """The fixed-shape step for a request, built (and warmed up: compiled) once and then reused.
-
-    Steps are kept per model, batch size, cache length (the request's, rounded up to BUCKET and
-    capped at max_position_embeddings) and KV mode. The step's cache is the request's cache: its
-    prefill overwrites what an earlier request left, and stale positions are masked by position.
-    """
-    max_len = min(-(-req.cache_len() // BUCKET) * BUCKET, model.config.max_position_embeddings)
-    key = (req.batch_size, max_len, getattr(req.cache_factory, "kv", "per_loop"), compile)
-    steps = _POOL.setdefault(model, {})
-    if key not in steps:  # the cache is allocated once per step, not once per request
-        step = DecodeStep(model, req.new_cache(model, max_len), compile=compile)
-        step.warmup()  # compiles before the request's prefill, which then overwrites the warm-up's writes
-        steps[key] = step
-    return steps[key]
+            s = cache.slot(t)
+            k_slots = [cache.k[s, l][:, flat_index].transpose(0, 1) for l in range(L)]  # (rows, Hkv, ctx, D)
+            v_slots = [cache.v[s, l][:, flat_index].transpose(0, 1) for l in range(L)]
+            x, new_k, new_v = self._loop(x, cos, sin, k_slots, v_slots, own, pos)
+            loops = [t] * len(flat)
+            for l in range(L):  # the writes, eager and in place
+                cache.write(l, loops, flat, new_k[l][:, :, 0], new_v[l][:, :, 0], (torch.full_like(flat_t, t), flat_t))
+            out.append(x[:, 0])
+        cache.end_step()
+        self.calls += 1
+        return out

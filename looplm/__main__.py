@@ -6,38 +6,95 @@ import argparse
 import ast
 import sys
 
+MODES = ("full", "speculative", "anytime")  # looplm.decoding.MODES, without importing torch for --help
+# generate()'s own arguments, which have their own flags: an -o copy would reach generate twice
+_FLAGGED = {"temperature", "top_k", "top_p", "seed", "stop", "max_new_tokens", "mode", "prompt"}
+
+
+class UsageError(Exception):
+    """A command-line mistake: printed as one `error: ...` line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UsageError (one line, no usage block) instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
 
 def _option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--option needs key=value, got {text!r}")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    if key in _FLAGGED:
+        raise argparse.ArgumentTypeError(f"{key} has its own flag: use --{key.replace('_', '-')}")
     try:
-        return key.replace("-", "_"), ast.literal_eval(value)
+        return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        return key.replace("-", "_"), value
+        return key, value
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m looplm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text and show how many loops each token used")
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
+def _parser() -> Parser:
+    parser = Parser(prog="python -m looplm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    gen = sub.add_parser("generate", help="generate text and show how many loops each token used",
+                         description="Generates a continuation and prints each token with the loops it used.")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="Ouro checkpoint directory (default: the bundled model)")
-    gen.add_argument("--max-new-tokens", type=int, default=48)
-    gen.add_argument("--mode", default="full", help="full, speculative or anytime")
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    gen.add_argument("--device", default=None)
-    gen.add_argument("-o", "--option", type=_option, action="append", default=[], help="mode option key=value, e.g. draft_loop=1")
-    demo = sub.add_parser("demo", help="start the Gradio demo")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=48, help="new tokens (default: %(default)s)")
+    gen.add_argument("--mode", default="full", choices=MODES, help="decoder (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: 1)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    gen.add_argument("--stop", action="append", default=None,
+                     help="stop string, repeatable (default: the checkpoint's end-of-sequence ids only)")
+    gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="weights' dtype (default: float32 on the CPU, the checkpoint's elsewhere)")
+    gen.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    gen.add_argument("--threads", type=_positive_int, default=None,
+                     help="torch intra-op threads (default: $LOOPLM_THREADS, else chosen from the model's size)")
+    gen.add_argument("--no-warmup", action="store_true",
+                     help="time the first call, one-time warm-up included (default: a short warm-up call first)")
+    gen.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                     help="option of the mode, repeatable, e.g. -o draft_loop=2 (speculative), -o exit=q_exit "
+                          "(anytime), -o kv=last (any mode) (default: the checkpoint's recommendation)")
+    # add_help=False: `demo --help` reaches the demo's own parser
+    demo = sub.add_parser("demo", help="start the Gradio demo (python -m looplm demo --help)", add_help=False)
     demo.add_argument("args", nargs=argparse.REMAINDER)
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server (python -m looplm serve --help)", add_help=False)
     serve.add_argument("args", nargs=argparse.REMAINDER)
-    args, unknown = parser.parse_known_args(argv)  # REMAINDER misses leading options ("demo --port 1")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (2 for any user error, printed as one line)."""
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = _parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)  # REMAINDER misses leading options ("demo --port 1")
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     if args.command == "demo":
         from demo.__main__ import main as demo_main
 
@@ -46,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from looplm.serve.cli import main as serve_main
         except ImportError as e:
-            print(f"error: {e.name} is missing: pip install 'looplm[serve]'", file=sys.stderr)
-            return 2
+            raise UsageError(f"{e.name} is missing: pip install 'looplm[serve]'") from None
 
         return serve_main(unknown + args.args)
     if unknown:
@@ -56,22 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     import looplm
 
     try:
-        engine = looplm.load(args.model, dtype=args.dtype, device=args.device)
+        engine = looplm.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
         stop = None if args.stop is None else args.stop + engine.default_stop_ids()
-        result = engine.generate(
-            args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=stop, **dict(args.option),
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        request = dict(mode=args.mode, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, stop=stop, **dict(args.option))
+        if not args.no_warmup:  # the first call pays one-time costs (allocation, kernel selection)
+            engine.generate(args.prompt, max_new_tokens=2, **request)
+        result = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens, **request)
+    except (ValueError, TypeError, OSError) as e:  # TypeError: an option the mode's decoder does not take
+        raise UsageError(_one_line(e, args.mode)) from None
     print(args.prompt + result.text)
     print()
     print(f"{'#':>4}  {'loops':>5}  {'exit':>4}  {'ms':>7}  token")
     for step in result.steps:
         print(f"{step.index:>4}  {step.loops:>5}  {step.exit_loop:>4}  {step.latency_ms:>7.1f}  {step.text!r}")
     s = result.stats
-    print(f"\n{s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, mean loops {s['mean_loops']:.2f} of "
+    import torch
+
+    timing = "includes the first call's warm-up" if args.no_warmup else "after a warm-up call"
+    threads = torch.get_num_threads()
+    print(f"\n{s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s ({timing}; {threads} torch thread{'s' * (threads > 1)}), mean loops {s['mean_loops']:.2f} of "
           f"{engine.config.total_ut_steps}, finish: {result.finish_reason}")
     if "token_acceptance" in s:  # speculative: how often a loop-k draft passed full-depth verification
         how = "pipelined" if s.get("pipeline") else f"draft length {s['draft_len']}"
@@ -79,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"drafts from loop {s['draft_loop']} ({how}): {100 * s['token_acceptance']:.0f}% of tested drafts "
               f"accepted, {s['loops_per_token']:.2f} loops computed per token")
     return 0
+
+
+def _one_line(e: Exception, mode: str) -> str:
+    """The exception's message on one line; a decoder's keyword TypeError names the option and mode."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, TypeError) and "unexpected keyword argument" in text:
+        # "decode() got an unexpected keyword argument 'foo'": the user passed -o foo=...
+        return f"mode {mode!r} has no option {text.split('unexpected keyword argument', 1)[1].strip()}"
+    return text
 
 
 if __name__ == "__main__":

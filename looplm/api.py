@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import time
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from . import checkpoint
-from .cache import cache_factory
+from . import checkpoint, validate
 from .config import LoopConfig
-from .decoding import DecodeRequest, Step, resolve_mode
+from .decoding import MODES, DecodeRequest, Step, resolve_mode
+from .paged import check_kv_mode
 from .model import LoopLM
 from .sampling import SamplingParams
+from .threads import apply_threads, check_threads
 from .tokenizer import IncrementalText, Tokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -29,7 +30,8 @@ class Generation:
     prompt_tokens: list[int]
     tokens: list[int] = field(default_factory=list)  # new token ids
     text: str = ""
-    loops: list[int] = field(default_factory=list)  # loops computed for each new token
+    loops: list[int] = field(default_factory=list)  # loops computed for each token by the time it was emitted (Step.loops)
+    exit_loops: list[int] = field(default_factory=list)  # 1-based loop whose head chose each token (Step.exit_loop)
     steps: list[Step] = field(default_factory=list)
     finish_reason: str = "length"  # "stop" (token or string), "length" (max_new_tokens), "context" (cache full)
     stats: dict = field(default_factory=dict)
@@ -38,9 +40,13 @@ class Generation:
 class Engine:
     """A loaded looped model with its tokenizer; see `generate`."""
 
-    def __init__(self, model: LoopLM, tokenizer: Tokenizer | None = None, generation_config: dict | None = None, path=None):
+    def __init__(self, model: LoopLM, tokenizer: Tokenizer | None = None, generation_config: dict | None = None, path=None,
+                 **engine_options):
+        """engine_options: the scheduler's (cache_bytes, block_size, max_running; looplm.scheduler.Scheduler)."""
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.generation_config = generation_config or {}
+        self.engine_options = engine_options
+        self._scheduler = None
 
     @property
     def config(self) -> LoopConfig:
@@ -66,20 +72,24 @@ class Engine:
         """Generates continuations.
 
         Args:
-            prompt: a string, a list of token ids, or a list of either (a batch of ragged prompts).
+            prompt: a string, a list of token ids, or a list of either (several requests, run
+                concurrently by the engine).
             max_new_tokens: new tokens per prompt; limited to what the context still holds
                 (the result's finish_reason is then "context").
             mode: "full" (all T loops), "speculative" (spec/), or "anytime" (anytime/).
-            temperature, top_k, top_p, seed: sampling (temperature 0 = greedy).
+            temperature, top_k, top_p, seed: sampling (temperature 0 = greedy); with a list of
+                prompts, prompt i samples with seed + i (as it would alone with that seed).
             stop: None for the checkpoint's eos ids, else a list of token ids and/or strings
                 (an empty list never stops early).
             kv: "per_loop" (default: the exact cache, T*L slots per position), "last" or "mean"
-                (one K/V per layer after prefill, T-fold smaller; an approximation, DESIGN.md §1).
-            **mode_options: options of the chosen decoder (e.g. draft_loop, budget). A checkpoint
-                may recommend its own in generation_config.json under "looplm": {mode: {...}}
-                (see `mode_defaults`); what is passed here overrides them.
+                (one K/V per layer after prefill, T-fold smaller; an approximation, see
+                docs/design.md).
+            **mode_options: options of the chosen decoder (e.g. draft_loop, budget_ms). A
+                checkpoint may recommend its own in generation_config.json under "looplm":
+                {mode: {...}} (see `mode_defaults`); what is passed here overrides them. An
+                unknown option, or one of another mode, raises ValueError.
         Returns:
-            A Generation, or a list of them for a batch.
+            A Generation, or a list of them for a list of prompts.
         """
         stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, **kwargs)
         for _ in stream:
@@ -89,37 +99,59 @@ class Engine:
     def stream(self, prompt, *, max_new_tokens: int = 64, mode: str = "full", **kwargs) -> "Stream":
         """Same arguments as `generate`; iterating yields each Step (token, loops, latency, text) as it is decided.
 
-        The returned Stream's `generations` hold each prompt's Generation so far (stats once it ends).
+        The request is validated and submitted when `stream` is called (errors raise here) and
+        runs in the engine's background loop, batched with every other live request; `close()`
+        (or dropping the Stream) cancels it and frees its cache blocks. A list of prompts gives
+        one Stream over all of them: steps arrive per prompt in turn, `step.row` names the prompt.
         """
-        gens: dict[int, Generation] = {}
-        return Stream(self._run(prompt, max_new_tokens, mode, kwargs, gens), gens)
+        validate.request(max_new_tokens, kwargs)
+        prompts = validate.prompts(prompt)
+        seed = kwargs.pop("seed", None)
+        streams = []
+        try:
+            for i, p in enumerate(prompts):  # prompt i of a list samples with seed + i: its own stream of draws
+                streams.append(self._submit(p, max_new_tokens, mode, {**kwargs, "seed": None if seed is None else seed + i}, i))
+        except BaseException:
+            for s in streams:
+                s.close()
+            raise
+        if len(streams) == 1 and not self._is_batch(prompt):
+            return streams[0]
+        return BatchStream(streams)
+
+    def usage(self) -> dict:
+        """The engine's load: requests running and waiting, and per KV mode its cache blocks used and total."""
+        return self.scheduler.usage()
 
     # -- internals ---------------------------------------------------------------------------
+    @property
+    def scheduler(self):
+        if self._scheduler is None:
+            from .scheduler import Scheduler
+
+            self._scheduler = Scheduler(self.model, **self.engine_options)
+        return self._scheduler
+
     @staticmethod
     def _is_batch(prompt) -> bool:
         return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
 
-    def _prompt_ids(self, prompt) -> list[list[int]]:
-        prompts = list(prompt) if self._is_batch(prompt) else [prompt]
-        out = []
-        for i, p in enumerate(prompts):
-            ids = self.encode(p) if isinstance(p, str) else [int(t) for t in p]
-            if not ids:
-                raise ValueError(f"prompt {i} is empty")
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-            if len(ids) >= self.config.max_position_embeddings:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens; the context holds {self.config.max_position_embeddings} "
-                    "(at least one position must stay free for a new token)"
-                )
-            out.append(ids)
-        return out
+    def _prompt_ids(self, p, i: int = 0) -> list[int]:
+        ids = self.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; the context holds {self.config.max_position_embeddings} "
+                "(at least one position must stay free for a new token)"
+            )
+        return ids
 
-    def _request(self, prompt, max_new_tokens, options) -> tuple[DecodeRequest, list[int], list[str], dict]:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    def _request(self, prompt, max_new_tokens, options, index: int = 0) -> tuple[DecodeRequest, list[int], list[str], dict]:
+        validate.request(max_new_tokens, options)
         seed = options.pop("seed", None)
         sampling = SamplingParams(
             temperature=options.pop("temperature", 0.0), top_k=options.pop("top_k", None), top_p=options.pop("top_p", None)
@@ -128,14 +160,15 @@ class Engine:
         stop = self.default_stop_ids() if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
         stop_ids = [s for s in stop if isinstance(s, int)]
         stop_strs = [s for s in stop if isinstance(s, str) and s]
-        prompts = self._prompt_ids(prompt)
+        ids = self._prompt_ids(prompt, index)
         ctx = self.config.max_position_embeddings
-        max_new = [min(max_new_tokens, ctx - len(p)) for p in prompts]
+        max_new = min(max_new_tokens, ctx - len(ids))
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        req = DecodeRequest(prompts, max_new, sampling, gen, [False] * len(prompts))
-        # kv="per_loop" (exact, default) | "last" | "mean": shared KV across loops (looplm.cache.SharedKVCache)
-        req.cache_factory = cache_factory(options.pop("kv", "per_loop"))
+        kv = check_kv_mode(options.pop("kv", "per_loop"))
+        req = DecodeRequest([ids], [max_new], sampling, gen, [False], kv=kv)
+        if max_new < max_new_tokens:
+            req.stats["_context_limited"] = True
         return req, stop_ids, stop_strs, options
 
     def mode_defaults(self, mode: str) -> dict:
@@ -156,84 +189,165 @@ class Engine:
                 out[key] = str(file)
         return out
 
-    def _run(self, prompt, max_new_tokens, mode, kwargs, gens: dict) -> Iterator[Step]:
-        decoder = resolve_mode(mode)
-        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, {**self.mode_defaults(mode), **kwargs})
-        for i, p in enumerate(req.prompts):
-            gens[i] = Generation(prompt_tokens=p)
-        detok = [IncrementalText(self.tokenizer.decode) for _ in req.prompts] if self.tokenizer is not None else None
-        start = time.perf_counter()
-        steps = decoder(self.model, req, **options)
-        for step in steps:
-            g = gens[step.row]
-            if req.done[step.row] or len(g.tokens) >= req.max_new[step.row]:
-                continue
-            g.tokens.append(step.token)
-            g.loops.append(step.loops)
-            g.steps.append(step)
-            text = detok[step.row].update(g.tokens) if detok is not None else ""
-            hit = next((s for s in stop_strs if s in text), None)
-            if step.token in stop_ids or hit is not None:
-                req.done[step.row], g.finish_reason = True, "stop"
-                if hit is not None:
-                    text = text[: text.index(hit)]
-            elif len(g.tokens) >= req.max_new[step.row]:
-                req.done[step.row] = True
-                g.finish_reason = "length" if req.max_new[step.row] == max_new_tokens else "context"
-            elif text.endswith("\ufffd"):
-                # a byte-level token ended inside a UTF-8 character: hold the partial character back
-                # until a later token completes it, so streamed pieces concatenate to the final text
-                text = text.rstrip("\ufffd")
-            step.text, g.text = text[len(g.text):], text
-            yield step
-        elapsed = time.perf_counter() - start
-        total = sum(len(g.tokens) for g in gens.values())
-        for g in gens.values():
-            g.stats = {
-                **req.stats,
-                "mode": mode,
-                "new_tokens": len(g.tokens),
-                "batch_tokens_per_s": total / elapsed if elapsed > 0 else float("inf"),
-                "tokens_per_s": len(g.tokens) / elapsed if elapsed > 0 else float("inf"),
-                "mean_loops": sum(g.loops) / max(len(g.loops), 1),
-                "elapsed_ms": elapsed * 1e3,
-            }
+    def _submit(self, prompt, max_new_tokens, mode, kwargs, index: int = 0) -> "Stream":
+        from .scheduler import Request
+
+        decoder_fn = resolve_mode(mode)
+        given = dict(kwargs)
+        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, {**self.mode_defaults(mode), **kwargs}, index)
+        check_mode_options(mode, decoder_fn, options, given)
+        decoder = decoder_fn(self.model, req, **options)
+        gen = Generation(prompt_tokens=req.prompts[0])
+        detok = IncrementalText(self.tokenizer.decode) if self.tokenizer is not None else None
+        request = Request(req, decoder, mode, stop_ids, stop_strs, detok, gen)
+        request.pending = next(decoder)  # validates the decoder's options here, in the caller's thread
+        self.scheduler.submit(request)
+        return Stream(self.scheduler, request)
 
 
 class Stream:
-    """An iterator of Steps that also exposes the Generations it is filling."""
+    """An iterator of one request's Steps; also exposes its Generation (stats once it ends)."""
 
-    def __init__(self, steps: Iterator[Step], gens: dict[int, Generation]):
-        self._steps, self._gens = steps, gens
+    def __init__(self, scheduler, request):
+        self._scheduler, self._request = scheduler, request
+        self._ended = False
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> Step:
-        return next(self._steps)
+        if self._ended:
+            raise StopIteration
+        item = self._request.out.get()
+        if isinstance(item, Step):
+            return item
+        self._ended = True
+        if isinstance(item, BaseException):
+            raise item
+        raise StopIteration
 
     def close(self) -> None:
-        """Stops the decode early (e.g. a client went away); the engine stays usable."""
-        self._steps.close()
+        """Cancels the request (e.g. a client went away): its cache blocks are freed; the engine stays usable."""
+        if not self._ended:
+            self._scheduler.cancel(self._request)
+            self._ended = True
+
+    def __del__(self):
+        if not self._ended and not self._request.finished:
+            self._scheduler.cancel(self._request)
+
+    @property
+    def generation(self) -> Generation:
+        return self._request.generation
 
     @property
     def generations(self) -> list[Generation]:
-        """One Generation per prompt, in prompt order (empty until the first step is requested)."""
-        return [self._gens[i] for i in range(len(self._gens))]
+        return [self._request.generation]
 
 
-def load(path: str | Path | None = None, *, dtype=None, device=None) -> Engine:
-    """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine."""
+class BatchStream:
+    """Steps of several requests (one per prompt), each prompt's in turn; step.row is the prompt's index."""
+
+    def __init__(self, streams: list[Stream]):
+        self._streams = streams
+        self._it = self._steps()
+
+    def _steps(self):
+        for row, s in enumerate(self._streams):
+            for step in s:
+                step.row = row
+                yield step
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Step:
+        return next(self._it)
+
+    def close(self) -> None:
+        for s in self._streams:
+            s.close()
+
+    @property
+    def generations(self) -> list[Generation]:
+        return [s.generation for s in self._streams]
+
+
+def check_mode_options(mode: str, decoder_fn, options: dict, given: dict) -> None:
+    """Raises ValueError for an option the mode's decoder does not take, naming the mode it belongs to."""
+    import inspect
+
+    accepted = set(list(inspect.signature(decoder_fn).parameters)[2:])
+    for key in options:
+        if key in accepted:
+            continue
+        owners = [m for m in MODES if m != mode and key in _mode_params(m)]
+        where = f"; it is an option of mode {owners[0]!r}" if owners else ""
+        source = "" if key in given else " (from the checkpoint's generation_config.json)"
+        raise ValueError(f"unknown option {key!r}{source} for mode {mode!r}{where}; mode {mode!r} takes: "
+                         f"{', '.join(sorted(accepted)) or 'no options'}")
+
+
+def _mode_params(mode: str) -> set[str]:
+    import inspect
+
+    return set(list(inspect.signature(resolve_mode(mode)).parameters)[2:])
+
+
+def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None) -> Engine:
+    """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine.
+
+    Args:
+        path: the checkpoint directory; None loads looplm/default_model.
+        dtype: "float32", "bfloat16", "float16" or a torch dtype (default: float32 on the CPU,
+            the config's torch_dtype elsewhere).
+        device: a torch device ("cpu", "cuda", "cuda:1"); a ValueError when torch cannot use it.
+        threads: torch intra-op threads, set process-wide (`torch.set_num_threads`). None takes
+            $LOOPLM_THREADS, else one thread per 64 MiB of weights up to the available cores
+            (looplm.threads: a model as small as the bundled one gets 1).
+    """
     if path is None:
         path = DEFAULT_MODEL
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"the bundled default model is missing from {path}; pass a checkpoint path")
+    if threads is not None:
+        check_threads(threads)  # a bad value fails before the weights are read
     model, tokenizer, gen_cfg = checkpoint.load_pretrained(path, dtype=dtype, device=device)
+    apply_threads(model, threads)
     return Engine(model, tokenizer, gen_cfg, Path(path))
 
 
 def save(engine: Engine, path: str | Path, **kwargs) -> None:
-    """Writes the engine's model (and tokenizer) in the published Ouro layout."""
+    """Writes the engine's model (and tokenizer) in the published Ouro layout.
+
+    Files that the generation config's per-mode options name (e.g. the speculative decoder's
+    "draft_map.safetensors", see `Engine.mode_defaults`) are copied from the engine's checkpoint
+    directory, so the saved checkpoint runs every mode as the original does. Raises ValueError
+    (before writing anything) when such a file is missing or is not a plain name inside the directory.
+    """
+    files = _named_files(engine)
     checkpoint.save_pretrained(
         engine.model, path, tokenizer=engine.tokenizer, generation_config=engine.generation_config or None, **kwargs
     )
+    for name, source in files.items():
+        target = Path(path) / name
+        if source.resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+
+
+def _named_files(engine: Engine) -> dict[str, Path]:
+    """Relative file name -> source path of every ".safetensors" option in generation_config["looplm"]."""
+    files = {}
+    for mode, options in (engine.generation_config.get("looplm") or {}).items():
+        for key, value in (options or {}).items() if isinstance(options, dict) else ():
+            if not (isinstance(value, str) and value.endswith(".safetensors")):
+                continue
+            where = f"generation_config looplm.{mode}.{key} = {value!r}"
+            if Path(value).is_absolute() or ".." in Path(value).parts:
+                raise ValueError(f"{where}: a checkpoint file must be named relative to its directory")
+            source = Path(engine.path or ".") / value
+            if engine.path is None or not source.is_file():
+                raise ValueError(f"{where}: no such file in the engine's checkpoint directory {engine.path}")
+            files[value] = source
+    return files

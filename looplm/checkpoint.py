@@ -42,9 +42,15 @@ def _weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> file holding it."""
     if (path / INDEX).is_file():
         index = _read_json(path / INDEX)
-        if "weight_map" not in index:
-            raise ValueError(f"{path / INDEX}: no 'weight_map'")
-        files = {name: path / shard for name, shard in index["weight_map"].items()}
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path / INDEX}: no 'weight_map' object")
+        files, root = {}, path.resolve()
+        for name, shard in weight_map.items():
+            # a shard is a file of this directory: an index must not make the loader open /etc/passwd
+            if not isinstance(shard, str) or not shard or (path / shard).resolve().parent != root:
+                raise ValueError(f"{path / INDEX}: weight_map[{name!r}] = {shard!r} is not a file name inside {path}")
+            files[name] = path / shard
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise FileNotFoundError(f"{path / INDEX} names shard {shard.name}, which does not exist")
@@ -80,7 +86,7 @@ def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
     """
     path = Path(path)
     cfg = read_config(path)
-    device = torch.device(device or "cpu")
+    device = check_device(device)
     dtype = resolve_dtype(dtype, torch.float32 if device.type == "cpu" else resolve_dtype(cfg.torch_dtype))
     with torch.device("meta"):
         model = LoopLM(cfg)
@@ -103,7 +109,12 @@ def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
                     t = f.get_tensor(name)
                 except Exception as e:
                     raise ValueError(f"{file}: cannot read tensor {name} ({e})") from e
-                state[name] = t.to(device=device, dtype=dtype)
+                t = t.to(device=device, dtype=dtype)
+                # checked per tensor: NaN or inf weights would load silently and emit only token 0
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise ValueError(f"{file}: tensor {name} has {bad} non-finite value(s) (NaN or inf) in {dtype}")
+                state[name] = t
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
@@ -111,6 +122,22 @@ def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers(device)
     return model.eval()
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on (None: the CPU), or a ValueError naming it when torch cannot use it."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ({e})") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available to this torch ({torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r}: MPS is not available to this torch")
+    return dev
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:

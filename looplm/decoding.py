@@ -1,9 +1,13 @@
 """The contract between the engine facade and its decoders ("full", "speculative", "anytime").
 
-A decoder is `decode(model, request, **mode_options) -> Iterator[Step]`. It yields each row's
-tokens in order as they are decided. The facade consumes each step before the decoder resumes,
-and sets `request.done[row]` when a row hits a stop token or string; a decoder checks `done` and
-`max_new[row]` to stop computing a row. Steps for a row that is already done are dropped.
+A decoder is a policy over one request's state: `decode(model, request, **mode_options)` is a
+generator that yields `Forward` work items (looplm.work) and receives each one's `LoopOutput`, and
+yields each `Step` (an emitted token) as it is decided. The engine (looplm.scheduler) runs the
+Forwards of every live request together, one runner step at a time; the decoder never calls the
+model's forward or touches the cache (it may apply the LM head and the embedding to the states
+it received). The engine consumes each Step before the decoder resumes and sets
+`request.done[0]` when the request hits a stop token or string; a decoder checks `done` and
+`max_new` to stop. Steps after the request is done are dropped.
 """
 
 from __future__ import annotations
@@ -11,12 +15,11 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Generator, Union
 
 import torch
 
-from .cache import LoopKVCache
-from .model import LoopLM, LoopOutput
+from .work import Forward
 from .sampling import SamplingParams
 
 # mode name -> "module:function"; imported lazily so looplm never depends on its decoders
@@ -40,34 +43,35 @@ class Step:
 
 @dataclass
 class DecodeRequest:
-    """A validated batch, as decoders see it."""
+    """One validated request (one sequence), as its decoder sees it.
+
+    The list-valued fields hold one entry (row 0): decoders index them by row, as a batch of one.
+    """
 
     prompts: list[list[int]]
-    max_new: list[int]  # per row, already limited by the context length
+    max_new: list[int]  # limited by the context length
     sampling: SamplingParams
     generator: torch.Generator
     done: list[bool]
     stats: dict = field(default_factory=dict)  # decoders add their statistics here
-    cache_factory: Callable[[LoopLM, int, int], LoopKVCache] | None = None
+    kv: str = "per_loop"  # the KV mode of the request's cache (looplm.paged)
 
     @property
     def batch_size(self) -> int:
         return len(self.prompts)
 
-    def cache_len(self, slack: int = 0) -> int:
-        """Positions a cache needs for every row's prompt and new tokens (+ decoder slack)."""
-        return max(len(p) + n for p, n in zip(self.prompts, self.max_new)) + slack
-
-    def new_cache(self, model: LoopLM, max_len: int) -> LoopKVCache:
-        if self.cache_factory is not None:
-            return self.cache_factory(model, self.batch_size, max_len)
-        return model.new_cache(self.batch_size, max_len)
+    @property
+    def shared_kv(self) -> bool:
+        return self.kv != "per_loop"
 
     def active(self, row: int, produced: int) -> bool:
         return not self.done[row] and produced < self.max_new[row]
 
 
-def resolve_mode(mode: str) -> Callable[..., Iterator[Step]]:
+Decoder = Generator[Union[Forward, Step], object, None]
+
+
+def resolve_mode(mode: str) -> Callable[..., Decoder]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
     module, fn = MODES[mode].split(":")
@@ -77,21 +81,11 @@ def resolve_mode(mode: str) -> Callable[..., Iterator[Step]]:
         raise ValueError(f"mode {mode!r} is not available: {e}") from e
 
 
-def prefill(model: LoopLM, cache: LoopKVCache, prompts: list[list[int]], **kw) -> LoopOutput:
-    """Runs all T loops over right-padded prompts, writing every loop's KV.
-
-    Returns the LoopOutput with logits at each row's last prompt token: (1, B, 1, V) by default
-    (pass logits_loops="all" for every loop's). Padding positions hold stale K/V that the first
-    decode step of each row overwrites before any query can see them.
-    """
-    device = cache.k.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    S = int(lengths.max())
-    ids = torch.tensor([p + [0] * (S - len(p)) for p in prompts], device=device)
-    pos = torch.arange(S, device=device).expand(len(prompts), -1)
-    out = model.forward_loops(model.embed(ids), pos, cache, logits=lengths - 1, **kw)
-    cache.lengths.copy_(lengths)
-    return out
+def prefill(req: DecodeRequest, device, **kw) -> Forward:
+    """The Forward that runs all T loops over the prompt, writing every loop's KV, with logits at
+    its last position: (1, 1, 1, V) by default (pass logits_loops="all" for every loop's)."""
+    ids = req.prompts[0]
+    return Forward(torch.tensor([ids], device=device), torch.arange(len(ids), device=device)[None], logits="last", **kw)
 
 
 class Timer:

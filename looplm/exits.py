@@ -1,4 +1,4 @@
-"""The exit distribution over loops defined by the gate's lambdas (DESIGN.md §1)."""
+"""The exit distribution over loops defined by the gate's lambdas (docs/design.md, "Looped language models")."""
 
 from __future__ import annotations
 

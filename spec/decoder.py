@@ -33,13 +33,12 @@ longest row sits at max_len - 1 but is never fed back).
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 
-from looplm.decoding import DecodeRequest, Step
+from looplm.decoding import Decoder, DecodeRequest, Step
 from looplm.model import LoopLM
 from looplm.sampling import probabilities, sample
+from looplm.work import Forward
 
 from .accept import accept_greedy, accept_sampled
 from .drafts import DraftMap, draft_state, resolve_draft_map
@@ -58,7 +57,6 @@ DEFAULT_DRAFT_LOOP = 2
 DEFAULT_DRAFT_LEN: int | str = 3
 
 
-@torch.inference_mode()
 def decode(
     model: LoopLM,
     req: DecodeRequest,
@@ -68,7 +66,7 @@ def decode(
     pipeline: bool | None = None,
     extrapolate: float = 0.0,
     draft_map: "DraftMap | str | None" = None,
-) -> Iterator[Step]:
+) -> Decoder:
     """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
 
     Args:
@@ -94,7 +92,7 @@ def decode(
         token from the prefill); info = {"draft": bool, "accepted": a, "proposed": g} for the round.
     Stats (req.stats): draft_loop, draft_len, acceptance_rate (accepted / proposed drafts),
         token_acceptance (accepted / (accepted + rejections): the chance a tested draft passes,
-        the alpha of DESIGN.md's (1 - alpha^(g+1)) / (1 - alpha); drafts after a rejection are untested),
+        the alpha of (1 - alpha^(g+1)) / (1 - alpha), docs/design.md "Self-speculation"; drafts after a rejection are untested),
         mean_accepted_len (accepted drafts per row-round), accepted_len_hist (count of row-rounds
         by accepted drafts 0..g_max), rounds, drafted / accepted (draft totals), loops_per_token
         ((token, loop) pairs computed after the prefill / tokens emitted; includes rows that already
@@ -126,9 +124,8 @@ def decode(
     schedule = DraftLength(DEFAULT_DRAFT_LEN if draft_len is None else draft_len, k, T)
     params, gen = req.sampling, req.generator
 
-    cache, timer, last = start_request(model, req)  # last: the row's last emitted token, which starts the next round
-    scratch = cache.max_len - 1
-    device = cache.k.device
+    timer, last = yield from start_request(model, req)  # last: the row's last emitted token, which starts the next round
+    device = model.lm_head.weight.device
     steps_ar = torch.arange(schedule.max, device=device)
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
     computed = 0  # (token, loop) pairs this request ran after prefill; per request, unlike model.token_loops
@@ -168,14 +165,12 @@ def decode(
             break
         state = torch.tensor([last, pos, g_rows], device=device)  # (3, B): one transfer per round
         inp, limit = state[0, :, None], state[2]  # inp (B, 1): the token each draft call embeds
-        v_pos = (state[1, :, None] + steps_ar[:G]).clamp_(max=scratch)  # (B, G) positions of the round
-        top = max(pos)
+        v_pos = state[1, :, None] + steps_ar[:G]  # (B, G) positions of the round
 
         # -- draft: one k-loop call per draft token, keeping loop-k hidden states -----------
         hs, drafts, qs = [], [], []
         for i in range(G):
-            out = model.forward_loops(embed(inp), v_pos[:, i : i + 1], cache, num_loops=k,
-                                      kv_len=min(top + i, scratch) + 1)
+            out = yield Forward(embed(inp), v_pos[:, i : i + 1], num_loops=k)
             hs.append(out.hidden[-1])  # (B, 1, H) loop-k state of token i
             computed += B * k
             z = model.head(draft_state(out.hidden, extrapolate, dmap))  # (B, 1, V) draft logits
@@ -189,8 +184,7 @@ def decode(
         drafts_t = torch.cat(drafts, 1)  # (B, G)
 
         # -- verify: loops k+1..T over all G positions in one call --------------------------
-        target = model.forward_loops(torch.cat(hs, 1), v_pos, cache, start_loop=k, logits="all",
-                                     kv_len=min(top + G - 1, scratch) + 1).logits[-1]  # (B, G, V)
+        target = (yield Forward(torch.cat(hs, 1), v_pos, start_loop=k, logits="all")).logits[-1]  # (B, G, V)
         computed += B * G * (T - k)
         if params.greedy:
             accepted, tokens = accept_greedy(drafts_t, target.argmax(-1), limit)

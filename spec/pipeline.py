@@ -25,13 +25,12 @@ k + (1 - a) * (T - k) (a rejection costs a refill of D - 1 calls), against T at 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 
-from looplm.decoding import DecodeRequest, Step
+from looplm.decoding import Decoder, DecodeRequest, Step
 from looplm.model import LoopLM
 from looplm.sampling import probabilities, sample
+from looplm.work import Forward
 
 from .accept import accept_sampled
 from .drafts import DraftMap, draft_state
@@ -50,9 +49,8 @@ class _Token:
     slot: int = -1  # its row in the current forward call
 
 
-@torch.inference_mode()
 def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: float = 0.0,
-                     draft_map: DraftMap | None = None) -> Iterator[Step]:
+                     draft_map: DraftMap | None = None) -> Decoder:
     """Speculative decoding with the draft of token n+1 computed in the same forward as the
     remaining loops of token n (see the module docstring). `extrapolate` = c drafts from
     spec.drafts.draft_state (loop k's logits pushed c times further along their change from loop k-1);
@@ -68,8 +66,8 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
         raise ValueError(f"the pipeline splits T = {T} loops into stages of draft_loop = {k}: k must divide T")
     D = T // k
     params, gen = req.sampling, req.generator
-    cache, timer, first = start_request(model, req)
-    device = cache.k.device
+    timer, first = yield from start_request(model, req)
+    device = model.lm_head.weight.device
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
     plen = [len(p) for p in req.prompts]
     produced = [0] * B
@@ -123,8 +121,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
             pos_list = [plen[r] + t.index for (_, r), t in pairs]
             table = embed.weight  # a row of the embedding table is the embedding (a view, no lookup op)
             h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])  # (N, H) in call order
-            out = model.forward_loops(h[:, None], torch.tensor(pos_list, device=device)[:, None], cache,
-                                      start_loop=start, num_loops=k, batch_idx=rows_t, kv_len=max(pos_list) + 1)
+            out = yield Forward(h[:, None], torch.tensor(pos_list, device=device)[:, None], start_loop=start, num_loops=k)
             calls += 1
             computed += len(items) * k
             hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call

@@ -1,30 +1,31 @@
-"""The start both speculative decoders share: cache, prefill, and each row's first token."""
+"""The start both speculative decoders share: prefill and the first token."""
 
 from __future__ import annotations
 
 import time
 
-from looplm.cache import LoopKVCache
 from looplm.decoding import DecodeRequest, Step, Timer, prefill
 from looplm.model import LoopLM
+from looplm.paged import bytes_per_position
 from looplm.sampling import choose
 
 
-def start_request(model: LoopLM, req: DecodeRequest) -> tuple[LoopKVCache, Timer, list[int]]:
-    """Allocates the request's cache, prefills every prompt (all T loops) and chooses each row's
-    first new token from those full-depth logits (exact: no draft is involved).
+def start_request(model: LoopLM, req: DecodeRequest):
+    """Prefills the prompt (all T loops; a generator: `timer, first = yield from start_request(...)`)
+    and chooses the first new token from those full-depth logits (exact: no draft is involved).
 
     Records req.stats exact_cache, kv_bytes_per_token and prefill_ms.
-    Returns (cache, per-row timer started before the prefill, first token per row).
+    Returns (timer started before the prefill, [first token]).
     """
-    cache = req.new_cache(model, req.cache_len())
-    req.stats["exact_cache"] = not getattr(cache, "shared", False)
-    req.stats["kv_bytes_per_token"] = cache.bytes_per_token()
+    p = model.lm_head.weight
+    req.stats["exact_cache"] = not req.shared_kv
+    req.stats["kv_bytes_per_token"] = bytes_per_position(model.config, req.kv, p.dtype)
     timer = Timer(req.batch_size)
     t0 = time.perf_counter()
-    logits = prefill(model, cache, req.prompts).logits[-1, :, 0]  # (B, V)
+    out = yield prefill(req, p.device)
+    logits = out.logits[-1, :, 0]  # (1, V)
     req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
-    return cache, timer, choose(logits, req.sampling, req.generator).tolist()
+    return timer, choose(logits, req.sampling, req.generator).tolist()
 
 
 def first_step(row: int, token: int, loops: int, timer: Timer) -> Step:

@@ -193,8 +193,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_running: in
             ms = (time.perf_counter() - ctx.job.admitted) * 1e3
             metrics.latency.observe(ms / 1e3)
         if done is not None:
-            stats = done.generations[0].stats if done.generations else {}
-            metrics.finish(ctx.mode, ctx.tokens, fmt.loops_computed(done.generations), stats, len(done.generations))
+            metrics.finish(ctx.mode, done.generations)
         mean_exit = ctx.exit_loops / ctx.tokens if ctx.tokens else 0.0
         log.info("request %s %s status=%d mode=%s tokens=%d mean_exit_loop=%.2f latency_ms=%.1f",
                  ctx.job.id if ctx.job else "-", ctx.endpoint, status, ctx.mode, ctx.tokens, mean_exit, ms)

@@ -52,14 +52,17 @@ class Metrics:
         with self._lock:
             self._recent.append((now, count))
 
-    def finish(self, mode: str, tokens: int, loops: float, stats: dict, rows: int) -> None:
-        """Adds a finished decode's statistics: loops computed, speculation, budget misses."""
-        self.loops.labels(mode).inc(loops)
-        if stats.get("drafted") is not None:
-            self.drafted.inc(stats["drafted"])
-            self.accepted.inc(stats.get("accepted") or 0)
-        if stats.get("budget_miss_rate") is not None:  # over the decode tokens: each row's first came from the prefill
-            self.budget_misses.inc(round(stats["budget_miss_rate"] * max(tokens - rows, 0)))
+    def finish(self, mode: str, generations: list) -> None:
+        """Adds a finished request's statistics, per generation: loops computed, speculation, budget misses."""
+        for g in generations:
+            n, stats = len(g.tokens), g.stats
+            per_token = stats.get("loops_per_token", stats.get("loops_computed_per_token"))
+            self.loops.labels(mode).inc(per_token * n if per_token is not None else sum(g.loops))
+            if stats.get("drafted") is not None:
+                self.drafted.inc(stats["drafted"])
+                self.accepted.inc(stats.get("accepted") or 0)
+            if stats.get("budget_miss_rate") is not None:  # over the decode tokens: the first came from the prefill
+                self.budget_misses.inc(round(stats["budget_miss_rate"] * max(n - 1, 0)))
 
     def _rate(self) -> float:
         now = time.monotonic()

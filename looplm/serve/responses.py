@@ -52,15 +52,6 @@ def finish_reason(gen: Generation) -> str:
     return "stop" if gen.finish_reason == "stop" else "length"  # "context" (the cache is full) reads as length
 
 
-def loops_computed(gens: list[Generation]) -> float:
-    """Loops the decode computed for these rows' tokens: the decoder's own count where it keeps one
-    (rejected drafts, finished skipped loops), else each token's depth."""
-    tokens = sum(len(g.tokens) for g in gens)
-    stats = gens[0].stats if gens else {}
-    per_token = stats.get("loops_per_token", stats.get("loops_computed_per_token"))
-    return per_token * tokens if per_token is not None else float(sum(sum(g.loops) for g in gens))
-
-
 def extension(steps: list[Step]) -> dict:
     return {
         "exit_loops": [s.exit_loop for s in steps],

@@ -2,7 +2,7 @@
 
 Because the LM is frozen, its per-loop hidden states and losses are fixed: they are computed once
 for a set of training windows (no gradients), and the gate (a Linear(H, 1)) is then fitted on
-those cached features for many cheap steps. This is exactly Stage II's objective (DESIGN.md §1),
+those cached features for many cheap steps. This is exactly Stage II's objective (docs/design.md, "Training objectives"),
 only without re-running the frozen stack for every gate step.
 
 Usage:

@@ -1,4 +1,4 @@
-"""Training objectives for looped LMs (DESIGN.md §1, "Training objectives").
+"""Training objectives for looped LMs (docs/design.md, "Training objectives").
 
 All functions take per-loop tensors with the loop index first ([T, ...]) and reduce over the
 tokens selected by an optional boolean mask (True = counted); losses are float32 scalars.

@@ -49,14 +49,14 @@ class FakeClock:
 
 
 def clocked(model: LoopLM, clock: FakeClock, ms_per_call: float):
-    """Makes every forward_loops call of `model` take exactly ms_per_call on `clock` (per loop run)."""
-    inner = model.forward_loops
+    """Makes every loop the engine runs on `model` take exactly ms_per_call on `clock` (one
+    LoopLM.loop_body call runs one loop for every token of a runner step)."""
+    inner = model.loop_body
 
-    def forward_loops(*args, **kwargs):
+    def loop_body(*args, **kwargs):
         out = inner(*args, **kwargs)
-        clock.advance_ms(ms_per_call * out.hidden.shape[0])
+        clock.advance_ms(ms_per_call)
         return out
 
-    model.forward_loops = forward_loops
+    model.loop_body = loop_body
     return model
-

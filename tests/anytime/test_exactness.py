@@ -5,6 +5,8 @@ import torch
 
 import anytime
 from looplm.decoding import DecodeRequest, prefill
+from looplm.paged import PagedKVCache
+from looplm.runner import Runner, drive
 from looplm.exits import q_exit_loops
 from looplm.sampling import SamplingParams
 
@@ -156,64 +158,61 @@ def test_batch_equals_each_prompt_alone(engine, finish):
         assert [s.exit_loop for s in b.steps] == [s.exit_loop for s in alone.steps]
 
 
-def _request(prompts, n, holder):
-    def factory(model, batch, max_len):
-        holder.append(model.new_cache(batch, max_len))
-        return holder[-1]
+def _run(model, prompt, n, **opts):
+    """Runs anytime.decode for one prompt alone over a fresh paged cache (looplm.runner.drive);
+    returns (steps, request, the sequence's cache K and V (T, L, Hkv, positions, D))."""
+    req = DecodeRequest([prompt], [n], SamplingParams(), torch.Generator().manual_seed(0), [False])
+    runner = Runner(model, PagedKVCache(model.config, 16, 4))
+    steps = list(drive(runner, 0, len(prompt) + n, anytime.decode(model, req, **opts)))
+    k, v = runner.cache.sequence(runner.cache.pool.tables[0], len(prompt) + n)
+    return steps, req, k, v
 
-    g = torch.Generator().manual_seed(0)
-    return DecodeRequest(prompts, [n] * len(prompts), SamplingParams(), g, [False] * len(prompts), cache_factory=factory)
+
+def _reference_cache(model, seq):
+    """The full-depth cache of a sequence: one prefill of all of it."""
+    runner = Runner(model, PagedKVCache(model.config, 16, 4))
+    runner.cache.pool.admit(0, len(seq))
+    runner.run([(runner.cache.pool.ensure(0, len(seq)), prefill(DecodeRequest([seq], [1], SamplingParams(), None, [False]), "cpu"))])
+    return runner.cache.sequence(runner.cache.pool.tables[0], len(seq))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_exact_mode_cache_equals_full_depth_cache(model, k):
-    prompts = random_prompts(50 + k, [5, 2])
     n = 12
-    holder = []
-    steps = list(anytime.decode(model, _request(prompts, n, holder), budget_loops=k))
-    cache = holder[0]
-    for r, p in enumerate(prompts):
-        seq = p + [s.token for s in steps if s.row == r]
-        ref = model.new_cache(1, len(seq))
-        prefill(model, ref, [seq])
+    for p in random_prompts(50 + k, [5, 2]):
+        steps, _, ck, cv = _run(model, p, n, budget_loops=k)
+        seq = p + [s.token for s in steps]
+        rk, rv = _reference_cache(model, seq)
         done = len(seq) - T  # the last tokens' skipped loops were never needed, so never finished
-        torch.testing.assert_close(cache.k[:, :, r, :, :done], ref.k[:, :, 0, :, :done], rtol=0, atol=1e-5)
-        torch.testing.assert_close(cache.v[:, :, r, :, :done], ref.v[:, :, 0, :, :done], rtol=0, atol=1e-5)
+        torch.testing.assert_close(ck[..., :done, :], rk[..., :done, :], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cv[..., :done, :], rv[..., :done, :], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_lazy_finishing_writes_only_needed_slots_and_they_equal_full_depth(model, k):
-    prompts = random_prompts(55 + k, [5, 2])
     n = 12
-    holder = []
-    req = _request(prompts, n, holder)
-    steps = list(anytime.decode(model, req, budget_loops=k, finish="lazy"))
-    cache = holder[0]
-    assert req.stats["finish_loops"] == 0  # every token left at loop k: no later token needed loops > k
-    assert req.stats["loops_computed_per_token"] == pytest.approx((2 * T + 2 * (n - 1) * k) / (2 * n))
-    for r, p in enumerate(prompts):
-        seq = p + [s.token for s in steps if s.row == r]
-        ref = model.new_cache(1, len(seq))
-        prefill(model, ref, [seq])
+    for p in random_prompts(55 + k, [5, 2]):
+        steps, req, ck, _ = _run(model, p, n, budget_loops=k, finish="lazy")
+        assert req.stats["finish_loops"] == 0  # every token left at loop k: no later token needed loops > k
+        assert req.stats["loops_computed_per_token"] == pytest.approx((T + (n - 1) * k) / n)
+        seq = p + [s.token for s in steps]
+        rk, _ = _reference_cache(model, seq)
         m = len(seq) - 1  # the last token never ran
-        torch.testing.assert_close(cache.k[:k, :, r, :, :m], ref.k[:k, :, 0, :, :m], rtol=0, atol=1e-5)
-        torch.testing.assert_close(cache.k[k:, :, r, :, : len(p)], ref.k[k:, :, 0, :, : len(p)], rtol=0, atol=1e-5)
-        pad = max(map(len, prompts))  # shorter prompts' padding positions hold the prefill's stale K/V
-        assert not cache.k[k:, :, r, :, pad:m].any()  # never computed: no query needed them
+        torch.testing.assert_close(ck[:k, ..., :m, :], rk[:k, ..., :m, :], rtol=0, atol=1e-5)
+        torch.testing.assert_close(ck[k:, ..., : len(p), :], rk[k:, ..., : len(p), :], rtol=0, atol=1e-5)
+        assert not ck[k:, ..., len(p) : m, :].any()  # never computed: no query needed them
 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_copy_mode_fills_skipped_slots_from_the_exit_loop(model, k):
-    prompts = random_prompts(60 + k, [4, 7])
     n = 9
-    holder = []
-    req = _request(prompts, n, holder)
-    list(anytime.decode(model, req, budget_loops=k, skip="copy"))
-    cache = holder[0]
-    assert req.stats["copied_slots"] == 2 * (n - 1) * (T - k) * model.config.num_hidden_layers
-    for r, p in enumerate(prompts):
-        for pos in range(len(p), len(p) + n - 1):  # positions whose token ran its loops at decode time
+    for p in random_prompts(60 + k, [4, 7]):
+        _, req, ck, cv = _run(model, p, n, budget_loops=k, skip="copy")
+        assert req.stats["copied_slots"] == (n - 1) * (T - k) * model.config.num_hidden_layers
+        # positions whose token ran its loops at decode time and whose slots a later token reads (the
+        # copy is made before the next Forward: the last token's skipped slots are never needed)
+        for pos in range(len(p), len(p) + n - 2):
             for t in range(k, T):
-                assert torch.equal(cache.k[t, :, r, :, pos], cache.k[k - 1, :, r, :, pos])
-                assert torch.equal(cache.v[t, :, r, :, pos], cache.v[k - 1, :, r, :, pos])
-            assert cache.k[k - 1, :, r, :, pos].abs().min() > 0  # the copied source was really computed
+                assert torch.equal(ck[t, ..., pos, :], ck[k - 1, ..., pos, :])
+                assert torch.equal(cv[t, ..., pos, :], cv[k - 1, ..., pos, :])
+            assert ck[k - 1, ..., pos, :].abs().min() > 0  # the copied source was really computed

@@ -25,3 +25,20 @@ def test_main_serves_the_checkpoint_on_localhost_only(tiny_checkpoint, monkeypat
     assert kw["server_name"] == "127.0.0.1" and kw["server_port"] == 7999 and kw["share"] is False
     assert app._queue.default_concurrency_limit == 3
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and app.analytics_enabled is False
+
+
+def test_a_taken_port_is_a_readable_error(tiny_checkpoint, monkeypatch, capsys):
+    def taken(self, **kw):
+        raise OSError(f"Cannot find empty port in range: {kw['server_port']}-{kw['server_port']}.")
+
+    monkeypatch.setattr(gr.Blocks, "launch", taken)
+    assert cli.main(["--model", tiny_checkpoint, "--port", "7999"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: Cannot find empty port in range: 7999-7999."]
+
+
+def test_help_lists_options_with_defaults(capsys):
+    assert cli.main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--concurrency CONCURRENCY requests decoded at once, each with its own cache (default: 4)" in out
+    assert "--threads" in out and "(default: the bundled model)" in out

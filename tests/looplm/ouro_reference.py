@@ -1,4 +1,4 @@
-"""An independent, deliberately plain Ouro forward written from DESIGN.md §1.
+"""An independent, deliberately plain Ouro forward written from docs/design.md, "Checkpoint layout".
 
 It reads a raw state dict (the published tensor names) and shares no code with looplm, so the
 tests can check that looplm computes what a published-format checkpoint means.
@@ -55,7 +55,7 @@ def reference_per_loop(sd: dict, cfg: dict, ids: torch.Tensor):
 
 
 def random_published_state(cfg: dict, seed: int) -> dict:
-    """A state dict with exactly DESIGN.md's names and shapes, filled with fresh random values."""
+    """A state dict with exactly the names and shapes of docs/design.md, "Checkpoint layout", filled with fresh random values."""
     g = torch.Generator().manual_seed(seed)
     H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     nh = cfg["num_attention_heads"]

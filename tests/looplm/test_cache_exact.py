@@ -1,119 +1,155 @@
-"""Invariant: cached incremental decoding equals the no-cache forward, at every loop."""
+"""Invariant: the runner's cached, paged incremental computation equals the no-cache forward, at every loop."""
+
+import random
 
 import pytest
 import torch
 
-from looplm.decoding import prefill
+from looplm.paged import PagedKVCache
+from looplm.runner import Runner
+from looplm.work import Forward
 
 from .conftest import tiny_model
 
 
+def make_runner(model, *, block_size=4, num_blocks=64, kv="per_loop", fragment=False) -> Runner:
+    """A runner over a fresh paged cache; `fragment` hands out blocks in a shuffled order, so a
+    sequence's blocks are not contiguous and every read goes through the block table gather."""
+    cache = PagedKVCache(model.config, num_blocks, block_size, kv=kv)
+    if fragment:
+        free = list(range(num_blocks))
+        random.shuffle(free)
+        cache.pool.ensure = _shuffled_ensure(cache.pool, iter(free))
+    return Runner(model, cache)
+
+
+def _shuffled_ensure(pool, order):
+    def ensure(seq, positions):
+        table = pool.tables[seq]
+        while len(table) * pool.block_size < positions:
+            block = next(order)
+            pool._free.remove(block)
+            pool._reserved[seq] -= 1
+            table.append(block)
+        return table
+
+    return ensure
+
+
+def step(runner, work: dict[int, Forward]):
+    """One runner step over {sequence id: Forward}; sequences are admitted on first sight."""
+    pool = runner.cache.pool
+    items = []
+    for seq, fwd in work.items():
+        if seq not in pool.tables:
+            pool.admit(seq, 64)
+        fwd.pos = torch.as_tensor(fwd.pos)
+        items.append((pool.ensure(seq, int(fwd.pos.max()) + 1), fwd))
+    return runner.run(items)
+
+
+def prompt_forward(model, ids, **kw) -> Forward:
+    return Forward(torch.tensor([ids]), torch.arange(len(ids))[None], **kw)
+
+
+@pytest.mark.parametrize("fragment", [False, True])
 @pytest.mark.parametrize("gqa", [True, False])
 @pytest.mark.parametrize("tied", [True, False])
-def test_every_decode_step_matches_no_cache_per_loop_logits(gqa, tied):
+def test_every_decode_step_matches_no_cache_per_loop_logits(gqa, tied, fragment):
     model = tiny_model(gqa=gqa, tied=tied, loops=4)
     B, P, N = 2, 5, 7
     seq = torch.randint(0, model.config.vocab_size, (B, P + N))
     full = model.per_loop_logits(seq)  # (T, B, S, V)
-    cache = model.new_cache(B, P + N)
-    with torch.no_grad():
-        out = prefill(model, cache, seq[:, :P].tolist(), logits_loops="all")
-        torch.testing.assert_close(out.logits[:, :, 0], full[:, :, P - 1], rtol=0, atol=1e-5)
-        for p in range(P, P + N):
-            step = model.forward_loops(model.embed(seq[:, p : p + 1]), torch.tensor([p]), cache, logits="all", logits_loops="all")
-            torch.testing.assert_close(step.logits[:, :, 0], full[:, :, p], rtol=0, atol=1e-5)
+    runner = make_runner(model, fragment=fragment)
+    outs = step(runner, {b: prompt_forward(model, seq[b, :P].tolist(), logits="last", logits_loops="all") for b in range(B)})
+    for b in range(B):
+        torch.testing.assert_close(outs[b].logits[:, 0, 0], full[:, b, P - 1], rtol=0, atol=1e-5)
+    for p in range(P, P + N):  # both sequences' decode rows in one runner step
+        outs = step(runner, {b: Forward(seq[b : b + 1, p : p + 1], [[p]], logits="all", logits_loops="all") for b in range(B)})
+        for b in range(B):
+            torch.testing.assert_close(outs[b].logits[:, 0, 0], full[:, b, p], rtol=0, atol=1e-5)
 
 
-def test_ragged_positions_and_multi_token_steps_match():
+def test_ragged_sequences_and_multi_token_steps_match():
     model = tiny_model(loops=3)
     seq = torch.randint(0, model.config.vocab_size, (3, 12))
     full = model.per_loop_logits(seq)
     lengths = [2, 6, 4]
-    cache = model.new_cache(3, 12)
-    with torch.no_grad():
-        prefill(model, cache, [seq[b, :n].tolist() for b, n in enumerate(lengths)])
-        # one call, each row continuing from its own length with 3 tokens (a verification-shaped step)
-        pos = torch.tensor(lengths)[:, None] + torch.arange(3)
-        ids = seq.gather(1, pos)
-        out = model.forward_loops(model.embed(ids), pos, cache, logits="all", logits_loops="all")
-    want = torch.stack([full[:, b, pos[b]] for b in range(3)], 1)  # (T, B, 3, V)
-    torch.testing.assert_close(out.logits, want, rtol=0, atol=1e-5)
+    runner = make_runner(model, fragment=True)
+    step(runner, {b: prompt_forward(model, seq[b, :n].tolist()) for b, n in enumerate(lengths)})
+    # one step, each sequence continuing from its own length with 3 tokens (a verification-shaped step)
+    pos = torch.tensor(lengths)[:, None] + torch.arange(3)
+    outs = step(runner, {b: Forward(seq[b : b + 1].gather(1, pos[b : b + 1]), pos[b : b + 1], logits="all", logits_loops="all")
+                         for b in range(3)})
+    for b in range(3):
+        torch.testing.assert_close(outs[b].logits[:, 0], full[:, b, pos[b]], rtol=0, atol=1e-5)
 
 
 def test_loop_range_resumes_from_saved_hidden_state():
     """Loops 1..k then k+1..T from the saved loop-k state equal one T-loop pass, cache included."""
     model = tiny_model(loops=4)
-    seq = torch.randint(0, model.config.vocab_size, (2, 9))
+    seq = torch.randint(0, model.config.vocab_size, (1, 9))
     full = model.per_loop_logits(seq)
     for k in range(1, 4):
-        cache = model.new_cache(2, 9)
-        with torch.no_grad():
-            prefill(model, cache, seq[:, :6].tolist())
-            pos = torch.arange(6, 9)
-            first = model.forward_loops(model.embed(seq[:, 6:]), pos, cache, num_loops=k, logits="all")
-            rest = model.forward_loops(first.hidden[-1], pos, cache, start_loop=k, logits="all", logits_loops="all")
+        runner = make_runner(model)
+        step(runner, {0: prompt_forward(model, seq[0, :6].tolist())})
+        pos = torch.arange(6, 9)[None]
+        first = step(runner, {0: Forward(seq[:, 6:], pos, num_loops=k, logits="all")})[0]
+        rest = step(runner, {0: Forward(first.hidden[-1], pos, start_loop=k, logits="all", logits_loops="all")})[0]
         torch.testing.assert_close(first.logits[0], full[k - 1, :, 6:], rtol=0, atol=1e-5)
         torch.testing.assert_close(rest.logits, full[k:, :, 6:], rtol=0, atol=1e-5)
 
 
-def test_rows_at_different_loops_in_one_forward():
-    """Finishing token p's last loops batched with token p+1's first loops keeps the exact cache."""
+@pytest.mark.parametrize("layout", ["positions", "rows"])
+def test_tokens_at_different_loops_in_one_step(layout):
+    """Finishing token p's last loops with token p+1's first loops keeps the exact cache, whether
+    the Forward lays the tokens out as positions of a row (anytime) or as rows (the pipeline)."""
     model = tiny_model(loops=4)
     seq = torch.randint(0, model.config.vocab_size, (1, 8))
     full = model.per_loop_logits(seq)
-    cache = model.new_cache(1, 8)
-    with torch.no_grad():
-        prefill(model, cache, seq[:, :6].tolist())
-        early = model.forward_loops(model.embed(seq[:, 6:7]), torch.tensor([6]), cache, num_loops=2)  # token 6 exits at loop 2
-        h = torch.cat([early.hidden[-1], model.embed(seq[:, 7:8])], 1)
-        both = model.forward_loops(h, torch.tensor([6, 7]), cache, start_loop=torch.tensor([[2, 0]]), num_loops=2, logits="all", logits_loops="all")
-        torch.testing.assert_close(both.logits[:, 0, 0], full[2:, 0, 6], rtol=0, atol=1e-5)  # token 6 at loops 3, 4
-        torch.testing.assert_close(both.logits[:, 0, 1], full[:2, 0, 7], rtol=0, atol=1e-5)  # token 7 at loops 1, 2
-        last = model.forward_loops(both.hidden[-1][:, 1:], torch.tensor([7]), cache, start_loop=2, logits="all", logits_loops="all")
+    runner = make_runner(model, block_size=2, fragment=True)
+    step(runner, {0: prompt_forward(model, seq[0, :6].tolist())})
+    early = step(runner, {0: Forward(seq[:, 6:7], [[6]], num_loops=2)})[0]  # token 6 exits at loop 2
+    h = torch.cat([early.hidden[-1], model.embed(seq[:, 7:8])], 1)  # (1, 2, H)
+    if layout == "positions":
+        both = step(runner, {0: Forward(h, [[6, 7]], start_loop=torch.tensor([[2, 0]]), num_loops=2, logits="all", logits_loops="all")})[0]
+        at6, at7 = both.logits[:, 0, 0], both.logits[:, 0, 1]
+        nxt = both.hidden[-1][:, 1:]
+    else:  # newest first, as the pipeline orders its rows
+        both = step(runner, {0: Forward(h.flip(1).transpose(0, 1), [[7], [6]], start_loop=torch.tensor([[0], [2]]), num_loops=2,
+                                        logits="all", logits_loops="all")})[0]
+        at6, at7 = both.logits[:, 1, 0], both.logits[:, 0, 0]
+        nxt = both.hidden[-1][:1]
+    torch.testing.assert_close(at6, full[2:, 0, 6], rtol=0, atol=1e-5)  # token 6 at loops 3, 4
+    torch.testing.assert_close(at7, full[:2, 0, 7], rtol=0, atol=1e-5)  # token 7 at loops 1, 2
+    last = step(runner, {0: Forward(nxt, [[7]], start_loop=2, logits="all", logits_loops="all")})[0]
     torch.testing.assert_close(last.logits[:, 0, 0], full[2:, 0, 7], rtol=0, atol=1e-5)
 
 
-def test_cache_reports_its_size():
+def test_cache_reports_its_size_and_shared_modes_are_T_times_smaller():
     model = tiny_model(loops=3, layers=2)
-    cache = model.new_cache(2, 10)
     cfg = model.config
     per_token = 2 * cfg.total_ut_steps * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    cache = PagedKVCache(cfg, 5, 4)
     assert cache.bytes_per_token() == per_token
-    assert cache.nbytes == per_token * 2 * 10
+    assert cache.nbytes == per_token * (5 + 1) * 4  # the pool's blocks and one scratch block
+    for kv in ("last", "mean"):
+        assert PagedKVCache(cfg, 5, 4, kv=kv).nbytes * cfg.total_ut_steps == cache.nbytes
 
 
-@pytest.mark.parametrize("n,step", [(2, 2), (4, 1), (3, 1)])
-def test_diagonal_write_equals_the_indexed_write(n, step):
-    """write_diagonal (token i at loop lo + i*step, position p0 - i) stores what `write` stores."""
-    model = tiny_model(loops=4, layers=2)
-    a, b = model.new_cache(3, 12), model.new_cache(3, 12)
-    cfg = model.config
-    k = torch.randn(n, cfg.num_key_value_heads, 1, cfg.head_dim)
-    v = torch.randn(n, cfg.num_key_value_heads, 1, cfg.head_dim)
-    lo, row, p0, layer = 4 - 1 - step * (n - 1), 2, 9, 1
-    loops = torch.tensor([[lo + i * step] for i in range(n)])
-    a.write(loops, layer, torch.full((n, 1), row), torch.tensor([[p0 - i] for i in range(n)]), k, v)
-    b.write_diagonal(lo, step, layer, row, p0, k, v)
-    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and a.k.abs().sum() > 0
-
-
-def test_pipelined_rows_of_one_sequence_write_the_diagonal_and_stay_exact():
-    """A single sequence's tokens at loops lo, lo+d, ... and consecutive positions (the pipeline's call)."""
-    model = tiny_model(loops=4)
-    seq = torch.randint(0, model.config.vocab_size, (1, 9))
-    full = model.per_loop_logits(seq)
-    cache = model.new_cache(1, 9)
-    calls = []
-    write_diagonal = cache.write_diagonal
-    cache.write_diagonal = lambda *a: (calls.append(a[:5]), write_diagonal(*a))
-    with torch.no_grad():
-        prefill(model, cache, seq[:, :6].tolist())
-        first = model.forward_loops(model.embed(seq[:, 6:7]), torch.tensor([6]), cache, num_loops=2)
-        assert calls == [(0, 1, 0, 0, 6), (0, 1, 1, 0, 6), (1, 1, 0, 0, 6), (1, 1, 1, 0, 6)]  # batch-1 steps write plainly too
-        calls.clear()
-        h = torch.cat([model.embed(seq[:, 7:8])[0], first.hidden[-1][0]])[:, None]  # newest first, as the pipeline orders rows
-        both = model.forward_loops(h, torch.tensor([[7], [6]]), cache, start_loop=torch.tensor([[0], [2]]), num_loops=2,
-                                   batch_idx=torch.tensor([0, 0]), logits="all", logits_loops="all")
-    torch.testing.assert_close(both.logits[:, 1, 0], full[2:, 0, 6], rtol=0, atol=1e-5)  # token 6 at loops 3, 4
-    torch.testing.assert_close(both.logits[:, 0, 0], full[:2, 0, 7], rtol=0, atol=1e-5)  # token 7 at loops 1, 2
-    assert calls == [(0, 2, 0, 0, 7), (0, 2, 1, 0, 7), (1, 2, 0, 0, 7), (1, 2, 1, 0, 7)]  # (loop, step, layer, row, pos)
+def test_block_pool_reserves_grows_and_frees():
+    model = tiny_model(loops=2)
+    pool = PagedKVCache(model.config, 6, 4).pool
+    pool.admit(0, 9)  # 3 blocks reserved
+    assert pool.free == 3 and pool.used == 0
+    assert not pool.can_admit(13) and pool.can_admit(12)
+    assert pool.ensure(0, 5) == [0, 1] and pool.used == 2 and pool.free == 3
+    pool.admit(1, 12)
+    assert pool.free == 0
+    with pytest.raises(RuntimeError, match="reservation"):
+        pool.ensure(0, 13)
+    assert pool.ensure(1, 4) == [2]  # the block after sequence 0's is free: taken by the next one asked
+    pool.release(0)
+    assert pool.used == 1 and pool.free == 5 - 2
+    pool.release(1)
+    assert pool.used == 0 and pool.free == 6 and pool.tables == {}

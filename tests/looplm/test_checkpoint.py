@@ -103,3 +103,42 @@ def test_engine_save_keeps_tokenizer_and_stop_strings(tmp_path):
     piece = engine.tokenizer.decode(out.tokens[2:3])
     cut = engine.generate("the cat sat", max_new_tokens=12, stop=[piece])
     assert cut.finish_reason == "stop" and piece not in cut.text and out.text.startswith(cut.text)
+
+
+MODES = {  # every decoder, greedy; anytime with an exit policy so tokens leave at different loops
+    "full": {},
+    "speculative": {},  # the checkpoint's recommendation: draft_loop 2 with its fitted draft map
+    "anytime": {"exit": "q_exit", "q": 0.5},
+}
+
+
+def test_save_keeps_the_files_generation_config_names(tmp_path):
+    engine = looplm.load()
+    named = engine.generation_config["looplm"]["speculative"]["draft_map"]
+    looplm.save(engine, tmp_path / "copy")
+    assert (tmp_path / "copy" / named).read_bytes() == (engine.path / named).read_bytes()
+    again = looplm.load(tmp_path / "copy")
+    prompts = ["def fibonacci(n):", "Elizabeth was"]
+    for mode, options in MODES.items():
+        want = engine.generate(prompts, max_new_tokens=24, mode=mode, stop=[], **options)
+        got = again.generate(prompts, max_new_tokens=24, mode=mode, stop=[], **options)
+        assert [g.tokens for g in got] == [g.tokens for g in want], mode
+        assert [[s.exit_loop for s in g.steps] for g in got] == [[s.exit_loop for s in g.steps] for g in want], mode
+    assert again.generate(prompts[0], max_new_tokens=8, mode="speculative").stats["draft"] == "map"
+    # saved again from the saved copy: the file travels on
+    looplm.save(again, tmp_path / "copy2")
+    assert (tmp_path / "copy2" / named).read_bytes() == (engine.path / named).read_bytes()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("absent.safetensors", "no such file in the engine's checkpoint directory"),
+    ("/abs/map.safetensors", "a checkpoint file must be named relative to its directory"),
+    ("../map.safetensors", "a checkpoint file must be named relative to its directory"),
+])
+def test_save_refuses_a_named_file_it_cannot_copy(tmp_path, value, message):
+    save_pretrained(tiny_model(), tmp_path / "src")
+    engine = looplm.load(tmp_path / "src")
+    engine.generation_config = {"looplm": {"speculative": {"draft_map": value}}}
+    with pytest.raises(ValueError, match=f"looplm.speculative.draft_map = '{value}': {message}"):
+        looplm.save(engine, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written

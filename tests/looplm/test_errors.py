@@ -112,9 +112,9 @@ def test_unsupported_dtype(ckpt):
         ({"prompt": [1, 2, 500]}, r"token ids \[500\] are outside the vocabulary"),
         ({"prompt": [-1]}, "outside the vocabulary"),
         ({"prompt": [1] * 96}, "prompt 0 has 96 tokens; the context holds 96"),
-        ({"temperature": -0.5}, "temperature must be >= 0"),
-        ({"top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
-        ({"top_p": 1.5}, r"top_p must lie in \(0, 1\]"),
+        ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
+        ({"top_p": 0.0}, r"top_p must be a finite number in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be a finite number in \(0, 1\]"),
         ({"top_k": 0}, "top_k must be an integer >= 1"),
         ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
         ({"mode": "warp"}, "unknown mode 'warp'"),
@@ -143,3 +143,148 @@ def test_failed_load_does_not_touch_a_loaded_engine(engine_and_reference, ckpt):
     with pytest.raises(ValueError, match=r"has shape \(61, 32\), the config needs \(10, 32\)"):
         looplm.load(ckpt)
     assert_still_works(engine, reference)
+
+
+# -- loader gaps (issue #13 item 7) ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("hidden_size", "32", "hidden_size must be an integer, got '32'"),
+        ("hidden_size", 31.5, "hidden_size must be an integer, got 31.5"),
+        ("num_hidden_layers", True, "num_hidden_layers must be an integer, got True"),
+        ("rms_norm_eps", "1e-6", "rms_norm_eps must be a finite number, got '1e-6'"),
+        ("tie_word_embeddings", 0, "tie_word_embeddings must be true or false, got 0"),
+        ("eos_token_id", [0, "2"], r"eos_token_id must be an integer or a list of integers or null, got \[0, '2'\]"),
+        ("intermediate_size", 0, r"invalid config value\(s\): intermediate_size=0"),
+    ],
+)
+def test_wrong_typed_config_values_name_file_and_key(ckpt, key, value, message):
+    edit_config(ckpt, **{key: value})
+    with pytest.raises(ValueError, match=f"config.json: {message}"):
+        looplm.load(ckpt)
+
+
+def test_missing_model_type(ckpt):
+    edit_config(ckpt, model_type=None)
+    with pytest.raises(ValueError, match=r"config.json: no model_type \(expected 'ouro'\)"):
+        looplm.load(ckpt)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_name_file_and_tensor(ckpt, bad):
+    names = list(looplm.load(ckpt).model.state_dict())  # untied: every tensor is in the file
+    name = names[int(torch.randint(0, len(names), ()))]
+    row = int(torch.randint(0, 2, ()))
+
+    def poison(sd):
+        t = sd[name].clone()
+        t.view(-1)[row] = bad
+        sd[name] = t
+
+    _rewrite_tensors(ckpt, poison)
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor {name} has 1 non-finite value\(s\)"):
+        looplm.load(ckpt)
+
+
+def test_overflow_in_the_requested_dtype_is_non_finite(ckpt):
+    _rewrite_tensors(ckpt, lambda sd: sd["model.norm.weight"].__setitem__(0, 1e6))  # > float16's 65504
+    assert looplm.load(ckpt).model.model.norm.weight[0].item() == 1e6
+    with pytest.raises(ValueError, match=r"tensor model.norm.weight has 1 non-finite value\(s\) \(NaN or inf\) in torch.float16"):
+        looplm.load(ckpt, dtype="float16")
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors", "sub/../../x.safetensors", "", 3])
+def test_shard_index_cannot_name_files_outside_the_checkpoint(tmp_path, shard):
+    save_pretrained(tiny_model(), tmp_path / "ck", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "ck/model.safetensors.index.json").read_text())
+    victim = sorted(index["weight_map"])[0]
+    index["weight_map"][victim] = shard
+    (tmp_path / "ck/model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"model.safetensors.index.json: weight_map\['{victim}'\] = .* is not a file name inside"):
+        looplm.load(tmp_path / "ck")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_cuda_without_cuda(ckpt, device):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        looplm.load(ckpt, device=device)
+
+
+def test_unknown_device(ckpt):
+    with pytest.raises(ValueError, match="device='tpu9' is not a torch device"):
+        looplm.load(ckpt, device="tpu9")
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "2", True])
+def test_bad_thread_counts(ckpt, threads, monkeypatch):
+    with pytest.raises(ValueError, match=f"threads must be an integer >= 1, got {threads!r}"):
+        looplm.load(ckpt, threads=threads)
+    monkeypatch.setenv("LOOPLM_THREADS", "two")
+    with pytest.raises(ValueError, match="LOOPLM_THREADS must be an integer >= 1, got 'two'"):
+        looplm.load(ckpt)
+
+
+# -- generate() gaps (issue #13 item 8) --------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt": None}, "prompt must be a string, a list of token ids, or a list of those; got NoneType None"),
+        ({"prompt": 5}, "prompt must be a string, a list of token ids, or a list of those; got int 5"),
+        ({"prompt": [1, 3.7]}, r"prompt: token id 3.7 at index 1 is not an integer"),
+        ({"prompt": [3.7, 1]}, r"prompt 0 must be a string or a list of token ids, got float 3.7"),
+        ({"prompt": [[1, 2], [4, None]]}, r"prompt 1: token id None at index 1 is not an integer"),
+        ({"prompt": [1, True]}, r"prompt: token id True at index 1 is not an integer"),
+        ({"prompt": torch.tensor([1.0, 2.0])}, "a tensor of token ids must be 1-D with an integer dtype"),
+        ({"prompt": torch.tensor([[1, 2]])}, "a tensor of token ids must be 1-D with an integer dtype"),
+        ({"stop": 3.5}, r"stop must be None, a token id >= 0, a string, or a list of those; got 3.5"),
+        ({"stop": [2, None]}, r"stop must be .*; got None in \[2, None\]"),
+        ({"stop": -1}, r"stop must be .*; got -1"),
+        ({"seed": "abc"}, "seed must be None or an integer in \\[0, 2\\*\\*64\\), got 'abc'"),
+        ({"seed": 1.5}, "seed must be None or an integer"),
+        ({"seed": -3}, "seed must be None or an integer"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+        ({"temperature": "0.5"}, "temperature must be a finite number >= 0, got '0.5'"),
+        ({"top_k": 2.5}, "top_k must be an integer >= 1, got 2.5"),
+        ({"top_p": float("nan")}, r"top_p must be a finite number in \(0, 1\], got nan"),
+        ({"max_new_tokens": 2.0}, "max_new_tokens must be an integer >= 1, got 2.0"),
+        ({"mode": "anytime", "exit": "confidence", "threshold": 1.5}, r"confidence threshold must be a finite number in \[0, 1\], got 1.5"),
+        ({"mode": "anytime", "exit": "confidence", "threshold": float("nan")}, "confidence threshold must be a finite number"),
+        ({"mode": "anytime", "exit": "q_exit", "q": -0.1}, r"q_exit threshold must be a finite number in \[0, 1\], got -0.1"),
+        ({"mode": "anytime", "exit": "entropy", "threshold": -1}, "entropy threshold must be a finite number >= 0, got -1"),
+        ({"mode": "anytime", "exit": "kl", "threshold": float("inf")}, "kl threshold must be a finite number >= 0, got inf"),
+        ({"mode": "anytime", "exit": "delta", "threshold": "0.1"}, "delta threshold must be a finite number >= 0, got '0.1'"),
+        ({"mode": "anytime", "exit": "static", "threshold": 2.0}, "static depth must be an integer >= 1, got 2.0"),
+    ],
+)
+def test_bad_arguments_name_the_argument(engine_and_reference, kwargs, message):
+    engine, reference = engine_and_reference
+    args = {"prompt": [1, 2, 3], "max_new_tokens": 4, "stop": []} | kwargs
+    prompt = args.pop("prompt")
+    with pytest.raises(ValueError, match=message):
+        engine.generate(prompt, **args)
+    if "exit" not in args:  # generic arguments: stream() raises when called, before any next()
+        with pytest.raises(ValueError, match=message):
+            engine.stream(prompt, **args)
+    assert_still_works(engine, reference)
+
+
+def test_stream_raises_when_called(engine_and_reference):
+    engine, reference = engine_and_reference
+    for prompt, message in (("", "no tokenizer.json"), ([], "prompt 0 is empty"), ([[1], []], "prompt 1 is empty")):
+        with pytest.raises(ValueError, match=message):
+            engine.stream(prompt, max_new_tokens=3)
+    with pytest.raises(ValueError, match="unknown mode 'warp'"):
+        engine.stream([1, 2], mode="warp")
+    assert_still_works(engine, reference)
+
+
+def test_integer_tensors_and_tuples_are_prompts(engine_and_reference):
+    engine, _ = engine_and_reference
+    ids = torch.randint(0, engine.config.vocab_size, (5,))
+    want = engine.generate(ids.tolist(), max_new_tokens=4, stop=[]).tokens
+    assert engine.generate(ids, max_new_tokens=4, stop=[]).tokens == want
+    assert engine.generate(tuple(ids.tolist()), max_new_tokens=4, stop=[]).tokens == want
+    assert [g.tokens for g in engine.generate([ids, ids.tolist()], max_new_tokens=4, stop=[])] == [want, want]

@@ -29,3 +29,8 @@ def spec_model(seed: int | None = None, *, loops: int = 4, vocab: int = 64, max_
 
 def ragged_prompts(n: int, vocab: int, lo: int = 1, hi: int = 12) -> list[list[int]]:
     return [torch.randint(0, vocab, (random.randint(lo, hi),)).tolist() for _ in range(n)]
+
+
+def acceptance(gens) -> float:
+    """Accepted over drafted tokens of several requests (each request reports its own counts)."""
+    return sum(g.stats["accepted"] for g in gens) / max(sum(g.stats["drafted"] for g in gens), 1)

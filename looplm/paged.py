@@ -1,0 +1,242 @@
+"""The paged, loop-indexed KV cache: fixed-size blocks of positions, a block table per sequence.
+
+Storage is one tensor per K and V of shape (slots, L, Hkv, num_blocks * block_size, D): the
+position axis is cut into blocks of `block_size` positions, and a block holds every (slot, layer)
+entry of its positions. `slots` is T for the exact per-loop cache (slot t = loop t) and 1 for the
+shared-KV modes ("last", "mean"), whose blocks are therefore T times smaller. A sequence owns a
+block table (block ids in position order); position p of the sequence lives at flat index
+table[p // block_size] * block_size + p % block_size of the position axis.
+
+Nothing is ever rolled back: a position is visible to a query when it is <= the query's position,
+so a stale entry (a rejected draft) is overwritten before any query can see it.
+
+`BlockPool` is pure bookkeeping (which blocks are free, which sequence holds which); `PagedKVCache`
+holds the tensors and the write/read/copy operations the runner (looplm.runner) performs.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Literal
+
+import torch
+
+from .config import LoopConfig
+
+KV_MODES = ("per_loop", "last", "mean")
+KVMode = Literal["per_loop", "last", "mean"]
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_CACHE_BYTES = 256 * 2**20
+
+
+def check_kv_mode(kv: str) -> str:
+    if kv not in KV_MODES:
+        raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
+    return kv
+
+
+def bytes_per_position(cfg: LoopConfig, kv: str, dtype: torch.dtype) -> int:
+    """K and V bytes one position takes in a cache of KV mode `kv`."""
+    slots = cfg.total_ut_steps if kv == "per_loop" else 1
+    return 2 * slots * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class BlockPool:
+    """Which blocks are free and which sequence holds which (no tensors).
+
+    A sequence reserves, when admitted, every block it may ever need (its prompt plus its new
+    tokens), so a running sequence never waits for memory; blocks are then taken one at a time as
+    its positions are first written (`ensure`), preferring the block right after the sequence's
+    last one so that a sequence's positions stay contiguous when the pool is not fragmented (a
+    contiguous sequence is read as a view, without a gather). `release` frees a sequence's blocks
+    and its unused reservation.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"a block pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = set(range(num_blocks))
+        self._heap = list(range(num_blocks))  # free blocks, lowest first (entries of taken blocks are skipped lazily)
+        self.tables: dict[int, list[int]] = {}
+        self._reserved: dict[int, int] = {}  # seq -> blocks promised but not yet taken
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def free(self) -> int:
+        """Blocks neither taken nor promised to an admitted sequence."""
+        return len(self._free) - sum(self._reserved.values())
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
+
+    def can_admit(self, positions: int) -> bool:
+        return self.blocks_for(positions) <= self.free
+
+    def admit(self, seq: int, positions: int) -> None:
+        """Reserves the blocks of `positions` positions for sequence `seq`."""
+        need = self.blocks_for(positions)
+        if seq in self.tables:
+            raise ValueError(f"sequence {seq} is already admitted")
+        if need > self.free:
+            raise RuntimeError(f"sequence {seq} needs {need} blocks, {self.free} are free")
+        self.tables[seq] = []
+        self._reserved[seq] = need
+
+    def ensure(self, seq: int, positions: int) -> list[int]:
+        """Makes the sequence's table cover positions [0, positions); returns the table."""
+        table = self.tables[seq]
+        if self.blocks_for(positions) > len(table) + self._reserved[seq]:
+            raise RuntimeError(f"sequence {seq} writes position {positions - 1} beyond its reservation")
+        while len(table) * self.block_size < positions:
+            nxt = table[-1] + 1 if table else None
+            if nxt not in self._free:
+                while self._heap[0] not in self._free:
+                    heapq.heappop(self._heap)
+                nxt = heapq.heappop(self._heap)
+            block = nxt
+            self._free.remove(block)
+            self._reserved[seq] -= 1
+            table.append(block)
+        return table
+
+    def release(self, seq: int) -> None:
+        """Frees the sequence's blocks and its reservation (a no-op for an unknown sequence)."""
+        for block in self.tables.pop(seq, []):
+            self._free.add(block)
+            heapq.heappush(self._heap, block)
+        self._reserved.pop(seq, None)
+
+
+class PagedKVCache:
+    """K/V tensors of a block pool, written and read by (loop, layer, flat position).
+
+    Args:
+        cfg: the model's config (T, L, Hkv, D).
+        num_blocks, block_size: pool geometry.
+        kv: "per_loop" (exact: one slot per loop), "last" or "mean" (one shared slot per layer):
+            "last" keeps the K/V of the last loop computed for a position, "mean" the average over
+            the loops computed for it (float32 running mean, stored in the cache dtype). Within
+            one runner step a position's K/V are per loop: tokens of the same step read the slot
+            each loop just wrote; the shared value is settled at the end of the step (`end_step`).
+    """
+
+    def __init__(self, cfg: LoopConfig, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, *, kv: str = "per_loop",
+                 dtype=torch.float32, device=None):
+        self.kv = check_kv_mode(kv)
+        self.num_loops = cfg.total_ut_steps
+        self.slots = self.num_loops if kv == "per_loop" else 1
+        self.pool = BlockPool(num_blocks, block_size)
+        self.block_size = block_size
+        # one block more than the pool hands out: a scratch block no sequence owns (padded rows of a
+        # fixed-shape step write there)
+        self.scratch_block = num_blocks
+        shape = (self.slots, cfg.num_hidden_layers, cfg.num_key_value_heads, (num_blocks + 1) * block_size, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._mean: dict[int, tuple] = {}  # layer -> (slot index, float32 running means of K and V) during a step
+
+    @property
+    def shared(self) -> bool:
+        return self.slots == 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def bytes_per_token(self) -> int:
+        return self.nbytes // ((self.pool.num_blocks + 1) * self.block_size)
+
+    def slot(self, loop: int) -> int:
+        return loop if self.slots > 1 else 0
+
+    def flat(self, table: list[int], pos: int) -> int:
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def flat_range(self, table: list[int], n: int) -> tuple[int, int] | None:
+        """(first, n) when positions [0, n) of the table are contiguous in storage, else None."""
+        blocks = self.pool.blocks_for(n)
+        first = table[0]
+        if table[:blocks] == list(range(first, first + blocks)):
+            return first * self.block_size, n
+        return None
+
+    def flat_index(self, tables: list[list[int]], n: int, device) -> torch.Tensor:
+        """(G, n) flat indices of positions [0, n) of each table (missing blocks read block 0:
+        those positions lie beyond the group's queries and are masked by position)."""
+        nb = self.pool.blocks_for(n)
+        bt = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], device=device)
+        ar = torch.arange(n, device=device)
+        return bt[:, ar // self.block_size] * self.block_size + ar % self.block_size
+
+    # -- writes -------------------------------------------------------------------------------
+    def write(self, layer: int, loops: list[int], flat: list[int], k: torch.Tensor, v: torch.Tensor,
+              index: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Stores k/v (N, Hkv, D) of N tokens at loops[i], flat position flat[i] of layer `layer`.
+
+        `index` optionally holds the same loops and flat positions as device tensors (built once
+        per step by the runner), used when N > 1.
+        """
+        kl, vl = self.k[:, layer], self.v[:, layer]  # (slots, Hkv, P, D)
+        if self.kv == "mean":
+            self._accumulate(layer, loops, flat, k, v, index)
+        if len(flat) == 1:
+            s = self.slot(loops[0])
+            kl[s, :, flat[0]] = k[0].to(kl.dtype)
+            vl[s, :, flat[0]] = v[0].to(vl.dtype)
+            return
+        lo, fl = index if index is not None else (torch.tensor(loops, device=k.device), torch.tensor(flat, device=k.device))
+        if self.slots == 1:
+            lo = torch.zeros_like(lo)
+        kl[lo, :, fl] = k.to(kl.dtype)
+        vl[lo, :, fl] = v.to(vl.dtype)
+
+    def _accumulate(self, layer, loops, flat, k, v, index) -> None:
+        """Running mean over the loops a position computed ("mean" mode); loops count from 0, so a
+        write at loop 0 starts a fresh average and a write at loop t > 0 continues the stored one."""
+        n = len(flat)
+        prev = self._mean.get(layer)
+        if prev is None or prev[1].shape[0] < n:
+            fl = index[1] if index is not None else torch.tensor(flat, device=k.device)
+            base = (self.k[0, layer][:, fl].transpose(0, 1).float(), self.v[0, layer][:, fl].transpose(0, 1).float())
+            prev = (fl, *base)
+        fl, mk, mv = prev
+        t = (index[0] if index is not None else torch.tensor(loops, device=k.device)).to(torch.float32)[:, None, None]
+        for mean, x in ((mk, k), (mv, v)):
+            x = x.float()
+            mean[:n] = torch.where(t == 0, x, mean[:n] + (x - mean[:n]) / (t + 1))
+        self._mean[layer] = (fl, mk, mv)
+
+    def end_step(self) -> None:
+        """Settles a step's positions to their shared value (only "mean" keeps anything aside)."""
+        for layer, (fl, mk, mv) in self._mean.items():
+            self.k[0, layer][:, fl] = mk.transpose(0, 1).to(self.k.dtype)
+            self.v[0, layer][:, fl] = mv.transpose(0, 1).to(self.v.dtype)
+        self._mean.clear()
+
+    def copy_slots(self, flat: int, src_loop: int) -> None:
+        """Every slot after `src_loop` of one position gets slot src_loop's K/V (every layer)."""
+        if self.slots > 1:
+            self.k[src_loop + 1 :, :, :, flat] = self.k[src_loop, :, :, flat]
+            self.v[src_loop + 1 :, :, :, flat] = self.v[src_loop, :, :, flat]
+
+    # -- reads --------------------------------------------------------------------------------
+    def sequence(self, table: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [0, n) of a sequence, every slot and layer: (slots, L, Hkv, n, D) each (a copy)."""
+        idx = self.flat_index([table], n, self.k.device)[0]
+        return self.k[:, :, :, idx], self.v[:, :, :, idx]
+
+    def read_view(self, loop: int, layer: int, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot `loop` of `layer` for n storage-contiguous positions: views (1, Hkv, n, D)."""
+        s = self.slot(loop)
+        return self.k[s, layer, :, first : first + n][None], self.v[s, layer, :, first : first + n][None]
+
+    def gather(self, loops: torch.Tensor, layer: int, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots loops (G,) of `layer` at flat positions (G, n): (G, Hkv, n, D) each."""
+        lo = loops[:, None] if self.slots > 1 else torch.zeros_like(loops)[:, None]
+        k = self.k[:, layer][lo, :, flat]  # (G, n, Hkv, D)
+        v = self.v[:, layer][lo, :, flat]
+        return k.transpose(1, 2), v.transpose(1, 2)

@@ -1,0 +1,335 @@
+"""One runner: every live request's work of an engine step through the model in one pass.
+
+`Runner.run` takes the step's Forwards (each of one sequence, each with its own positions, start
+loops and number of loops) and builds one explicit plan:
+
+* tokens: every position of every Forward, flattened, Forwards ordered by loops to run (most
+  first), so that at loop step i the tokens still running are a prefix of the list;
+* per token: position, loop at step 0, flat cache index (through its sequence's block table);
+* groups: the tokens of one Forward at one start loop; a group attends to its sequence's keys at
+  its current loop, positions [0, last position of the group], masked causally by position.
+
+Each loop step runs the model's loop body (`LoopLM.loop_body`) once over the running tokens; the
+attention context writes their K/V into the paged cache and reads each group's keys: one batched
+gather for all one-token groups (decode rows of every request), a view or a gather for each
+multi-token group (prompt chunks). The model never sees a cache or a caller's layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import LoopLM, LoopOutput
+from .paged import PagedKVCache
+from .work import Forward
+
+
+@dataclass
+class _Group:
+    tokens: slice  # tokens of the step (contiguous)
+    loop: int  # loop at step 0
+    table: list[int]  # the sequence's block table
+    ctx: int  # keys: positions [0, ctx)
+
+
+class _Batch:
+    """Groups attended together: their queries padded to (G, n), their keys gathered to (G, C)."""
+
+    def __init__(self, cache: PagedKVCache, groups: list[_Group], pos_t: torch.Tensor, device):
+        self.groups = groups
+        self.first = [g.tokens.start for g in groups]  # groups are in token order
+        sizes = [g.tokens.stop - g.tokens.start for g in groups]
+        self.n = max(sizes)
+        self.ctx = max(g.ctx for g in groups)
+        self.loops = torch.tensor([g.loop for g in groups], device=device)
+        self.view = cache.flat_range(groups[0].table, self.ctx) if len(groups) == 1 else None
+        self.flat = cache.flat_index([g.table for g in groups], self.ctx, device) if self.view is None else None
+        self.k_pos = torch.arange(self.ctx, device=device).expand(len(groups), -1)
+        tok = [t for g in groups for t in range(g.tokens.start, g.tokens.stop)]
+        self.tok = torch.tensor(tok, device=device)
+        # slot of each token in the padded (G * n) query layout; padded slots query position 0
+        self.slot = torch.tensor([gi * self.n + j for gi, sz in enumerate(sizes) for j in range(sz)], device=device)
+        q_pos = torch.zeros(len(groups) * self.n, dtype=torch.long, device=device)
+        q_pos[self.slot] = pos_t[self.tok]
+        self.q_pos = q_pos.view(len(groups), self.n)
+        self.dense = self.n == 1  # one query per group: no padding
+        self.contiguous = tok == list(range(tok[0], tok[0] + len(tok))) if tok else False
+
+    def running(self, n_tokens: int) -> int:
+        """Groups whose tokens are still running when the first n_tokens tokens run (a prefix)."""
+        return sum(1 for f in self.first if f < n_tokens)
+
+
+class _Plan:
+    """The tensors and index lists of one runner step (built once, used by every loop and layer)."""
+
+    def __init__(self, cache: PagedKVCache, items: list[tuple[list[int], Forward]], device):
+        self.cache = cache
+        order = sorted(range(len(items)), key=lambda i: -items[i][1].num_loops)
+        self.order = order
+        pos, loops, flat, steps, groups, self.spans = [], [], [], [], [], {}
+        for i in order:
+            table, fwd = items[i]
+            p = fwd.pos.reshape(-1).tolist()
+            st = fwd.start_loop.reshape(-1).tolist() if isinstance(fwd.start_loop, torch.Tensor) else [fwd.start_loop] * len(p)
+            first = len(pos)
+            self.spans[i] = slice(first, first + len(p))
+            # tokens of one start loop form a group; a Forward's groups are contiguous runs of tokens
+            j = 0
+            while j < len(p):
+                e = j
+                while e + 1 < len(p) and st[e + 1] == st[j]:
+                    e += 1
+                groups.append(_Group(slice(first + j, first + e + 1), st[j], table, max(p[j : e + 1]) + 1))
+                j = e + 1
+            pos += p
+            loops += st
+            flat += [cache.flat(table, q) for q in p]
+            steps += [fwd.num_loops] * len(p)
+        self.pos, self.loops, self.flat, self.steps = pos, loops, flat, steps
+        self.n_tokens = len(pos)
+        self.pos_t = torch.tensor(pos, device=device)
+        self.loops_t = torch.tensor(loops, device=device)
+        self.flat_t = torch.tensor(flat, device=device)
+        self.max_steps = max(steps)
+        # decode rows (one query) of every request in one batch, prompt chunks in another
+        singles = [g for g in groups if g.tokens.stop - g.tokens.start == 1]
+        multis = [g for g in groups if g.tokens.stop - g.tokens.start > 1]
+        self.batches = [_Batch(cache, b, self.pos_t, device) for b in (singles, multis) if b]
+
+    def active(self, step: int) -> int:
+        """Tokens still running at loop step `step` (a prefix)."""
+        return sum(1 for s in self.steps if s > step)
+
+
+class _Attend:
+    """The attention context of a runner step (the `ctx` the model's layers call)."""
+
+    def __init__(self, plan: _Plan, attn_fn):
+        self.plan, self.attn_fn = plan, attn_fn
+        self.step = 0
+        self.n = plan.n_tokens
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """(N, 1) positions of the running tokens (for hooks and tests)."""
+        return self.plan.pos_t[: self.n, None]
+
+    @property
+    def loop(self) -> torch.Tensor:
+        """(N, 1) 0-based loop each running token is at in this loop step."""
+        return (self.plan.loops_t[: self.n] + self.step)[:, None]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """q (N, Hq, 1, D), k/v (N, Hkv, 1, D) of the running tokens -> (N, Hq, 1, D)."""
+        plan, cache, i, n = self.plan, self.plan.cache, self.step, self.n
+        loops = [t + i for t in plan.loops[:n]]
+        cache.write(layer, loops, plan.flat[:n], k[:, :, 0], v[:, :, 0], (plan.loops_t[:n] + i, plan.flat_t[:n]))
+        if len(plan.batches) == 1:
+            b = plan.batches[0]
+            if b.contiguous and b.tok.numel() == n and b.first[0] == 0:
+                return self._batch(b, q, layer, len(b.groups), whole=True)
+        out = torch.empty_like(q)
+        for b in plan.batches:
+            G = b.running(n)
+            if G:
+                self._batch(b, q, layer, G, out=out)
+        return out
+
+    def _batch(self, b: _Batch, q, layer: int, G: int, *, whole: bool = False, out=None):
+        cache, i = self.plan.cache, self.step
+        if b.view is not None:
+            kk, vv = cache.read_view(b.groups[0].loop + i, layer, b.view[0], b.ctx)
+        else:
+            kk, vv = cache.gather(b.loops[:G] + i, layer, b.flat[:G])
+        ntok = sum(g.tokens.stop - g.tokens.start for g in b.groups[:G]) if G < len(b.groups) else b.tok.numel()
+        Hq, D = q.shape[1], q.shape[3]
+        if b.dense:  # (G, Hq, 1, D): one query per group
+            qg = q if whole else q[b.tok[:ntok]]
+            res = self.attn_fn(qg, kk, vv, b.q_pos[:G], b.k_pos[:G])
+            if whole:
+                return res
+            out[b.tok[:ntok]] = res
+            return out
+        qp = q.new_zeros(G * b.n, Hq, D)
+        qp[b.slot[:ntok]] = q[b.tok[:ntok], :, 0]
+        res = self.attn_fn(qp.view(G, b.n, Hq, D).transpose(1, 2), kk, vv, b.q_pos[:G], b.k_pos[:G])
+        res = res.transpose(1, 2).reshape(G * b.n, Hq, D)[b.slot[:ntok]][:, :, None]
+        if whole:
+            return res
+        out[b.tok[:ntok]] = res
+        return out
+
+
+class Runner:
+    """Runs the step's Forwards of many sequences over one paged cache (see the module docstring).
+
+    Counts the work it did: `token_loops` ((token, loop) pairs) and `steps` (calls).
+    """
+
+    def __init__(self, model: LoopLM, cache: PagedKVCache):
+        self.model, self.cache = model, cache
+        self.token_loops = 0
+        self.steps = 0
+        self.fixed_steps: dict[tuple, object] = {}  # (rows, ctx, compiled) -> kernels.fast_step.FixedStep
+
+    def _fixed_ok(self, fwd: Forward) -> bool:
+        return (fwd.step in ("fixed", "compiled") and not fwd.copy_slots and fwd.start_loop == 0
+                and fwd.num_loops == self.model.num_loops and fwd.logits == "last" and fwd.logits_loops == "last"
+                and fwd.inputs.shape[:2] == (1, 1) and fwd.inputs.dtype in (torch.int32, torch.int64))
+
+    @torch.inference_mode()
+    def run(self, items: list[tuple[list[int], Forward]]) -> list[LoopOutput]:
+        """items: (block table, Forward) per sequence; every position a Forward writes must be
+        covered by its table. Returns one LoopOutput per item, shaped like the Forward."""
+        m, cache = self.model, self.cache
+        T = m.num_loops
+        device = cache.k.device
+        shapes = []
+        for table, fwd in items:
+            fwd.pos = torch.as_tensor(fwd.pos, device=device)
+            B, S = fwd.inputs.shape[:2]
+            if fwd.pos.dim() == 1:
+                fwd.pos = fwd.pos.expand(B, -1)
+            if fwd.pos.shape != (B, S):
+                raise ValueError(f"Forward pos shape {tuple(fwd.pos.shape)} does not match its inputs {(B, S)}")
+            if isinstance(fwd.start_loop, torch.Tensor):
+                if fwd.num_loops is None:
+                    raise ValueError("num_loops is required when start_loop is a tensor")
+                fwd.start_loop = fwd.start_loop.expand(B, S)
+                lo, hi = int(fwd.start_loop.min()), int(fwd.start_loop.max())
+            else:
+                lo = hi = fwd.start_loop
+            if fwd.num_loops is None:
+                fwd.num_loops = T - lo
+            if lo < 0 or fwd.num_loops < 1 or hi + fwd.num_loops > T:
+                raise ValueError(f"loops [{lo}, {hi + fwd.num_loops}) are outside the model's {T} loops")
+            shapes.append((B, S))
+            for p, src in fwd.copy_slots:
+                cache.copy_slots(cache.flat(table, p), src)
+        outs: list[LoopOutput | None] = [None] * len(items)
+        for kind in ("fixed", "compiled"):
+            sel = [i for i, (_, fwd) in enumerate(items) if fwd.step == kind and self._fixed_ok(fwd)]
+            if sel:
+                for i, out in zip(sel, self._run_fixed([items[i] for i in sel], kind == "compiled")):
+                    outs[i] = out
+        rest = [i for i in range(len(items)) if outs[i] is None]
+        if rest:
+            for i, out in zip(rest, self._run_plan([items[i] for i in rest], [shapes[i] for i in rest])):
+                outs[i] = out
+        self.steps += 1
+        return outs
+
+    def _run_fixed(self, items, compiled: bool) -> list[LoopOutput]:
+        """One-token full-depth decode rows through the fixed-shape step of their bucket."""
+        from kernels.fast_step import FixedStep, bucket_ctx, bucket_rows  # kernels builds on looplm
+
+        m, cache = self.model, self.cache
+        device = cache.k.device
+        n = len(items)
+        pos = [int(fwd.pos.reshape(-1)[0]) for _, fwd in items]
+        R, C = bucket_rows(n), bucket_ctx(max(pos) + 1)
+        key = (R, C, compiled)
+        if key not in self.fixed_steps:
+            self.fixed_steps[key] = FixedStep(m, cache, R, C, compile=compiled)
+        step = self.fixed_steps[key]
+        ids = torch.cat([fwd.inputs.reshape(-1) for _, fwd in items])
+        h = m.model.embed_tokens(ids)
+        h = torch.cat([h, h.new_zeros(R - n, h.shape[-1])])
+        pos_t = torch.tensor(pos + [0] * (R - n), device=device)
+        scratch = cache.scratch_block * cache.block_size
+        flat = [cache.flat(t, p) for (t, _), p in zip(items, pos)] + [scratch] * (R - n)
+        index = cache.flat_index([t for t, _ in items] + [[cache.scratch_block]] * (R - n), C, device)
+        hid = torch.stack(step(h, pos_t, flat, index))[:, :n]  # (T, n, H)
+        logits = m.head(hid[-1])
+        gates = m.gate(hid)
+        self.token_loops += n * m.num_loops
+        return [LoopOutput(hid[:, i, None, None], gates[:, i, None, None], logits[None, i, None, None]) for i in range(n)]
+
+    def _run_plan(self, items, shapes) -> list[LoopOutput]:
+        m, cache = self.model, self.cache
+        device = cache.k.device
+        plan = _Plan(cache, items, device)
+        h = torch.cat([self._inputs(items[i][1]) for i in plan.order])  # (N, H)
+        cos, sin = m.rotary(plan.pos_t[:, None], h.dtype)  # (N, 1, D)
+        ctx = _Attend(plan, m.attention)
+        hiddens, gates = [], []
+        x = h[:, None]  # (N, 1, H): every token a row of one position
+        for i in range(plan.max_steps):
+            n = plan.active(i)
+            ctx.step, ctx.n = i, n
+            x = m.loop_body(x[:n], cos[:n], sin[:n], ctx)
+            hiddens.append(x[:, 0])
+            gates.append(m.gate(x[:, 0]))
+        cache.end_step()
+        self.token_loops += sum(plan.steps)
+        return self._outputs(items, plan, shapes, hiddens, gates)
+
+    def _inputs(self, fwd: Forward) -> torch.Tensor:
+        x = fwd.inputs
+        if x.dtype in (torch.int32, torch.int64):
+            return self.model.model.embed_tokens(x.reshape(-1))  # ids were checked when the request was submitted
+        return x.reshape(-1, x.shape[-1])
+
+    def _outputs(self, items, plan: _Plan, shapes, hiddens, gates) -> list[LoopOutput]:
+        m = self.model
+        outs: list[LoopOutput] = []
+        heads: list[tuple[int, torch.Tensor]] = []  # (item, selected last-loop states) for one batched head call
+        for idx, ((_, fwd), (B, S)) in enumerate(zip(items, shapes)):
+            sp = plan.spans[idx]
+            n = fwd.num_loops
+            hid = torch.stack([hiddens[i][sp] for i in range(n)]).view(n, B, S, -1)
+            gat = torch.stack([gates[i][sp] for i in range(n)]).view(n, B, S)
+            outs.append(LoopOutput(hid, gat, None))
+            if fwd.logits is not None:
+                if fwd.logits_loops == "all":
+                    outs[-1].logits = m.head(_select(hid, fwd.logits))
+                else:
+                    heads.append((idx, _select(hid[-1:], fwd.logits)))
+        if heads:
+            flat = torch.cat([x.reshape(-1, x.shape[-1]) for _, x in heads])
+            lg = m.head(flat)
+            o = 0
+            for idx, x in heads:
+                k = x.shape[:-1].numel()
+                outs[idx].logits = lg[o : o + k].view(*x.shape[:-1], -1)
+                o += k
+        return outs
+
+
+def _select(h: torch.Tensor, where) -> torch.Tensor:
+    """h (n, B, S, H) -> the positions `where` asks for: (n, B, S', H)."""
+    if isinstance(where, torch.Tensor):
+        B = h.shape[1]
+        return h[:, torch.arange(B, device=h.device), where.view(-1)][:, :, None]
+    if where == "last":
+        return h[:, :, -1:]
+    if where == "all":
+        return h
+    raise ValueError(f"logits must be None, 'all', 'last' or a (B,) index tensor, got {where!r}")
+
+
+def drive(runner: Runner, seq: int, positions: int, decoder):
+    """Runs one decoder alone over the runner's cache, outside an engine (tests and tools).
+
+    Admits sequence id `seq` for `positions` cache positions and yields the decoder's Steps. The
+    sequence's blocks stay allocated afterwards so its cache can be read back
+    (`runner.cache.sequence(table, n)`); free them with `runner.cache.pool.release(seq)`.
+    """
+    pool = runner.cache.pool
+    pool.admit(seq, positions)
+    value = None
+    while True:
+        try:
+            item = decoder.send(value)
+        except StopIteration:
+            return
+        if isinstance(item, Forward):
+            item.pos = torch.as_tensor(item.pos, device=runner.cache.k.device)
+            table = pool.ensure(seq, int(item.pos.max()) + 1)
+            value = runner.run([(table, item)])[0]
+        else:
+            value = None
+            yield item

@@ -1,0 +1,288 @@
+"""The engine loop: requests, admission into the paged cache, and one runner step at a time.
+
+Every request is one sequence driven by its decoder (a generator policy, looplm.decoding). An
+engine step: drop cancelled requests (freeing their blocks), admit waiting requests whose whole
+reservation fits, advance every running decoder until it yields its next Forward (handing its
+emitted Steps to the request's consumer on the way), then run all those Forwards in one runner
+step per KV mode, and hand each decoder its output. One background thread runs the loop while
+there is work; `submit` may be called from any thread, and a consumer reads its request's Steps
+from a queue.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .decoding import DecodeRequest, Step
+from .model import LoopLM
+from .paged import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, PagedKVCache, bytes_per_position
+from .runner import Runner
+from .tokenizer import IncrementalText
+from .work import Forward
+
+_END = object()
+
+
+@dataclass
+class Request:
+    """A submitted request: its decoder, its stop rules and what it has produced so far."""
+
+    req: DecodeRequest
+    decoder: object  # the decoder generator
+    mode: str
+    stop_ids: list[int]
+    stop_strs: list[str]
+    detok: IncrementalText | None
+    generation: object  # looplm.api.Generation
+    id: int = 0
+    out: queue.Queue = field(default_factory=queue.Queue)
+    pending: Forward | None = None  # the Forward its decoder waits on
+    cancelled: bool = False
+    finished: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    token_loops: int = 0  # (position, loop) pairs its Forwards ran, prefill included
+    prefill_loops: int = 0
+    weight_passes: int = 0  # loops of every Forward it ran (each one pass over the weights)
+    forwards: int = 0
+
+    @property
+    def positions(self) -> int:
+        """Cache positions the request may write: its prompt and its new tokens."""
+        return len(self.req.prompts[0]) + self.req.max_new[0]
+
+
+class Scheduler:
+    """Admission, the engine step and the background loop (see the module docstring).
+
+    Args:
+        model: the looped model.
+        cache_bytes: bytes of each KV mode's paged cache (allocated when first used); default
+            DEFAULT_CACHE_BYTES, raised to hold at least one whole context. A request that needs
+            more positions than the whole cache holds is refused when submitted.
+        block_size: positions per block.
+        max_running: requests decoding at once; more wait in the queue.
+    """
+
+    def __init__(self, model: LoopLM, *, cache_bytes: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 max_running: int = 256):
+        if max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {max_running}")
+        self.model = model
+        if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 1):
+            raise ValueError(f"cache_bytes must be a positive integer, got {cache_bytes!r}")
+        self.cache_bytes = cache_bytes
+        self.block_size, self.max_running = block_size, max_running
+        self.runners: dict[str, Runner] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._atexit = False
+
+    # -- caches ---------------------------------------------------------------------------------
+    def num_blocks(self, kv: str) -> int:
+        p = self.model.lm_head.weight
+        per_block = bytes_per_position(self.model.config, kv, p.dtype) * self.block_size
+        if self.cache_bytes is not None:  # what the user asked for (at least one block)
+            return max(self.cache_bytes // per_block, 1)
+        # the default budget, but at least one whole context
+        floor = -(-self.model.config.max_position_embeddings // self.block_size)
+        return max(DEFAULT_CACHE_BYTES // per_block, floor)
+
+    def runner(self, kv: str) -> Runner:
+        if kv not in self.runners:
+            p = self.model.lm_head.weight
+            cache = PagedKVCache(self.model.config, self.num_blocks(kv), self.block_size, kv=kv, dtype=p.dtype, device=p.device)
+            self.runners[kv] = Runner(self.model, cache)
+        return self.runners[kv]
+
+    def usage(self) -> dict:
+        """Blocks used / free / total per KV mode, and the requests running and waiting."""
+        with self._lock:
+            caches = {kv: {"blocks_used": r.cache.pool.used, "blocks_total": r.cache.pool.num_blocks,
+                           "block_size": r.cache.block_size, "bytes": r.cache.nbytes} for kv, r in self.runners.items()}
+            return {"running": len(self.running), "waiting": len(self.waiting), "caches": caches}
+
+    # -- submission -----------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queues a request whose decoder has already yielded its first Forward (its prefill)."""
+        blocks = -(-request.positions // self.block_size)
+        total = self.num_blocks(request.req.kv)
+        if blocks > total:
+            raise ValueError(f"the request needs {request.positions} cache positions ({blocks} blocks of {self.block_size}); "
+                             f"the whole {request.req.kv} cache holds {total} blocks: raise cache_bytes or lower max_new_tokens")
+        with self._lock:
+            request.id = next(self._ids)
+            self.waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="looplm-engine", daemon=True)
+                self._thread.start()
+                if not self._atexit:  # stop the loop before the interpreter tears torch down under it
+                    ref = weakref.ref(self)
+                    atexit.register(lambda: ref() is not None and ref().shutdown())
+                    self._atexit = True
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancels every live request and waits for the loop to stop (the engine stays usable)."""
+        with self._lock:
+            for r in self.running + list(self.waiting):
+                r.cancelled = True
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._admit()
+                if not self.running:
+                    if not self.waiting:
+                        self._thread = None
+                        return
+            try:
+                self.step()
+            except Exception as e:  # a bug, not a user error: fail every live request, keep the engine usable
+                with self._lock:
+                    live = self.running + list(self.waiting)
+                    self.running, self.waiting = [], deque()
+                for r in live:
+                    self._finish(r, e)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            r = self.waiting[0]
+            if r.cancelled:
+                self.waiting.popleft()
+                self._finish(r, None)
+                continue
+            pool = self.runner(r.req.kv).cache.pool
+            if not pool.can_admit(r.positions):
+                break
+            self.waiting.popleft()
+            pool.admit(r.id, r.positions)
+            self.running.append(r)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One engine step: advance every running decoder to its next Forward, run them all."""
+        for r in list(self.running):
+            if r.cancelled:
+                self._finish(r, None)
+            elif r.pending is None:
+                self._advance(r, None)
+        by_kv: dict[str, list[Request]] = {}
+        for r in self.running:
+            by_kv.setdefault(r.req.kv, []).append(r)
+        for kv, reqs in by_kv.items():
+            runner = self.runner(kv)
+            pool = runner.cache.pool
+            items = []
+            for r in reqs:
+                fwd = r.pending
+                fwd.pos = torch.as_tensor(fwd.pos, device=runner.cache.k.device)
+                items.append((pool.ensure(r.id, int(fwd.pos.max()) + 1), fwd))
+            outs = runner.run(items)
+            for r, (_, fwd), out in zip(reqs, items, outs):
+                n = fwd.inputs.shape[0] * fwd.inputs.shape[1] * fwd.num_loops
+                r.token_loops += n
+                if r.forwards == 0:
+                    r.prefill_loops = n
+                r.weight_passes += fwd.num_loops
+                r.forwards += 1
+                r.pending = None
+                self._advance(r, out)
+
+    def _advance(self, r: Request, value) -> None:
+        """Resumes r's decoder with `value` until it yields a Forward or ends."""
+        try:
+            item = r.decoder.send(value)
+            while isinstance(item, Step):
+                self._emit(r, item)
+                item = r.decoder.send(None)
+        except StopIteration:
+            self._finish(r, None)
+            return
+        except Exception as e:
+            self._finish(r, e)
+            return
+        r.pending = item
+
+    def _emit(self, r: Request, step: Step) -> None:
+        """The facade's side of a Step: stop rules, text, the consumer's queue."""
+        req, g = r.req, r.generation
+        if req.done[0] or len(g.tokens) >= req.max_new[0]:
+            return
+        g.tokens.append(step.token)
+        g.loops.append(step.loops)
+        g.exit_loops.append(step.exit_loop)
+        g.steps.append(step)
+        text = r.detok.update(g.tokens) if r.detok is not None else ""
+        hit = next((s for s in r.stop_strs if s in text), None)
+        if step.token in r.stop_ids or hit is not None:
+            req.done[0], g.finish_reason = True, "stop"
+            if hit is not None:
+                text = text[: text.index(hit)]
+        elif len(g.tokens) >= req.max_new[0]:
+            req.done[0] = True
+            g.finish_reason = "length" if not req.stats.get("_context_limited") else "context"
+        elif text.endswith("\ufffd"):
+            # a byte-level token ended inside a UTF-8 character: hold the partial character back
+            # until a later token completes it, so streamed pieces concatenate to the final text
+            text = text.rstrip("\ufffd")
+        step.row = 0
+        step.text, g.text = text[len(g.text):], text
+        r.out.put(step)
+
+    def _finish(self, r: Request, error: BaseException | None) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        try:
+            r.decoder.close()  # runs the decoder's finally (its final statistics)
+        except Exception:
+            pass
+        if r in self.running:
+            self.running.remove(r)
+        for runner in self.runners.values():
+            runner.cache.pool.release(r.id) if runner.cache.kv == r.req.kv else None
+        r.generation.stats = _stats(r, self.model.num_loops)
+        r.out.put(error if error is not None else _END)
+
+
+def _stats(r: Request, T: int) -> dict:
+    """One vocabulary for every mode (the decoder's own keys come along)."""
+    g, req = r.generation, r.req
+    elapsed = time.perf_counter() - r.started
+    n = len(g.tokens)
+    decode_loops = r.token_loops - r.prefill_loops
+    st = {k: v for k, v in req.stats.items() if not k.startswith("_")}
+    st.update(
+        mode=r.mode,
+        kv=req.kv,
+        new_tokens=n,
+        tokens_per_s=n / elapsed if elapsed > 0 else float("inf"),
+        elapsed_ms=elapsed * 1e3,
+        mean_exit_loop=sum(g.exit_loops) / n if n else 0.0,
+        # (position, loop) pairs per new token: the first token's T loops ran in the prefill
+        loops_computed_per_token=(T + decode_loops) / n if n else 0.0,
+        # loops of every forward the request took part in (prefill included) per new token
+        weight_passes_per_token=r.weight_passes / n if n else 0.0,
+        forwards=r.forwards,
+        token_loops=r.token_loops,  # (position, loop) pairs of every Forward, prefill included
+    )
+    st["mean_loops"] = st["mean_exit_loop"]
+    return st

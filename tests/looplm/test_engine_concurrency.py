@@ -1,0 +1,145 @@
+"""The engine core under concurrency: batch independence, the paged cache's accounting, admission."""
+
+import gc
+import random
+import resource
+import threading
+import time
+
+import pytest
+import torch
+
+import looplm
+
+from .conftest import tiny_model
+
+# (mode, options) of every decoding mode the engine runs
+MIXED = [
+    ("full", {}),
+    ("speculative", {"draft_loop": 1, "draft_len": 2}),  # rounds
+    ("speculative", {"draft_loop": 2, "pipeline": True}),  # pipelined (k divides T = 4)
+    ("anytime", {"budget_loops": 2}),
+    ("anytime", {"exit": "q_exit", "q": 0.5}),
+    ("anytime", {"exit": "confidence", "threshold": 0.1, "skip": "copy"}),
+    ("anytime", {"exit": "confidence", "threshold": 0.1, "finish": "lazy"}),
+    ("full", {"kv": "last"}),
+    ("anytime", {"budget_loops": 3, "kv": "mean"}),
+]
+
+
+def _requests(n: int, vocab: int):
+    """n requests of mixed modes, prompt lengths, lengths, greedy and seeded sampling."""
+    out = []
+    for i in range(n):
+        mode, opts = MIXED[i % len(MIXED)]
+        opts = dict(opts)
+        if i % 3 == 2:
+            opts.update(temperature=0.9, top_k=20, seed=random.randrange(10_000))
+        prompt = torch.randint(0, vocab, (random.randint(1, 20),)).tolist()
+        out.append((prompt, random.randint(4, 16), mode, opts))
+    return out
+
+
+def test_mixed_requests_from_threads_equal_each_request_alone():
+    model = tiny_model(loops=4, max_pos=64)
+    engine = looplm.Engine(model)
+    reqs = _requests(24, model.config.vocab_size)
+    alone = [engine.generate(p, max_new_tokens=n, stop=[], mode=m, **o).tokens for p, n, m, o in reqs]
+    got: dict[int, list[int]] = {}
+    errors = []
+    order = list(range(len(reqs)))
+    random.shuffle(order)
+    chunks = [order[i::8] for i in range(8)]
+
+    def worker(idx):
+        try:
+            for i in idx:
+                time.sleep(random.uniform(0, 0.02))  # submitted at random moments while others run
+                p, n, m, o = reqs[i]
+                if i % 2:  # half stream, half generate
+                    s = engine.stream(p, max_new_tokens=n, stop=[], mode=m, **o)
+                    got[i] = [step.token for step in s]
+                else:
+                    got[i] = engine.generate(p, max_new_tokens=n, stop=[], mode=m, **o).tokens
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert [got[i] for i in range(len(reqs))] == alone
+    assert engine.usage()["running"] == 0
+    assert all(c["blocks_used"] == 0 for c in engine.usage()["caches"].values())
+
+
+def test_a_list_of_prompts_is_several_requests_sharing_forwards():
+    model = tiny_model(loops=3)
+    engine = looplm.Engine(model)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (3, 9, 5, 1)]
+    batch = engine.generate(prompts, max_new_tokens=8, stop=[])
+    steps_batched = engine.scheduler.runner("per_loop").steps
+    for p, g in zip(prompts, batch):
+        assert engine.generate(p, max_new_tokens=8, stop=[]).tokens == g.tokens
+    steps_alone = engine.scheduler.runner("per_loop").steps - steps_batched
+    assert steps_batched == 8 and steps_alone == 4 * 8  # one prefill step and 7 decode steps, together
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
+
+def test_thousand_requests_with_cancellations_leave_no_blocks_and_flat_memory():
+    model = tiny_model(loops=4, max_pos=96)
+    engine = looplm.Engine(model, cache_bytes=2**20, block_size=8)
+    vocab = model.config.vocab_size
+
+    def wave(n):
+        streams = []
+        for i in range(n):
+            prompt = torch.randint(0, vocab, (random.randint(1, 30),)).tolist()
+            mode, opts = MIXED[i % 4]
+            streams.append(engine.stream(prompt, max_new_tokens=random.randint(1, 40), stop=[], mode=mode, **opts))
+        for i, s in enumerate(streams):
+            if i % 5 == 0:  # cancelled mid-stream: read a token or two, then close
+                for _ in zip(range(i % 3), s):
+                    pass
+                s.close()
+            else:
+                assert len(list(s)) >= 1
+
+    wave(100)  # warm-up: allocator pools and the cache are touched
+    gc.collect()
+    before = _rss_kb()
+    for _ in range(9):
+        wave(100)
+    deadline = time.time() + 10
+    while engine.usage()["running"] + engine.usage()["waiting"] and time.time() < deadline:
+        time.sleep(0.01)
+    usage = engine.usage()
+    assert usage["running"] == 0 and usage["waiting"] == 0
+    assert all(c["blocks_used"] == 0 for c in usage["caches"].values())
+    gc.collect()
+    assert _rss_kb() - before < 20_000  # flat: under 20 MB of growth over 900 requests
+
+
+def test_a_request_larger_than_the_cache_is_refused_at_submit_and_others_wait_for_room():
+    model = tiny_model(loops=3, max_pos=200)
+    per_block = 8 * 2 * 3 * 2 * 2 * 8 * 4  # positions x K,V x T x L x Hkv x D x float32
+    engine = looplm.Engine(model, cache_bytes=12 * per_block, block_size=8)
+    assert engine.scheduler.num_blocks("per_loop") == 12
+    with pytest.raises(ValueError, match="whole per_loop cache holds 12 blocks"):
+        engine.generate(torch.randint(0, 61, (60,)).tolist(), max_new_tokens=40, stop=[])  # 100 positions
+    assert engine.usage()["running"] == engine.usage()["waiting"] == 0  # nothing was queued
+    prompts = [torch.randint(0, 61, (40,)).tolist() for _ in range(4)]  # 40 + 40 positions: 10 blocks each
+    alone = [engine.generate(p, max_new_tokens=40, stop=[]).tokens for p in prompts]
+    peak = []
+    streams = engine.stream(prompts, max_new_tokens=40, stop=[])  # only one fits at a time: the others wait
+    for _ in streams:
+        peak.append(engine.usage()["waiting"])
+    assert [g.tokens for g in streams.generations] == alone
+    assert max(peak) >= 1  # some request really waited for room
+    assert engine.usage()["caches"]["per_loop"]["blocks_used"] == 0
