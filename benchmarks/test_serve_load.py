@@ -9,12 +9,14 @@ in extra_info["serve_levels"]: tokens/s over the level's wall time, time to firs
 sending the request to its first token chunk) and inter-token latency (between a stream's token
 chunks), p50 and p95 in ms. A last case saturates the server with full-depth clients and measures
 the p95 inter-token latency of requests with a per-token `budget_ms` beside them, against the
-budget plus one loop's cost; deadline-aware scheduling is not built yet, so this records, never
-asserts, how far off it is. Every case asserts what it got is complete (every request ends with
+budget plus one loop's cost (the issue's target for deadline-aware scheduling); it records whether
+that holds, never asserts it. Every case asserts what it got is complete (every request ends with
 [DONE] and has its tokens), never a timing: this machine is shared.
 
     OMP_NUM_THREADS=1 python -m pytest benchmarks/test_serve_load.py --benchmark-only -q \\
         --benchmark-json=/tmp/serve.json && python -m benchmarks.report /tmp/serve.json
+
+It needs none of benchmarks/conftest.py's fixtures (add --noconftest to run it without them).
 """
 
 from __future__ import annotations

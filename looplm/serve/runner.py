@@ -1,12 +1,12 @@
 """Admission and the bridge from the engine's blocking streams to the event loop.
 
 Each admitted request iterates its `Engine.stream` in a worker thread of its own and hands every
-step to the event loop through an asyncio queue. While the engine decodes each stream in the
-thread that iterates it, the threads are the concurrency; once the engine batches streams in a
-background loop, iterating only waits for that loop's steps and the same code batches requests.
-At most `max_running` streams run at once and at most `max_queue` more wait for a slot; a request
-beyond both is refused (QueueFull, HTTP 429) before it waits. `Job.cancel()` (a client went away,
-or shutdown) stops the worker at its next step, which then closes the stream (`Stream.close()`).
+step to the event loop through an asyncio queue. The engine decodes every live stream together in
+its background loop (continuous batching); a worker only waits for its own stream's steps. At
+most `max_running` streams are live at once and at most `max_queue` more wait for a slot; a
+request beyond both is refused (QueueFull, HTTP 429) before it waits. `Job.cancel()` (a client
+went away, or shutdown) stops the worker at its next step, which then closes the stream
+(`Stream.close()`: the engine cancels the request and frees its cache blocks).
 """
 
 from __future__ import annotations
@@ -71,10 +71,14 @@ class Job:
     admitted: float = field(default_factory=time.perf_counter)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stream: object | None = None  # the engine's Stream, once the worker opened it
 
     def cancel(self) -> None:
-        """Stops the decode at its next step (the worker then closes the stream)."""
+        """Cancels the request: closes its stream now, so the engine drops it even while the worker
+        waits for a step (e.g. the request still queued in the engine); the worker then ends it."""
         self.cancelled.set()
+        if self.stream is not None:
+            self.stream.close()
 
 
 class Runner:
@@ -150,17 +154,20 @@ class Runner:
 
         stream = None
         try:
-            stream = self.engine.stream(job.prompt, max_new_tokens=job.max_new_tokens, mode=job.mode, **job.options)
+            stream = job.stream = self.engine.stream(job.prompt, max_new_tokens=job.max_new_tokens, mode=job.mode, **job.options)
+            if job.cancelled.is_set():  # cancelled while the stream was being opened
+                stream.close()
             sent: dict[int, int] = {}  # row -> characters of its text already handed out
             for step in stream:
                 if job.cancelled.is_set():
-                    emit(Failed("the request was cancelled (the server is shutting down or the client went away)", 503))
                     break
                 text = stream.generations[step.row].text
                 safe = len(text) - _stop_prefix_len(text, job.stop_strings)
                 start = sent.get(step.row, 0)
                 sent[step.row] = max(start, safe)
                 emit(Token(step.row, step, text[start:safe]))
+            if job.cancelled.is_set():  # a closed stream ends early: that is not a finished request
+                emit(Failed("the request was cancelled (the server is shutting down or the client went away)", 503))
             else:
                 gens = stream.generations
                 tails = [g.text[sent.get(i, 0):] for i, g in enumerate(gens)]
