@@ -1,7 +1,7 @@
 """anytime: a decoder whose depth adapts per token and which keeps a latency promise.
 
-Each token's loops run one at a time (one `forward_loops` call per loop for the whole batch). After
-every loop the decoder decides, per row, whether the token leaves now:
+Each token's loops run one at a time (one Forward per loop, run by the engine in the same step as
+every other request's work). After every loop the decoder decides whether the token leaves now:
 
 1. at loop T ("max_depth");
 2. when the exit policy says so ("policy", see `anytime.policies`: "q_exit", "confidence",
@@ -12,13 +12,13 @@ every loop the decoder decides, per row, whether the token leaves now:
    predicted cost of one more loop would exceed it. The prediction is an online moving average of
    the measured loop period per (rows, positions per row, context-length bucket); see
    `anytime.budget.LoopCost`. The first loop of a token always runs, so a token misses its budget
-   when one loop does not fit.
+   when one loop does not fit. The measured period is the engine step's: work of other requests in
+the same step counts, so a busy engine makes a timed request leave earlier.
 
 The token is then chosen from the shared LM head at its exit loop (greedy or sampled, with
-`looplm.sampling.choose`). Rows of a batch are independent: each row starts its next token as soon
-as it emitted the previous one, so rows sit at different loops within one forward (a per-row
-`start_loop` tensor) and rows that are done leave the batch (`batch_idx`). The first token of each
-row comes from the prefill, which runs all T loops with per-loop KV (docs/design.md, "Shared KV"); its exit loop is
+`looplm.sampling.choose`). Requests are independent: each starts its next token as soon as it
+emitted the previous one, so requests sit at different loops within one engine step, and a
+request with a time budget has its work run first in a step (looplm.scheduler). The first token comes from the prefill, which runs all T loops with per-loop KV (docs/design.md, "Shared KV"); its exit loop is
 chosen by the policy and a loop budget from the prefill's per-loop outputs.
 
 Skipped loops. A token emitted at loop t < T leaves the KV slots of loops t+1..T at its position
@@ -46,7 +46,7 @@ unwritten, and later tokens read them at those loops. `skip=` says what happens:
   is exactly the exit loops. Approximate (CALM-style state propagation): exact only against itself;
   equals full depth when no token skips a loop.
 - "shared": read a shared-KV cache (`Engine.generate(..., kv="last"|"mean")`,
-  looplm.cache.SharedKVCache: one K/V per layer and position). Nothing to fill: "last" holds the
+  a one-slot looplm.paged.PagedKVCache: one K/V per layer and position). Nothing to fill: "last" holds the
   K/V of the token's exit loop, "mean" the average over the loops it computed. Cost: nothing, and
   a T-fold smaller cache. Exact against decoding on that shared cache (with no budget or policy it
   equals full-depth decoding with the same kv mode), not against the per-loop cache. It is the

@@ -95,6 +95,7 @@ def decode(
         raise ValueError(f"unknown skip mode {skip!r}; choose one of {SKIP_MODES}")
     max_loops = T if plan is None or plan.loops is None else min(plan.loops, T)
     timed = plan is not None and plan.timed
+    req.timed = timed
     need_probs = trace or (policy is not None and policy.needs_probs)
     # nothing can end a token before loop T (no policy, no time budget, no loop cap below T, no
     # per-loop trace): each token's T loops run in one call instead of one call per loop
@@ -105,7 +106,7 @@ def decode(
     if skip == "shared" and not req.shared_kv:
         raise ValueError(
             "skip='shared' needs a shared-KV cache (one K/V per layer): pass kv='last' or kv='mean' "
-            "(looplm.cache.SharedKVCache), or use skip='exact' / 'copy' with the per-loop cache"
+            "(one K/V per layer and position), or use skip='exact' / 'copy' with the per-loop cache"
         )
     if skip != "shared" and req.shared_kv:
         raise ValueError(f"skip={skip!r} needs the per-loop cache (kv='per_loop'); a shared-KV cache takes skip='shared'")

@@ -473,6 +473,49 @@ def other_table(others: list[dict]) -> list[str]:
     return out
 
 
+def bandwidth_table(others: list[dict]) -> list[str]:
+    """benchmarks/test_bandwidth.py: batch-1 full-depth decode against the memory-bandwidth bound."""
+    runs = [b["extra_info"]["bandwidth"] for b in others if "bandwidth" in (b.get("extra_info") or {})]
+    if not runs:
+        return []
+    out = [
+        f"CPU bf16: {runs[0]['cpu_bf16']}. Load average (1/5/15 min) before and after each model: "
+        + "; ".join(f"`{r['model']}` " + " -> ".join("/".join(f"{x:.1f}" for x in la) for la in r["load_average"]) for r in runs) + ".",
+        "",
+        "| model | dtype (loader default) | threads | bytes/token: weights/loop x loops + head + KV | matvec GB/s | bound tok/s | decode tok/s | of bound | bf16 / f32 | = f32 tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        for x in r["results"]:
+            b = x["bytes"]
+            default = " (default)" if x["dtype"] == r["default_dtype"] else ""
+            out.append(
+                f"| {r['model']} | {x['dtype']}{default} | {x['threads']} | {b['weights_per_loop'] / 1e6:,.1f} MB x {b['loops']} + "
+                f"{b['head'] / 1e6:,.1f} MB + {b['kv'] / 1e6:,.2f} MB = {b['total'] / 1e6:,.1f} MB | {x['matvec_gb_s']:.1f} | "
+                f"{x['bound_tokens_per_s']:.2f} | {x['decode_tokens_per_s']:.2f} | {100 * x['fraction_of_bound']:.0f}% | "
+                f"{_fmt(x.get('speedup_over_float32'))} | {_fmt(100 * x['token_agreement_with_float32'] if 'token_agreement_with_float32' in x else None, 0, '%')} |"
+            )
+    out += [
+        "",
+        "Bytes per decode step: every layer weight, the final norm and the exit gate once per loop, the LM head and one "
+        "embedding row once, and the K/V of every (loop, layer) up to the step's position (mean over the steps). "
+        "*matvec GB/s*: best of the rounds' `F.linear` of one row over a 256 MiB weight of that dtype, with that many threads, "
+        "measured right before each decode call; *bound* = matvec rate / bytes per step; *decode tok/s*: best round of a "
+        "greedy `Engine.generate(mode=\"full\")` call, batch 1, tokens after the first / their step latencies; "
+        "*of bound* = decode / bound. Rounds alternate the dtypes and thread counts.",
+        "",
+    ]
+    for r in runs:
+        a = r.get("acceptance")
+        if a:
+            out.append(
+                f"- **Acceptance** (`{r['model']}`, {a['threads']} threads): float32 at {100 * a['float32_fraction']:.0f}% of its bound, "
+                f"bf16 at {100 * a['bfloat16_fraction']:.0f}%, bf16 {a['bf16_speedup']:.2f}x float32 tokens/s "
+                f"(targets >= 75%, >= 75%, >= 1.4x): {'met' if a['met'] else 'NOT met'}."
+            )
+    return out + [""]
+
+
 def not_passed(outcomes: list[dict]) -> list[str]:
     """Skipped and failed tests, grouped by file and reason."""
     groups = defaultdict(list)
@@ -556,7 +599,10 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         + "; *= full* = fraction of tokens equal to full-depth greedy output.",
         "",
     ]
-    other = other_table(others)
+    bandwidth = bandwidth_table(others)
+    if bandwidth:
+        lines += ["### Bandwidth bound of batch-1 decoding (`test_bandwidth.py`)", ""] + bandwidth
+    other = other_table([b for b in others if "bandwidth" not in (b.get("extra_info") or {})])
     if other:
         lines += ["### Other benchmarks in this run", ""] + other
     bad = not_passed(outcomes)
@@ -583,6 +629,11 @@ def render(paths: list[Path] | None = None, out: Path | None = None) -> Path:
         lines.append("not measured: no results JSON (run `python -m benchmarks`).")
     for p in paths:
         lines += section(Path(p), load(p), out.parent)
+    gpu_json = HERE / "results-gpu.json"  # python -m benchmarks.gpu on a lent GPU
+    if gpu_json.is_file():
+        from .gpu import render_section
+
+        lines += render_section(load(gpu_json))
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out
 

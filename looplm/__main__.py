@@ -119,8 +119,8 @@ def _main(argv: list[str] | None) -> int:
         if not args.no_warmup:  # the first call pays one-time costs (allocation, kernel selection)
             engine.generate(args.prompt, max_new_tokens=2, **request)
         result = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens, **request)
-    except (ValueError, TypeError, OSError) as e:  # TypeError: an option the mode's decoder does not take
-        raise UsageError(_one_line(e, args.mode)) from None
+    except (ValueError, OSError) as e:
+        raise UsageError(_one_line(e)) from None
     print(args.prompt + result.text)
     print()
     print(f"{'#':>4}  {'loops':>5}  {'exit':>4}  {'ms':>7}  token")
@@ -131,8 +131,12 @@ def _main(argv: list[str] | None) -> int:
 
     timing = "includes the first call's warm-up" if args.no_warmup else "after a warm-up call"
     threads = torch.get_num_threads()
-    print(f"\n{s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s ({timing}; {threads} torch thread{'s' * (threads > 1)}), mean loops {s['mean_loops']:.2f} of "
-          f"{engine.config.total_ut_steps}, finish: {result.finish_reason}")
+    T = engine.config.total_ut_steps
+    # exit loop: the loop whose head chose a token; loops computed: every loop run per token, prefill
+    # included (anytime's skip="exact" finishes skipped loops later, so it can exceed the exit loop)
+    print(f"\n{s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s ({timing}; {threads} torch thread{'s' * (threads > 1)}), "
+          f"mean exit loop {s['mean_exit_loop']:.2f} of {T}, loops computed per token {s['loops_computed_per_token']:.2f}, "
+          f"finish: {result.finish_reason}")
     if "token_acceptance" in s:  # speculative: how often a loop-k draft passed full-depth verification
         how = "pipelined" if s.get("pipeline") else f"draft length {s['draft_len']}"
         how += {"map": ", fitted draft map", "extrapolate": f", extrapolated c={s.get('extrapolate', 0):g}"}.get(s.get("draft"), "")
@@ -141,13 +145,9 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def _one_line(e: Exception, mode: str) -> str:
-    """The exception's message on one line; a decoder's keyword TypeError names the option and mode."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, TypeError) and "unexpected keyword argument" in text:
-        # "decode() got an unexpected keyword argument 'foo'": the user passed -o foo=...
-        return f"mode {mode!r} has no option {text.split('unexpected keyword argument', 1)[1].strip()}"
-    return text
+def _one_line(e: Exception) -> str:
+    """The exception's message on one line."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 from . import checkpoint, validate
 from .config import LoopConfig
 from .decoding import MODES, DecodeRequest, Step, resolve_mode
+from .fuse import fuse_if_large
 from .paged import check_kv_mode
 from .model import LoopLM
 from .sampling import SamplingParams
@@ -45,8 +46,9 @@ class Engine:
         """engine_options: the scheduler's (cache_bytes, block_size, max_running; looplm.scheduler.Scheduler)."""
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.generation_config = generation_config or {}
-        self.engine_options = engine_options
-        self._scheduler = None
+        from .scheduler import Scheduler
+
+        self.scheduler = Scheduler(model, **engine_options)  # checks the options now; allocates caches when first used
 
     @property
     def config(self) -> LoopConfig:
@@ -124,14 +126,6 @@ class Engine:
         return self.scheduler.usage()
 
     # -- internals ---------------------------------------------------------------------------
-    @property
-    def scheduler(self):
-        if self._scheduler is None:
-            from .scheduler import Scheduler
-
-            self._scheduler = Scheduler(self.model, **self.engine_options)
-        return self._scheduler
-
     @staticmethod
     def _is_batch(prompt) -> bool:
         return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
@@ -194,13 +188,18 @@ class Engine:
 
         decoder_fn = resolve_mode(mode)
         given = dict(kwargs)
-        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, {**self.mode_defaults(mode), **kwargs}, index)
+        defaults = self.mode_defaults(mode)
+        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, {**defaults, **kwargs}, index)
+        req.recommended = frozenset(k for k in defaults if k not in kwargs)
         check_mode_options(mode, decoder_fn, options, given)
         decoder = decoder_fn(self.model, req, **options)
         gen = Generation(prompt_tokens=req.prompts[0])
         detok = IncrementalText(self.tokenizer.decode) if self.tokenizer is not None else None
         request = Request(req, decoder, mode, stop_ids, stop_strs, detok, gen)
-        request.pending = next(decoder)  # validates the decoder's options here, in the caller's thread
+        try:  # runs the decoder to its first item: its options are checked here, in the caller's thread
+            request.first = next(decoder)
+        except StopIteration:
+            request.first = None
         self.scheduler.submit(request)
         return Stream(self.scheduler, request)
 
@@ -294,17 +293,23 @@ def _mode_params(mode: str) -> set[str]:
     return set(list(inspect.signature(resolve_mode(mode)).parameters)[2:])
 
 
-def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None) -> Engine:
+def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None, **engine_options) -> Engine:
     """Loads an Ouro checkpoint directory (None: the bundled default model) into an Engine.
 
     Args:
         path: the checkpoint directory; None loads looplm/default_model.
-        dtype: "float32", "bfloat16", "float16" or a torch dtype (default: float32 on the CPU,
-            the config's torch_dtype elsewhere).
+        dtype: "float32", "bfloat16", "float16" or a torch dtype (default:
+            `looplm.dtypes.default_dtype`: the config's torch_dtype on a GPU; on the CPU bfloat16
+            only for a large bf16 checkpoint on a CPU with native bf16, else float32).
         device: a torch device ("cpu", "cuda", "cuda:1"); a ValueError when torch cannot use it.
         threads: torch intra-op threads, set process-wide (`torch.set_num_threads`). None takes
             $LOOPLM_THREADS, else one thread per 64 MiB of weights up to the available cores
             (looplm.threads: a model as small as the bundled one gets 1).
+        **engine_options: the engine's scheduler (looplm.scheduler.Scheduler): cache_bytes,
+            block_size, max_running, max_step_tokens, prefill_chunk.
+
+    Models of more than 256 MiB of bf16 weights get fused q/k/v and gate/up projections
+    (`looplm.fuse`; the state dict is unchanged).
     """
     if path is None:
         path = DEFAULT_MODEL
@@ -314,7 +319,7 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, threads: in
         check_threads(threads)  # a bad value fails before the weights are read
     model, tokenizer, gen_cfg = checkpoint.load_pretrained(path, dtype=dtype, device=device)
     apply_threads(model, threads)
-    return Engine(model, tokenizer, gen_cfg, Path(path))
+    return Engine(fuse_if_large(model), tokenizer, gen_cfg, Path(path), **engine_options)
 
 
 def save(engine: Engine, path: str | Path, **kwargs) -> None:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import LoopConfig, resolve_dtype
+from .dtypes import default_dtype
 from .model import LoopLM
 from .tokenizer import Tokenizer
 
@@ -81,13 +82,14 @@ def load_model(path: str | Path, *, dtype=None, device=None) -> LoopLM:
     """Builds the model on the meta device and assigns tensors read from the safetensors files.
 
     Every name and shape is checked before anything is assigned, so a bad checkpoint raises
-    without leaving a half-loaded model. dtype defaults to float32 on the CPU and to the
-    config's torch_dtype elsewhere.
+    without leaving a half-loaded model. dtype defaults to `looplm.dtypes.default_dtype`: the
+    config's torch_dtype on a GPU; on the CPU bfloat16 where the config says so and the CPU
+    computes it natively for a model too large for its caches, float32 otherwise.
     """
     path = Path(path)
     cfg = read_config(path)
     device = check_device(device)
-    dtype = resolve_dtype(dtype, torch.float32 if device.type == "cpu" else resolve_dtype(cfg.torch_dtype))
+    dtype = resolve_dtype(dtype, default_dtype(cfg, device))
     with torch.device("meta"):
         model = LoopLM(cfg)
     want = expected_shapes(model)

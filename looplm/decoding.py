@@ -55,6 +55,8 @@ class DecodeRequest:
     done: list[bool]
     stats: dict = field(default_factory=dict)  # decoders add their statistics here
     kv: str = "per_loop"  # the KV mode of the request's cache (looplm.paged)
+    timed: bool = False  # the decoder keeps a time budget: the scheduler runs its work first in a step
+    recommended: frozenset = frozenset()  # option names whose values are the checkpoint's recommendation, not the caller's
 
     @property
     def batch_size(self) -> int:

@@ -54,8 +54,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        # (2I, H) [gate; up] in one matrix, set by looplm.fuse (not saved: the checkpoint keeps its names)
+        self.register_buffer("gate_up", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:  # one matrix-vector product instead of two
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -71,13 +76,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # ((nh + 2 nkv) hd, H) [q; k; v] in one matrix, set by looplm.fuse (not saved)
+        self.register_buffer("qkv", None, persistent=False)
 
     def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, S, H) -> q (B, nh, S, hd), k and v (B, nkv, S, hd), RoPE applied to q and k."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
-        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
-        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv is not None:  # one matrix-vector product instead of three
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            q, k, v = F.linear(x, self.qkv).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
+        k = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+        v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, out: torch.Tensor) -> torch.Tensor:

@@ -188,11 +188,29 @@ class PagedKVCache:
             kl[s, :, flat[0]] = k[0].to(kl.dtype)
             vl[s, :, flat[0]] = v[0].to(vl.dtype)
             return
+        d = self._diagonal(loops, flat)
+        if d is not None:  # token j at loop loops[0] + j*d, position flat[0] - j: one strided copy each
+            for src, dst in ((k, self.k), (v, self.v)):
+                st = dst.stride()
+                view = dst.as_strided((len(flat),) + src.shape[1:], (d * st[0] - st[3], st[2], st[4]),
+                                      dst.storage_offset() + loops[0] * st[0] + layer * st[1] + flat[0] * st[3])
+                view.copy_(src)
+            return
         lo, fl = index if index is not None else (torch.tensor(loops, device=k.device), torch.tensor(flat, device=k.device))
         if self.slots == 1:
             lo = torch.zeros_like(lo)
         kl[lo, :, fl] = k.to(kl.dtype)
         vl[lo, :, fl] = v.to(vl.dtype)
+
+    def _diagonal(self, loops: list[int], flat: list[int]) -> int | None:
+        """The loop step d when token j sits at loop loops[0] + j*d > previous and flat position
+        flat[0] - j (a pipelined sequence's tokens, newest first), on a per-loop cache; else None."""
+        if self.slots == 1 or len(flat) < 2:
+            return None
+        d = loops[1] - loops[0]
+        if d <= 0 or any(loops[j] != loops[0] + j * d or flat[j] != flat[0] - j for j in range(len(flat))):
+            return None
+        return d
 
     def _accumulate(self, layer, loops, flat, k, v, index) -> None:
         """Running mean over the loops a position computed ("mean" mode); loops count from 0, so a
@@ -229,10 +247,14 @@ class PagedKVCache:
         idx = self.flat_index([table], n, self.k.device)[0]
         return self.k[:, :, :, idx], self.v[:, :, :, idx]
 
-    def read_view(self, loop: int, layer: int, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot `loop` of `layer` for n storage-contiguous positions: views (1, Hkv, n, D)."""
-        s = self.slot(loop)
-        return self.k[s, layer, :, first : first + n][None], self.v[s, layer, :, first : first + n][None]
+    def read_strided(self, first_loop: int, step: int, n: int, layer: int, first: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots first_loop, first_loop + step, ... (n of them) of `layer` over ctx storage-contiguous
+        positions from `first`: views (n, Hkv, ctx, D) (a shared cache expands its one slot)."""
+        if self.slots == 1:
+            k, v = self.k[0, layer, :, first : first + ctx][None], self.v[0, layer, :, first : first + ctx][None]
+            return k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
+        loops = slice(first_loop, first_loop + step * (n - 1) + 1, step)
+        return self.k[loops, layer, :, first : first + ctx], self.v[loops, layer, :, first : first + ctx]
 
     def gather(self, loops: torch.Tensor, layer: int, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots loops (G,) of `layer` at flat positions (G, n): (G, Hkv, n, D) each."""

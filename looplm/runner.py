@@ -44,17 +44,27 @@ class _Batch:
         self.n = max(sizes)
         self.ctx = max(g.ctx for g in groups)
         self.loops = torch.tensor([g.loop for g in groups], device=device)
-        self.view = cache.flat_range(groups[0].table, self.ctx) if len(groups) == 1 else None
+        self.view = None  # (first flat position, first loop, loop step) when every group reads one contiguous range
+        tables = {id(g.table) for g in groups}
+        loops = [g.loop for g in groups]
+        d = loops[1] - loops[0] if len(loops) > 1 else 1
+        if len(tables) == 1 and loops == [loops[0] + j * d for j in range(len(loops))] and (d > 0 or len(loops) == 1):
+            rng = cache.flat_range(groups[0].table, self.ctx)
+            if rng is not None:  # one sequence's tokens at evenly spaced loops (the pipeline): a strided view
+                self.view = (rng[0], loops[0], d)
         self.flat = cache.flat_index([g.table for g in groups], self.ctx, device) if self.view is None else None
         self.k_pos = torch.arange(self.ctx, device=device).expand(len(groups), -1)
         tok = [t for g in groups for t in range(g.tokens.start, g.tokens.stop)]
         self.tok = torch.tensor(tok, device=device)
         # slot of each token in the padded (G * n) query layout; padded slots query position 0
-        self.slot = torch.tensor([gi * self.n + j for gi, sz in enumerate(sizes) for j in range(sz)], device=device)
-        q_pos = torch.zeros(len(groups) * self.n, dtype=torch.long, device=device)
-        q_pos[self.slot] = pos_t[self.tok]
-        self.q_pos = q_pos.view(len(groups), self.n)
         self.dense = self.n == 1  # one query per group: no padding
+        if self.dense:
+            self.q_pos = pos_t[self.tok][:, None]
+        else:
+            self.slot = torch.tensor([gi * self.n + j for gi, sz in enumerate(sizes) for j in range(sz)], device=device)
+            q_pos = torch.zeros(len(groups) * self.n, dtype=torch.long, device=device)
+            q_pos[self.slot] = pos_t[self.tok]
+            self.q_pos = q_pos.view(len(groups), self.n)
         self.contiguous = tok == list(range(tok[0], tok[0] + len(tok))) if tok else False
 
     def running(self, n_tokens: int) -> int:
@@ -141,7 +151,8 @@ class _Attend:
     def _batch(self, b: _Batch, q, layer: int, G: int, *, whole: bool = False, out=None):
         cache, i = self.plan.cache, self.step
         if b.view is not None:
-            kk, vv = cache.read_view(b.groups[0].loop + i, layer, b.view[0], b.ctx)
+            first, lo, d = b.view
+            kk, vv = cache.read_strided(lo + i, d, G, layer, first, b.ctx)
         else:
             kk, vv = cache.gather(b.loops[:G] + i, layer, b.flat[:G])
         ntok = sum(g.tokens.stop - g.tokens.start for g in b.groups[:G]) if G < len(b.groups) else b.tok.numel()
@@ -277,11 +288,20 @@ class Runner:
         m = self.model
         outs: list[LoopOutput] = []
         heads: list[tuple[int, torch.Tensor]] = []  # (item, selected last-loop states) for one batched head call
+        # every loop's states in one (loops, N, H) tensor: a Forward's outputs are views of it
+        steps, N, H = len(hiddens), plan.n_tokens, hiddens[0].shape[-1]
+        if all(x.shape[0] == N for x in hiddens):
+            all_h, all_g = torch.stack(hiddens), torch.stack(gates)
+        else:
+            all_h, all_g = hiddens[0].new_zeros(steps, N, H), gates[0].new_zeros(steps, N)
+            for i, (x, g) in enumerate(zip(hiddens, gates)):
+                all_h[i, : x.shape[0]] = x
+                all_g[i, : g.shape[0]] = g
         for idx, ((_, fwd), (B, S)) in enumerate(zip(items, shapes)):
             sp = plan.spans[idx]
             n = fwd.num_loops
-            hid = torch.stack([hiddens[i][sp] for i in range(n)]).view(n, B, S, -1)
-            gat = torch.stack([gates[i][sp] for i in range(n)]).view(n, B, S)
+            hid = all_h[:n, sp].view(n, B, S, H)
+            gat = all_g[:n, sp].view(n, B, S)
             outs.append(LoopOutput(hid, gat, None))
             if fwd.logits is not None:
                 if fwd.logits_loops == "all":

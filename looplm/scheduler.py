@@ -45,14 +45,19 @@ class Request:
     generation: object  # looplm.api.Generation
     id: int = 0
     out: queue.Queue = field(default_factory=queue.Queue)
+    first: object = None  # the decoder's first item (taken when submitted: a Forward, a Step, or None)
     pending: Forward | None = None  # the Forward its decoder waits on
     cancelled: bool = False
     finished: bool = False
     started: float = field(default_factory=time.perf_counter)
+    chunks: list[tuple[int, int]] | None = None  # a long prompt's chunks (positions [a, b)), while it runs in pieces
+    chunk_outs: list | None = None
+    slices: list | None = None  # outputs of the single-loop pieces of its pending Forward so far
     token_loops: int = 0  # (position, loop) pairs its Forwards ran, prefill included
     prefill_loops: int = 0
     weight_passes: int = 0  # loops of every Forward it ran (each one pass over the weights)
     forwards: int = 0
+    runner_steps: int = 0  # engine steps it took part in (a chunked or loop-sliced Forward takes several)
 
     @property
     def positions(self) -> int:
@@ -70,12 +75,18 @@ class Scheduler:
             more positions than the whole cache holds is refused when submitted.
         block_size: positions per block.
         max_running: requests decoding at once; more wait in the queue.
+        max_step_tokens: positions one engine step runs (at least one request's Forward runs);
+            the Forwards of other requests wait for the next step.
+        prefill_chunk: a prompt longer than this (on the exact per-loop cache) joins in chunks of
+            this many positions, one per step, so that running requests keep decoding meanwhile.
     """
 
     def __init__(self, model: LoopLM, *, cache_bytes: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 max_running: int = 256):
-        if max_running < 1:
-            raise ValueError(f"max_running must be >= 1, got {max_running}")
+                 max_running: int = 256, max_step_tokens: int = 1024, prefill_chunk: int = 256):
+        for name, value in (("max_running", max_running), ("max_step_tokens", max_step_tokens), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.max_step_tokens, self.prefill_chunk = max_step_tokens, prefill_chunk
         self.model = model
         if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 1):
             raise ValueError(f"cache_bytes must be a positive integer, got {cache_bytes!r}")
@@ -88,6 +99,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._atexit = False
+        self._slice = False
 
     # -- caches ---------------------------------------------------------------------------------
     def num_blocks(self, kv: str) -> int:
@@ -115,7 +127,7 @@ class Scheduler:
 
     # -- submission -----------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        """Queues a request whose decoder has already yielded its first Forward (its prefill)."""
+        """Queues a request whose decoder has already yielded its first item (`request.first`)."""
         blocks = -(-request.positions // self.block_size)
         total = self.num_blocks(request.req.kv)
         if blocks > total:
@@ -175,36 +187,126 @@ class Scheduler:
             self.waiting.popleft()
             pool.admit(r.id, r.positions)
             self.running.append(r)
+            self._start(r)
+
+    def _start(self, r: Request) -> None:
+        """Hands the decoder's first item on: a Forward waits for the next step, a Step is emitted."""
+        first, r.first = r.first, None
+        if isinstance(first, Forward):
+            r.pending = first
+        elif first is None:
+            self._finish(r, None)
+        else:
+            self._emit(r, first)
+            self._advance(r, None)
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One engine step: advance every running decoder to its next Forward, run them all."""
+        """One engine step: advance every running decoder to its next Forward; run, in one runner
+        step per KV mode, the Forwards that fit the step's token budget (requests with a time
+        budget first, then in order of arrival); the others wait for the next step."""
         for r in list(self.running):
             if r.cancelled:
                 self._finish(r, None)
             elif r.pending is None:
                 self._advance(r, None)
-        by_kv: dict[str, list[Request]] = {}
-        for r in self.running:
-            by_kv.setdefault(r.req.kv, []).append(r)
-        for kv, reqs in by_kv.items():
+        order = sorted(self.running, key=lambda r: (not r.req.timed, r.id))
+        self._slice = order and order[0].req.timed  # a request keeps a time budget: one loop per step for all
+        chosen: dict[str, list[tuple[Request, Forward]]] = {}
+        tokens = 0
+        for r in order:
+            fwd = self._next_piece(r)
+            n = fwd.inputs.shape[0] * fwd.inputs.shape[1]
+            if tokens and tokens + n > self.max_step_tokens:
+                continue
+            tokens += n
+            chosen.setdefault(r.req.kv, []).append((r, fwd))
+        for kv, pairs in chosen.items():
             runner = self.runner(kv)
             pool = runner.cache.pool
-            items = []
-            for r in reqs:
-                fwd = r.pending
-                fwd.pos = torch.as_tensor(fwd.pos, device=runner.cache.k.device)
-                items.append((pool.ensure(r.id, int(fwd.pos.max()) + 1), fwd))
+            items = [(pool.ensure(r.id, int(fwd.pos.max()) + 1), fwd) for r, fwd in pairs]
             outs = runner.run(items)
-            for r, (_, fwd), out in zip(reqs, items, outs):
+            for (r, fwd), out in zip(pairs, outs):
                 n = fwd.inputs.shape[0] * fwd.inputs.shape[1] * fwd.num_loops
                 r.token_loops += n
                 if r.forwards == 0:
-                    r.prefill_loops = n
+                    r.prefill_loops += n
                 r.weight_passes += fwd.num_loops
-                r.forwards += 1
-                r.pending = None
-                self._advance(r, out)
+                r.runner_steps += 1
+                out = self._collect(r, fwd, out)
+                if out is not None:
+                    r.forwards += 1
+                    r.pending = None
+                    self._advance(r, out)
+
+    def _next_piece(self, r: Request) -> Forward:
+        """The Forward r runs next: its pending Forward, the next chunk of a long prompt, or, while
+        a request with a time budget runs, the next single loop of a many-loop Forward."""
+        fwd = r.pending
+        if r.slices is not None:
+            return self._loop_piece(r)
+        if r.chunks is None:
+            fwd.pos = torch.as_tensor(fwd.pos, device=self.model.lm_head.weight.device)
+            S = fwd.inputs.shape[1]
+            if self._slice and fwd.inputs.shape[0] * S <= self.model.num_loops and self._loops(fwd) > 1:
+                r.slices = []
+                return self._loop_piece(r)
+            if S <= self.prefill_chunk or not self._chunkable(r, fwd):
+                return fwd
+            r.chunks = [(a, min(a + self.prefill_chunk, S)) for a in range(0, S, self.prefill_chunk)]
+            r.chunk_outs = []
+        a, b = r.chunks[len(r.chunk_outs)]
+        last = b == fwd.inputs.shape[1]
+        logits = fwd.logits if last or fwd.logits == "all" else None
+        return Forward(fwd.inputs[:, a:b], fwd.pos[:, a:b], logits=logits, logits_loops=fwd.logits_loops)
+
+    def _chunkable(self, r: Request, fwd: Forward) -> bool:
+        """A whole-depth prompt Forward on the exact cache: its chunks compute the same K/V (a
+        chunk attends to the earlier chunks' per-loop K/V). Shared-KV caches are not chunked:
+        their prefill attends with per-loop K/V only within one step."""
+        return (r.req.kv == "per_loop" and fwd.inputs.dtype in (torch.int32, torch.int64) and fwd.inputs.shape[0] == 1
+                and isinstance(fwd.start_loop, int) and fwd.start_loop == 0
+                and fwd.num_loops in (None, self.model.num_loops) and not fwd.copy_slots
+                and fwd.logits in (None, "last", "all"))
+
+    def _loops(self, fwd: Forward) -> int:
+        if fwd.num_loops is not None:
+            return fwd.num_loops
+        return self.model.num_loops - (fwd.start_loop if isinstance(fwd.start_loop, int) else 0)
+
+    def _loop_piece(self, r: Request) -> Forward:
+        """Loop i of r's pending Forward as a Forward of its own (exact: a loop range resumes from
+        the saved state of the loop before it)."""
+        fwd, i = r.pending, len(r.slices)
+        n = self._loops(fwd)
+        last = i == n - 1
+        inputs = fwd.inputs if i == 0 else r.slices[-1].hidden[-1]
+        logits = fwd.logits if last or fwd.logits_loops == "all" else None
+        return Forward(inputs, fwd.pos, start_loop=fwd.start_loop + i, num_loops=1, logits=logits,
+                       copy_slots=fwd.copy_slots if i == 0 else [])
+
+    def _collect(self, r: Request, piece: Forward, out):
+        """The output to hand r's decoder, or None while chunks of its prompt (or loops of its
+        Forward) remain."""
+        if r.slices is not None:
+            r.slices.append(out)
+            if len(r.slices) < self._loops(r.pending):
+                return None
+            outs, r.slices = r.slices, None
+            logits = torch.cat([o.logits for o in outs]) if r.pending.logits_loops == "all" else outs[-1].logits
+            r.pending.num_loops = len(outs)
+            return type(out)(torch.cat([o.hidden for o in outs]), torch.cat([o.gates for o in outs]), logits)
+        if r.chunks is None:
+            return out
+        r.chunk_outs.append(out)
+        if len(r.chunk_outs) < len(r.chunks):
+            return None
+        outs, r.chunks, r.chunk_outs = r.chunk_outs, None, None
+        hidden = torch.cat([o.hidden for o in outs], 2)
+        gates = torch.cat([o.gates for o in outs], 2)
+        logits = outs[-1].logits if r.pending.logits != "all" else torch.cat([o.logits for o in outs], 2)
+        r.pending.num_loops = self.model.num_loops
+        return type(out)(hidden, gates, logits)
 
     def _advance(self, r: Request, value) -> None:
         """Resumes r's decoder with `value` until it yields a Forward or ends."""
@@ -282,6 +384,7 @@ def _stats(r: Request, T: int) -> dict:
         # loops of every forward the request took part in (prefill included) per new token
         weight_passes_per_token=r.weight_passes / n if n else 0.0,
         forwards=r.forwards,
+        runner_steps=r.runner_steps,
         token_loops=r.token_loops,  # (position, loop) pairs of every Forward, prefill included
     )
     st["mean_loops"] = st["mean_exit_loop"]

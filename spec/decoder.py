@@ -3,9 +3,9 @@
 A round, per row, starting from the last emitted token x (which has no loops computed yet):
 
     draft   for i in 0..g-1: run token i of [x, d_1, .., d_{g-1}] through loops 1..k
-            (one forward_loops call per draft token); its loop-k head proposes d_{i+1}; its
+            (one Forward per draft token); its loop-k head proposes d_{i+1}; its
             loop-1..k K/V stay in the cache and its loop-k hidden state is kept.
-    verify  one forward_loops call over those g positions with start_loop=k: loops k+1..T from
+    verify  one Forward over those g positions with start_loop=k: loops k+1..T from
             the saved loop-k states, writing loops k+1..T of the cache. Its logits at position i
             are the exact full-depth next-token logits given the drafted prefix.
     accept  greedy prefix match or the Leviathan/Chen rule (spec.accept); a row emits its
@@ -23,12 +23,9 @@ one-position step; only a near-exact tie could flip an argmax, and the tests nev
 shared-KV cache (Engine.generate(kv="last" | "mean")) runs but is not lossless: drafted tokens
 read loop-k K/V where full depth reads the shared value; req.stats["exact_cache"] says which ran.
 
-Batches: rows draft and verify together with per-row positions; each row accepts its own number
-of tokens. A row drafts at most as many tokens as it may still emit, so its real positions stay
-below its cache length; the padded draft slots of a row that drafts fewer than the batch's g (and
-finished rows, which keep computing to keep shapes fixed) are written at positions clamped to
-cache.max_len - 1, a scratch position no real token ever occupies (the last new token of the
-longest row sits at max_len - 1 but is never fed back).
+One request is one sequence (row 0); the engine runs the Forwards of concurrent requests together.
+A request drafts at most as many tokens as it may still emit, so its positions stay within the
+cache positions it reserved (prompt plus new tokens).
 """
 
 from __future__ import annotations
@@ -110,7 +107,10 @@ def decode(
     if k < 2:
         extrapolate = 0.0  # loop 1 has no earlier loop to extrapolate from (stats say 0.0)
     p = model.lm_head.weight
-    dmap = resolve_draft_map(draft_map, model.config.hidden_size, k, p.dtype, p.device)
+    recommended = "draft_map" in req.recommended
+    dmap = resolve_draft_map(draft_map, model.config.hidden_size, k, p.dtype, p.device, recommended=recommended)
+    if draft_map is not None and dmap is None:  # the checkpoint's map has no map for this loop: said, not silent
+        req.stats["draft_map_unused"] = f"the checkpoint's recommended draft map has no map for draft_loop={k}"
     if dmap is not None:
         extrapolate = 0.0
     req.stats["draft"] = "map" if dmap is not None else "extrapolate" if extrapolate else "loop"
@@ -128,7 +128,7 @@ def decode(
     device = model.lm_head.weight.device
     steps_ar = torch.arange(schedule.max, device=device)
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
-    computed = 0  # (token, loop) pairs this request ran after prefill; per request, unlike model.token_loops
+    computed = 0  # (token, loop) pairs this request ran after prefill
     produced, pos = [0] * B, [len(p) for p in req.prompts]  # pos: position of the row's last token
     for row in range(B):
         if req.active(row, 0):

@@ -48,12 +48,16 @@ def draft_state(per_loop: torch.Tensor, extrapolate: float = 0.0, draft_map: "Dr
     return torch.lerp(per_loop[-2], per_loop[-1], 1.0 + extrapolate)  # h_{k-1} + (1 + c)(h_k - h_{k-1})
 
 
-def resolve_draft_map(draft_map, hidden_size: int, draft_loop: int, dtype, device) -> "DraftMap | None":
+def resolve_draft_map(draft_map, hidden_size: int, draft_loop: int, dtype, device, *,
+                      recommended: bool = False) -> "DraftMap | None":
     """A decoder's `draft_map` option (None, a DraftMap, or a path to a saved one) -> a checked
-    DraftMap in the model's dtype and device, or None when the map has no map for `draft_loop`
-    (like `extrapolate` at k = 1: a checkpoint's recommended loop-2 map does not stop a caller from
-    drafting at another loop; stats["draft"] says what drafted). A map for another hidden size,
-    an unreadable file or another type raise."""
+    DraftMap in the model's dtype and device.
+
+    A map without a map for `draft_loop` raises when the caller passed it; when it is only the
+    checkpoint's recommendation (`recommended`), it is not used and None is returned (a
+    checkpoint's loop-2 map does not stop a caller from drafting at another loop; the decoder
+    says so in its statistics). A map for another hidden size, an unreadable file or another
+    type raise."""
     if draft_map is None:
         return None
     if isinstance(draft_map, (str, Path)):
@@ -63,7 +67,10 @@ def resolve_draft_map(draft_map, hidden_size: int, draft_loop: int, dtype, devic
     if draft_map.hidden_size != hidden_size:
         raise ValueError(f"the draft map is for hidden size {draft_map.hidden_size}, the model has {hidden_size}")
     if draft_loop not in draft_map.loops:
-        return None
+        if recommended:
+            return None
+        raise ValueError(f"draft_map has maps for draft loops {sorted(draft_map.loops)}, not for draft_loop={draft_loop}; "
+                         "pass draft_map=None to draft without one")
     return draft_map.to(dtype=dtype, device=device)
 
 

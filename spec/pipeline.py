@@ -2,7 +2,7 @@
 
 With draft loop k dividing T, a token's T loops are split into D = T / k stages of k loops. Every
 call runs k loops over all tokens in flight, each at its own stage (rows at different loops, one
-`forward_loops` call, each row reading and writing its own loop's cache slots):
+Forward, each row reading and writing its own loop's cache slots):
 
     call c:   token n+D-1 at loops 1..k  |  ...  |  token n at loops T-k+1..T
 

@@ -34,7 +34,7 @@ def test_cli_with_tokenizer(tmp_path):
     assert run.returncode == 0, run.stderr
     rows = [line.split() for line in run.stdout.splitlines() if line[:4].strip().isdigit()]
     assert len(rows) >= 1 and all(r[1] == "3" for r in rows)  # every token used all 3 loops
-    assert "mean loops 3.00 of 3" in run.stdout
+    assert "mean exit loop 3.00 of 3, loops computed per token 3.00" in run.stdout
 
 
 def test_cli_speculative_reports_draft_acceptance(tmp_path, capsys):
@@ -48,16 +48,16 @@ def test_cli_speculative_reports_draft_acceptance(tmp_path, capsys):
     assert main(["generate", "one two", "--model", str(tmp_path / "m"), "--max-new-tokens", "8", "--mode", "speculative",
                  "-o", "draft_loop=2"]) == 0
     out = capsys.readouterr().out
-    assert "mean loops 4.00 of 4" in out
+    assert "mean exit loop 4.00 of 4" in out
     assert "drafts from loop 2 (pipelined):" in out and "% of tested drafts accepted" in out
 
 
 # -- user errors: one `error:` line, exit status 2, no traceback (issue #13 item 4) ---------------
 USER_ERRORS = [
-    (["-o", "foo=1"], "mode 'full' has no option 'foo'"),
-    (["-o", "draft_loop=2"], "mode 'full' has no option 'draft_loop'"),  # an option of another mode
-    (["--mode", "anytime", "-o", "draft_len=3"], "mode 'anytime' has no option 'draft_len'"),
-    (["--mode", "speculative", "-o", "exit=q_exit"], "mode 'speculative' has no option 'exit'"),
+    (["-o", "foo=1"], "unknown option 'foo' for mode 'full'"),
+    (["-o", "draft_loop=2"], "unknown option 'draft_loop' for mode 'full'; it is an option of mode 'speculative'"),
+    (["--mode", "anytime", "-o", "draft_len=3"], "unknown option 'draft_len' for mode 'anytime'; it is an option of mode 'speculative'"),
+    (["--mode", "speculative", "-o", "exit=q_exit"], "unknown option 'exit' for mode 'speculative'; it is an option of mode 'anytime'"),
     (["-o", "noequals"], "expected key=value, got 'noequals'"),
     (["-o", "temperature=1"], "temperature has its own flag: use --temperature"),
     (["--max-new-tokens", "abc"], "expected an integer >= 1, got 'abc'"),

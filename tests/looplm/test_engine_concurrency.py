@@ -143,3 +143,52 @@ def test_a_request_larger_than_the_cache_is_refused_at_submit_and_others_wait_fo
     assert [g.tokens for g in streams.generations] == alone
     assert max(peak) >= 1  # some request really waited for room
     assert engine.usage()["caches"]["per_loop"]["blocks_used"] == 0
+
+
+def test_long_prompts_join_in_chunks_and_decode_exactly():
+    model = tiny_model(loops=3, max_pos=96)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (50, 3, 23)]
+    whole = looplm.Engine(model, prefill_chunk=96)
+    chunked = looplm.Engine(model, prefill_chunk=8)
+    for mode, opts in [("full", {}), ("anytime", {"exit": "confidence", "threshold": 0.1}),
+                       ("speculative", {"draft_loop": 1, "draft_len": 2})]:
+        want = [g.tokens for g in whole.generate(prompts, max_new_tokens=10, stop=[], mode=mode, **opts)]
+        got = chunked.generate(prompts, max_new_tokens=10, stop=[], mode=mode, **opts)
+        assert [g.tokens for g in got] == want, mode
+        assert got[0].stats["weight_passes_per_token"] > got[1].stats["weight_passes_per_token"]  # 7 chunks of 3 loops
+
+
+def test_a_decoding_request_keeps_going_while_a_long_prompt_is_chunked():
+    model = tiny_model(loops=3, max_pos=200)
+    engine = looplm.Engine(model, prefill_chunk=4, max_step_tokens=5)
+    short = engine.stream([1, 2], max_new_tokens=30, stop=[])
+    first = next(short)  # running
+    runner = engine.scheduler.runner("per_loop")
+    before = runner.steps
+    long = engine.stream(torch.randint(0, 61, (120,)).tolist(), max_new_tokens=2, stop=[])
+    rest = [first] + list(short)
+    assert len(rest) == 30 and len(list(long)) == 2
+    # the 120-token prompt took 30 chunk steps; the short request decoded during them (a budget of 5
+    # positions fits one chunk of 4 and one decode row per step)
+    assert runner.steps - before < 30 + 29
+    assert [s.token for s in rest] == engine.generate([1, 2], max_new_tokens=30, stop=[]).tokens
+
+
+def test_a_timed_request_makes_every_step_one_loop_and_outputs_stay_exact():
+    """While a request keeps a time budget, many-loop Forwards run one loop per step (so the
+    timed request decides after every loop); resuming a loop range is exact, so nothing changes."""
+    model = tiny_model(loops=4, max_pos=64)
+    engine = looplm.Engine(model)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (5, 9, 2)]
+    modes = [("full", {}), ("speculative", {"draft_loop": 1, "draft_len": 2}), ("anytime", {"budget_loops": 3})]
+    alone = [engine.generate(p, max_new_tokens=12, stop=[], mode=m, **o).tokens for p, (m, o) in zip(prompts, modes)]
+    timed_alone = engine.generate([3, 4], max_new_tokens=12, stop=[], mode="anytime", budget_ms=1e6).tokens
+    runner = engine.scheduler.runner("per_loop")
+    steps = runner.steps
+    streams = [engine.stream(p, max_new_tokens=12, stop=[], mode=m, **o) for p, (m, o) in zip(prompts, modes)]
+    timed = engine.stream([3, 4], max_new_tokens=12, stop=[], mode="anytime", budget_ms=1e6)  # never binding
+    assert [[s.token for s in st] for st in streams] == alone
+    assert [s.token for s in timed] == timed_alone  # = full depth: the budget never binds
+    assert runner.steps - steps >= 4 * 11  # the timed request's 11 decode tokens took a step per loop
+    full = streams[0].generation.stats
+    assert full["forwards"] == 12 and full["runner_steps"] > full["forwards"]  # its 4-loop Forwards ran a loop per step

@@ -121,16 +121,25 @@ def test_bad_draft_map_options_fail_cleanly_and_leave_the_engine_usable():
 
 
 @pytest.mark.parametrize("k,c,drafted_by", [(1, 0.5, "loop"), (3, 0.5, "extrapolate"), (3, 0.0, "loop"), (2, 0.5, "map")])
-def test_a_map_without_the_draft_loop_is_not_used(k, c, drafted_by):
-    """Like extrapolate at k = 1: a (recommended) loop-2 map leaves drafting at other loops to the other options."""
+def test_a_recommended_map_without_the_draft_loop_is_not_used_and_says_so(tmp_path, k, c, drafted_by):
+    """Like extrapolate at k = 1: a checkpoint's loop-2 map leaves drafting at other loops to the other options."""
     model = spec_model(loops=4, max_pos=40)
-    engine = looplm.Engine(model)
+    random_map(model.config.hidden_size).save(tmp_path / "draft_map.safetensors")
+    engine = looplm.Engine(model, generation_config={"looplm": {"speculative": {"draft_map": "draft_map.safetensors"}}}, path=tmp_path)
     prompts = ragged_prompts(2, model.config.vocab_size, 1, 8)
     full = engine.generate(prompts, max_new_tokens=12, stop=[])
-    spec_ = engine.generate(prompts, max_new_tokens=12, stop=[], mode="speculative", draft_loop=k, extrapolate=c,
-                            draft_map=random_map(model.config.hidden_size))
+    spec_ = engine.generate(prompts, max_new_tokens=12, stop=[], mode="speculative", draft_loop=k, extrapolate=c)
     assert [s.tokens for s in spec_] == [f.tokens for f in full]
     assert spec_[0].stats["draft"] == drafted_by
+    assert ("draft_map_unused" in spec_[0].stats) == (k != 2)
+
+
+def test_a_callers_map_without_the_draft_loop_is_an_error():
+    model = spec_model(loops=4, max_pos=40)
+    engine = looplm.Engine(model)
+    with pytest.raises(ValueError, match=r"maps for draft loops \[2\], not for draft_loop=3"):
+        engine.generate([1, 2], max_new_tokens=4, mode="speculative", draft_loop=3, draft_map=random_map(model.config.hidden_size))
+    assert engine.generate([1, 2], max_new_tokens=4, stop=[]).tokens  # still usable
 
 
 def test_a_checkpoint_recommends_its_draft_map(tmp_path):
