@@ -54,7 +54,7 @@ class Ctx:
 def create_app(engine: Engine, *, model_name: str | None = None, max_running: int = 8, max_queue: int = 64,
                api_key: str | None = None, chat_template: str = "auto") -> FastAPI:
     """The server's app for `engine` (see `python -m looplm serve --help` for the options)."""
-    metrics = Metrics(engine.config.total_ut_steps)
+    metrics = Metrics(engine.config.total_ut_steps, usage=engine.usage)
     runner = Runner(engine, max_running, max_queue, metrics)
     template = template_for(engine, chat_template)
     model_id = model_name or fmt.model_id(engine)

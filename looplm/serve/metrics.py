@@ -17,8 +17,11 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, num_loops: int):
+    def __init__(self, num_loops: int, usage=None):
+        """usage: a callable returning `Engine.usage()` (the KV-block gauges read it when scraped)."""
         r = self.registry = CollectorRegistry()
+        if usage is not None:
+            r.register(_CacheCollector(usage))
         self.running = Gauge("looplm_requests_running", "Requests whose decode is running", registry=r)
         self.waiting = Gauge("looplm_requests_waiting", "Requests admitted and waiting for a running slot", registry=r)
         self.requests = Counter("looplm_requests", "Finished requests by endpoint and HTTP status", ["endpoint", "status"], registry=r)
@@ -77,6 +80,28 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CacheCollector:
+    """looplm_kv_blocks_used / _free / _total per KV mode, and the engine's own running/waiting
+    counts, read from `Engine.usage()` at scrape time."""
+
+    def __init__(self, usage):
+        self.usage = usage
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        u = self.usage()
+        fams = {name: GaugeMetricFamily(f"looplm_kv_blocks_{name}", f"KV cache blocks {name}, per KV mode", labels=["kv"])
+                for name in ("used", "free", "total")}
+        for kv, c in u["caches"].items():
+            fams["used"].add_metric([kv], c["blocks_used"])
+            fams["free"].add_metric([kv], c["blocks_total"] - c["blocks_used"])
+            fams["total"].add_metric([kv], c["blocks_total"])
+        yield from fams.values()
+        yield GaugeMetricFamily("looplm_engine_requests_running", "Requests the engine is decoding", value=u["running"])
+        yield GaugeMetricFamily("looplm_engine_requests_waiting", "Requests waiting for cache room in the engine", value=u["waiting"])
 
 
 def _ratio(a: float, b: float) -> float:

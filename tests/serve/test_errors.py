@@ -132,6 +132,10 @@ def test_disconnect_closes_the_stream_and_the_server_keeps_serving(engine, strea
                 httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)
         assert _wait_for(lambda: spy.closed == 1), "the request's stream was not closed"
         assert _wait_for(lambda: metric(url, "looplm_requests_running") == 0)
+        # the engine dropped the request and its KV blocks went back to the pool
+        assert _wait_for(lambda: metric(url, "looplm_engine_requests_running") == 0)
+        assert _wait_for(lambda: metric(url, "looplm_kv_blocks_used", {"kv": "per_loop"}) == 0)
+        assert metric(url, "looplm_kv_blocks_free", {"kv": "per_loop"}) == metric(url, "looplm_kv_blocks_total", {"kv": "per_loop"}) > 0
         assert 1 <= spy.steps[0] < max_tokens  # it stopped early
         r = client_for(url).completions.create(model=MODEL, prompt="Elizabeth", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens == 3 and _wait_for(lambda: spy.closed == 2)
