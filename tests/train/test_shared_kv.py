@@ -58,8 +58,10 @@ def test_shared_pass_reads_shared_kv_of_earlier_positions(kv):
     ids = torch.randint(0, VOCAB, (2, 12))
     logits, teacher = shared_kv_logits(model, ids, kv)
     decoded = teacher_forced_shared(model, ids, kv, prefill=11)
-    torch.testing.assert_close(logits[:, :, -1], decoded[:, :, -1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits[:, :, 0], teacher[:, :, 0], rtol=1e-5, atol=1e-5)
+    # different attention kernels (one masked call over 2S keys vs one call per position): float32
+    # rounding grows over the loops to ~2e-5 on logits of magnitude ~10; a wrong key set is >1e-2 off
+    torch.testing.assert_close(logits[:, :, -1], decoded[:, :, -1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[:, :, 0], teacher[:, :, 0], rtol=1e-4, atol=1e-4)
     assert (logits[1:, :, 1:] - teacher[1:, :, 1:]).abs().amax() > 1e-2
 
 
