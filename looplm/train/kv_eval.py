@@ -14,11 +14,13 @@ The per-loop cache's logits are the no-cache forward's (`model.loop_outputs`): t
 decoding with the per-loop cache computes the same attention.
 
 Usage: python -m looplm.train.kv_eval --checkpoint looplm/default_model --text data/ood_text.bin
+       python -m looplm.train.kv_eval --checkpoint data/<run>/ckpt.pt --text data/ood_text.bin   # a run in progress
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 
 from .objectives import per_loop_ce
 from .shared_kv import SHARED_MODES, teacher_forced_shared
-from .trainer import TokenData, load_model
+from .trainer import TokenData, TrainConfig, build_model, load_model
 
 
 @torch.no_grad()
@@ -74,9 +76,28 @@ def kv_eval(model, batches, prefill: int = 32, modes=SHARED_MODES, top_k: int = 
     return out
 
 
+def load_checkpoint(path: Path):
+    """The float32 model of a checkpoint directory, or of a training run's resumable `ckpt.pt`
+    (its weights on the architecture its saved train_config describes)."""
+    if path.is_dir():
+        return load_model(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory nor a training ckpt.pt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "train_config" not in ckpt:
+        raise ValueError(f"{path}: not a looplm.train checkpoint (expected the keys 'model' and 'train_config')")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in fields})
+    model = build_model(tc, ckpt["model"]["model.embed_tokens.weight"].shape[0])
+    model.load_state_dict(ckpt["model"])
+    print(f"{path}: step {ckpt['step']} of the run in {tc.out}", flush=True)
+    return model.float()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m looplm.train.kv_eval", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory the engine loads")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a checkpoint directory the engine loads, or a training run's ckpt.pt")
     p.add_argument("--text", type=Path, required=True, action="append",
                    help="uint16 token file (e.g. data/val_text.bin, data/ood_text.bin); repeat for several")
     p.add_argument("--windows", type=int, default=64, help="evenly spaced, non-overlapping windows per file")
@@ -90,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     if a.windows < 1 or a.batch_size < 1:
         raise ValueError(f"--windows {a.windows} and --batch-size {a.batch_size} must be >= 1")
-    model = load_model(a.checkpoint)
+    model = load_checkpoint(a.checkpoint)
     results = {}
     for path in a.text:
         if not path.is_file():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from looplm.train.kv_eval import kv_eval, main as kv_eval_main
+from looplm.train.kv_eval import kv_eval, load_checkpoint, main as kv_eval_main
 from looplm.train.objectives import teacher_kl_loss
 from looplm.train.trainer import TokenData, TrainConfig, load_model, train
 
@@ -107,5 +107,13 @@ def test_kv_eval_cli_on_a_checkpoint(data_dir, shared_run, tmp_path, capsys):
         assert r["tokens"] == 6 * 24 and r["kv_tokens"] == 6 * 16 and len(r["per_loop_ce"]) == 3
         assert 0.0 <= r["last_agree"] <= 1.0 and r["agree_loop1_T"] <= r["loopT_in_loop1_top4"]
     assert "kv='mean'" in capsys.readouterr().out
+    # a run's resumable ckpt.pt: its float32 weights, which the final checkpoint holds in bf16
+    ckpt = torch.load(final.parent / "ckpt.pt", weights_only=False)["model"]
+    model, shipped = load_checkpoint(final.parent / "ckpt.pt"), load_model(final)
+    for name, w in model.state_dict().items():
+        assert torch.equal(w, ckpt[name]) and torch.equal(w.bfloat16().float(), shipped.state_dict()[name])
+    with pytest.raises(ValueError, match="not a looplm.train checkpoint"):
+        torch.save({"weights": 1}, tmp_path / "other.pt")
+        kv_eval_main(["--checkpoint", str(tmp_path / "other.pt"), "--text", str(data_dir / "val.bin")])
     with pytest.raises(ValueError, match="prefill"):
         kv_eval_main(["--checkpoint", str(final), "--text", str(data_dir / "val.bin"), "--seq-len", "8", "--prefill", "8"])
