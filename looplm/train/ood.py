@@ -41,16 +41,25 @@ DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 Doc = tuple[str, str, str, str]  # (key, package, licence, text)
 
 
-def debian_licence(package: str) -> str:
-    """The licence names of /usr/share/doc/<package>/copyright's `License:` fields, joined; "unknown" without one."""
-    path = Path("/usr/share/doc") / package / "copyright"
+def debian_licence(package: str, root: Path = Path("/usr/share/doc")) -> str:
+    """The licence names of /usr/share/doc/<package>/copyright's `License:` fields, joined.
+
+    A copyright file without named licences (not in the machine-readable format) that carries the
+    MIT permission notice says "Expat"; any other says where to read it.
+    """
+    path = root / package / "copyright"
     if not path.is_file():
-        return "unknown"
+        return "unknown (no copyright file)"
+    text = path.read_text(encoding="utf-8", errors="replace")
     names = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         if line.startswith("License:") and line[8:].strip() and line[8:].strip() not in names:
             names.append(line[8:].strip())
-    return ", ".join(names) or "unknown"
+    if names:
+        return ", ".join(names)
+    if "Permission is hereby granted, free of charge" in text:
+        return "Expat"
+    return f"see {path}"
 
 
 def _package_files(package: str) -> list[Path]:

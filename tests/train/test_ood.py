@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from looplm.train.ood import build_ood, remove_overlap
+from looplm.train.ood import build_ood, debian_licence, remove_overlap
 
 TOKENIZER = Path(__file__).parents[2] / "looplm" / "default_model" / "tokenizer.json"
 SHARED_LINE = "    raise ValueError(f'could not parse {name!r}: {exc}')"
@@ -60,3 +60,18 @@ def test_build_rejects_a_kind_left_empty(tmp_path):
     kinds = {"code": [("py/d/d.py", "d", "Expat", SHARED_LINE)]}
     with pytest.raises(ValueError, match="'code' has no documents left"):
         build_ood(tmp_path, tok, _training(), kinds=kinds)
+
+
+def test_debian_licence_reads_the_copyright_file(tmp_path):
+    files = {
+        "dep5": "Files: *\nLicense: GPL-3+\n text\n\nFiles: doc/*\nLicense: GFDL-1.3\n\nLicense: GPL-3+\n text\n",
+        "mit": "Copyright (c) 2006 Someone\n\nLicense:\n\nPermission is hereby granted, free of charge, to any person\n",
+        "other": "Copyright 2001 Someone. All rights reserved.\n",
+    }
+    for package, text in files.items():
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "copyright").write_text(text)
+    assert debian_licence("dep5", tmp_path) == "GPL-3+, GFDL-1.3"
+    assert debian_licence("mit", tmp_path) == "Expat"
+    assert debian_licence("other", tmp_path) == f"see {tmp_path / 'other' / 'copyright'}"
+    assert debian_licence("absent", tmp_path) == "unknown (no copyright file)"
