@@ -112,18 +112,20 @@ def per_loop_kv(model: LoopLM, input_ids: torch.Tensor):
     return logits, ctx.kv
 
 
-def shared_kv_logits(model: LoopLM, input_ids: torch.Tensor, kv: SharedMode) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared-KV training pass: (logits (T, B, S, V) with gradients, per-loop logits (T, B, S, V) detached).
+def shared_kv_logits(model: LoopLM, input_ids: torch.Tensor, kv: SharedMode,
+                     teacher_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared-KV training pass: (logits (T, B, S, V) with gradients, per-loop logits (T, B, S, V)).
 
-    A no-grad per-loop pass gives every loop's K/V; the loss pass then runs all T loops where
-    query i attends to the detached shared K/V (`shared_value`) of positions j < i and to its own
-    loop's K/V. The per-loop logits come free with the first pass (e.g. as a teacher).
+    A per-loop pass gives every loop's K/V; the loss pass then runs all T loops where query i
+    attends to the detached shared K/V (`shared_value`) of positions j < i and to its own loop's
+    K/V. The per-loop logits come with the first pass (a teacher, or a second loss): without
+    gradients unless `teacher_grad`; the shared K/V are detached either way.
     """
-    with torch.no_grad():
+    with torch.set_grad_enabled(teacher_grad and torch.is_grad_enabled()):
         teacher, kvs = per_loop_kv(model, input_ids)
     T, L = model.num_loops, len(model.model.layers)
-    shared = {layer: (shared_value([kvs[(t, layer)][0] for t in range(T)], kv),
-                      shared_value([kvs[(t, layer)][1] for t in range(T)], kv)) for layer in range(L)}
+    shared = {layer: (shared_value([kvs[(t, layer)][0].detach() for t in range(T)], kv),
+                      shared_value([kvs[(t, layer)][1].detach() for t in range(T)], kv)) for layer in range(L)}
     B, S = input_ids.shape
     pos = torch.arange(S, device=input_ids.device).expand(B, S)
     _, logits = _run(model, model.embed(input_ids), pos, _SharedParallel(shared, S, input_ids.device))

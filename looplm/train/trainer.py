@@ -69,6 +69,7 @@ class TrainConfig:
     shared_kv_every: int = 0
     shared_kv_modes: str = "last,mean"
     shared_kv_kl: float = 0.0  # + this times the loop-weighted KL(per-loop pass || shared pass) on corpus rows
+    shared_kv_joint: bool = False  # shared-KV steps also take the per-loop pass's losses (it then runs with gradients)
     ood_val: str = ""  # a second held-out token file evaluated per loop at every evaluation (e.g. ood_text.bin)
     # optimisation
     seq_len: int = 256
@@ -178,42 +179,50 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
 
 def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str, loop_weights, beta: float,
                 task_rows: int = 0, task_weight: float = 1.0, task_loop_weights=None, distill_weights=None,
-                distill_scale: float = 1.0, shared_kv: str | None = None, shared_kl: float = 0.0):
+                distill_scale: float = 1.0, shared_kv: str | None = None, shared_kl: float = 0.0,
+                shared_joint: bool = False):
     """(loss, per-loop mean CE [T] of the corpus rows, per-loop answer CE [T] of the task rows or None).
 
     The last `task_rows` rows are task rows (targets IGNORE_INDEX except answers): their masked
     per-loop CE enters as a separate term, `task_weight` times the weighted mean over loops.
     `distill_weights` (T weights) adds `distill_scale` times the loop-distillation term on the corpus rows.
-    `shared_kv` ("last" or "mean") computes every loss on the shared-KV pass
-    (shared_kv.shared_kv_logits) and adds `shared_kl` times the loop-weighted KL from the per-loop
-    pass (detached) to it on the corpus rows.
+    `shared_kv` ("last" or "mean") computes these losses on the shared-KV pass
+    (shared_kv.shared_kv_logits; the returned CEs are its) and adds `shared_kl` times the
+    loop-weighted KL from the per-loop pass (detached) to it on the corpus rows; `shared_joint`
+    adds the same losses on that per-loop pass too (it then runs with gradients).
     """
     n = x.shape[0] - task_rows
+    gates, teacher = None, None
     if shared_kv is None:
         out = model.loop_outputs(x)
         logits, gates = out.logits, out.gates
     else:
-        logits, teacher = shared_kv_logits(model, x, shared_kv)
-        gates = None
-    ce = per_loop_ce(logits, y)
-    per_loop = ce[:, :n].detach().mean(dim=(1, 2))
-    if objective == "weighted":
-        loss, _ = weighted_per_loop_loss(ce[:, :n], loop_weights)
-    elif objective == "entropy":
-        if gates is None:
-            raise ValueError("the entropy objective needs the exit gates, which the shared-KV pass does not compute")
-        loss, _ = entropy_regularized_loss(ce[:, :n], gates[:, :n], beta)
-    else:
-        raise ValueError(f"unknown objective {objective!r}")
-    task_per_loop = None
-    if task_rows:
-        task_loss, task_per_loop = weighted_per_loop_loss(ce[:, n:], task_loop_weights or loop_weights, y[n:] != IGNORE_INDEX)
-        loss = loss + task_weight * task_loss
-    if distill_weights:
-        distill, _ = loop_distillation_loss(logits[:, :n], distill_weights)
-        loss = loss + distill_scale * distill
+        logits, teacher = shared_kv_logits(model, x, shared_kv, teacher_grad=shared_joint)
+
+    def task_loss(lg):
+        ce = per_loop_ce(lg, y)
+        if objective == "weighted":
+            loss, _ = weighted_per_loop_loss(ce[:, :n], loop_weights)
+        elif objective == "entropy":
+            if gates is None:
+                raise ValueError("the entropy objective needs the exit gates, which the shared-KV pass does not compute")
+            loss, _ = entropy_regularized_loss(ce[:, :n], gates[:, :n], beta)
+        else:
+            raise ValueError(f"unknown objective {objective!r}")
+        task_per_loop = None
+        if task_rows:
+            t_loss, task_per_loop = weighted_per_loop_loss(ce[:, n:], task_loop_weights or loop_weights, y[n:] != IGNORE_INDEX)
+            loss = loss + task_weight * t_loss
+        if distill_weights:
+            distill, _ = loop_distillation_loss(lg[:, :n], distill_weights)
+            loss = loss + distill_scale * distill
+        return loss, ce[:, :n].detach().mean(dim=(1, 2)), task_per_loop
+
+    loss, per_loop, task_per_loop = task_loss(logits)
+    if shared_kv is not None and shared_joint:
+        loss = loss + task_loss(teacher)[0]
     if shared_kv is not None and shared_kl:
-        kl, _ = teacher_kl_loss(logits[:, :n], teacher[:, :n], loop_weights)
+        kl, _ = teacher_kl_loss(logits[:, :n], teacher[:, :n].detach(), loop_weights)
         loss = loss + shared_kl * kl
     return loss, per_loop, task_per_loop
 
@@ -338,7 +347,8 @@ def train(tc: TrainConfig) -> Path:
             beta = tc.beta if progress < 0.5 else tc.beta_late
             loss, per_loop, task_per_loop = fwd(model, x, y, tc.objective, tuple(tc.loop_weights), beta,
                                                 tc.phop_rows, tc.phop_weight, tuple(tc.phop_loop_weights) or None,
-                                                tuple(tc.distill_weights) or None, tc.distill_scale, shared, tc.shared_kv_kl)
+                                                tuple(tc.distill_weights) or None, tc.distill_scale, shared, tc.shared_kv_kl,
+                                                tc.shared_kv_joint)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

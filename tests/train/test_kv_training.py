@@ -117,3 +117,33 @@ def test_kv_eval_cli_on_a_checkpoint(data_dir, shared_run, tmp_path, capsys):
         kv_eval_main(["--checkpoint", str(tmp_path / "other.pt"), "--text", str(data_dir / "val.bin")])
     with pytest.raises(ValueError, match="prefill"):
         kv_eval_main(["--checkpoint", str(final), "--text", str(data_dir / "val.bin"), "--seq-len", "8", "--prefill", "8"])
+
+
+def test_joint_shared_step_adds_the_per_loop_loss_of_the_same_batch():
+    from looplm.train.trainer import build_model, stage1_loss
+
+    model = build_model(TrainConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1, total_ut_steps=3, max_position_embeddings=64), VOCAB)
+    x, y = torch.randint(0, VOCAB, (4, 16)), torch.randint(0, VOCAB, (4, 16))
+    y[-1, :-1] = -100  # one task row, answer-only loss
+    args = (model, x, y, "weighted", (1.0, 2.0, 3.0), 0.1, 1, 2.0)
+    plain, plain_ce, _ = stage1_loss(*args)
+    shared, shared_ce, _ = stage1_loss(*args, shared_kv="mean", shared_kl=0.5)
+    joint, joint_ce, _ = stage1_loss(*args, shared_kv="mean", shared_kl=0.5, shared_joint=True)
+    torch.testing.assert_close(joint, shared + plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(joint_ce, shared_ce) and not torch.allclose(shared_ce, plain_ce)
+    model.zero_grad()
+    joint.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    (stage1_loss(*args, shared_kv="mean", shared_kl=0.5)[0] + stage1_loss(*args)[0]).backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_joint_shared_kv_steps_train(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path, shared_kv_every=2, shared_kv_joint=True, shared_kv_kl=1.0, steps=8, eval_every=1000))
+    steps = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"loss"' in line]
+    assert [r.get("kv") for r in steps] == [None, "last", None, "mean"] * 2
+    assert np.mean([r["loss"] for r in steps[-2:]]) < np.mean([r["loss"] for r in steps[:2]])
