@@ -1,7 +1,7 @@
 """Teacher-forced shared-KV and per-loop evaluation of any checkpoint on a token file.
 
 For windows of held-out text it prints:
-  * shared KV (`kv="last"` / `"mean"`, looplm.cache.SharedKVCache semantics through
+  * shared KV (`kv="last"` / `"mean"`, the engine's shared-KV decoding, through
     looplm.train.shared_kv.teacher_forced_shared): a prefill of --prefill tokens with per-loop
     K/V, then one token per call; the last loop's cross-entropy on the positions decoded one per
     call, against the per-loop cache's on the same positions, and the fraction of those positions

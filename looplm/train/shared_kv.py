@@ -1,6 +1,6 @@
 """Loop runners over the layer stack for shared-KV training and teacher-forced shared-KV evaluation.
 
-Decoding with a shared cache (`looplm.cache.SharedKVCache`, kv="last" or "mean") keeps one K/V per
+Decoding with shared KV (`Engine.generate(..., kv="last" or "mean")`) keeps one K/V per
 layer and position: a token decoded in its own call attends, at every loop t, to the shared K/V
 of the earlier positions (the last loop's, or the mean over loops) and to its own loop-t K/V. The
 per-loop cache instead gives loop t the loop-t K/V of every position. These runners reproduce that
@@ -38,7 +38,7 @@ def _check_mode(kv: str) -> None:
 
 def shared_value(per_loop: list[torch.Tensor], kv: SharedMode) -> torch.Tensor:
     """The one K (or V) a shared cache keeps for a position: the last loop's, or the float32 mean
-    over the loops cast back to their dtype (as SharedKVCache stores it).
+    over the loops cast back to their dtype (as the engine's shared cache stores it).
 
     Args:
         per_loop: T tensors (B, Hkv, S, D), loop 0 first.
@@ -48,7 +48,7 @@ def shared_value(per_loop: list[torch.Tensor], kv: SharedMode) -> torch.Tensor:
     _check_mode(kv)
     if kv == "last":
         return per_loop[-1]
-    # SharedKVCache's running mean (m_t = m_{t-1} + (x_t - m_{t-1}) / (t + 1)), in the same order
+    # the shared cache's running mean (m_t = m_{t-1} + (x_t - m_{t-1}) / (t + 1)), in the same order
     mean = per_loop[0].float()
     for t, x in enumerate(per_loop[1:], start=1):
         mean = mean + (x.float() - mean) / (t + 1)

@@ -1,5 +1,5 @@
 """Shared-KV training pass and the teacher-forced runner, against the model's own forward and the
-engine's shared-KV decoding (looplm.cache.SharedKVCache) on tiny random models."""
+engine's shared-KV decoding (Engine.generate(..., kv=...)) on tiny random models."""
 
 import pytest
 import torch
