@@ -17,10 +17,9 @@ Backends:
 "auto" picks flash_attn on CUDA when it is installed, else sdpa; the Triton kernel is chosen
 only by name (it has not been measured against SDPA on a GPU yet).
 
-Fast steps (kernels.fast_step): `DecodeStep(model, cache)` is a fixed-shape full-depth decode
-step compiled once (whole-step graph + CUDA graphs on GPU, one loop's graph reused on CPU); the
-facade runs it with `Engine.generate(..., step="compiled")` (`pooled_step` keeps one per shape);
-`compile_layers(model)` compiles the layer halves for every forward call, so the speculative
+Fast steps (kernels.fast_step): `FixedStep(model, cache, rows, ctx)` is the engine runner's
+fixed-shape full-depth decode step, one per (rows, context) bucket, kept by the runner; the facade
+runs it with `Engine.generate(..., step="fixed"|"compiled")`; `compile_layers(model)` compiles the layer halves for every forward call, so the speculative
 verify and the anytime decoder's calls get them too (one graph per distinct (batch, positions)
 shape: batch sizes and draft lengths are the buckets).
 """
@@ -34,12 +33,12 @@ import torch
 from looplm.layers import AttentionFn
 
 from .backends import flash_attention, flash_unavailable, sdpa_attention, xformers_attention, xformers_unavailable
-from .fast_step import DecodeStep, compile_layers, uncompile_layers
+from .fast_step import FixedStep, compile_layers, uncompile_layers
 from .reference import reference_attention
 
 BACKENDS = ("reference", "sdpa", "flash_attn", "xformers", "triton")
 
-__all__ = ["BACKENDS", "DecodeStep", "available_backends", "compile_layers", "uncompile_layers", "get_backend", "reference_attention", "select_backend", "unavailable_reason", "use"]
+__all__ = ["BACKENDS", "FixedStep", "available_backends", "compile_layers", "uncompile_layers", "get_backend", "reference_attention", "select_backend", "unavailable_reason", "use"]
 
 
 def unavailable_reason(name: str, device=None) -> str | None:
