@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--model", default=None, help="Ouro checkpoint directory with tokenizer.json (default: the bundled model)")
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: Gradio's, 7860 or the next free one)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests decoded at once (each has its own cache)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests decoded at once (the engine batches them)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
