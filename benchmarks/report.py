@@ -456,7 +456,8 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         "(time of a full-depth call of the same model, batch and length, run right before the round) / "
         "(the round's time); "
         "*mean exit loop* = mean 1-based loop whose head emitted each token; *loops computed/token* = "
-        "`model.token_loops` after prefill per new token (rejected drafts and finished skipped loops included); "
+        "(position, loop) pairs of the requests' forwards (`Generation.stats['token_loops']`, summed) after "
+        "their prefill per new token (rejected drafts and finished skipped loops included); "
         "*KV/token* = bytes of the KV cache per position and row, after decoding; *peak mem* = "
         + next((r["peak_mem_method"] for r in rows if r.get("peak_mem_method")), "not measured")
         + ", during the untimed warm-up call"
