@@ -254,7 +254,9 @@ def decode(
             # loops in this call: the cap at once when nothing else rides along (every pending loop of a
             # capped run sits at the cap, so none falls due before it)
             n = max_loops if whole and width == 1 and all(rows[r].loop == 0 for r in running) else 1
-            res = yield Forward(h, pos, start_loop=start, num_loops=n, copy_slots=list(copies))
+            # the head at the current item (the last position of each row; padding repeats it): the
+            # engine applies it batched over every request of the step
+            res = yield Forward(h, pos, start_loop=start, num_loops=n, logits="last", copy_slots=list(copies))
             copies.clear()
             n_items = sum(len(it) for it in items)
             counts["decode_loops"] += n_items * n
@@ -274,9 +276,8 @@ def decode(
                 next_width = max(next_width, 1 + due)
             for j in range(n):  # the lambdas of the loops just run
                 gates[bidx, torch.tensor([rows[r].loop - n + j for r in running], device=device)] = res.gates[j, ar, cur]
-            logits = probs = None
+            logits, probs = res.logits[-1, :, 0], None  # (R, V) at the current items
             if need_probs:
-                logits = model.lm_head(hidden)
                 probs = logits.float().softmax(-1)
                 for i, r in enumerate(running):
                     rows[r].probs.append(probs[i])
