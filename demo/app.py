@@ -351,7 +351,7 @@ def compare_updates(engine: Engine, modes: list[str], *controls):
         same = [s.token for s in full.steps] == [s.token for s in chosen.steps]
         text = (f'<div class="looplm-compare" data-speedup="{ratio:.3f}"><b>{chosen.mode}</b>: '
                 f'{m["tokens_per_s"]:.1f} tokens/s vs <b>full</b>: {f["tokens_per_s"]:.1f} tokens/s '
-                f'(<b>{ratio:.2f}x</b>); mean loops {m["mean_loops"]:.2f} vs {f["mean_loops"]:.2f}; '
+                f'(<b>{ratio:.2f}x</b>); mean exit loop {m["mean_exit_loop"]:.2f} vs {f["mean_exit_loop"]:.2f}; '
                 f'{"identical" if same else "different"} tokens.</div>')
         yield (*views["full"], *views["mode"], text, _message())
     except Exception as e:
