@@ -97,9 +97,9 @@ def decode(
     timed = plan is not None and plan.timed
     req.timed = timed
     need_probs = trace or (policy is not None and policy.needs_probs)
-    # nothing can end a token before loop T (no policy, no time budget, no loop cap below T, no
-    # per-loop trace): each token's T loops run in one call instead of one call per loop
-    whole = policy is None and not timed and max_loops == T and not need_probs
+    # nothing can end a token before its loop cap (no policy, no time budget, no per-loop trace):
+    # each token's loops up to the cap run in one call instead of one call per loop
+    whole = policy is None and not timed and not need_probs
 
     if skip is None:
         skip = "shared" if req.shared_kv else "exact"
@@ -251,8 +251,12 @@ def decode(
             pos = torch.tensor([[x[0] for x in it] for it in padded], device=device)  # (R, W)
             start = torch.tensor([[x[1] for x in it] for it in padded], device=device)  # (R, W)
             bidx = torch.tensor(running, device=device)
-            n = T if whole and width == 1 and all(rows[r].loop == 0 for r in running) else 1  # loops in this call
-            res = yield Forward(h, pos, start_loop=start, num_loops=n, copy_slots=list(copies))
+            # loops in this call: the cap at once when nothing else rides along (every pending loop of a
+            # capped run sits at the cap, so none falls due before it)
+            n = max_loops if whole and width == 1 and all(rows[r].loop == 0 for r in running) else 1
+            # the head at the current item (the last position of each row; padding repeats it): the
+            # engine applies it batched over every request of the step
+            res = yield Forward(h, pos, start_loop=start, num_loops=n, logits="last", copy_slots=list(copies))
             copies.clear()
             n_items = sum(len(it) for it in items)
             counts["decode_loops"] += n_items * n
@@ -272,9 +276,8 @@ def decode(
                 next_width = max(next_width, 1 + due)
             for j in range(n):  # the lambdas of the loops just run
                 gates[bidx, torch.tensor([rows[r].loop - n + j for r in running], device=device)] = res.gates[j, ar, cur]
-            logits = probs = None
+            logits, probs = res.logits[-1, :, 0], None  # (R, V) at the current items
             if need_probs:
-                logits = model.lm_head(hidden)
                 probs = logits.float().softmax(-1)
                 for i, r in enumerate(running):
                     rows[r].probs.append(probs[i])

@@ -34,7 +34,8 @@ import torch
 import looplm
 from looplm import Engine, Generation, LoopConfig, LoopLM
 from looplm.api import DEFAULT_MODEL
-from looplm.cache import LoopKVCache
+from looplm.paged import PagedKVCache, bytes_per_position
+from looplm.runner import Runner
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAMES = ("default", "random-100m")
@@ -353,39 +354,15 @@ def _malloc_trim() -> None:
         pass
 
 
-@contextmanager
-def _track_caches():
-    """Collects every KV cache built inside the block: through DecodeRequest.new_cache (the route
-    every decoder takes, whatever class the cache factory builds) or LoopKVCache.__init__."""
-    from looplm.decoding import DecodeRequest
-
-    made: dict[int, LoopKVCache] = {}
-    original_init, original_new = LoopKVCache.__init__, DecodeRequest.new_cache
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        made[id(self)] = self
-
-    def new_cache(self, *args, **kwargs):
-        cache = original_new(self, *args, **kwargs)
-        made[id(cache)] = cache
-        return cache
-
-    LoopKVCache.__init__, DecodeRequest.new_cache = init, new_cache
-    try:
-        yield made
-    finally:
-        LoopKVCache.__init__, DecodeRequest.new_cache = original_init, original_new
-
-
-def _kv_bytes_per_token(caches: dict[int, LoopKVCache], stats: dict) -> tuple[float | None, str]:
-    for key in ("kv_bytes_per_token", "cache_bytes_per_token"):
-        if isinstance(stats.get(key), (int, float)):
-            return float(stats[key]), f"Generation.stats[{key!r}]"
-    if caches:
-        per_token = sum(c.nbytes / (c.batch_size * c.max_len) for c in caches.values())
-        return per_token, "sum over the KV caches the call built of nbytes / (batch x max_len), after decoding"
-    return None, "not measured: no LoopKVCache was built and the decoder reports no kv_bytes_per_token"
+def _kv_bytes(bm: BenchModel, gens: list[Generation], kv: str) -> tuple[float, int, str]:
+    """(KV bytes per position and row, KV bytes the call's requests reserve, where the figure comes
+    from) of the engine's paged cache of mode `kv`. A request reserves, when admitted, whole blocks
+    for its prompt and its new tokens (looplm.paged.BlockPool)."""
+    cache = bm.engine.scheduler.runners[kv].cache
+    per_token = cache.bytes_per_token()
+    assert per_token == bytes_per_position(bm.model.config, kv, cache.k.dtype)
+    reserved = sum(cache.pool.blocks_for(len(g.prompt_tokens) + len(g.tokens)) for g in gens) * cache.block_size * per_token
+    return float(per_token), reserved, f"the engine's {kv} PagedKVCache: nbytes per cache position"
 
 
 @dataclass
@@ -404,8 +381,8 @@ class Measurement:
     seconds: list[float]  # wall time of each timed generate call
     prefill_ms: list[float]  # per timed call (Generation.stats['prefill_ms'], or prefill measured apart)
     new_tokens: int  # new tokens of one call, all rows
-    token_loops: int = 0  # (token, loop) pairs computed in the warm-up call, prefill included
-    prefill_token_loops: int = 0
+    token_loops: int = 0  # (token, loop) pairs computed in the warm-up call, prefill included (all requests)
+    prefill_token_loops: int = 0  # of those, the prompts' prefill (T loops per prompt position)
     kv_bytes_per_token: float | None = None
     kv_bytes_source: str = ""
     peak_mem_bytes: int | None = None
@@ -476,19 +453,27 @@ def baselines(bench_device) -> Baselines:
 
 
 def _prefill_ms(bm: BenchModel, batch: int, device: str) -> float:
-    """Median wall time of looplm.decoding.prefill for these prompts (when a decoder reports none)."""
-    from looplm.decoding import prefill
+    """Median wall time of the prompts' prefill Forwards (looplm.decoding.prefill), all of them in
+    one runner step as the engine batches them, over a fresh paged cache (when a decoder reports none)."""
+    from looplm.decoding import DecodeRequest, prefill
 
     prompts = bm.prompts(batch)
+    p = bm.model.lm_head.weight
+    bs = 16
+    blocks = sum(-(-len(q) // bs) for q in prompts)
     times = []
-    with torch.inference_mode():
-        for _ in range(3):
-            cache = bm.model.new_cache(batch, max(len(p) for p in prompts))
-            _sync(device)
-            t0 = time.perf_counter()
-            prefill(bm.model, cache, prompts)
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
+    for _ in range(3):
+        runner = Runner(bm.model, PagedKVCache(bm.model.config, blocks, bs, dtype=p.dtype, device=p.device))
+        items = []
+        for i, q in enumerate(prompts):
+            runner.cache.pool.admit(i, len(q))
+            req = DecodeRequest([q], [1], None, None, [False])
+            items.append((runner.cache.pool.ensure(i, len(q)), prefill(req, p.device)))
+        _sync(device)
+        t0 = time.perf_counter()
+        runner.run(items)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -513,13 +498,15 @@ def run_generate(
     def call(mode=mode, options=options):
         return engine.generate(prompts, max_new_tokens=new_tokens, mode=mode, stop=[], **options)
 
-    before = model.token_loops
-    with _track_caches() as caches, _PeakMemory(device) as mem:
+    kv_mode = options.get("kv", "per_loop")
+    engine.scheduler.runner(kv_mode)  # the engine's paged cache exists before the call: its blocks are counted below
+    with _PeakMemory(device) as mem:
         gens = call()
-    token_loops = model.token_loops - before
-    warm_stats = dict(gens[0].stats)
-    kv, kv_source = _kv_bytes_per_token(caches, warm_stats)
-    del caches
+    token_loops = sum(g.stats["token_loops"] for g in gens)
+    kv, kv_reserved, kv_source = _kv_bytes(bm, gens, kv_mode)
+    if mem.peak_bytes is not None:
+        mem.peak_bytes += kv_reserved
+        mem.method += " + the KV bytes of the cache blocks the call's requests reserve (the engine's paged cache is allocated beforehand)"
 
     runs = {"self": ([], [], []), "full": ([], [], [])}  # seconds, prefill_ms, results
 
@@ -559,10 +546,9 @@ def run_generate(
             seconds=list(seconds), prefill_ms=list(prefill), new_tokens=sum(len(g.tokens) for g in gens), **extra,
         )
 
-    S = max(len(p) for p in prompts)
     m = build(
         "self", mode, options,
-        token_loops=token_loops, prefill_token_loops=batch * S * model.num_loops,
+        token_loops=token_loops, prefill_token_loops=sum(len(p) for p in prompts) * model.num_loops,
         kv_bytes_per_token=kv, kv_bytes_source=kv_source, peak_mem_bytes=mem.peak_bytes, peak_mem_method=mem.method,
         stats=dict(gens[0].stats),
     )

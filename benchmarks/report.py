@@ -39,7 +39,14 @@ def rows_of(data: dict) -> list[dict]:
 
 
 def others_of(data: dict) -> list[dict]:
-    return [b for b in data.get("benchmarks", []) if not ("mode" in (b.get("extra_info") or {}) and "decode_tokens_per_s" in b["extra_info"])]
+    """Benchmarks that are neither decoder measurements nor concurrency measurements (own sections)."""
+    return [b for b in data.get("benchmarks", []) if not ("mode" in (b.get("extra_info") or {}) and "decode_tokens_per_s" in b["extra_info"])
+            and "concurrency" not in (b.get("extra_info") or {})]
+
+
+def concurrency_of(data: dict) -> list[dict]:
+    """The engine-concurrency measurements (benchmarks/test_concurrency.py): their extra_info."""
+    return [b["extra_info"] for b in data.get("benchmarks", []) if "concurrency" in (b.get("extra_info") or {})]
 
 
 def label(r: dict) -> str:
@@ -327,6 +334,77 @@ def plot_anytime(rows: list[dict], out: Path) -> bool:
     return True
 
 
+# -- the server under load (benchmarks/test_serve_load.py) ------------------------------------
+CONCURRENCY_TICKS = (1, 8, 32, 64)
+
+
+def serve_runs(others: list[dict]) -> list[dict]:
+    """The serve load benchmarks' extra_info, one per mode (those with per-concurrency levels)."""
+    return [b["extra_info"] for b in others if (b.get("extra_info") or {}).get("serve_levels")]
+
+
+def plot_serve(others: list[dict], out: Path) -> bool:
+    runs = serve_runs(others)
+    if not runs:
+        return False
+    plt = _plt()
+    panels = [("tokens/s (all streams)", [("tokens_per_s", "-")]),
+              ("time to first token (ms)", [("ttft_p50_ms", "-"), ("ttft_p95_ms", ":")]),
+              ("inter-token latency (ms)", [("itl_p50_ms", "-"), ("itl_p95_ms", ":")])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.6), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for run in runs:
+            levels = run["serve_levels"]
+            xs = [lv["concurrency"] for lv in levels]
+            for key, ls in series:
+                ys = [lv.get(key) for lv in levels]
+                ax.plot(xs, ys, marker="o", ls=ls, color=MODE_COLORS.get(run["serve_mode"], "#999999"),
+                        label=f"{run['serve_mode']} {key.rsplit('_', 2)[-2] if key != 'tokens_per_s' else ''}".strip())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(CONCURRENCY_TICKS), [str(c) for c in CONCURRENCY_TICKS])
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_ylabel(ylabel)
+        if ylabel.endswith("(ms)"):
+            ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    fig.suptitle("looplm serve on loopback: streaming clients against concurrency", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def serve_lines(others: list[dict], plot_name: str | None) -> list[str]:
+    """The "Server under load" subsection: the plot, one table row per mode and concurrency, and the
+    budget-under-saturation case."""
+    runs = serve_runs(others)
+    if not runs:
+        return []
+    lines = ["### Server under load (`test_serve_load.py`)", ""]
+    if plot_name:
+        lines += [f"![looplm serve: throughput and latency against concurrency]({plot_name})", ""]
+    lines += ["| mode | clients | requests | tokens | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for lv in run["serve_levels"]:
+            name = " ".join([run["serve_mode"], *(f"{k}={v}" for k, v in (run.get("options") or {}).items())])
+            lines.append(f"| {name} | {lv['concurrency']} | "
+                         f"{lv['requests']} | {lv['tokens']} | {_fmt(lv['tokens_per_s'], 1)} | {_fmt(lv['ttft_p50_ms'], 1)} | "
+                         f"{_fmt(lv['ttft_p95_ms'], 1)} | {_fmt(lv['itl_p50_ms'], 1)} | {_fmt(lv['itl_p95_ms'], 1)} |")
+    first = runs[0]
+    lines += ["", f"Streaming requests of {first.get('new_tokens')} greedy tokens over raw SSE; TTFT from sending the "
+              "request to its first token chunk, ITL between a stream's token chunks (when the server or the one-process "
+              "load generator falls behind, a stream's chunks arrive in bursts: ITL p50 then drops toward 0 while p95 "
+              "keeps the gaps). Load average at the end of each mode: "
+              + ", ".join(f"{r['serve_mode']} {r['load_average'][0]:.1f}" for r in runs if r.get("load_average")) + "."]
+    sat = next((b["extra_info"] for b in others if (b.get("extra_info") or {}).get("serve_case")), None)
+    if sat:
+        lines += ["", f"- {sat['serve_case']}: budget {sat['budget_ms']:g} ms per token, p95 inter-token latency "
+                  f"{_fmt(sat['budget_itl_p95_ms'], 1)} ms against budget + one loop = {sat['budget_ms'] + sat['one_loop_ms']:.1f} ms: "
+                  f"{'met' if sat['within_budget_plus_one_loop'] else 'NOT met'}."]
+    return lines + [""]
+
+
 # -- markdown ----------------------------------------------------------------------------------
 def machine_line(data: dict) -> tuple[str, dict]:
     mi = (data.get("machine_info") or {}).get("looplm") or {}
@@ -445,6 +523,56 @@ def bandwidth_table(others: list[dict]) -> list[str]:
     return out + [""]
 
 
+def _load(r: dict) -> str:
+    la = r.get("load_average")
+    return f"{la[0]:.1f}" if la else "–"
+
+
+def concurrency_headline(conc: list[dict]) -> str | None:
+    full = {(r["model"], r["requests"]): r for r in conc if r["concurrency"] == "full_vs_sequential"}
+    anytime = [r for r in conc if r["concurrency"] == "anytime_vs_full"]
+    parts = []
+    for (model, n), r in sorted(full.items()):
+        if n == 16:
+            parts.append(f"**{r['ratio_to_sequential']:.2f}x** the tokens/s of the same 16 requests one after another on `{model}` "
+                         f"({r['tokens_per_s']:.1f} vs {r['sequential_tokens_per_s']:.1f} tokens/s; target 6x on the bundled model)")
+    for r in sorted(anytime, key=lambda r: (r["model"], str(r["options"]))):
+        opts = " ".join(f"{k}={v}" for k, v in r["options"].items())
+        parts.append(f"anytime {opts} at {r['requests']} requests on `{r['model']}`: **{r['ratio_to_full']:.2f}x** full depth "
+                     f"(target 1.6x)")
+    return "; ".join(parts) or None
+
+
+def concurrency_tables(conc: list[dict]) -> list[str]:
+    """Concurrent vs sequential full depth, and anytime vs full depth at the same concurrency."""
+    full = sorted((r for r in conc if r["concurrency"] == "full_vs_sequential"), key=lambda r: (r["model"], r["requests"]))
+    anytime = sorted((r for r in conc if r["concurrency"] == "anytime_vs_full"), key=lambda r: (r["model"], str(r["options"])))
+    out = []
+    if full:
+        out += ["| model | requests | new tok/request | sequential tok/s | concurrent tok/s | x sequential | = sequential | load avg |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['requests']} | {r['new_tokens_per_request']} | {_fmt(r['sequential_tokens_per_s'])} | "
+                f"{_fmt(r['tokens_per_s'])} | {_fmt(r['ratio_to_sequential'])} | {'yes' if r.get('same_tokens') else 'no'} | {_load(r)} |"
+                for r in full]
+        out.append("")
+    if anytime:
+        out += ["| model | requests | anytime options | new tok/request | full tok/s | anytime tok/s | x full | mean exit loop | "
+                "loops computed/token | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['requests']} | {' '.join(f'{k}={v}' for k, v in r['options'].items())} | "
+                f"{r['new_tokens_per_request']} | {_fmt(r['full_tokens_per_s'])} | {_fmt(r['tokens_per_s'])} | {_fmt(r['ratio_to_full'])} | "
+                f"{_fmt(r.get('mean_exit_loop'))} | {_fmt(r.get('loops_computed_per_token'))} | {_load(r)} |" for r in anytime]
+        out.append("")
+    if out:
+        out.append(
+            "Requests are greedy, submitted together with `Engine.generate(list)` (the engine runs every live request in one "
+            "runner step per engine step); *tok/s* = all new tokens / wall time of the whole set, fastest round; *x* = median "
+            "over rounds of (the reference call's time / this call's time), the two made back to back; *sequential* runs the "
+            "same requests one after another; *= sequential* = the concurrent tokens equal the sequential ones; *load avg* = "
+            "1-minute load average when the benchmark ended (other jobs share this machine); 1 torch thread.")
+        out.append("")
+    return out
+
+
 def not_passed(outcomes: list[dict]) -> list[str]:
     """Skipped and failed tests, grouped by file and reason."""
     groups = defaultdict(list)
@@ -461,7 +589,7 @@ def not_passed(outcomes: list[dict]) -> list[str]:
 
 def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     suffix = _suffix(path)
-    rows, others = rows_of(data), others_of(data)
+    rows, others, conc = rows_of(data), others_of(data), concurrency_of(data)
     outcomes = data.get("looplm_outcomes") or []
     machine, mi = machine_line(data)
     device = mi.get("device", "cpu")
@@ -491,6 +619,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         "",
         *([f"- **Self-speculation speed target** (`test_spec_speedup.py`): {spec_target(others)}"] if spec_target(others) else []),
         *([f"- **Under CPU load** (`test_cpu_load.py`, loaded / quiet tokens/s, median of paired rounds): {cpu_load(others)}"] if cpu_load(others) else []),
+        *([f"- **Concurrent requests** (`test_concurrency.py`): {concurrency_headline(conc)}"] if concurrency_headline(conc) else []),
         f"- **Best speculative speedup** (`test_decoders.py`, 32 new tokens): {best_speculative(rows, outcomes)}",
         "- **Memory saved by KV sharing** (KV cache bytes per position and row; peak memory of one call):",
         kv_savings(rows, outcomes) if kv_savings(rows, outcomes).startswith("  ") else f"  {kv_savings(rows, outcomes)}",
@@ -511,6 +640,8 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
             lines.append("")
         else:
             lines.append(f"- {title}: not measured in this run.")
+    serve_plot = f"serve_load{suffix}.png"
+    lines += serve_lines(others, serve_plot if plot_serve(others, out_dir / serve_plot) else None)
     lines += ["### All decoder measurements", ""] + table(rows) + [""]
     lines += [
         "Columns: *tok/s* = new tokens (all rows) / wall time of one greedy `Engine.generate` call, fastest of "
@@ -519,7 +650,8 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         "(time of a full-depth call of the same model, batch and length, run right before the round) / "
         "(the round's time); "
         "*mean exit loop* = mean 1-based loop whose head emitted each token; *loops computed/token* = "
-        "`model.token_loops` after prefill per new token (rejected drafts and finished skipped loops included); "
+        "(position, loop) pairs of the requests' forwards (`Generation.stats['token_loops']`, summed) after "
+        "their prefill per new token (rejected drafts and finished skipped loops included); "
         "*KV/token* = bytes of the KV cache per position and row, after decoding; *peak mem* = "
         + next((r["peak_mem_method"] for r in rows if r.get("peak_mem_method")), "not measured")
         + ", during the untimed warm-up call"
@@ -529,6 +661,9 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     bandwidth = bandwidth_table(others)
     if bandwidth:
         lines += ["### Bandwidth bound of batch-1 decoding (`test_bandwidth.py`)", ""] + bandwidth
+    tables = concurrency_tables(conc)
+    if tables:
+        lines += ["### Engine concurrency", ""] + tables
     other = other_table([b for b in others if "bandwidth" not in (b.get("extra_info") or {})])
     if other:
         lines += ["### Other benchmarks in this run", ""] + other

@@ -1,5 +1,6 @@
-"""Full-depth decode on the CPU: the fast (compiled, fixed-shape) step vs the plain eager step, and
-the KV cache's bytes per token for the per-loop, "last" and "mean" caches, in one run.
+"""Full-depth decode on the CPU: the runner's fixed-shape step (eager and compiled,
+kernels.fast_step.FixedStep) vs its plain eager plan, and the KV cache's bytes per token for the
+per-loop, "last" and "mean" caches, in one run.
 
 Self-contained: builds its own models (the bundled default model, skipped while absent, and a
 ~100M-parameter Ouro-shaped model with random weights) and prints its own table at the end.
@@ -22,10 +23,13 @@ import pytest
 import torch
 
 import looplm
-from kernels.fast_step import DecodeStep, uncompile_layers
 from looplm import LoopConfig, LoopLM
 from looplm.api import DEFAULT_MODEL
-from looplm.cache import KV_MODES, cache_factory
+from looplm.decoding import DecodeRequest
+from looplm.generate import decode_full
+from looplm.paged import KV_MODES, PagedKVCache, bytes_per_position
+from looplm.runner import Runner, drive
+from looplm.sampling import SamplingParams
 
 QUICK = os.environ.get("LOOPLM_BENCH_QUICK", "0") not in ("", "0")
 THREADS = int(os.environ.get("LOOPLM_BENCH_THREADS", "1"))
@@ -78,70 +82,66 @@ def _prompt(model: LoopLM) -> list[list[int]]:
     return [torch.randint(0, model.config.vocab_size, (PROMPT_LEN,), generator=g).tolist()]
 
 
-@torch.inference_mode()
-def _decode(model: LoopLM, cache, tok: torch.Tensor, pos: torch.Tensor, n: int, step) -> list[int]:
-    """n greedy full-depth steps after a prefill (the timed region): eager forward_loops or `step`."""
-    out = []
-    for _ in range(n):
-        if step is None:
-            logits = model.forward_loops(model.embed(tok[:, None]), pos[:, None], cache, logits="last").logits[-1, :, 0]
-        else:
-            logits = step(tok, pos)
-        tok, pos = logits.argmax(-1), pos + 1
-        out.append(int(tok[0]))
-    return out
+class _Decode:
+    """One sequence decoded alone by `decode_full` over its own runner: `start()` runs the prefill
+    (untimed: it yields the prefill's token), `rest()` the n full-depth decode steps after it (the
+    timed region). The runner keeps its fixed steps, so a compiled bucket is compiled once."""
+
+    def __init__(self, model: LoopLM, prompt: list[int], n: int, step: str):
+        p = model.lm_head.weight
+        bs = 16
+        blocks = -(-(len(prompt) + n + 1) // bs)
+        self.runner = Runner(model, PagedKVCache(model.config, blocks, bs, dtype=p.dtype, device=p.device))
+        self.model, self.prompt, self.n, self.step = model, prompt, n, step
+
+    def start(self):
+        self.runner.cache.pool.release(0)
+        req = DecodeRequest([self.prompt], [self.n + 1], SamplingParams(), torch.Generator().manual_seed(0), [False])
+        steps = drive(self.runner, 0, len(self.prompt) + self.n + 1, decode_full(self.model, req, step=self.step))
+        next(steps)
+        _sync()
+        return (steps,), {}
+
+    @staticmethod
+    def rest(steps) -> list[int]:
+        out = [s.token for s in steps]
+        _sync()
+        return out
+
+    def time_once(self) -> tuple[float, list[int]]:
+        args, _ = self.start()
+        t0 = time.perf_counter()
+        out = self.rest(*args)
+        return time.perf_counter() - t0, out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("model_name", ["default", "random-100m"])
-@pytest.mark.parametrize("step_kind", ["eager", "fast", "fast-graph"])  # eager first: the ratios refer to it
+@pytest.mark.parametrize("step_kind", ["eager", "fixed", "compiled"])  # eager first: the ratios refer to it
 def test_full_depth_decode(benchmark, model_name, step_kind):
-    """Decode tokens/s at batch 1 (prefill outside the timed region): eager forward_loops vs DecodeStep.
-
-    "fast" is the CPU default strategy ("loop": one compiled graph reused by every loop);
-    "fast-graph" compiles the whole T x L step as one graph (the GPU strategy).
-    """
-    if step_kind == "fast-graph" and model_name == "random-100m" and not torch.cuda.is_available():
-        pytest.skip("whole-step graph of the 100M model: compiling 4 x 6 unrolled layers takes tens of minutes on this CPU")
+    """Decode tokens/s at batch 1 (prefill outside the timed region): the runner's eager plan vs its
+    fixed-shape step, uncompiled ("fixed") and compiled with inductor ("compiled": one graph of one
+    loop, reused by every loop; compiled in the warm-up, outside the timed rounds)."""
     model = _model(model_name)
-    prompts, n = _prompt(model), NEW_TOKENS[model_name]
-    cache = model.new_cache(1, PROMPT_LEN + n + 1)
-    step = None
-    warm_s = 0.0
-    if step_kind != "eager":
-        # CPU default: one compiled graph per loop ("loop"); GPU default: whole-step CUDA graph
-        step = DecodeStep(model, cache, strategy="graph" if step_kind == "fast-graph" else None)
-        t0 = time.perf_counter()
-        step.warmup(2)  # compiles outside the timed region
-        warm_s = time.perf_counter() - t0
-
-    def setup():
-        with torch.inference_mode():
-            tok = looplm.decoding.prefill(model, cache, prompts).logits[-1, :, 0].argmax(-1)
-        return (model, cache, tok, cache.lengths.clone(), n, step), {}
-
-    try:
-        tokens = benchmark.pedantic(_decode, setup=setup, rounds=3, iterations=1, warmup_rounds=1)
-        tok_s = n / benchmark.stats.stats.min
-        row = {"tokens_per_s": round(tok_s, 2), "compile_s": round(warm_s, 1), "strategy": step.strategy if step else "eager"}
-        eager = _rows.get((model_name, "eager"))
-        if step_kind != "eager" and eager is not None:
-            row["speedup_vs_eager"] = round(tok_s / eager["tokens_per_s"], 2)
-            row["same_tokens"] = tokens == eager["tokens"]
-            assert row["same_tokens"], "the fast step must decode the eager step's tokens"
-            # the machine's load drifts between tests: also time eager/fast pairs back to back
-            ratios = []
-            for _ in range(3):
-                times = []
-                for s in (None, step):
-                    args, _ = setup()
-                    args = args[:-1] + (s,)
-                    t0 = time.perf_counter()
-                    _decode(*args)
-                    times.append(time.perf_counter() - t0)
-                ratios.append(times[0] / times[1])
-            row["interleaved_speedup"] = round(sorted(ratios)[1], 2)  # median of 3 pairs
-    finally:
-        uncompile_layers(model)  # only the "layers" strategy compiles the model in place
+    prompt, n = _prompt(model)[0], NEW_TOKENS[model_name]
+    dec = _Decode(model, prompt, n, step_kind)
+    warm_s, _ = dec.time_once()  # compiles outside the timed region
+    tokens = benchmark.pedantic(dec.rest, setup=dec.start, rounds=3, iterations=1, warmup_rounds=0)
+    tok_s = n / benchmark.stats.stats.min
+    row = {"tokens_per_s": round(tok_s, 2), "warmup_s": round(warm_s, 1)}
+    eager = _rows.get((model_name, "eager"))
+    if step_kind != "eager" and eager is not None:
+        row["speedup_vs_eager"] = round(tok_s / eager["tokens_per_s"], 2)
+        row["same_tokens"] = tokens == eager["tokens"]
+        assert row["same_tokens"], "the fixed-shape step must decode the eager step's tokens"
+        # the machine's load drifts between tests: also time eager/fixed pairs back to back
+        base = _Decode(model, prompt, n, "eager")
+        ratios = [base.time_once()[0] / dec.time_once()[0] for _ in range(3)]
+        row["interleaved_speedup"] = round(sorted(ratios)[1], 2)  # median of 3 pairs
     _rows[(model_name, step_kind)] = {**row, **({"tokens": tokens} if step_kind == "eager" else {})}
     benchmark.extra_info.update(row, model=model_name, step=step_kind, new_tokens=n, threads=THREADS)
 
@@ -149,21 +149,20 @@ def test_full_depth_decode(benchmark, model_name, step_kind):
 @pytest.mark.parametrize("model_name", ["default", "random-100m"])
 @pytest.mark.parametrize("kv", KV_MODES)
 def test_kv_cache_bytes(benchmark, model_name, kv):
-    """KV bytes per token (after prefill) and end-to-end tokens/s (prefill included) of Engine.generate(kv=...), mode "full"."""
+    """KV bytes per token (cache position) and end-to-end tokens/s (prefill included) of Engine.generate(kv=...), mode "full"."""
     model = _model(model_name)
     engine = looplm.Engine(model)
     prompts, n = _prompt(model), max(2, NEW_TOKENS[model_name] // 2)
-    make = cache_factory(kv) or (lambda m, b, max_len: m.new_cache(b, max_len))
-    cache = make(model, 1, PROMPT_LEN + n)
-    with torch.inference_mode():
-        looplm.decoding.prefill(model, cache, prompts)
-    per_token = cache.bytes_per_token()
     gen = benchmark.pedantic(
         lambda: engine.generate(prompts[0], max_new_tokens=n, stop=[], kv=kv), rounds=1, iterations=1, warmup_rounds=1
     )
+    assert list(engine.usage()["caches"]) == [kv]  # the call used the engine's paged cache of this mode only
+    cache = engine.scheduler.runners[kv].cache
+    per_token = cache.bytes_per_token()
     per_loop = model.num_loops * model.config.num_hidden_layers * 2 * model.config.num_key_value_heads * model.config.head_dim
     per_loop *= cache.k.element_size()
     assert per_token == (per_loop if kv == "per_loop" else per_loop // model.num_loops)
+    assert per_token == bytes_per_position(model.config, kv, cache.k.dtype)
     row = {"kv_bytes_per_token": per_token, "x_smaller": per_loop // per_token, "generate_tokens_per_s": round(n / benchmark.stats.stats.min, 2)}
     _rows[(model_name, f"kv={kv}")] = row
     benchmark.extra_info.update(row, model=model_name, kv=kv, new_tokens=len(gen.tokens), threads=THREADS)
@@ -200,18 +199,9 @@ def test_gpu_decode_vs_bandwidth_bound(benchmark):
     head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     bound_tok_s = bandwidth / (model.num_loops * stack + head)
     n = 64
-    cache = model.new_cache(1, PROMPT_LEN + n + 1)
-    step = DecodeStep(model, cache)
-    step.warmup(3)
-    prompts = _prompt(model)
-
-    def setup():
-        with torch.inference_mode():
-            tok = looplm.decoding.prefill(model, cache, prompts).logits[-1, :, 0].argmax(-1)
-        torch.cuda.synchronize()
-        return (model, cache, tok, cache.lengths.clone(), n, step), {}
-
-    benchmark.pedantic(_decode, setup=setup, rounds=3, iterations=1, warmup_rounds=1)
+    dec = _Decode(model, _prompt(model)[0], n, "compiled")
+    dec.time_once()  # compiles
+    benchmark.pedantic(dec.rest, setup=dec.start, rounds=3, iterations=1, warmup_rounds=0)
     tok_s = n / benchmark.stats.stats.min
     row = {
         "device": torch.cuda.get_device_name(),
@@ -219,7 +209,7 @@ def test_gpu_decode_vs_bandwidth_bound(benchmark):
         "bound_tokens_per_s": round(bound_tok_s, 1),
         "fraction_of_bound": round(tok_s / bound_tok_s, 3),
         "copy_GBps": round(bandwidth / 1e9, 1),
-        "strategy": step.strategy,
+        "step": "compiled",
     }
     _rows[("ouro-1.4b-bf16", "gpu-decode")] = row
     benchmark.extra_info.update(row)

@@ -1,8 +1,8 @@
 """The Gradio Blocks app: type a prompt, watch each token's depth (loops used) as it streams.
 
-Each request decodes in its own producer thread (the engine allocates a fresh cache per request),
-so the decoder's timing is not inflated by the UI, and several browser tabs decode at once through
-Gradio's queue. Bad input becomes a readable message in an error box, never a trace (no toast:
+Each request is consumed in its own producer thread, so the decoder's timing is not inflated by the
+UI, and several browser tabs decode at once through Gradio's queue (the engine batches their
+requests into one runner step over its paged cache). Bad input becomes a readable message in an error box, never a trace (no toast:
 a toast would cover the buttons).
 """
 
@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from looplm import Engine  # noqa: E402
 from looplm.api import DEFAULT_MODEL  # noqa: E402
 from looplm.decoding import MODES, Step, resolve_mode  # noqa: E402
+from looplm.paged import KV_MODES  # noqa: E402
 
 from . import render  # noqa: E402
 
@@ -86,12 +87,8 @@ def skip_modes() -> list[str]:
 
 
 def kv_modes() -> list[str]:
-    """The engine's KV-cache layouts ("per_loop", exact, first; shared ones when looplm.cache has them)."""
-    try:
-        from looplm.cache import KV_MODES
-    except ImportError:
-        return ["per_loop"]
-    return ["per_loop"] + [str(k) for k in KV_MODES if k != "per_loop"]
+    """The engine's KV-cache layouts ("per_loop", exact, first; then the shared ones)."""
+    return ["per_loop"] + [k for k in KV_MODES if k != "per_loop"]
 
 
 def default_policy() -> str:
@@ -354,7 +351,7 @@ def compare_updates(engine: Engine, modes: list[str], *controls):
         same = [s.token for s in full.steps] == [s.token for s in chosen.steps]
         text = (f'<div class="looplm-compare" data-speedup="{ratio:.3f}"><b>{chosen.mode}</b>: '
                 f'{m["tokens_per_s"]:.1f} tokens/s vs <b>full</b>: {f["tokens_per_s"]:.1f} tokens/s '
-                f'(<b>{ratio:.2f}x</b>); mean loops {m["mean_loops"]:.2f} vs {f["mean_loops"]:.2f}; '
+                f'(<b>{ratio:.2f}x</b>); mean exit loop {m["mean_exit_loop"]:.2f} vs {f["mean_exit_loop"]:.2f}; '
                 f'{"identical" if same else "different"} tokens.</div>')
         yield (*views["full"], *views["mode"], text, _message())
     except Exception as e:
@@ -367,7 +364,7 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
 
     Args:
         engine: a loaded looplm.Engine with a tokenizer.
-        concurrency: requests decoded at once (each gets its own cache).
+        concurrency: requests decoded at once (the engine batches them).
     Returns:
         The gradio Blocks app.
     """

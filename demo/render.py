@@ -120,7 +120,9 @@ def _number(value) -> float | None:
 
 
 def summary(steps: Sequence[Step], num_loops: int, elapsed_s: float, stats: dict | None = None) -> dict:
-    """Summary numbers: tokens, tokens/s, mean loops, mean latency, acceptance rate (when the decoder reports it).
+    """Summary numbers: tokens, tokens/s, mean exit loop (the loop whose head chose each token), loops
+    computed per token (when the run finished: the engine's count, skipped loops finished later
+    included), mean latency, acceptance rate (when the decoder reports it).
 
     `stats` is Generation.stats when the run finished (its tokens/s is the engine's own measure);
     while streaming it is None and tokens/s is measured here.
@@ -130,10 +132,12 @@ def summary(steps: Sequence[Step], num_loops: int, elapsed_s: float, stats: dict
     out = {
         "tokens": n,
         "tokens_per_s": stats.get("tokens_per_s", n / elapsed_s if elapsed_s > 0 else 0.0),
-        "mean_loops": sum(s.loops for s in steps) / n if n else 0.0,
+        "mean_exit_loop": sum(s.exit_loop for s in steps) / n if n else 0.0,
         "num_loops": num_loops,
         "mean_latency_ms": sum(s.latency_ms for s in steps) / n if n else 0.0,
     }
+    if _number(stats.get("loops_computed_per_token")) is not None:
+        out["loops_computed_per_token"] = float(stats["loops_computed_per_token"])
     accept = next((stats[k] for k in ("acceptance_rate", "accept_rate", "acceptance") if _number(stats.get(k)) is not None), None)
     if accept is not None:
         out["acceptance_rate"] = float(accept)
@@ -151,9 +155,12 @@ def stats_html(summ: dict, *, mode: str, state: str, stats: dict | None = None, 
     parts = [
         f'<span class="stat" data-key="tokens">{summ["tokens"]} tokens</span>',
         f'<span class="stat" data-key="tokens_per_s">{summ["tokens_per_s"]:.1f} tokens/s</span>',
-        f'<span class="stat" data-key="mean_loops">mean loops {summ["mean_loops"]:.2f} / {summ["num_loops"]}</span>',
+        f'<span class="stat" data-key="mean_exit_loop">mean exit loop {summ["mean_exit_loop"]:.2f} / {summ["num_loops"]}</span>',
         f'<span class="stat" data-key="mean_latency_ms">{summ["mean_latency_ms"]:.1f} ms/token</span>',
     ]
+    if "loops_computed_per_token" in summ:
+        parts.append(f'<span class="stat" data-key="loops_computed_per_token">loops computed per token '
+                     f'{summ["loops_computed_per_token"]:.2f}</span>')
     if "acceptance_rate" in summ:
         parts.append(f'<span class="stat" data-key="acceptance_rate">acceptance {summ["acceptance_rate"]:.1%}</span>')
     if "draft_share" in summ:
@@ -162,7 +169,7 @@ def stats_html(summ: dict, *, mode: str, state: str, stats: dict | None = None, 
         parts.append(f'<span class="stat" data-key="finish_reason">finish: {html.escape(stats["finish_reason"])}</span>')
     extra = ""
     if stats:  # whatever else the decoder reported, compactly
-        shown = {"tokens_per_s", "mean_loops", "new_tokens", "mode", "acceptance_rate"}
+        shown = {"tokens_per_s", "mean_loops", "mean_exit_loop", "loops_computed_per_token", "new_tokens", "mode", "acceptance_rate"}
         items = [f"{html.escape(k)}={v:.3g}" for k, v in stats.items() if k not in shown and _number(v) is not None]
         if items:
             extra = f'<div class="extra">{" · ".join(items)}</div>'

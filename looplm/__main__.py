@@ -76,6 +76,8 @@ def _parser() -> Parser:
     # add_help=False: `demo --help` reaches the demo's own parser
     demo = sub.add_parser("demo", help="start the Gradio demo (python -m looplm demo --help)", add_help=False)
     demo.add_argument("args", nargs=argparse.REMAINDER)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server (python -m looplm serve --help)", add_help=False)
+    serve.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -100,6 +102,13 @@ def _main(argv: list[str] | None) -> int:
         from demo.__main__ import main as demo_main
 
         return demo_main(unknown + args.args)
+    if args.command == "serve":
+        try:
+            from looplm.serve.cli import main as serve_main
+        except ImportError as e:
+            raise UsageError(f"{e.name} is missing: pip install 'looplm[serve]'") from None
+
+        return serve_main(unknown + args.args)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 

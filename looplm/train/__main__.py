@@ -1,8 +1,9 @@
-"""`python -m looplm.train [stage1|gate|eval|data|release] ...` (no subcommand means stage1)."""
+"""`python -m looplm.train [stage1|gate|eval|data|release|kv-eval] ...` (no subcommand means stage1)."""
 
 import sys
 
-COMMANDS = {"stage1": "trainer", "gate": "gate", "eval": "evaluate", "data": "data", "release": "release"}
+COMMANDS = {"stage1": "trainer", "gate": "gate", "eval": "evaluate", "data": "data", "release": "release",
+            "kv-eval": "kv_eval"}
 
 
 def main() -> None:

@@ -11,7 +11,11 @@ Outputs under --out: tokenizer.json, train.bin / val.bin (uint16 token ids, docu
 id 0 = <|endoftext|>), phop_val.jsonl (held-out p-hop problems), val_text.bin (held-out natural text
 only) and meta.json (counts and mixture).
 
+With --ood it builds only the out-of-domain held-out set (looplm.train.ood: ood_text.bin and its
+manifest) with the tokenizer of --tokenizer or --out/tokenizer.json.
+
 Usage: python -m looplm.train.data --out data/
+       python -m looplm.train.data --ood --out data/
 """
 
 from __future__ import annotations
@@ -264,6 +268,20 @@ def build(out: Path, vocab_size: int = 2048, seed: int = 0, val_fraction: float 
     return meta
 
 
+def build_ood_set(out: Path, tokenizer: Path) -> dict:
+    """The out-of-domain held-out set under `out`, checked against every document of the training sources."""
+    from tokenizers import Tokenizer
+
+    from .ood import build_ood
+
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"{tokenizer} not found: build the corpus first or pass --tokenizer")
+    training = [text for source in (python_docs(), stdlib_source(), austen_novels()) for _, text in source]
+    manifest = build_ood(out, Tokenizer.from_file(str(tokenizer)), training)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2), flush=True)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("data"))
@@ -272,7 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--synthetic-fraction", type=float, default=0.35, help="share of training chars")
     p.add_argument("--phop-share", type=float, default=0.6, help="share of synthetic chars that are p-hop")
     p.add_argument("--tokenizer", type=Path, default=None, help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--ood", action="store_true", help="build only the out-of-domain held-out set (looplm.train.ood)")
     a = p.parse_args(argv)
+    if a.ood:
+        build_ood_set(a.out, a.tokenizer or a.out / "tokenizer.json")
+        return
     build(a.out, a.vocab_size, a.seed, synthetic_fraction=a.synthetic_fraction, phop_share=a.phop_share,
           tokenizer=a.tokenizer)
 

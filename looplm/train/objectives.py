@@ -9,6 +9,8 @@ tokens selected by an optional boolean mask (True = counted); losses are float32
       L = sum_t w_t mean_tokens[CE_t] / sum_t w_t
 - Loop distillation (optional, for draft quality): loop t's head learns loop T's distribution,
       L = sum_t d_t mean_tokens[ KL(stopgrad(p_T) || p_t) ] / sum_t d_t   (d_T is ignored)
+- Teacher KL (shared-KV training): loop t of a pass reading shared K/V learns the same loop of the
+  per-loop pass (a fixed teacher),  L = sum_t w_t mean_tokens[ KL(stopgrad(q_t) || p_t) ] / sum_t w_t
 - Stage II (gate only; the LM's losses enter detached):
       I_t = max(0, CE_{t-1} - CE_t),  w_t = sigmoid(k (I_t - gamma))   (target "continue")
       loss_t = -mean_tokens[ w_t log(1 - lambda_t) + (1 - w_t) log lambda_t ]
@@ -127,6 +129,34 @@ def loop_distillation_loss(
     per_loop = torch.stack([_masked_mean(kl[t], mask) for t in range(T)])
     w = w.to(per_loop.device)
     w[-1] = 0.0
+    return (w * per_loop).sum() / w.sum().clamp_min(1e-12), per_loop.detach()
+
+
+def teacher_kl_loss(
+    logits: torch.Tensor, teacher: torch.Tensor, weights: Sequence[float], mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL from a fixed teacher's per-loop distributions to the student's, loop for loop.
+
+    Used by shared-KV training: the teacher is the per-loop-KV pass of the same weights (computed
+    without gradients), the student the pass that reads shared K/V.
+
+    Args:
+        logits: [T, ..., V] the student's logits.
+        teacher: [T, ..., V] the teacher's logits (detached here).
+        weights: T non-negative loop weights.
+        mask: [...] tokens to count.
+    Returns:
+        (loss, per_loop) with loss = sum_t w_t mean(KL_t) / sum_t w_t and per_loop [T] the detached mean KL_t.
+    """
+    T = logits.shape[0]
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if w.numel() != T or teacher.shape != logits.shape:
+        raise ValueError(f"{w.numel()} weights, teacher {tuple(teacher.shape)} for student logits {tuple(logits.shape)}")
+    logp = F.log_softmax(logits.float(), dim=-1)
+    target = F.log_softmax(teacher.detach().float(), dim=-1)
+    kl = (target.exp() * (target - logp)).sum(-1)  # [T, ...]
+    per_loop = torch.stack([_masked_mean(kl[t], mask) for t in range(T)])
+    w = w.to(per_loop.device)
     return (w * per_loop).sum() / w.sum().clamp_min(1e-12), per_loop.detach()
 
 

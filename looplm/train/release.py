@@ -136,8 +136,10 @@ def model_card(run: Path, data: Path, result: dict, eval_md: str, stage2: dict, 
         "```bash",
         "apt-get install python3.11-doc r-cran-janeaustenr   # data sources (Rscript comes with the latter)",
         "python -m looplm.train.data --out data/",
+        "python -m looplm.train.data --ood --out data/   # out-of-domain held-out set (packages: looplm/train/ood.py)",
         f"python -m looplm.train \\\n    {flags}",
         f"python -m looplm.train release --run {run} --data {data} --dest {dest}",
+        f"python -m looplm.train.kv_eval --checkpoint {dest} --text {data}/val_text.bin --text {data}/ood_text.bin",
         "```",
         "",
         f"`release` runs Stage II (`python -m looplm.train gate --checkpoint {run}/final --data {data} --out {run}/gate`), "
@@ -164,10 +166,11 @@ def _train_flags(tc: dict) -> list[str]:
     keys = ["data", "out", "init_from", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "total_ut_steps", "max_position_embeddings", "rope_theta", "objective",
             "loop_weights", "phop_rows", "phop_weight", "phop_loop_weights", "distill_weights", "distill_scale",
-            "seq_len", "batch_size", "steps", "time_budget_min", "lr", "min_lr_ratio", "warmup_steps", "seed",
+            "shared_kv_every", "shared_kv_modes", "shared_kv_kl", "ood_val", "seq_len", "batch_size", "steps", "time_budget_min", "lr", "min_lr_ratio", "warmup_steps", "seed",
             "eval_every", "save_every"]
     defaults = dataclasses.asdict(TrainConfig())
-    optional = {"init_from", "phop_rows", "phop_weight", "phop_loop_weights", "distill_weights", "distill_scale", "min_lr_ratio"}
+    optional = {"init_from", "phop_rows", "phop_weight", "phop_loop_weights", "distill_weights", "distill_scale", "min_lr_ratio",
+                "shared_kv_every", "shared_kv_modes", "shared_kv_kl", "ood_val"}
     flags = []
     for k in keys:
         v = tc.get(k)

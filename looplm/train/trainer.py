@@ -28,7 +28,9 @@ from tqdm import tqdm
 from looplm.config import LoopConfig
 from looplm.model import LoopLM
 
-from .objectives import IGNORE_INDEX, entropy_regularized_loss, loop_distillation_loss, per_loop_ce, weighted_per_loop_loss
+from .objectives import (IGNORE_INDEX, entropy_regularized_loss, loop_distillation_loss, per_loop_ce, teacher_kl_loss,
+                         weighted_per_loop_loss)
+from .shared_kv import SHARED_MODES, shared_kv_logits
 from .tasks import PhopRows
 
 
@@ -62,6 +64,13 @@ class TrainConfig:
     # loop distillation on the corpus rows (objectives.loop_distillation_loss): T weights, empty = off
     distill_weights: list[float] = field(default_factory=list)
     distill_scale: float = 1.0  # the (weight-normalised) distillation term is added times this
+    # shared-KV steps (looplm.train.shared_kv): every k-th step attends to the shared K/V of earlier
+    # positions, as decoding with kv="last"/"mean" does; 0 = off. The modes alternate over those steps.
+    shared_kv_every: int = 0
+    shared_kv_modes: str = "last,mean"
+    shared_kv_kl: float = 0.0  # + this times the loop-weighted KL(per-loop pass || shared pass) on corpus rows
+    shared_kv_joint: bool = False  # shared-KV steps also take the per-loop pass's losses (it then runs with gradients)
+    ood_val: str = ""  # a second held-out token file evaluated per loop at every evaluation (e.g. ood_text.bin)
     # optimisation
     seq_len: int = 256
     batch_size: int = 16
@@ -170,42 +179,65 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
 
 def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str, loop_weights, beta: float,
                 task_rows: int = 0, task_weight: float = 1.0, task_loop_weights=None, distill_weights=None,
-                distill_scale: float = 1.0):
+                distill_scale: float = 1.0, shared_kv: str | None = None, shared_kl: float = 0.0,
+                shared_joint: bool = False):
     """(loss, per-loop mean CE [T] of the corpus rows, per-loop answer CE [T] of the task rows or None).
 
     The last `task_rows` rows are task rows (targets IGNORE_INDEX except answers): their masked
     per-loop CE enters as a separate term, `task_weight` times the weighted mean over loops.
     `distill_weights` (T weights) adds `distill_scale` times the loop-distillation term on the corpus rows.
+    `shared_kv` ("last" or "mean") computes these losses on the shared-KV pass
+    (shared_kv.shared_kv_logits; the returned CEs are its) and adds `shared_kl` times the
+    loop-weighted KL from the per-loop pass (detached) to it on the corpus rows; `shared_joint`
+    adds the same losses on that per-loop pass too (it then runs with gradients).
     """
-    out = model.loop_outputs(x)
-    ce = per_loop_ce(out.logits, y)
     n = x.shape[0] - task_rows
-    per_loop = ce[:, :n].detach().mean(dim=(1, 2))
-    if objective == "weighted":
-        loss, _ = weighted_per_loop_loss(ce[:, :n], loop_weights)
-    elif objective == "entropy":
-        loss, _ = entropy_regularized_loss(ce[:, :n], out.gates[:, :n], beta)
+    gates, teacher = None, None
+    if shared_kv is None:
+        out = model.loop_outputs(x)
+        logits, gates = out.logits, out.gates
     else:
-        raise ValueError(f"unknown objective {objective!r}")
-    task_per_loop = None
-    if task_rows:
-        task_loss, task_per_loop = weighted_per_loop_loss(ce[:, n:], task_loop_weights or loop_weights, y[n:] != IGNORE_INDEX)
-        loss = loss + task_weight * task_loss
-    if distill_weights:
-        distill, _ = loop_distillation_loss(out.logits[:, :n], distill_weights)
-        loss = loss + distill_scale * distill
+        logits, teacher = shared_kv_logits(model, x, shared_kv, teacher_grad=shared_joint)
+
+    def task_loss(lg):
+        ce = per_loop_ce(lg, y)
+        if objective == "weighted":
+            loss, _ = weighted_per_loop_loss(ce[:, :n], loop_weights)
+        elif objective == "entropy":
+            if gates is None:
+                raise ValueError("the entropy objective needs the exit gates, which the shared-KV pass does not compute")
+            loss, _ = entropy_regularized_loss(ce[:, :n], gates[:, :n], beta)
+        else:
+            raise ValueError(f"unknown objective {objective!r}")
+        task_per_loop = None
+        if task_rows:
+            t_loss, task_per_loop = weighted_per_loop_loss(ce[:, n:], task_loop_weights or loop_weights, y[n:] != IGNORE_INDEX)
+            loss = loss + task_weight * t_loss
+        if distill_weights:
+            distill, _ = loop_distillation_loss(lg[:, :n], distill_weights)
+            loss = loss + distill_scale * distill
+        return loss, ce[:, :n].detach().mean(dim=(1, 2)), task_per_loop
+
+    loss, per_loop, task_per_loop = task_loss(logits)
+    if shared_kv is not None and shared_joint:
+        loss = loss + task_loss(teacher)[0]
+    if shared_kv is not None and shared_kl:
+        kl, _ = teacher_kl_loss(logits[:, :n], teacher[:, :n].detach(), loop_weights)
+        loss = loss + shared_kl * kl
     return loss, per_loop, task_per_loop
 
 
 @torch.no_grad()
-def evaluate_batches(model: LoopLM, batches, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_batches(model: LoopLM, batches, device: str = "cpu", shared_kv: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean per-loop CE [T], fraction [T] of tokens whose loop-t argmax equals the last loop's,
-    the draft quality of loop t) over fixed batches."""
+    the draft quality of loop t) over fixed batches; `shared_kv` evaluates the parallel shared-KV
+    pass of training (shared_kv.shared_kv_logits) instead of the per-loop forward."""
     was_training = model.training
     model.eval()
     total, agree, n = None, None, 0
     for x, y in batches:
-        logits = model.loop_outputs(x.to(device)).logits
+        x = x.to(device)
+        logits = model.loop_outputs(x).logits if shared_kv is None else shared_kv_logits(model, x, shared_kv)[0]
         ce = per_loop_ce(logits, y.to(device)).mean(dim=(1, 2)).cpu()
         am = logits.argmax(-1)
         ag = (am == am[-1]).float().mean(dim=(1, 2)).cpu()
@@ -241,6 +273,14 @@ def train(tc: TrainConfig) -> Path:
     train_data = TokenData(data_dir / "train.bin", tc.seq_len)
     val_path = data_dir / "val_text.bin" if (data_dir / "val_text.bin").is_file() else data_dir / "val.bin"
     val_batches = TokenData(val_path, tc.seq_len).fixed_batches(tc.eval_batches, tc.batch_size)
+    ood_batches = TokenData(tc.ood_val, tc.seq_len).fixed_batches(tc.eval_batches, tc.batch_size) if tc.ood_val else None
+    shared_modes = [m for m in tc.shared_kv_modes.split(",") if m] if tc.shared_kv_every else []
+    if tc.shared_kv_every:
+        if tc.shared_kv_every < 1 or not shared_modes or any(m not in SHARED_MODES for m in shared_modes):
+            raise ValueError(f"--shared-kv-every {tc.shared_kv_every} must be >= 1 and --shared-kv-modes "
+                             f"{tc.shared_kv_modes!r} a comma-separated list of {SHARED_MODES}")
+        if tc.objective != "weighted":
+            raise ValueError(f"shared-KV steps need --objective weighted (the shared pass has no gates), got {tc.objective!r}")
 
     phop, tokenizer = None, None
     if tc.phop_rows:
@@ -299,11 +339,16 @@ def train(tc: TrainConfig) -> Path:
             px, py = phop.batch(tc.phop_rows, seed=tc.seed * 1_000_003 + step)
             x, y = torch.cat([x, px]), torch.cat([y, py])
         x, y = x.to(tc.device), y.to(tc.device)
+        # shared-KV steps: every shared_kv_every-th step, the modes taking turns
+        shared = None
+        if shared_modes and (step + 1) % tc.shared_kv_every == 0:
+            shared = shared_modes[((step + 1) // tc.shared_kv_every - 1) % len(shared_modes)]
         with autocast:
             beta = tc.beta if progress < 0.5 else tc.beta_late
             loss, per_loop, task_per_loop = fwd(model, x, y, tc.objective, tuple(tc.loop_weights), beta,
                                                 tc.phop_rows, tc.phop_weight, tuple(tc.phop_loop_weights) or None,
-                                                tuple(tc.distill_weights) or None, tc.distill_scale)
+                                                tuple(tc.distill_weights) or None, tc.distill_scale, shared, tc.shared_kv_kl,
+                                                tc.shared_kv_joint)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -313,13 +358,17 @@ def train(tc: TrainConfig) -> Path:
         elapsed += now - t_last
         t_last = now
         per_loop = per_loop.float().cpu()
-        ema = per_loop if ema is None else 0.95 * ema + 0.05 * per_loop
+        if shared is None:  # the bar shows the per-loop regime's losses
+            ema = per_loop if ema is None else 0.95 * ema + 0.05 * per_loop
         bar.update(1)
-        bar.set_postfix_str(" ".join(f"L{t + 1}={v:.3f}" for t, v in enumerate(ema.tolist())) + f" lr={lr:.1e}")
+        if ema is not None:
+            bar.set_postfix_str(" ".join(f"L{t + 1}={v:.3f}" for t, v in enumerate(ema.tolist())) + f" lr={lr:.1e}")
         if step % tc.log_every == 0:
             rec = {"step": step, "elapsed_s": round(elapsed, 1), "lr": lr, "loss": loss.item(),
                    "per_loop": [round(v, 4) for v in per_loop.tolist()], "grad_norm": float(gnorm),
                    "tok_per_s": round(step * tc.batch_size * tc.seq_len / max(elapsed, 1e-9))}
+            if shared is not None:
+                rec["kv"] = shared
             if task_per_loop is not None:
                 rec["phop_per_loop"] = [round(v, 4) for v in task_per_loop.float().tolist()]
             log.write(json.dumps(rec) + "\n")
@@ -328,6 +377,13 @@ def train(tc: TrainConfig) -> Path:
             val, agree = evaluate_batches(model, val_batches, tc.device)
             msg = {"step": step, "val_per_loop": [round(v, 4) for v in val.tolist()],
                    "gap_1_T": round(float(val[0] - val[-1]), 4), "agree_with_T": [round(v, 3) for v in agree.tolist()]}
+            for mode in shared_modes:  # the parallel shared pass (training's approximation of decoding)
+                sval, sagree = evaluate_batches(model, val_batches, tc.device, shared_kv=mode)
+                msg[f"val_{mode}_per_loop"] = [round(v, 4) for v in sval.tolist()]
+            if ood_batches is not None:
+                oval, oagree = evaluate_batches(model, ood_batches, tc.device)
+                msg["ood_per_loop"] = [round(v, 4) for v in oval.tolist()]
+                msg["ood_agree_with_T"] = [round(v, 3) for v in oagree.tolist()]
             if phop is not None:  # held-out answer accuracy per loop on the first 400 problems
                 from .evaluate import phop_accuracy
 

@@ -90,7 +90,7 @@ def test_mode_options_reach_the_decoder_only_when_set(engine):
 
 def test_a_shared_kv_cache_reaches_the_engine(engine):
     modes = kv_modes()
-    assert modes[0] == "per_loop"
+    assert modes[0] == "per_loop" and sorted(modes[1:]) == ["last", "mean"]  # the loop below is not vacuous
     for kv in modes[1:]:
         run = make_run(engine, ["full"], *_controls(prompt="the cat sat", max_new_tokens=6, kv=kv))
         assert run.options["kv"] == kv
@@ -174,8 +174,9 @@ def test_markup_colours_each_token_by_its_loops():
 
 def test_summary_and_plot_use_the_decoder_details():
     steps = [_step(i, 1 + i % 3, info={"probs": [0.1 * (j + 1) for j in range(1 + i % 3)]}) for i in range(6)]
-    summ = render.summary(steps, 4, 0.5, {"tokens_per_s": 12.0, "acceptance_rate": 0.75})
-    assert summ["tokens"] == 6 and summ["tokens_per_s"] == 12.0 and math.isclose(summ["mean_loops"], 2.0)
+    summ = render.summary(steps, 4, 0.5, {"tokens_per_s": 12.0, "acceptance_rate": 0.75, "loops_computed_per_token": 3.5})
+    assert summ["tokens"] == 6 and summ["tokens_per_s"] == 12.0 and math.isclose(summ["mean_exit_loop"], 2.0)
+    assert "loops computed per token 3.50" in render.stats_html(summ, mode="anytime", state="done")
     assert summ["acceptance_rate"] == 0.75
     assert "acceptance 75.0%" in render.stats_html(summ, mode="speculative", state="done")
     assert render.chosen_probs(steps[2]) == pytest.approx([0.1, 0.2, 0.3])

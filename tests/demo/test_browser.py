@@ -135,7 +135,7 @@ def test_each_mode_streams_coloured_tokens_and_stats(server, browser, engine, ma
         stats = page.locator("#stats .looplm-stats")
         assert stats.get_attribute("data-tokens") == str(max_new)
         expect(stats).to_contain_text("tokens/s")
-        expect(stats).to_contain_text("mean loops")
+        expect(stats).to_contain_text("mean exit loop")
         if mode == "speculative":
             expect(stats).to_contain_text("acceptance")
             assert {t["reason"] for t in got} <= {"draft", "verify"}

@@ -4,19 +4,13 @@ import pytest
 import torch
 
 import looplm
-from looplm import LoopConfig, LoopLM
-from looplm.cache import LoopKVCache, SharedKVCache, cache_factory
-from looplm.decoding import prefill
+from looplm.paged import PagedKVCache, bytes_per_position
+from looplm.runner import Runner
+from looplm.work import Forward
 
-T = 4
+from .conftest import T, tiny_model
 
-
-def tiny_model(seed):
-    cfg = LoopConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, total_ut_steps=T, max_position_embeddings=128,
-    )  # fmt: skip
-    return LoopLM(cfg).init_weights(seed, std=0.2).eval()  # large std: loops (and so sharing) matter
+BLOCKS, BLOCK = 24, 4
 
 
 def _fresh():
@@ -25,33 +19,59 @@ def _fresh():
     return tiny_model(seed), prompts
 
 
-def _collapse(ref: LoopKVCache, kv: str, row: int, positions) -> None:
+def _runner(model, kv):
+    return Runner(model, PagedKVCache(model.config, BLOCKS, BLOCK, kv=kv))
+
+
+def _run(runner, work: dict[int, Forward]):
+    """One runner step over {sequence id: Forward}; a sequence is admitted when first seen."""
+    pool = runner.cache.pool
+    items = []
+    for seq, fwd in work.items():
+        if seq not in pool.tables:
+            pool.admit(seq, 32)
+        fwd.pos = torch.as_tensor(fwd.pos)
+        items.append((pool.ensure(seq, int(fwd.pos.max()) + 1), fwd))
+    return runner.run(items)
+
+
+def _prefill(runner, prompts, **kw):
+    return _run(runner, {r: Forward(torch.tensor([p]), torch.arange(len(p))[None], logits="last", **kw) for r, p in enumerate(prompts)})
+
+
+def _index(runner, seq, positions) -> torch.Tensor:
+    table = runner.cache.pool.tables[seq]
+    return torch.tensor([runner.cache.flat(table, p) for p in positions])
+
+
+def _collapse(ref: Runner, kv: str, seq: int, positions) -> None:
     """Independent model of sharing: every loop's slot of these positions gets the shared value."""
-    for buf in (ref.k, ref.v):
-        x = buf[:, :, row, :, positions]  # (T, L, Hkv, P, D)
-        buf[:, :, row, :, positions] = (x[-1] if kv == "last" else x.mean(0))[None]
+    idx = _index(ref, seq, positions)
+    for buf in (ref.cache.k, ref.cache.v):
+        x = buf[:, :, :, idx]  # (T, L, Hkv, P, D)
+        buf[:, :, :, idx] = (x[-1] if kv == "last" else x.mean(0))[None]
 
 
 @pytest.mark.parametrize("kv", ["last", "mean"])
 def test_prefill_is_per_loop_then_collapses_and_cache_is_T_fold_smaller(kv):
     model, prompts = _fresh()
-    with torch.inference_mode():
-        per_loop = model.new_cache(3, 24)
-        shared = cache_factory(kv)(model, 3, 24)
-        want = prefill(model, per_loop, prompts, logits_loops="all").logits
-        got = prefill(model, shared, prompts, logits_loops="all").logits
-    assert isinstance(shared, SharedKVCache) and shared.kv == kv and shared.pending_nbytes == 0
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # prefill computed with per-loop KV, exactly
-    assert per_loop.nbytes == T * shared.nbytes  # x4 for Ouro's T = 4
-    assert shared.bytes_per_token() * T == per_loop.bytes_per_token()
+    per_loop, shared = _runner(model, "per_loop"), _runner(model, kv)
+    want = _prefill(per_loop, prompts, logits_loops="all")
+    got = _prefill(shared, prompts, logits_loops="all")
+    assert shared.cache.kv == kv and shared.cache.slots == 1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.logits, w.logits, rtol=0, atol=0)  # prefill computed with per-loop KV, exactly
+    assert per_loop.cache.nbytes == T * shared.cache.nbytes  # x4 for Ouro's T = 4
+    assert shared.cache.bytes_per_token() * T == per_loop.cache.bytes_per_token()
+    assert shared.cache.bytes_per_token() == bytes_per_position(model.config, kv, torch.float32)
     for r, p in enumerate(prompts):
-        n = len(p)
+        sk, sv = shared.cache.sequence(shared.cache.pool.tables[r], len(p))  # (1, L, Hkv, n, D)
+        pk, pv = per_loop.cache.sequence(per_loop.cache.pool.tables[r], len(p))  # (T, L, Hkv, n, D)
         if kv == "last":
-            assert torch.equal(shared.k[0, :, r, :, :n], per_loop.k[T - 1, :, r, :, :n])
-            assert torch.equal(shared.v[0, :, r, :, :n], per_loop.v[T - 1, :, r, :, :n])
+            assert torch.equal(sk[0], pk[T - 1]) and torch.equal(sv[0], pv[T - 1])
         else:
-            torch.testing.assert_close(shared.k[0, :, r, :, :n], per_loop.k[:, :, r, :, :n].mean(0), rtol=0, atol=1e-6)
-            torch.testing.assert_close(shared.v[0, :, r, :, :n], per_loop.v[:, :, r, :, :n].mean(0), rtol=0, atol=1e-6)
+            torch.testing.assert_close(sk[0], pk.mean(0), rtol=0, atol=1e-6)
+            torch.testing.assert_close(sv[0], pv.mean(0), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kv", ["last", "mean"])
@@ -61,44 +81,52 @@ def test_decode_equals_per_loop_decode_over_a_collapsed_history(kv):
     # "mean": the cache averages in another order than _collapse; float32 rounding compounds over the
     # loops, measured up to 5e-6 of the largest logit over 60 fresh models (one test flaked at 1e-5 absolute)
     rel = 0 if kv == "last" else 1e-4
-    with torch.inference_mode():
-        shared, ref, exact = cache_factory(kv)(model, 3, 24), model.new_cache(3, 24), model.new_cache(3, 24)
-        out = prefill(model, shared, prompts)
-        prefill(model, ref, prompts)
-        prefill(model, exact, prompts)
-        for r, p in enumerate(prompts):
-            _collapse(ref, kv, r, list(range(len(p))))
-        pos = shared.lengths.clone()
-        tok = out.logits[-1, :, 0].argmax(-1)
-        max_diff_vs_exact = 0.0
-        for _ in range(5):
-            args = (model.embed(tok[:, None]), pos[:, None])
-            got = model.forward_loops(*args, shared, logits="last", logits_loops="all").logits
-            want = model.forward_loops(*args, ref, logits="last", logits_loops="all").logits
-            per_loop = model.forward_loops(*args, exact, logits="last", logits_loops="all").logits
-            torch.testing.assert_close(got, want, rtol=0, atol=rel * float(want.abs().max()))
-            max_diff_vs_exact = max(max_diff_vs_exact, float((got - per_loop).abs().max()))
-            for r in range(3):
-                _collapse(ref, kv, r, [int(pos[r])])
-            tok, pos = got[-1, :, 0].argmax(-1), pos + 1
+    shared, ref, exact = _runner(model, kv), _runner(model, "per_loop"), _runner(model, "per_loop")
+    out = _prefill(shared, prompts)
+    _prefill(ref, prompts)
+    _prefill(exact, prompts)
+    for r, p in enumerate(prompts):
+        _collapse(ref, kv, r, range(len(p)))
+    pos = [len(p) for p in prompts]
+    tok = [int(o.logits[-1, 0, 0].argmax()) for o in out]
+    max_diff_vs_exact = 0.0
+    for _ in range(5):
+        def work():
+            return {r: Forward(torch.tensor([[tok[r]]]), [[pos[r]]], logits="last", logits_loops="all") for r in range(3)}
+
+        got, want, per_loop = _run(shared, work()), _run(ref, work()), _run(exact, work())
+        for r in range(3):
+            torch.testing.assert_close(got[r].logits, want[r].logits, rtol=0, atol=rel * float(want[r].logits.abs().max()))
+            max_diff_vs_exact = max(max_diff_vs_exact, float((got[r].logits - per_loop[r].logits).abs().max()))
+            _collapse(ref, kv, r, [pos[r]])
+        tok, pos = [int(o.logits[-1, 0, 0].argmax()) for o in got], [p + 1 for p in pos]
     assert max_diff_vs_exact > 1e-3  # sharing really changed something (the test is not vacuous)
 
 
 def test_mean_resumed_position_continues_its_average():
-    """A token run as loops 0-1 in one call and 2-3 in a later call (anytime, verify) = one 4-loop call."""
+    """A token run as loops 0-1 in one step and 2-3 in a later step (anytime, verify) = one 4-loop step."""
     model, prompts = _fresh()
-    with torch.inference_mode():
-        a, b = cache_factory("mean")(model, 3, 24), cache_factory("mean")(model, 3, 24)
-        prefill(model, a, prompts)
-        prefill(model, b, prompts)
-        pos = a.lengths.clone()[:, None]
-        h = model.embed(torch.randint(0, 64, (3, 1)))
-        one = model.forward_loops(h, pos, a, logits="last")
-        first = model.forward_loops(h, pos, b, num_loops=2)
-        assert b.pending_nbytes == 0  # committed: positions hold mean(K_0, K_1)
-        two = model.forward_loops(first.hidden[-1], pos, b, start_loop=2, logits="last")
-    torch.testing.assert_close(two.logits, one.logits, rtol=0, atol=1e-6)
-    torch.testing.assert_close(b.k, a.k, rtol=0, atol=1e-6)
+    a, b, ref = _runner(model, "mean"), _runner(model, "mean"), _runner(model, "per_loop")
+    for r in (a, b, ref):
+        _prefill(r, prompts)
+    for r, p in enumerate(prompts):
+        _collapse(ref, "mean", r, range(len(p)))
+    pos = [[len(p)] for p in prompts]
+    h = model.embed(torch.randint(0, 64, (3, 1)))
+    one = _run(a, {r: Forward(h[r : r + 1], pos[r], logits="last") for r in range(3)})
+    first = _run(b, {r: Forward(h[r : r + 1], pos[r], num_loops=2) for r in range(3)})
+    _run(ref, {r: Forward(h[r : r + 1], pos[r], num_loops=2) for r in range(3)})
+    for r in range(3):  # settled after the step: the position holds mean(K_0, K_1) of its own loops
+        ib, ie = _index(b, r, pos[r]), _index(ref, r, pos[r])
+        for buf_b, buf_ref in ((b.cache.k, ref.cache.k), (b.cache.v, ref.cache.v)):
+            torch.testing.assert_close(buf_b[0][:, :, ib], buf_ref[:2][:, :, :, ie].mean(0), rtol=0, atol=1e-5)
+    two = _run(b, {r: Forward(first[r].hidden[-1], pos[r], start_loop=2, logits="last") for r in range(3)})
+    for r in range(3):
+        torch.testing.assert_close(two[r].logits, one[r].logits, rtol=0, atol=1e-6)
+        ka, va = a.cache.sequence(a.cache.pool.tables[r], pos[r][0] + 1)
+        kb, vb = b.cache.sequence(b.cache.pool.tables[r], pos[r][0] + 1)
+        torch.testing.assert_close(kb, ka, rtol=0, atol=1e-6)
+        torch.testing.assert_close(vb, va, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kv", ["per_loop", "last", "mean"])
@@ -107,14 +135,16 @@ def test_engine_generate_with_kv_option(kv):
     model, prompts = _fresh()
     engine = looplm.Engine(model)
     gens = engine.generate(prompts, max_new_tokens=6, stop=[], kv=kv)
-    cache = cache_factory(kv)(model, 3, 32) if kv != "per_loop" else model.new_cache(3, 32)
-    with torch.inference_mode():
-        tok = prefill(model, cache, prompts).logits[-1, :, 0].argmax(-1)
-        pos, want = cache.lengths.clone(), [tok]
-        for _ in range(5):
-            tok = model.forward_loops(model.embed(tok[:, None]), pos[:, None], cache, logits="last").logits[-1, :, 0].argmax(-1)
-            pos, want = pos + 1, want + [tok]
-    assert [g.tokens for g in gens] == torch.stack(want, 1).tolist()
+    runner = _runner(model, kv)
+    tok = [int(o.logits[-1, 0, 0].argmax()) for o in _prefill(runner, prompts)]
+    pos, want = [len(p) for p in prompts], [[t] for t in tok]
+    for _ in range(5):
+        outs = _run(runner, {r: Forward(torch.tensor([[tok[r]]]), [[pos[r]]], logits="last") for r in range(3)})
+        tok, pos = [int(o.logits[-1, 0, 0].argmax()) for o in outs], [p + 1 for p in pos]
+        for r in range(3):
+            want[r].append(tok[r])
+    assert [g.tokens for g in gens] == want
+    assert {kv} == set(engine.scheduler.runners) and engine.scheduler.runners[kv].cache.kv == kv
     with pytest.raises(ValueError, match="kv must be one of"):
         engine.generate(prompts[0], max_new_tokens=2, kv="first")
 
@@ -126,13 +156,10 @@ def test_shared_kv_runs_in_speculative_and_anytime_modes(kv):
     n = 7
     for mode, opts in [("speculative", dict(draft_loop=2)), ("speculative", dict(draft_loop=1, draft_len=3)),
                        ("anytime", dict(skip="shared", budget_loops=2))]:
-        try:
-            gens = engine.generate(prompts, max_new_tokens=n, stop=[], kv=kv, mode=mode, **opts)
-        except ValueError as e:
-            if "is not available" in str(e):
-                pytest.skip(f"mode {mode!r} has not landed: {e}")
-            raise
+        gens = engine.generate(prompts, max_new_tokens=n, stop=[], kv=kv, mode=mode, **opts)
         assert [len(g.tokens) for g in gens] == [n] * 3
         assert all(0 <= t < 64 for g in gens for t in g.tokens)
+        assert all(g.stats["kv"] == kv for g in gens)
         if mode == "speculative":  # pipelined (k divides T) and in rounds; neither is exact on a shared cache
             assert gens[0].stats["pipeline"] == ("draft_len" not in opts) and gens[0].stats["exact_cache"] is False
+    assert set(engine.scheduler.runners) == {kv}  # no per-loop cache was ever built

@@ -6,6 +6,9 @@ import torch
 import kernels
 import looplm
 from looplm import LoopConfig, LoopLM
+from looplm.paged import PagedKVCache
+from looplm.runner import Runner
+from looplm.work import Forward
 
 
 def tiny_model(seed=0, std=0.2):
@@ -17,18 +20,24 @@ def tiny_model(seed=0, std=0.2):
 
 
 def _decode_logits(model, prompts, steps=3):
-    """Prefill ragged prompts, then `steps` greedy decode steps; every loop's logits of every call."""
-    from looplm.decoding import prefill
+    """Prefill ragged prompts, then `steps` greedy decode steps, every sequence in each runner step;
+    every loop's logits of every call (the runner attends with `model.attention`)."""
+    runner = Runner(model, PagedKVCache(model.config, 16, 4))
+    pool = runner.cache.pool
 
-    cache = model.new_cache(len(prompts), 32)
-    out = prefill(model, cache, prompts, logits_loops="all")
-    logits = [out.logits]
-    pos = cache.lengths.clone()
-    tok = out.logits[-1, :, 0].argmax(-1)
+    def run(fwds):
+        return runner.run([(pool.ensure(r, int(f.pos.max()) + 1), f) for r, f in enumerate(fwds)])
+
+    for r, p in enumerate(prompts):
+        pool.admit(r, len(p) + steps)
+    outs = run([Forward(torch.tensor([p]), torch.arange(len(p))[None], logits="last", logits_loops="all") for p in prompts])
+    logits = [o.logits for o in outs]
+    pos = [len(p) for p in prompts]
     for _ in range(steps):
-        out = model.forward_loops(model.embed(tok[:, None]), pos[:, None], cache, logits="last", logits_loops="all")
-        logits.append(out.logits)
-        tok, pos = out.logits[-1, :, 0].argmax(-1), pos + 1
+        tok = [int(o.logits[-1, 0, 0].argmax()) for o in outs]
+        outs = run([Forward(torch.tensor([[t]]), torch.tensor([[q]]), logits="last", logits_loops="all") for t, q in zip(tok, pos)])
+        logits += [o.logits for o in outs]
+        pos = [q + 1 for q in pos]
     return logits
 
 
@@ -48,13 +57,22 @@ def test_model_with_backend_matches_reference_path(name):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_use_accepts_an_engine_and_generation_is_unchanged():
+def test_use_accepts_an_engine_and_generation_is_unchanged(monkeypatch):
     engine = looplm.Engine(tiny_model())
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     want = [g.tokens for g in engine.generate(prompts, max_new_tokens=6, stop=[])]
-    assert kernels.use(engine, "reference") is kernels.reference_attention
-    assert engine.model.attention is kernels.reference_attention
+    calls = []
+
+    def spy(*args):  # the reference backend, counting its calls: the engine's runner must attend with it
+        calls.append(1)
+        return reference(*args)
+
+    reference = kernels.reference_attention
+    monkeypatch.setattr(kernels, "reference_attention", spy)
+    assert kernels.use(engine, "reference") is spy
+    assert engine.model.attention is spy
     assert [g.tokens for g in engine.generate(prompts, max_new_tokens=6, stop=[])] == want
+    assert calls
     with pytest.raises(TypeError):
         kernels.use(object(), "sdpa")
 
