@@ -28,7 +28,7 @@ def _serve(argv: list[str] | None) -> int:
     parser = Parser(prog="python -m demo", description=__doc__)
     parser.add_argument("--model", default=None, help="Ouro checkpoint directory with tokenizer.json (default: the bundled model)")
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: Gradio's, 7860 or the next free one)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests decoded at once (the engine batches them; default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests decoded at once, batched by the engine (default: %(default)s)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="weights' dtype (default: float32 on the CPU, the checkpoint's elsewhere)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")

@@ -110,13 +110,9 @@ class Engine:
         prompts = validate.prompts(prompt)
         seed = kwargs.pop("seed", None)
         streams = []
-        try:
-            for i, p in enumerate(prompts):  # prompt i of a list samples with seed + i: its own stream of draws
-                streams.append(self._submit(p, max_new_tokens, mode, {**kwargs, "seed": None if seed is None else seed + i}, i))
-        except BaseException:
-            for s in streams:
-                s.close()
-            raise
+        for i, p in enumerate(prompts):  # prompt i of a list samples with seed + i: its own stream of draws
+            streams.append(self._submit(p, max_new_tokens, mode, {**kwargs, "seed": None if seed is None else seed + i}, i))
+        self.scheduler.submit([s._request for s in streams])  # together: a bad request queues none of them
         if len(streams) == 1 and not self._is_batch(prompt):
             return streams[0]
         return BatchStream(streams)
@@ -184,6 +180,7 @@ class Engine:
         return out
 
     def _submit(self, prompt, max_new_tokens, mode, kwargs, index: int = 0) -> "Stream":
+        """A validated request (its decoder started) and its Stream; the caller queues it."""
         from .scheduler import Request
 
         decoder_fn = resolve_mode(mode)
@@ -200,7 +197,6 @@ class Engine:
             request.first = next(decoder)
         except StopIteration:
             request.first = None
-        self.scheduler.submit(request)
         return Stream(self.scheduler, request)
 
 

@@ -186,6 +186,19 @@ class Runner:
         self.steps = 0
         self.fixed_steps: dict[tuple, object] = {}  # (rows, ctx, compiled) -> kernels.fast_step.FixedStep
 
+    def run_sequences(self, work: dict[int, Forward], reserve: int) -> list[LoopOutput]:
+        """One step over {sequence id: Forward} outside an engine (tests and tools): a sequence
+        is admitted for `reserve` positions when first seen, and its table grows to cover the
+        Forward's positions. Returns the outputs in the dict's order."""
+        pool = self.cache.pool
+        items = []
+        for seq, fwd in work.items():
+            if seq not in pool.tables:
+                pool.admit(seq, reserve)
+            fwd.pos = torch.as_tensor(fwd.pos, device=self.cache.k.device)
+            items.append((pool.ensure(seq, int(fwd.pos.max()) + 1), fwd))
+        return self.run(items)
+
     def _fixed_ok(self, fwd: Forward) -> bool:
         return (fwd.step in ("fixed", "compiled") and not fwd.copy_slots and fwd.start_loop == 0
                 and fwd.num_loops == self.model.num_loops and fwd.logits == "last" and fwd.logits_loops == "last"

@@ -130,16 +130,19 @@ class Scheduler:
             return {"running": len(self.running), "waiting": len(self.waiting), "caches": caches}
 
     # -- submission -----------------------------------------------------------------------------
-    def submit(self, request: Request) -> None:
-        """Queues a request whose decoder has already yielded its first item (`request.first`)."""
-        blocks = -(-request.positions // self.block_size)
-        total = self.num_blocks(request.req.kv)
-        if blocks > total:
-            raise ValueError(f"the request needs {request.positions} cache positions ({blocks} blocks of {self.block_size}); "
-                             f"the whole {request.req.kv} cache holds {total} blocks: raise cache_bytes or lower max_new_tokens")
+    def submit(self, requests: list[Request]) -> None:
+        """Queues requests whose decoders have already yielded their first item (`request.first`),
+        all at once (they join the same step); nothing is queued when one can never fit."""
+        for request in requests:
+            blocks = -(-request.positions // self.block_size)
+            total = self.num_blocks(request.req.kv)
+            if blocks > total:
+                raise ValueError(f"the request needs {request.positions} cache positions ({blocks} blocks of {self.block_size}); "
+                                 f"the whole {request.req.kv} cache holds {total} blocks: raise cache_bytes or lower max_new_tokens")
         with self._lock:
-            request.id = next(self._ids)
-            self.waiting.append(request)
+            for request in requests:
+                request.id = next(self._ids)
+                self.waiting.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="looplm-engine", daemon=True)
                 self._thread.start()

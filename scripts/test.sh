@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-echo "[test] tests: .venv/bin/python -m pytest -q $* (about 6 minutes on 2 cores; a dot per passed test)"
+echo "[test] tests: .venv/bin/python -m pytest -q $* (10 to 20 minutes on 2 cores; a dot per passed test)"
 exec .venv/bin/python -m pytest -q "$@"

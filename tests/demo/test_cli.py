@@ -40,5 +40,5 @@ def test_a_taken_port_is_a_readable_error(tiny_checkpoint, monkeypatch, capsys):
 def test_help_lists_options_with_defaults(capsys):
     assert cli.main(["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "--concurrency CONCURRENCY requests decoded at once, each with its own cache (default: 4)" in out
+    assert "--concurrency CONCURRENCY requests decoded at once, batched by the engine (default: 4)" in out
     assert "--threads" in out and "(default: the bundled model)" in out

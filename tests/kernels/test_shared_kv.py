@@ -25,14 +25,7 @@ def _runner(model, kv):
 
 def _run(runner, work: dict[int, Forward]):
     """One runner step over {sequence id: Forward}; a sequence is admitted when first seen."""
-    pool = runner.cache.pool
-    items = []
-    for seq, fwd in work.items():
-        if seq not in pool.tables:
-            pool.admit(seq, 32)
-        fwd.pos = torch.as_tensor(fwd.pos)
-        items.append((pool.ensure(seq, int(fwd.pos.max()) + 1), fwd))
-    return runner.run(items)
+    return runner.run_sequences(work, 32)
 
 
 def _prefill(runner, prompts, **kw):

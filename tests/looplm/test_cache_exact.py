@@ -38,14 +38,7 @@ def _shuffled_ensure(pool, order):
 
 def step(runner, work: dict[int, Forward]):
     """One runner step over {sequence id: Forward}; sequences are admitted on first sight."""
-    pool = runner.cache.pool
-    items = []
-    for seq, fwd in work.items():
-        if seq not in pool.tables:
-            pool.admit(seq, 64)
-        fwd.pos = torch.as_tensor(fwd.pos)
-        items.append((pool.ensure(seq, int(fwd.pos.max()) + 1), fwd))
-    return runner.run(items)
+    return runner.run_sequences(work, 64)
 
 
 def prompt_forward(model, ids, **kw) -> Forward:
