@@ -119,8 +119,14 @@ class _Attend:
 
     def __init__(self, plan: _Plan, attn_fn):
         self.plan, self.attn_fn = plan, attn_fn
-        self.step = 0
-        self.n = plan.n_tokens
+        self.at(0, plan.n_tokens)
+
+    def at(self, step: int, n: int) -> None:
+        """Moves to loop step `step` with the first n tokens running; the write indices of the
+        step are built here once, for every layer."""
+        self.step, self.n = step, n
+        self.loops = [t + step for t in self.plan.loops[:n]]
+        self.index = (self.plan.loops_t[:n] + step, self.plan.flat_t[:n])
 
     @property
     def pos(self) -> torch.Tensor:
@@ -134,9 +140,8 @@ class _Attend:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         """q (N, Hq, 1, D), k/v (N, Hkv, 1, D) of the running tokens -> (N, Hq, 1, D)."""
-        plan, cache, i, n = self.plan, self.plan.cache, self.step, self.n
-        loops = [t + i for t in plan.loops[:n]]
-        cache.write(layer, loops, plan.flat[:n], k[:, :, 0], v[:, :, 0], (plan.loops_t[:n] + i, plan.flat_t[:n]))
+        plan, n = self.plan, self.n
+        plan.cache.write(layer, self.loops, plan.flat[:n], k[:, :, 0], v[:, :, 0], self.index)
         if len(plan.batches) == 1:
             b = plan.batches[0]
             if b.contiguous and b.tok.numel() == n and b.first[0] == 0:
@@ -177,12 +182,11 @@ class _Attend:
 class Runner:
     """Runs the step's Forwards of many sequences over one paged cache (see the module docstring).
 
-    Counts the work it did: `token_loops` ((token, loop) pairs) and `steps` (calls).
+    Counts its calls in `steps`.
     """
 
     def __init__(self, model: LoopLM, cache: PagedKVCache):
         self.model, self.cache = model, cache
-        self.token_loops = 0
         self.steps = 0
         self.fixed_steps: dict[tuple, object] = {}  # (rows, ctx, compiled) -> kernels.fast_step.FixedStep
 
@@ -269,7 +273,6 @@ class Runner:
         hid = torch.stack(step(h, pos_t, flat, index))[:, :n]  # (T, n, H)
         logits = m.head(hid[-1])
         gates = m.gate(hid)
-        self.token_loops += n * m.num_loops
         return [LoopOutput(hid[:, i, None, None], gates[:, i, None, None], logits[None, i, None, None]) for i in range(n)]
 
     def _run_plan(self, items, shapes) -> list[LoopOutput]:
@@ -283,12 +286,11 @@ class Runner:
         x = h[:, None]  # (N, 1, H): every token a row of one position
         for i in range(plan.max_steps):
             n = plan.active(i)
-            ctx.step, ctx.n = i, n
+            ctx.at(i, n)
             x = m.loop_body(x[:n], cos[:n], sin[:n], ctx)
             hiddens.append(x[:, 0])
             gates.append(m.gate(x[:, 0]))
         cache.end_step()
-        self.token_loops += sum(plan.steps)
         return self._outputs(items, plan, shapes, hiddens, gates)
 
     def _inputs(self, fwd: Forward) -> torch.Tensor:
@@ -351,8 +353,7 @@ def drive(runner: Runner, seq: int, positions: int, decoder):
     sequence's blocks stay allocated afterwards so its cache can be read back
     (`runner.cache.sequence(table, n)`); free them with `runner.cache.pool.release(seq)`.
     """
-    pool = runner.cache.pool
-    pool.admit(seq, positions)
+    runner.cache.pool.admit(seq, positions)
     value = None
     while True:
         try:
@@ -360,9 +361,7 @@ def drive(runner: Runner, seq: int, positions: int, decoder):
         except StopIteration:
             return
         if isinstance(item, Forward):
-            item.pos = torch.as_tensor(item.pos, device=runner.cache.k.device)
-            table = pool.ensure(seq, int(item.pos.max()) + 1)
-            value = runner.run([(table, item)])[0]
+            value = runner.run_sequences({seq: item}, positions)[0]
         else:
             value = None
             yield item

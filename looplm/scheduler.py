@@ -240,7 +240,7 @@ class Scheduler:
                     r.prefill_loops += n
                 r.weight_passes += fwd.num_loops
                 r.runner_steps += 1
-                out = self._collect(r, fwd, out)
+                out = self._collect(r, out)
                 if out is not None:
                     r.forwards += 1
                     r.pending = None
@@ -292,7 +292,7 @@ class Scheduler:
         return Forward(inputs, fwd.pos, start_loop=fwd.start_loop + i, num_loops=1, logits=logits,
                        copy_slots=fwd.copy_slots if i == 0 else [])
 
-    def _collect(self, r: Request, piece: Forward, out):
+    def _collect(self, r: Request, out):
         """The output to hand r's decoder, or None while chunks of its prompt (or loops of its
         Forward) remain."""
         if r.slices is not None:
