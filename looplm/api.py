@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,23 +272,22 @@ class BatchStream:
 
 def check_mode_options(mode: str, decoder_fn, options: dict, given: dict) -> None:
     """Raises ValueError for an option the mode's decoder does not take, naming the mode it belongs to."""
-    import inspect
-
-    accepted = set(list(inspect.signature(decoder_fn).parameters)[2:])
+    accepted = _decoder_options(decoder_fn)
     for key in options:
         if key in accepted:
             continue
-        owners = [m for m in MODES if m != mode and key in _mode_params(m)]
+        owners = [m for m in MODES if m != mode and key in _decoder_options(resolve_mode(m))]
         where = f"; it is an option of mode {owners[0]!r}" if owners else ""
         source = "" if key in given else " (from the checkpoint's generation_config.json)"
         raise ValueError(f"unknown option {key!r}{source} for mode {mode!r}{where}; mode {mode!r} takes: "
                          f"{', '.join(sorted(accepted)) or 'no options'}")
 
 
-def _mode_params(mode: str) -> set[str]:
-    import inspect
-
-    return set(list(inspect.signature(resolve_mode(mode)).parameters)[2:])
+@functools.lru_cache(maxsize=None)
+def _decoder_options(decoder_fn) -> frozenset[str]:
+    """The option names a decoder takes: its parameters after (model, request). Read once per
+    decoder, not once per request."""
+    return frozenset(list(inspect.signature(decoder_fn).parameters)[2:])
 
 
 def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None, tp: int | None = None,
