@@ -17,7 +17,7 @@ holds the tensors and the write/read/copy operations the runner (looplm.runner) 
 from __future__ import annotations
 
 import heapq
-from typing import Literal
+from typing import Hashable, Literal
 
 import torch
 
@@ -41,6 +41,12 @@ def bytes_per_position(cfg: LoopConfig, kv: str, dtype: torch.dtype) -> int:
     return 2 * slots * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def lane_blocks(lanes: int, positions: int, block_size: int) -> int:
+    """Blocks that `lanes` lanes of a sequence alive at once, each writing at most `positions`
+    positions from its fork, may hold (a fork inside a block owns that block and the ones after)."""
+    return lanes * (1 + -(-(positions - 1) // block_size)) if lanes and positions else 0
+
+
 class BlockPool:
     """Which blocks are free and which sequence holds which (no tensors).
 
@@ -50,6 +56,12 @@ class BlockPool:
     last one so that a sequence's positions stay contiguous when the pool is not fragmented (a
     contiguous sequence is read as a view, without a gather). `release` frees a sequence's blocks
     and its unused reservation.
+
+    Lanes (spec.trees: draft siblings at the same position) are forks of a sequence: a lane's
+    table shares the sequence's whole blocks before its fork position and owns the rest. Its
+    blocks come from the sequence's reservation (`admit(..., extra_blocks=lane_blocks(...))`, a function of this module) and
+    return to it when the lane is dropped or replaces the sequence's table (`adopt`); a block two
+    tables hold is freed when the last one lets go of it.
     """
 
     def __init__(self, num_blocks: int, block_size: int):
@@ -58,8 +70,10 @@ class BlockPool:
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = set(range(num_blocks))
         self._heap = list(range(num_blocks))  # free blocks, lowest first (entries of taken blocks are skipped lazily)
-        self.tables: dict[int, list[int]] = {}
+        self.tables: dict[Hashable, list[int]] = {}  # seq or (seq, lane) -> block ids in position order
         self._reserved: dict[int, int] = {}  # seq -> blocks promised but not yet taken
+        self._lanes: dict[int, dict[int, int]] = {}  # seq -> {lane: fork position}
+        self._holders: dict[int, int] = {}  # block -> tables holding it beyond the first (forked prefixes)
 
     @property
     def used(self) -> int:
@@ -73,12 +87,13 @@ class BlockPool:
     def blocks_for(self, positions: int) -> int:
         return -(-positions // self.block_size)
 
-    def can_admit(self, positions: int) -> bool:
-        return self.blocks_for(positions) <= self.free
+    def can_admit(self, positions: int, extra_blocks: int = 0) -> bool:
+        return self.blocks_for(positions) + extra_blocks <= self.free
 
-    def admit(self, seq: int, positions: int) -> None:
-        """Reserves the blocks of `positions` positions for sequence `seq`."""
-        need = self.blocks_for(positions)
+    def admit(self, seq: int, positions: int, extra_blocks: int = 0) -> None:
+        """Reserves the blocks of `positions` positions for sequence `seq`, plus `extra_blocks` for
+        its lanes (`lane_blocks`)."""
+        need = self.blocks_for(positions) + extra_blocks
         if seq in self.tables:
             raise ValueError(f"sequence {seq} is already admitted")
         if need > self.free:
@@ -104,11 +119,102 @@ class BlockPool:
         return table
 
     def release(self, seq: int) -> None:
-        """Frees the sequence's blocks and its reservation (a no-op for an unknown sequence)."""
-        for block in self.tables.pop(seq, []):
+        """Frees the sequence's blocks, its lanes' and its reservation (a no-op for an unknown sequence)."""
+        for lane in self._lanes.pop(seq, {}):
+            self._let_go(self.tables.pop((seq, lane)))
+        self._let_go(self.tables.pop(seq, []))
+        self._reserved.pop(seq, None)
+
+    # -- lanes (forks of a sequence's table) ------------------------------------------------------
+    def lanes(self, seq: int) -> dict[int, int]:
+        """{lane: fork position} of the sequence's live lanes."""
+        return self._lanes.get(seq, {})
+
+    def fork(self, seq: int, lane: int, pos: int) -> tuple[int, int, int] | None:
+        """Starts lane `lane` of `seq`: positions [0, pos) are seq's, positions >= pos the lane's own.
+
+        The lane shares seq's blocks before pos's block. When pos is not block-aligned the lane owns
+        a block in place of pos's, whose first pos % block_size positions must hold seq's entries:
+        returns that copy as (seq's block, the lane's block, positions), else None. The copy goes
+        stale when seq writes those positions again (its tokens still running later loops): see
+        `lane_copies`.
+        """
+        table = self.tables[seq]
+        lanes = self._lanes.setdefault(seq, {})
+        if lane == 0 or lane in lanes:
+            raise ValueError(f"lane {lane} of sequence {seq} is 0 or already exists")
+        nb, off = divmod(pos, self.block_size)
+        if len(table) < nb + (off > 0):
+            raise ValueError(f"sequence {seq} forks at position {pos}, beyond the {len(table)} blocks it holds")
+        shared = table[:nb]
+        for block in shared:
+            self._holders[block] = self._holders.get(block, 0) + 1
+        self.tables[seq, lane] = shared
+        lanes[lane] = pos
+        if not off:
+            return None
+        own = self._take_reserved(seq, table[-1] + 1)
+        shared.append(own)
+        return table[nb], own, off
+
+    def lane_copies(self, seq: int) -> list[tuple[int, int, int]]:
+        """(seq's block, lane's block, positions) that refresh every lane's copy of the positions
+        before its fork inside its fork block: seq's tokens there may still be running later
+        loops, which write their K/V into seq's block only."""
+        out = []
+        for lane, pos in self._lanes.get(seq, {}).items():
+            nb, off = divmod(pos, self.block_size)
+            if off:
+                out.append((self.tables[seq][nb], self.tables[seq, lane][nb], off))
+        return out
+
+    def ensure_lane(self, seq: int, lane: int, positions: int) -> list[int]:
+        """Makes the lane's table cover positions [0, positions) (blocks from seq's reservation)."""
+        table = self.tables[seq, lane]
+        while len(table) * self.block_size < positions:
+            table.append(self._take_reserved(seq, table[-1] + 1 if table else None))
+        return table
+
+    def drop(self, seq: int, lane: int) -> None:
+        """Ends a lane: blocks only it held return to seq's reservation."""
+        del self._lanes[seq][lane]
+        self._reserved[seq] += self._let_go(self.tables.pop((seq, lane)))
+
+    def adopt(self, seq: int, lane: int) -> None:
+        """The lane's table becomes the sequence's; blocks only seq's old table held return to its
+        reservation. Other lanes keep their forks (drop those forked off the replaced table)."""
+        old = self.tables[seq]
+        self.tables[seq] = self.tables.pop((seq, lane))
+        del self._lanes[seq][lane]
+        self._reserved[seq] += self._let_go(old)
+
+    def _take_reserved(self, seq: int, prefer: int | None) -> int:
+        """Takes a free block out of seq's reservation, `prefer` if it is free."""
+        if self._reserved[seq] < 1:
+            raise RuntimeError(f"sequence {seq}'s lanes need more blocks than it reserved for them")
+        if prefer not in self._free:
+            while self._heap[0] not in self._free:
+                heapq.heappop(self._heap)
+            prefer = heapq.heappop(self._heap)
+        self._free.remove(prefer)
+        self._reserved[seq] -= 1
+        return prefer
+
+    def _let_go(self, blocks: list[int]) -> int:
+        """One table lets go of its blocks; returns how many are now free (no other table held them)."""
+        freed = 0
+        for block in blocks:
+            extra = self._holders.get(block, 0)
+            if extra:
+                if extra == 1:
+                    del self._holders[block]
+                else:
+                    self._holders[block] = extra - 1
+                continue
             self._free.add(block)
             heapq.heappush(self._heap, block)
-        self._reserved.pop(seq, None)
+            freed += 1
+        return freed
 
 
 class PagedKVCache:
@@ -240,6 +346,13 @@ class PagedKVCache:
         if self.slots > 1:
             self.k[src_loop + 1 :, :, :, flat] = self.k[src_loop, :, :, flat]
             self.v[src_loop + 1 :, :, :, flat] = self.v[src_loop, :, :, flat]
+
+    def copy_positions(self, src_block: int, dst_block: int, n: int) -> None:
+        """The first n positions of block src_block (every slot and layer) into block dst_block
+        (a lane's copy of the positions before its fork: BlockPool.fork)."""
+        a, b = src_block * self.block_size, dst_block * self.block_size
+        self.k[:, :, :, b : b + n] = self.k[:, :, :, a : a + n]
+        self.v[:, :, :, b : b + n] = self.v[:, :, :, a : a + n]
 
     # -- reads --------------------------------------------------------------------------------
     def sequence(self, table: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:

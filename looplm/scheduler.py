@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding import DecodeRequest, Step
+from .lanes import LaneForward, run_lanes
 from .model import LoopLM
-from .paged import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, PagedKVCache, bytes_per_position
+from .paged import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, PagedKVCache, bytes_per_position, lane_blocks
 from .runner import Runner
 from .tokenizer import IncrementalText
 from .work import Forward
@@ -63,6 +64,12 @@ class Request:
     def positions(self) -> int:
         """Cache positions the request may write: its prompt and its new tokens."""
         return len(self.req.prompts[0]) + self.req.max_new[0]
+
+    @property
+    def lanes(self) -> tuple[int, int]:
+        """(lanes alive at once, positions each writes) its decoder forks beside the sequence
+        (looplm.lanes; set before its first Forward as req.stats["_lanes"]), reserved on admission."""
+        return self.req.stats.get("_lanes", (0, 0))
 
 
 class Scheduler:
@@ -134,7 +141,7 @@ class Scheduler:
         """Queues requests whose decoders have already yielded their first item (`request.first`),
         all at once (they join the same step); nothing is queued when one can never fit."""
         for request in requests:
-            blocks = -(-request.positions // self.block_size)
+            blocks = -(-request.positions // self.block_size) + lane_blocks(*request.lanes, self.block_size)
             total = self.num_blocks(request.req.kv)
             if blocks > total:
                 raise ValueError(f"the request needs {request.positions} cache positions ({blocks} blocks of {self.block_size}); "
@@ -189,10 +196,11 @@ class Scheduler:
                 self._finish(r, None)
                 continue
             pool = self.runner(r.req.kv).cache.pool
-            if not pool.can_admit(r.positions):
+            extra = lane_blocks(*r.lanes, pool.block_size)
+            if not pool.can_admit(r.positions, extra):
                 break
             self.waiting.popleft()
-            pool.admit(r.id, r.positions)
+            pool.admit(r.id, r.positions, extra)
             self.running.append(r)
             self._start(r)
 
@@ -231,8 +239,11 @@ class Scheduler:
         for kv, pairs in chosen.items():
             runner = self.runner(kv)
             pool = runner.cache.pool
-            items = [(pool.ensure(r.id, int(fwd.pos.max()) + 1), fwd) for r, fwd in pairs]
-            outs = runner.run(items)
+            if any(isinstance(fwd, LaneForward) for _, fwd in pairs):
+                outs = run_lanes(runner, [(r.id, fwd) for r, fwd in pairs])
+            else:
+                items = [(pool.ensure(r.id, int(fwd.pos.max()) + 1), fwd) for r, fwd in pairs]
+                outs = runner.run(items)
             for (r, fwd), out in zip(pairs, outs):
                 n = fwd.inputs.shape[0] * fwd.inputs.shape[1] * fwd.num_loops
                 r.token_loops += n
@@ -255,7 +266,8 @@ class Scheduler:
         if r.chunks is None:
             fwd.pos = torch.as_tensor(fwd.pos, device=self.model.lm_head.weight.device)
             S = fwd.inputs.shape[1]
-            if self._slice and fwd.inputs.shape[0] * S <= self.model.num_loops and self._loops(fwd) > 1:
+            if self._slice and fwd.inputs.shape[0] * S <= self.model.num_loops and self._loops(fwd) > 1 \
+                    and not isinstance(fwd, LaneForward):  # its table operations must run once
                 r.slices = []
                 return self._loop_piece(r)
             if S <= self.prefill_chunk or not self._chunkable(r, fwd):

@@ -42,6 +42,7 @@ from .drafts import DraftMap, draft_state, resolve_draft_map
 from .pipeline import decode_pipelined
 from .schedule import DraftLength
 from .start import first_step, start_request
+from .trees import decode_tree
 
 # Defaults measured on the bundled default model (d256, 2 layers x 4 loops) at batch 1 on a CPU,
 # greedy, 128 new tokens after each of 16 prompts (benchmarks/test_spec_speedup.py; numbers in
@@ -63,6 +64,8 @@ def decode(
     pipeline: bool | None = None,
     extrapolate: float = 0.0,
     draft_map: "DraftMap | str | None" = None,
+    branch: int = 1,
+    branch_threshold: float | None = None,
 ) -> Decoder:
     """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
 
@@ -83,6 +86,11 @@ def decode(
             whose map of the loop k-1 and k states drafts instead (extrapolate is then unused),
             when it has a map for loop k (else it is not used). stats["draft"] says what
             drafted: "map", "extrapolate" or "loop".
+        branch: b >= 1; b > 1 runs draft trees in the pipeline (spec.trees, greedy only): a token
+            leaving its draft loop proposes its draft's top-b successors, the siblings run as lanes
+            on forked block tables and the one full depth agrees with continues. 1: spec.pipeline.
+        branch_threshold: with branch > 1, branch only where the draft's top-1 probability is
+            below this value in [0, 1] (None: always).
     Yields:
         Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
@@ -116,6 +124,23 @@ def decode(
     req.stats["draft"] = "map" if dmap is not None else "extrapolate" if extrapolate else "loop"
     if pipeline is None:
         pipeline = draft_len is None and T % k == 0
+    if isinstance(branch, bool) or not isinstance(branch, int) or not 1 <= branch <= model.config.vocab_size:
+        raise ValueError(f"branch must be an integer in 1..{model.config.vocab_size} (candidates per position), got {branch!r}")
+    if branch_threshold is not None and (isinstance(branch_threshold, bool) or not isinstance(branch_threshold, (int, float))
+                                         or not 0 <= branch_threshold <= 1 or branch == 1):
+        raise ValueError(f"branch_threshold must be a probability in [0, 1] and needs branch > 1, got {branch_threshold!r} with branch={branch}")
+    if branch > 1:
+        if not pipeline or T % k:
+            raise ValueError(f"branch={branch} (draft trees) runs in the pipeline: draft_loop must divide T = {T} and "
+                             f"draft_len must not be given (got draft_loop={k}, pipeline={pipeline}, draft_len={draft_len!r})")
+        if not req.sampling.greedy:
+            raise ValueError(f"branch={branch} (draft trees) is greedy only (temperature=0): sampling with several candidates "
+                             "per position needs multi-candidate rejection, which is not implemented; use branch=1")
+        if B != 1:
+            raise ValueError(f"branch={branch} (draft trees) decodes one sequence per request, got a batch of {B}")
+        yield from decode_tree(model, req, k, branch, None if branch_threshold is None else float(branch_threshold),
+                               float(extrapolate), dmap)
+        return
     if pipeline:
         if draft_len is not None:
             raise ValueError(f"pipeline=True sets the draft length itself (T/k - 1 = {T // k - 1} in flight); got draft_len={draft_len!r}")

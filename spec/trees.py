@@ -1,0 +1,216 @@
+"""Draft trees in the pipelined decoder: a token leaving its draft stage proposes its top-b successors.
+
+The pipeline of spec.pipeline (D = T/k stages of k loops, one Forward per call, rows at different
+loops) keeps one chain of drafts in flight; a rejection empties it and costs D - 1 calls of
+refill. Here the chain is lane 0 of the sequence, and every token of lane 0 that leaves its draft
+stage proposes up to b candidates for the next position (its draft's top-b, or only its top-1
+when the draft is confident: top-1 probability >= `threshold`). The top-1 candidate continues
+lane 0; each other candidate starts a side lane, a fork of the sequence's block table
+(looplm.lanes) holding the accepted prefix plus that candidate, which keeps drafting its own
+top-1 successors and runs in the same Forwards (extra rows). Side lanes never branch, so at most
+one fork is in flight per stage: rows per Forward <= D + (b - 1) * D * (D - 1) / 2.
+
+When the token before a fork leaves loop T its exact logits choose among the candidates (greedy:
+the candidate equal to their argmax). Lane 0's candidate: the fork's side lanes are dropped. A
+side lane's: its table becomes the sequence's, its tokens (already through some stages) become
+lane 0, every other lane is dropped. None: every side lane is dropped and the pipeline refills from
+the target's token, as in spec.pipeline. Exactness is the pipeline's: each lane's K/V are those
+of its own prefix (shared blocks for the accepted prefix, its own blocks past the fork), so every
+emitted token's logits come from all T loops over the exact K/V of the emitted prefix.
+
+Greedy only in this version: sampling needs multi-candidate rejection (siblings tested in turn
+against the residual distribution), which does not exist yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from looplm.decoding import Decoder, DecodeRequest, Step
+from looplm.lanes import LaneForward
+from looplm.model import LoopLM
+
+from .drafts import DraftMap, draft_state
+from .start import first_step, start_request
+
+
+@dataclass
+class _Token:
+    """A token in flight: its index among the new tokens, the stages it has run, its state."""
+
+    index: int
+    token: int
+    stage: int
+    depth: int  # positions past the last emitted token when it was drafted (0: a target token)
+    rank: int = 0  # its place among its parent's candidates (0: top-1)
+    hidden: torch.Tensor | None = None  # (H,) state after loop stage*k (None before stage 0)
+    slot: int = -1  # its row in the current forward call
+
+
+def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshold: float | None = None,
+                extrapolate: float = 0.0, draft_map: DraftMap | None = None) -> Decoder:
+    """Greedy pipelined self-speculation with draft trees (see the module docstring).
+
+    Args:
+        model, req: as spec.decode (one sequence, greedy sampling).
+        k: the draft loop; it divides T (D = T/k stages).
+        branch: b >= 1 candidates per position proposed by lane 0's tokens.
+        threshold: None (always b candidates), or branch only when the draft's top-1 probability
+            (softmax of the draft logits) is below it.
+        extrapolate, draft_map: what drafts are computed from (spec.drafts).
+    Yields:
+        LaneForwards and Steps as spec.pipeline.decode_pipelined.
+    Stats (req.stats): spec.pipeline's keys (drafted counts every candidate, so acceptance_rate
+        falls with b; token_acceptance is the chance that a tested position has a winning
+        candidate), plus branch, branch_threshold, forks (positions that got more than one
+        candidate), rows_per_forward (mean rows of the decode calls) and max_rows,
+        acceptance_by_depth (per depth d = 1.. of the tested position past the last emitted token
+        when it was drafted: the fraction with a winning candidate) and won_by_rank (tested
+        positions won by the top-1, top-2, ... candidate).
+    """
+    T = model.num_loops
+    D = T // k
+    side_max = (branch - 1) * (D - 1)  # side lanes alive at once: one fork per stage 1..D-1
+    req.stats["_lanes"] = (side_max, D - 1)  # the scheduler reserves their blocks (a lane writes <= D - 1 positions)
+    timer, first = yield from start_request(model, req)
+    device = model.lm_head.weight.device
+    table = model.model.embed_tokens.weight  # a row of the embedding table is the embedding
+    plen = len(req.prompts[0])
+    max_new = req.max_new[0]
+    lanes: dict[int, list[_Token]] = {0: []}  # lane -> its tokens in flight, oldest first; 0 is the sequence
+    fork_at: dict[int, int] = {}  # side lane -> index of its first token
+    next_lane = 1
+    drop: list[int] = []
+    adopt: int | None = None
+    forks: list[tuple[int, int]] = []
+    produced = emitted = computed = calls = rows_total = max_rows = 0
+    n_acc = n_rej = n_prop = n_forks = run = 0
+    hist = [0] * (D + 1)
+    tested_at = [0] * D  # by depth 1..D-1 (index 0 unused: a target token is never tested)
+    won_at = [0] * D
+    won_rank = [0] * branch
+
+    def close_run() -> None:
+        nonlocal run
+        hist.extend([0] * (run + 1 - len(hist)))
+        hist[run] += 1
+        run = 0
+
+    def stats() -> None:
+        req.stats.update(
+            pipeline=True, draft_loop=k, draft_len=D - 1, extrapolate=extrapolate, drafted=n_prop, accepted=n_acc, rejected=n_rej,
+            acceptance_rate=n_acc / max(n_prop, 1), token_acceptance=n_acc / max(n_acc + n_rej, 1),
+            mean_accepted_len=n_acc / max(sum(hist), 1), accepted_len_hist=list(hist),
+            rounds=calls, loops_per_token=computed / max(emitted, 1),
+            branch=branch, branch_threshold=threshold, forks=n_forks,
+            rows_per_forward=rows_total / max(calls, 1), max_rows=max_rows,
+            acceptance_by_depth=[w / t if t else None for w, t in zip(won_at[1:], tested_at[1:])], won_by_rank=list(won_rank),
+        )
+
+    if req.active(0, 0):
+        yield first_step(0, first[0], T, timer)
+        produced = emitted = 1
+        if req.active(0, 1):
+            lanes[0].append(_Token(0, first[0], 0, 0))
+    stats()
+    try:
+        while lanes[0]:
+            # rows: lane by lane (lane 0 first), newest token first within a lane
+            items = [t for lane in lanes.values() for t in reversed(lane)]
+            lane_of = [lane for lane, toks in lanes.items() for _ in toks]
+            for i, t in enumerate(items):
+                t.slot = i
+            stages = torch.tensor([t.stage for t in items], device=device)[:, None]
+            pos = torch.tensor([plen + t.index for t in items], device=device)[:, None]
+            h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])  # (N, H)
+            fresh = [i for i, t in enumerate(items) if t.stage == 0]
+            out = yield LaneForward(h[:, None], pos, start_loop=stages * k, num_loops=k, lanes=lane_of,
+                                    drop=drop, adopt=adopt, forks=forks)
+            drop, adopt, forks = [], None, []
+            calls += 1
+            computed += len(items) * k
+            rows_total += len(items)
+            max_rows = max(max_rows, len(items))
+            hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
+            state = hidden
+            if (extrapolate or draft_map is not None) and fresh:  # rows leaving loop k draft from mapped states
+                is_fresh = stages == 0
+                state = torch.where(is_fresh, draft_state(out.hidden[:, :, 0], extrapolate, draft_map), hidden)
+            lg = model.head(state)  # (N, V): loop-T logits of the head, draft logits of the fresh rows
+            ids = lg.argmax(-1).tolist()  # one argmax (full depth's tie rule) and one host transfer
+            # candidates after the top-1 of every fresh row: a side lane's row may be lane 0's after this call's verdict
+            alts: dict[int, list[int]] = {}
+            if branch > 1 and fresh:
+                sel = lg[fresh]
+                top = sel.topk(branch, -1).indices.tolist()
+                ok = [True] * len(fresh) if threshold is None else (torch.softmax(sel, -1).amax(-1) < threshold).tolist()
+                for s, cands, go in zip(fresh, top, ok):
+                    if go:
+                        alts[s] = [c for c in cands if c != ids[s]][: branch - 1]
+            for toks in lanes.values():
+                for t in toks:
+                    t.stage += 1
+                    t.hidden = hidden[t.slot]
+
+            # -- verify: lane 0's head left loop T; its argmax chooses among the next position's candidates
+            toks = lanes[0]
+            if toks[0].stage == D:
+                head = toks.pop(0)
+                tok = ids[head.slot]
+                cands = ([(0, toks[0])] if toks else []) + [(lane, lanes[lane][0]) for lane, at in fork_at.items() if at == head.index + 1]
+                winner = next((lane for lane, t in cands if t.token == tok), None)
+                if cands:
+                    depth = cands[0][1].depth
+                    tested_at[depth] += 1
+                    won_at[depth] += winner is not None
+                if winner is not None:
+                    n_acc += 1
+                    run += 1
+                    won_rank[(toks[0] if winner == 0 else lanes[winner][0]).rank] += 1
+                    reason, info = "draft", {"draft": True, "accepted": run, "proposed": run}
+                else:
+                    if cands:
+                        n_rej += 1
+                        close_run()
+                    reason, info = "verify", {"draft": False, "accepted": run, "proposed": run + 1}
+                if winner is None:  # every lane is void; the target's token refills lane 0
+                    gone = list(fork_at)
+                    toks.clear()
+                    toks.append(_Token(head.index + 1, tok, 0, 0))
+                elif winner == 0:  # the fork's side lanes lost
+                    gone = [lane for lane, at in fork_at.items() if at == head.index + 1]
+                else:  # a side lane won: it becomes the sequence; lane 0 and its later forks are void
+                    gone = [lane for lane in fork_at if lane != winner]
+                    lanes[0] = lanes.pop(winner)
+                    del fork_at[winner]
+                    adopt = winner
+                for lane in gone:
+                    del lanes[lane], fork_at[lane]
+                drop += gone
+                yield Step(0, produced, tok, T, T, timer.lap(0), reason, info=info)
+                produced += 1
+                emitted += 1
+                if not req.active(0, produced):
+                    break
+
+            # -- draft: each lane's newest token that just left loop k proposes its successor(s)
+            for lane in list(lanes):
+                newest = lanes[lane][-1] if lanes[lane] else None
+                if newest is None or newest.stage != 1 or newest.index + 1 >= max_new:
+                    continue
+                depth = newest.index + 1 - produced + 1
+                lanes[lane].append(_Token(newest.index + 1, ids[newest.slot], 0, depth))
+                n_prop += 1
+                for rank, c in enumerate(alts.get(newest.slot, []) if lane == 0 else [], 1):
+                    lanes[next_lane] = [_Token(newest.index + 1, c, 0, depth, rank)]
+                    fork_at[next_lane] = newest.index + 1
+                    forks.append((next_lane, plen + newest.index + 1))
+                    next_lane += 1
+                    n_prop += 1
+                n_forks += lane == 0 and newest.slot in alts
+    finally:  # also when the consumer stops early (Stream.close): the open run counts, then the stats
+        if run:
+            close_run()
+        stats()

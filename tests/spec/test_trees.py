@@ -1,0 +1,155 @@
+"""Draft trees in the pipelined decoder (spec.trees): exact, blocks returned, independent of other requests."""
+
+import pytest
+import torch
+
+import looplm
+from looplm.api import DEFAULT_MODEL
+
+from .conftest import ragged_prompts, spec_model
+
+# keys that describe one run's timing, not its decisions
+TIMING = {"tokens_per_s", "elapsed_ms", "prefill_ms"}
+
+
+def _blocks_used(engine) -> int:
+    return sum(c["blocks_used"] for c in engine.usage()["caches"].values())
+
+
+def _side_wins(gens) -> int:
+    return sum(sum(g.stats["won_by_rank"][1:]) for g in gens)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("b", [2, 3])
+def test_greedy_trees_equal_full_depth_and_return_every_block(k, b):
+    """Fresh models until side lanes both win and lose, rows run into the context limit (lanes
+    forked at its last positions), and the pool is empty afterwards."""
+    for _ in range(10):
+        model = spec_model(loops=4, max_pos=40)
+        engine = looplm.Engine(model, block_size=4)
+        prompts = ragged_prompts(4, model.config.vocab_size, 1, 12)
+        full = engine.generate(prompts, max_new_tokens=1000, stop=[])
+        tree = engine.generate(prompts, max_new_tokens=1000, stop=[], mode="speculative", draft_loop=k, branch=b)
+        for f, t in zip(full, tree):
+            assert t.tokens == f.tokens
+            assert t.finish_reason == f.finish_reason == "context"
+        assert _blocks_used(engine) == 0
+        pool = engine.scheduler.runners["per_loop"].cache.pool
+        assert pool.free == pool.num_blocks and pool.tables == {} and pool._holders == {}
+        if _side_wins(tree) and sum(g.stats["rejected"] for g in tree):
+            break
+    assert _side_wins(tree) > 0  # a lane forked off the sequence became the sequence
+    assert sum(g.stats["rejected"] for g in tree) > 0  # and positions where no candidate won
+    D = 4 // k
+    for g in tree:
+        st = g.stats
+        assert st["branch"] == b and st["draft_loop"] == k and len(st["won_by_rank"]) == b
+        assert sum(st["won_by_rank"]) == st["accepted"]
+        assert st["accepted"] == sum(n * c for n, c in enumerate(st["accepted_len_hist"]))
+        assert 1 <= st["max_rows"] <= D + (b - 1) * D * (D - 1) // 2
+        assert len(st["acceptance_by_depth"]) == D - 1
+    assert max(g.stats["max_rows"] for g in tree) > D  # lanes ran as extra rows
+
+
+def test_branch_one_is_the_pipeline_and_a_never_branching_tree_matches_it():
+    model = spec_model(loops=4, max_pos=64, step_scale=0.06)
+    engine = looplm.Engine(model)
+    prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
+    for k in (1, 2):
+        pipe = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, pipeline=True)
+        one = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, branch=1)
+        for p, o in zip(pipe, one):
+            assert [(s.token, s.reason, s.info) for s in o.steps] == [(s.token, s.reason, s.info) for s in p.steps]
+            assert {key: v for key, v in o.stats.items() if key not in TIMING} == \
+                {key: v for key, v in p.stats.items() if key not in TIMING}
+        # the tree decoder with a threshold no draft is below: no forks, the pipeline's decisions and counts
+        flat = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, branch=3, branch_threshold=0.0)
+        for p, f in zip(pipe, flat):
+            assert f.tokens == p.tokens
+            assert [(s.reason, s.info) for s in f.steps] == [(s.reason, s.info) for s in p.steps]
+            same = ("drafted", "accepted", "rejected", "rounds", "loops_per_token", "accepted_len_hist", "mean_accepted_len",
+                    "token_acceptance", "weight_passes_per_token", "forwards")
+            assert {key: f.stats[key] for key in same} == {key: p.stats[key] for key in same}
+            assert f.stats["forks"] == 0 and f.stats["max_rows"] <= 4 // k and f.stats["won_by_rank"][1:] == [0, 0]
+
+
+def test_the_threshold_branches_only_on_unsure_drafts():
+    model = spec_model(loops=4, max_pos=64, step_scale=0.06)
+    engine = looplm.Engine(model)
+    prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
+    full = engine.generate(prompts, max_new_tokens=40, stop=[])
+    forks = []
+    thresholds = (None, 0.5, 0.2, 0.1, 0.05, 0.03, 0.0)  # a 64-token vocabulary's uniform top-1 is 0.016
+    for threshold in thresholds:
+        opts = {} if threshold is None else {"branch_threshold": threshold}
+        tree = engine.generate(prompts, max_new_tokens=40, stop=[], mode="speculative", draft_loop=1, branch=2, **opts)
+        assert [t.tokens for t in tree] == [f.tokens for f in full]
+        forks.append(sum(t.stats["forks"] for t in tree))
+        assert all(t.stats["branch_threshold"] == threshold for t in tree)
+    assert forks == sorted(forks, reverse=True) and forks[-1] == 0 and forks[0] > 0  # fewer forks as the bar drops
+    assert any(0 < f < forks[0] for f in forks)  # some drafts were sure enough, some not
+
+
+def test_concurrent_tree_requests_equal_their_solo_runs():
+    """Trees beside plain pipelines, full depth, rounds and a timed anytime request (which makes
+    the scheduler slice other Forwards into single loops): each tree request gives its solo tokens."""
+    model = spec_model(loops=4, max_pos=64)
+    engine = looplm.Engine(model, block_size=4)
+    V = model.config.vocab_size
+    reqs = []
+    for i in range(10):
+        prompt = torch.randint(0, V, (int(torch.randint(1, 16, ())),)).tolist()
+        opts = [{"mode": "speculative", "draft_loop": 1 + i % 2, "branch": 2 + i % 2},
+                {"mode": "speculative", "draft_loop": 2, "pipeline": True}, {"mode": "full"},
+                {"mode": "speculative", "draft_loop": 1, "branch": 3, "branch_threshold": 0.7},
+                {"mode": "speculative", "draft_loop": 1, "draft_len": 2}][i % 5]
+        reqs.append((prompt, int(torch.randint(5, 30, ())), opts))
+    solo = [engine.generate(p, max_new_tokens=n, stop=[], **o).tokens for p, n, o in reqs]
+    streams = [engine.stream(p, max_new_tokens=n, stop=[], **o) for p, n, o in reqs]
+    timed = engine.stream([1, 2, 3], max_new_tokens=30, stop=[], mode="anytime", budget_ms=1e6)
+    together = [list(s) for s in streams]
+    list(timed)
+    assert [[s.token for s in steps] for steps in together] == solo
+    assert _blocks_used(engine) == 0
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(), reason=f"default model not present in {DEFAULT_MODEL}")
+def test_default_model_trees_equal_full_depth():
+    engine = looplm.load()
+    texts = ["def fibonacci(n):\n    if n < 2:\n        return n\n", "The history of the city", "import numpy as np\n"]
+    prompts = [engine.encode(t) for t in texts]
+    full = engine.generate(prompts, max_new_tokens=48, stop=[])
+    wins = 0
+    for k in (1, 2):
+        for b in (2, 3):
+            tree = engine.generate(prompts, max_new_tokens=48, stop=[], mode="speculative", draft_loop=k, branch=b)
+            assert [t.tokens for t in tree] == [f.tokens for f in full], (k, b)
+            assert all(t.stats["draft"] == ("map" if k == 2 else "loop") for t in tree)
+            wins += _side_wins(tree)
+    assert wins > 0
+    assert _blocks_used(engine) == 0
+
+
+def test_bad_tree_options_fail_cleanly_and_leave_the_engine_usable():
+    model = spec_model(loops=4, max_pos=32)
+    engine = looplm.Engine(model)
+    cases = [
+        ({"branch": 2, "temperature": 0.8}, "branch=2.*greedy"),
+        ({"branch": 0}, "branch must be"),
+        ({"branch": True}, "branch must be"),
+        ({"branch": 2.0}, "branch must be"),
+        ({"branch": 65}, "branch must be"),
+        ({"branch": 2, "draft_len": 3}, "branch=2.*pipeline"),
+        ({"branch": 2, "pipeline": False}, "branch=2.*pipeline"),
+        ({"branch": 2, "draft_loop": 3}, "branch=2.*divide"),
+        ({"branch_threshold": 0.5}, "branch_threshold"),
+        ({"branch": 2, "branch_threshold": 1.5}, "branch_threshold"),
+        ({"branch": 2, "branch_threshold": "high"}, "branch_threshold"),
+    ]
+    for opts, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            engine.generate([1, 2, 3], max_new_tokens=5, mode="speculative", **opts)
+    assert _blocks_used(engine) == 0
+    full = engine.generate([1, 2, 3], max_new_tokens=12, stop=[])
+    assert engine.generate([1, 2, 3], max_new_tokens=12, stop=[], mode="speculative", branch=2).tokens == full.tokens
