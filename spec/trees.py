@@ -67,8 +67,8 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
         candidate), plus branch, branch_threshold, forks (positions that got more than one
         candidate), rows_per_forward (mean rows of the decode calls) and max_rows,
         acceptance_by_depth (per depth d = 1.. of the tested position past the last emitted token
-        when it was drafted: the fraction with a winning candidate) and won_by_rank (tested
-        positions won by the top-1, top-2, ... candidate).
+        when it was drafted: the fraction with a winning candidate; tested_by_depth: how many were
+        tested) and won_by_rank (tested positions won by the top-1, top-2, ... candidate).
     """
     T = model.num_loops
     D = T // k
@@ -106,7 +106,8 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             rounds=calls, loops_per_token=computed / max(emitted, 1),
             branch=branch, branch_threshold=threshold, forks=n_forks,
             rows_per_forward=rows_total / max(calls, 1), max_rows=max_rows,
-            acceptance_by_depth=[w / t if t else None for w, t in zip(won_at[1:], tested_at[1:])], won_by_rank=list(won_rank),
+            acceptance_by_depth=[w / t if t else None for w, t in zip(won_at[1:], tested_at[1:])], tested_by_depth=tested_at[1:],
+            won_by_rank=list(won_rank),
         )
 
     if req.active(0, 0):

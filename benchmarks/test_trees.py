@@ -1,0 +1,115 @@
+"""Draft trees (spec.trees, issue 15): pipelined speculation with b candidates per position vs full depth.
+
+Bundled default model (skipped when absent), CPU, batch 1, one torch thread, greedy, NEW_TOKENS new
+tokens after each of the 16 benchmark prompts (benchmarks/conftest.py TEXT_PROMPTS), each generated
+alone. For draft loop k in {1, 2} and branch b in {1, 2, 3} (b = 1 is spec.pipeline) a "call" runs
+all prompts; calls of every setting are interleaved with full-depth calls and each setting keeps its
+best of REPEATS, so the ratios come from one run under the same load. Every output is checked
+equal to full depth. The model's recommended drafts apply (its draft map at k = 2; loop-1 drafts
+at k = 1, which it has no map for).
+
+Recorded per setting: tokens/s and its ratio to full depth (wall and process CPU time), weight
+passes per token (loops of every forward, prefill included, per new token), tokens finished per
+forward, rows per forward, acceptance per tested position and per tree depth, wins by candidate rank.
+
+    python -m pytest benchmarks/test_trees.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import looplm
+from looplm.api import DEFAULT_MODEL
+
+from benchmarks.conftest import TEXT_PROMPTS
+
+NEW_TOKENS = 128
+REPEATS = 2
+SETTINGS = [(k, b) for k in (1, 2) for b in (1, 2, 3)]
+
+
+def _run(engine, prompts, **opts):
+    """Each prompt alone, one after the other -> ((wall s, process CPU s), [Generation])."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    gens = [engine.generate(p, max_new_tokens=NEW_TOKENS, stop=[], **opts) for p in prompts]
+    return (time.perf_counter() - t0, time.process_time() - c0), gens
+
+
+def _pooled(gens) -> dict:
+    """Totals over the prompts (ratios of sums, not means of per-prompt ratios)."""
+    st = [g.stats for g in gens]
+    tokens = sum(len(g.tokens) for g in gens)
+    forwards = sum(s["forwards"] for s in st)
+    out = {
+        "weight_passes_per_token": sum(s["weight_passes_per_token"] * len(g.tokens) for s, g in zip(st, gens)) / tokens,
+        "tokens_per_forward": tokens / forwards,
+        "rows_per_forward": sum(s["rows_per_forward"] * s["rounds"] for s in st) / max(sum(s["rounds"] for s in st), 1)
+        if "rows_per_forward" in st[0] else None,
+        "token_acceptance": sum(s["accepted"] for s in st) / max(sum(s["accepted"] + s["rejected"] for s in st), 1),
+    }
+    if "won_by_rank" in st[0]:
+        out["won_by_rank"] = [sum(s["won_by_rank"][r] for s in st) for r in range(len(st[0]["won_by_rank"]))]
+        tested = [sum(s["tested_by_depth"][d] for s in st) for d in range(len(st[0]["tested_by_depth"]))]
+        won = [sum(round((s["acceptance_by_depth"][d] or 0) * s["tested_by_depth"][d]) for s in st) for d in range(len(tested))]
+        out["acceptance_by_depth"] = [w / t if t else None for w, t in zip(won, tested)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine():
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip(f"default model not present in {DEFAULT_MODEL}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield looplm.load()
+    torch.set_num_threads(threads)
+
+
+def sweep(engine, prompts, repeats: int = REPEATS) -> dict:
+    """Times full depth and every (k, b) setting, interleaved; returns the table."""
+    _run(engine, prompts[:2])  # warm-up
+    full_t, rows = [], []
+    _, full = _run(engine, prompts)
+    tokens = sum(len(g.tokens) for g in full)
+    times: dict[tuple, list] = {s: [] for s in SETTINGS}
+    gens_of = {}
+    for _ in range(repeats):
+        for k, b in SETTINGS:
+            full_t.append(_run(engine, prompts)[0])
+            dt, gens = _run(engine, prompts, mode="speculative", draft_loop=k, branch=b)
+            assert [g.tokens for g in gens] == [g.tokens for g in full], f"k={k} b={b} differs from full depth"
+            times[k, b].append(dt)
+            gens_of[k, b] = gens
+    full_wall, full_cpu = min(t[0] for t in full_t), min(t[1] for t in full_t)
+    full_passes = sum(g.stats["weight_passes_per_token"] for g in full) / len(full)
+    for k, b in SETTINGS:
+        wall, cpu = min(t[0] for t in times[k, b]), min(t[1] for t in times[k, b])
+        rows.append({"draft_loop": k, "branch": b, "tokens_per_s": tokens / wall, "ratio_to_full": full_wall / wall,
+                     "tokens_per_s_cpu": tokens / cpu, "ratio_to_full_cpu": full_cpu / cpu, **_pooled(gens_of[k, b])})
+    return {"rows": rows, "full_tokens_per_s": tokens / full_wall, "full_tokens_per_s_cpu": tokens / full_cpu,
+            "full_weight_passes_per_token": full_passes, "load_avg": os.getloadavg()}
+
+
+def print_table(result: dict) -> None:
+    print(f"\nfull depth {result['full_tokens_per_s']:.1f} tok/s wall, {result['full_tokens_per_s_cpu']:.1f} CPU, "
+          f"{result['full_weight_passes_per_token']:.2f} weight passes/token; load average {result['load_avg']}")
+    print(" k  b   wall tok/s  ratio   CPU ratio  passes/tok  tok/fwd  rows/fwd  accept  by depth         won by rank")
+    for r in result["rows"]:
+        depth = " ".join("-" if a is None else f"{a:.2f}" for a in r.get("acceptance_by_depth", []))
+        rows = "-" if r["rows_per_forward"] is None else f"{r['rows_per_forward']:.2f}"
+        print(f" {r['draft_loop']}  {r['branch']}   {r['tokens_per_s']:9.1f}  {r['ratio_to_full']:5.2f}   {r['ratio_to_full_cpu']:8.2f}  "
+              f"{r['weight_passes_per_token']:10.2f}  {r['tokens_per_forward']:7.2f}  {rows:>8}  {r['token_acceptance']:6.3f}  "
+              f"{depth:<15}  {r.get('won_by_rank', '-')}")
+
+
+def test_draft_trees_sweep(benchmark, engine):
+    prompts = [engine.encode(t) for t in TEXT_PROMPTS]
+    result = benchmark.pedantic(lambda: sweep(engine, prompts), rounds=1, iterations=1)
+    print_table(result)
+    benchmark.extra_info.update(model=f"default model ({DEFAULT_MODEL})", mode="speculative", batch=1, new_tokens=NEW_TOKENS,
+                                prompts=len(prompts), torch_threads=torch.get_num_threads(), **result)
