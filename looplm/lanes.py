@@ -54,6 +54,10 @@ def run_lanes(runner: Runner, work: list[tuple[int, Forward]]) -> list[LoopOutpu
             continue
         B = _check(pool, seq, fwd)
         _apply(cache, seq, fwd)
+        if not any(fwd.lanes):  # the sequence alone: one item, as a plain Forward (its table may be read as a view)
+            spans.append((len(items), len(items) + 1, None))
+            items.append((pool.ensure(seq, int(fwd.pos.max()) + 1), fwd))
+            continue
         first, order = len(items), []
         start = fwd.start_loop if isinstance(fwd.start_loop, torch.Tensor) else torch.full((B, 1), fwd.start_loop)
         start = start.to(fwd.pos.device).expand(B, 1)

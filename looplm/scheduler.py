@@ -403,6 +403,7 @@ def _stats(r: Request, T: int) -> dict:
         # loops of every forward the request took part in (prefill included) per new token
         weight_passes_per_token=r.weight_passes / n if n else 0.0,
         forwards=r.forwards,
+        tokens_per_forward=n / r.forwards if r.forwards else 0.0,  # new tokens per Forward (prefill included)
         runner_steps=r.runner_steps,
         token_loops=r.token_loops,  # (position, loop) pairs of every Forward, prefill included
     )

@@ -135,16 +135,16 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             rows_total += len(items)
             max_rows = max(max_rows, len(items))
             hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
-            state = hidden
-            if (extrapolate or draft_map is not None) and fresh:  # rows leaving loop k draft from mapped states
-                is_fresh = stages == 0
-                state = torch.where(is_fresh, draft_state(out.hidden[:, :, 0], extrapolate, draft_map), hidden)
-            lg = model.head(state)  # (N, V): loop-T logits of the head, draft logits of the fresh rows
-            ids = lg.argmax(-1).tolist()  # one argmax (full depth's tie rule) and one host transfer
+            # logits only where needed: drafts of the fresh rows (first), loop T of lane 0's head (last)
+            head_row = [lanes[0][0].slot] if lanes[0][0].stage == D - 1 else []
+            fresh_t = torch.tensor(fresh, device=device)
+            drafts = draft_state(out.hidden[:, fresh_t, 0], extrapolate, draft_map) if fresh else hidden[:0]
+            lg = model.head(torch.cat([drafts, hidden[head_row]]))  # (len(fresh) + len(head_row), V)
+            ids = dict(zip(fresh + head_row, lg.argmax(-1).tolist()))  # full depth's tie rule; one host transfer
             # candidates after the top-1 of every fresh row: a side lane's row may be lane 0's after this call's verdict
             alts: dict[int, list[int]] = {}
             if branch > 1 and fresh:
-                sel = lg[fresh]
+                sel = lg[: len(fresh)]
                 top = sel.topk(branch, -1).indices.tolist()
                 ok = [True] * len(fresh) if threshold is None else (torch.softmax(sel, -1).amax(-1) < threshold).tolist()
                 for s, cands, go in zip(fresh, top, ok):

@@ -48,7 +48,9 @@ def test_greedy_trees_equal_full_depth_and_return_every_block(k, b):
         assert sum(st["won_by_rank"]) == st["accepted"]
         assert st["accepted"] == sum(n * c for n, c in enumerate(st["accepted_len_hist"]))
         assert 1 <= st["max_rows"] <= D + (b - 1) * D * (D - 1) // 2
-        assert len(st["acceptance_by_depth"]) == D - 1
+        assert len(st["acceptance_by_depth"]) == len(st["tested_by_depth"]) == D - 1
+        assert sum(st["tested_by_depth"]) == st["accepted"] + st["rejected"]
+        assert st["tokens_per_forward"] == len(g.tokens) / st["forwards"] and st["forwards"] == st["rounds"] + 1  # + the prefill
     assert max(g.stats["max_rows"] for g in tree) > D  # lanes ran as extra rows
 
 
