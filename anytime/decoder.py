@@ -14,6 +14,7 @@ from looplm.sampling import choose
 from looplm.work import Forward
 
 from .budget import Budget, LoopCost, make_budget
+from .capped import decode_capped
 from .policies import ExitPolicy, LoopObservation, make_policy
 
 SKIP_MODES = ("exact", "copy", "shared")
@@ -196,8 +197,14 @@ def decode(
                 row.token_ms = plan.token_ms((now - t_start) * 1e3, req.max_new[r] - row.produced)
             yield step
 
+    # a loop cap alone decides every exit: the capped loops run in one Forward per token (anytime.capped),
+    # unless skipped loops are finished eagerly alongside later tokens
+    capped = whole and B == 1 and (max_loops == T or skip != "exact" or lazy)
     t_start = clock()
     try:
+        if capped:
+            yield from decode_capped(model, req, max_loops, skip, log, counts, clock)
+            return
         # prefill: all T loops over every prompt (per-loop KV); the first token replays the exit
         # decision over the last prompt position's per-loop outputs
         lengths = [len(p) for p in req.prompts]
