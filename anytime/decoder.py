@@ -195,6 +195,7 @@ def decode(
             row.start = now
             if timed:
                 row.token_ms = plan.token_ms((now - t_start) * 1e3, req.max_new[r] - row.produced)
+                req.token_ms = row.token_ms
             yield step
 
     # a loop cap alone decides every exit: the capped loops run in one Forward per token (anytime.capped),
