@@ -59,6 +59,20 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _rss_now() -> dict:
+    """The process's resident memory now, and the part of it that is mapped files (the checkpoint's
+    pages while they are mapped count here, and in the peak): /proc/self/status, MiB."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssFile"):
+                out[key] = int(value.split()[0]) / 1024
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def _rank(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     """One rank of a launch (spawned): load, warm up, timed calls; writes out/rank{rank}.json."""
     torch.set_num_threads(spec["threads"])
@@ -71,7 +85,7 @@ def _rank(rank: int, world: int, port: int, spec: dict, out: str) -> None:
         engine = looplm.load(spec["path"], dtype=spec["dtype"], device=device, threads=spec["threads"],
                              tp=world if world > 1 else None, cache_bytes=spec["cache_bytes"] // world)
     except SystemExit:  # ranks > 0 serve rank 0's steps inside looplm.load and exit there, when rank 0 stops
-        result["peak_bytes"] = _peak_bytes(device)
+        result.update(peak_bytes=_peak_bytes(device), rss_end=_rss_now())
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         raise
     result["load_s"] = time.perf_counter() - t0
@@ -88,7 +102,7 @@ def _rank(rank: int, world: int, port: int, spec: dict, out: str) -> None:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t)
         tokens = gen.tokens
-    result.update(seconds=seconds, tokens=tokens, peak_bytes=_peak_bytes(device))
+    result.update(seconds=seconds, tokens=tokens, peak_bytes=_peak_bytes(device), rss_end=_rss_now())
     if world > 1:
         tp.stop()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -183,5 +197,9 @@ def test_tp(name, benchmark, bench_device, bench_quick, pytestconfig, tmp_path):
         peak_ratio_2_to_1=rss_ratio, peak_target=RSS_TARGET, meets_peak_target=rss_ratio <= RSS_TARGET,
         peak_method="torch.cuda.max_memory_allocated" if bench_device == "cuda" else "ru_maxrss",
         load_s_1_rank=one["load_s"], load_s_2_ranks=two["load_s"],
+        # where a peak comes from: what is still resident at the end, of it mapped files (MiB, largest rank)
+        rss_end_mb_1_rank=one["rss_end"].get("VmRSS"), rss_end_mb_per_rank_2_ranks=max(r["rss_end"].get("VmRSS", 0) for r in runs[RANKS]),
+        rss_file_end_mb_1_rank=one["rss_end"].get("RssFile"),
+        rss_file_end_mb_per_rank_2_ranks=max(r["rss_end"].get("RssFile", 0) for r in runs[RANKS]),
         load_average_1min_before=load_before[0], load_average_1min_after=os.getloadavg()[0],
     )
