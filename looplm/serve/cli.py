@@ -111,11 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.tp > 1 and "RANK" not in os.environ:  # a launch of our own: this process is rank 0
             from looplm import checkpoint, tp
             from looplm.api import DEFAULT_MODEL
+            from looplm.config import resolve_dtype
+            from looplm.threads import check_threads
 
             from .ranks import Ranks
 
             # checked once here rather than by every rank (a missing checkpoint fails here too)
             tp.check_divisible(checkpoint.read_config(args.model or DEFAULT_MODEL), args.tp)
+            resolve_dtype(args.dtype)
+            if args.threads is not None:
+                check_threads(args.threads)
             ranks = Ranks(args.tp, argv)
         # under a launch, looplm.load returns on rank 0 only: the other ranks serve its steps and exit there
         engine = looplm.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads,

@@ -135,6 +135,8 @@ def test_a_dead_rank_stops_the_server_naming_it(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--tp", "4"], "num_key_value_heads=2 is not divisible by 4"),  # the bundled model: 2 KV heads
     (["--tp", "0"], "--tp must be an integer >= 1, got 0"),
+    (["--tp", "2", "--dtype", "float8"], "unsupported dtype 'float8'"),
+    (["--tp", "2", "--threads", "0"], "threads must be an integer >= 1, got 0"),
 ])
 def test_a_bad_tp_exits_2_before_spawning(capsys, args, message):
     from looplm.__main__ import main
