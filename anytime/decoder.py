@@ -54,6 +54,8 @@ def decode(
 ) -> Decoder:
     """Anytime decoding (mode "anytime"): every token's loops run one at a time until it exits.
 
+    Its options arrive checked (looplm.options.AnytimeOptions, when the engine submits the request).
+
     Args:
         model: the looped model.
         req: the validated batch (see looplm.decoding.DecodeRequest).
@@ -84,16 +86,10 @@ def decode(
     """
     T, B = model.num_loops, req.batch_size
     plan = make_budget(budget, budget_ms=budget_ms, deadline_ms=deadline_ms, budget_loops=budget_loops)
-    if threshold is not None and q is not None:
-        raise ValueError("pass threshold= or q=, not both")
     policy = make_policy(exit, threshold if threshold is not None else q)
     if policy is not None:
         policy.bind(T)
-    if finish not in ("eager", "lazy"):
-        raise ValueError(f"finish must be 'eager' or 'lazy', got {finish!r}")
     lazy = finish == "lazy"
-    if skip is not None and skip not in SKIP_MODES:
-        raise ValueError(f"unknown skip mode {skip!r}; choose one of {SKIP_MODES}")
     max_loops = T if plan is None or plan.loops is None else min(plan.loops, T)
     timed = plan is not None and plan.timed
     req.timed = timed
@@ -104,13 +100,6 @@ def decode(
 
     if skip is None:
         skip = "shared" if req.shared_kv else "exact"
-    if skip == "shared" and not req.shared_kv:
-        raise ValueError(
-            "skip='shared' needs a shared-KV cache (one K/V per layer): pass kv='last' or kv='mean' "
-            "(one K/V per layer and position), or use skip='exact' / 'copy' with the per-loop cache"
-        )
-    if skip != "shared" and req.shared_kv:
-        raise ValueError(f"skip={skip!r} needs the per-loop cache (kv='per_loop'); a shared-KV cache takes skip='shared'")
 
     H = model.config.hidden_size
     device = model.lm_head.weight.device

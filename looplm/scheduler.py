@@ -27,6 +27,7 @@ from .decoding import DecodeRequest, Step
 from .model import LoopLM
 from .paged import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, PagedKVCache, bytes_per_position
 from .runner import Runner
+from .stats import Stats
 from .tokenizer import IncrementalText
 from .work import Forward
 
@@ -408,8 +409,8 @@ class Scheduler:
         r.out.put(error if error is not None else _END)
 
 
-def _stats(r: Request, T: int) -> dict:
-    """One vocabulary for every mode (the decoder's own keys come along)."""
+def _stats(r: Request, T: int) -> Stats:
+    """The keys every mode carries (looplm.stats.Stats), over the decoder's own."""
     g, req = r.generation, r.req
     elapsed = time.perf_counter() - r.started
     n = len(g.tokens)
@@ -418,6 +419,7 @@ def _stats(r: Request, T: int) -> dict:
     st.update(
         mode=r.mode,
         kv=req.kv,
+        finish_reason=g.finish_reason,
         new_tokens=n,
         tokens_per_s=n / elapsed if elapsed > 0 else float("inf"),
         elapsed_ms=elapsed * 1e3,
