@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import torch
+
 
 def return_freed_memory() -> None:
     """Hands freed heap pages back to the OS.
@@ -18,3 +20,19 @@ def return_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+
+def available_bytes(device: torch.device | str | None = None) -> int | None:
+    """Memory a new allocation could take now: free memory of a CUDA device, MemAvailable of the
+    machine (Linux) for the CPU; None when unknown."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

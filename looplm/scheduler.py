@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding import DecodeRequest, Step
+from .memory import available_bytes
 from .model import LoopLM
 from .paged import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, PagedKVCache, bytes_per_position
 from .runner import Runner
@@ -33,6 +34,7 @@ from .work import Forward
 
 _END = object()
 TIMED_STEP_SHARE = 0.8  # beside a timed request, a step aims at this share of its token's time budget
+CACHE_MEMORY_SHARE = 0.25  # the default cache holds a whole context only up to this share of the free memory
 STARVE_STEPS = 8  # an untimed request left out this many steps runs in the next one whatever its size
 
 
@@ -78,7 +80,8 @@ class Scheduler:
     Args:
         model: the looped model.
         cache_bytes: bytes of each KV mode's paged cache (allocated when first used); default
-            DEFAULT_CACHE_BYTES, raised to hold at least one whole context. A request that needs
+            DEFAULT_CACHE_BYTES, raised to hold one whole context when that fits in
+            CACHE_MEMORY_SHARE of the memory free when the engine is made. A request that needs
             more positions than the whole cache holds is refused when submitted.
         block_size: positions per block.
         max_running: requests decoding at once; more wait in the queue.
@@ -113,6 +116,9 @@ class Scheduler:
         # while a request keeps a time budget: how many positions of other requests a step may run,
         # adjusted after every step so that a step lasts about TIMED_STEP_SHARE of the tightest budget
         self._others_cap: int | None = None
+        # free memory when the engine was made: the default cache takes a share of it (looplm.tp
+        # gives every rank rank 0's figure, so that all ranks build the same number of blocks)
+        self.free_memory = available_bytes(model.lm_head.weight.device) if cache_bytes is None else None
 
     # -- caches ---------------------------------------------------------------------------------
     def num_blocks(self, kv: str) -> int:
@@ -120,9 +126,11 @@ class Scheduler:
         per_block = bytes_per_position(self.model.config, kv, p.dtype) * self.block_size
         if self.cache_bytes is not None:  # what the user asked for (at least one block)
             return max(self.cache_bytes // per_block, 1)
-        # the default budget, but at least one whole context
-        floor = -(-self.model.config.max_position_embeddings // self.block_size)
-        return max(DEFAULT_CACHE_BYTES // per_block, floor)
+        # the default budget, raised to hold one whole context where a share of the free memory allows
+        context = -(-self.model.config.max_position_embeddings // self.block_size) * per_block
+        if self.free_memory is not None:
+            context = min(context, int(self.free_memory * CACHE_MEMORY_SHARE))
+        return max(max(DEFAULT_CACHE_BYTES, context) // per_block, 1)
 
     def runner(self, kv: str) -> Runner:
         if kv not in self.runners:

@@ -191,6 +191,9 @@ def start(engine) -> None:
     """Rank 0: routes the engine's runner steps through `TPRunner` and stops the other ranks when
     the process exits (or at `stop()`). Other ranks: serve rank 0's steps, then exit the process."""
     rank, _ = engine.model.tp
+    box = [engine.scheduler.free_memory]  # every rank sizes its default cache as rank 0 does
+    dist.broadcast_object_list(box, src=0)
+    engine.scheduler.free_memory = box[0]
     if rank == 0:
         engine.scheduler.runner_class = TPRunner
         _state["engine"] = engine
