@@ -187,13 +187,14 @@ def decode(
                 req.token_ms = row.token_ms
             yield step
 
-    # a loop cap alone decides every exit: the capped loops run in one Forward per token (anytime.capped),
-    # unless skipped loops are finished eagerly alongside later tokens
-    capped = whole and B == 1 and (max_loops == T or skip != "exact" or lazy)
+    # a loop cap alone decides every exit: the capped loops run in one Forward per token (anytime.capped);
+    # skipped loops finished eagerly ride along k at a time, which needs k to divide T
+    eager = skip == "exact" and not lazy
+    capped = whole and B == 1 and (not eager or T % max_loops == 0)
     t_start = clock()
     try:
         if capped:
-            yield from decode_capped(model, req, max_loops, skip, log, counts, clock)
+            yield from decode_capped(model, req, max_loops, skip, eager, log, counts, clock)
             return
         # prefill: all T loops over every prompt (per-loop KV); the first token replays the exit
         # decision over the last prompt position's per-loop outputs
