@@ -14,6 +14,7 @@ from looplm.sampling import choose
 from looplm.work import Forward
 
 from .budget import Budget, LoopCost, make_budget
+from .capped import decode_capped
 from .policies import ExitPolicy, LoopObservation, make_policy
 
 SKIP_MODES = ("exact", "copy", "shared")
@@ -53,6 +54,8 @@ def decode(
 ) -> Decoder:
     """Anytime decoding (mode "anytime"): every token's loops run one at a time until it exits.
 
+    Its options arrive checked (looplm.options.AnytimeOptions, when the engine submits the request).
+
     Args:
         model: the looped model.
         req: the validated batch (see looplm.decoding.DecodeRequest).
@@ -83,16 +86,10 @@ def decode(
     """
     T, B = model.num_loops, req.batch_size
     plan = make_budget(budget, budget_ms=budget_ms, deadline_ms=deadline_ms, budget_loops=budget_loops)
-    if threshold is not None and q is not None:
-        raise ValueError("pass threshold= or q=, not both")
     policy = make_policy(exit, threshold if threshold is not None else q)
     if policy is not None:
         policy.bind(T)
-    if finish not in ("eager", "lazy"):
-        raise ValueError(f"finish must be 'eager' or 'lazy', got {finish!r}")
     lazy = finish == "lazy"
-    if skip is not None and skip not in SKIP_MODES:
-        raise ValueError(f"unknown skip mode {skip!r}; choose one of {SKIP_MODES}")
     max_loops = T if plan is None or plan.loops is None else min(plan.loops, T)
     timed = plan is not None and plan.timed
     req.timed = timed
@@ -103,13 +100,6 @@ def decode(
 
     if skip is None:
         skip = "shared" if req.shared_kv else "exact"
-    if skip == "shared" and not req.shared_kv:
-        raise ValueError(
-            "skip='shared' needs a shared-KV cache (one K/V per layer): pass kv='last' or kv='mean' "
-            "(one K/V per layer and position), or use skip='exact' / 'copy' with the per-loop cache"
-        )
-    if skip != "shared" and req.shared_kv:
-        raise ValueError(f"skip={skip!r} needs the per-loop cache (kv='per_loop'); a shared-KV cache takes skip='shared'")
 
     H = model.config.hidden_size
     device = model.lm_head.weight.device
@@ -194,10 +184,18 @@ def decode(
             row.start = now
             if timed:
                 row.token_ms = plan.token_ms((now - t_start) * 1e3, req.max_new[r] - row.produced)
+                req.token_ms = row.token_ms
             yield step
 
+    # a loop cap alone decides every exit: the capped loops run in one Forward per token (anytime.capped);
+    # skipped loops finished eagerly ride along k at a time, which needs k to divide T
+    eager = skip == "exact" and not lazy
+    capped = whole and B == 1 and (not eager or T % max_loops == 0)
     t_start = clock()
     try:
+        if capped:
+            yield from decode_capped(model, req, max_loops, skip, eager, log, counts, clock)
+            return
         # prefill: all T loops over every prompt (per-loop KV); the first token replays the exit
         # decision over the last prompt position's per-loop outputs
         lengths = [len(p) for p in req.prompts]

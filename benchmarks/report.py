@@ -673,6 +673,25 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     return lines
 
 
+def versus_section(v: dict) -> list[str]:
+    """The batch-1 comparison of this engine with an earlier commit (benchmarks.versus)."""
+    load = lambda xs: " / ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    lines = [
+        f"## Batch 1 against commit `{v['ref']}`",
+        "",
+        f"`python -m benchmarks.versus {v['ref']}` at `{v['this']}`, {v['date']}: both trees' engines in two processes "
+        f"taking turns for {v['rounds']} rounds, each round the {v['prompts']} benchmark prompts generated alone for "
+        f"{v['tokens']} new tokens, greedy, 1 torch thread; ratio = median over rounds of this / reference. "
+        f"Load average {load(v['load_average_start'])} at the start, {load(v['load_average_end'])} at the end.",
+        "",
+        "| case | this tree (tokens/s) | reference (tokens/s) | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, c in v["cases"].items():
+        lines.append(f"| {name} | {c['this_tokens_per_s']:.1f} | {c['ref_tokens_per_s']:.1f} | {c['ratio']:.3f} |")
+    return lines + [""]
+
+
 def render(paths: list[Path] | None = None, out: Path | None = None) -> Path:
     """Writes RESULTS.md (and the plots next to it) from the given pytest-benchmark JSON files."""
     if not paths:
@@ -696,6 +715,9 @@ def render(paths: list[Path] | None = None, out: Path | None = None) -> Path:
         from .gpu import render_section
 
         lines += render_section(load(gpu_json))
+    versus_json = HERE / "versus.json"  # python -m benchmarks.versus REF
+    if versus_json.is_file():
+        lines += versus_section(json.loads(versus_json.read_text()))
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out
 

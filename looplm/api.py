@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +11,13 @@ import torch
 
 from . import checkpoint, validate
 from .config import LoopConfig
-from .decoding import MODES, DecodeRequest, Step, resolve_mode
+from .decoding import DecodeRequest, Step, resolve_mode
 from .fuse import fuse_if_large
 from .paged import check_kv_mode
 from .model import LoopLM
+from .options import ModeOptions, check_object, resolve as resolve_options
 from .sampling import SamplingParams
+from .stats import Stats
 from .threads import apply_threads, check_threads
 from .tokenizer import IncrementalText, Tokenizer
 
@@ -37,7 +37,7 @@ class Generation:
     exit_loops: list[int] = field(default_factory=list)  # 1-based loop whose head chose each token (Step.exit_loop)
     steps: list[Step] = field(default_factory=list)
     finish_reason: str = "length"  # "stop" (token or string), "length" (max_new_tokens), "context" (cache full)
-    stats: dict = field(default_factory=dict)
+    stats: Stats = field(default_factory=dict)  # the request's statistics (looplm.stats.Stats), once it ended
 
 
 class Engine:
@@ -72,7 +72,8 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def generate(self, prompt, *, max_new_tokens: int = 64, mode: str = "full", **kwargs) -> Generation | list[Generation]:
+    def generate(self, prompt, *, max_new_tokens: int = 64, mode: str | None = None, options: ModeOptions | None = None,
+                 **kwargs) -> Generation | list[Generation]:
         """Generates continuations.
 
         Args:
@@ -80,7 +81,12 @@ class Engine:
                 concurrently by the engine).
             max_new_tokens: new tokens per prompt; limited to what the context still holds
                 (the result's finish_reason is then "context").
-            mode: "full" (all T loops), "speculative" (spec/), or "anytime" (anytime/).
+            mode: "full" (all T loops), "speculative" (spec/), or "anytime" (anytime/); None:
+                the mode of `options`, else "full".
+            options: the mode's options as one object (looplm.options: FullOptions,
+                SpeculativeOptions, AnytimeOptions), instead of keyword options. It states every
+                option: the checkpoint's recommendation does not apply (start from
+                `mode_defaults(mode)` to keep it).
             temperature, top_k, top_p, seed: sampling (temperature 0 = greedy); with a list of
                 prompts, prompt i samples with seed + i (as it would alone with that seed).
             stop: None for the checkpoint's eos ids, else a list of token ids and/or strings
@@ -88,19 +94,21 @@ class Engine:
             kv: "per_loop" (default: the exact cache, T*L slots per position), "last" or "mean"
                 (one K/V per layer after prefill, T-fold smaller; an approximation, see
                 docs/design.md).
-            **mode_options: options of the chosen decoder (e.g. draft_loop, budget_ms). A
-                checkpoint may recommend its own in generation_config.json under "looplm":
-                {mode: {...}} (see `mode_defaults`); what is passed here overrides them. An
-                unknown option, or one of another mode, raises ValueError.
+            **mode_options: options of the chosen mode (the fields of its looplm.options
+                dataclass, e.g. draft_loop, budget_ms). A checkpoint may recommend its own in
+                generation_config.json under "looplm": {mode: {...}} (see `mode_defaults`); what
+                is passed here overrides them. An unknown option, one of another mode, a bad value
+                or a combination the mode cannot run raises ValueError naming the option and the mode.
         Returns:
             A Generation, or a list of them for a list of prompts.
         """
-        stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, **kwargs)
+        stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, options=options, **kwargs)
         for _ in stream:
             pass
         return stream.generations if self._is_batch(prompt) else stream.generations[0]
 
-    def stream(self, prompt, *, max_new_tokens: int = 64, mode: str = "full", **kwargs) -> "Stream":
+    def stream(self, prompt, *, max_new_tokens: int = 64, mode: str | None = None, options: ModeOptions | None = None,
+               **kwargs) -> "Stream":
         """Same arguments as `generate`; iterating yields each Step (token, loops, latency, text) as it is decided.
 
         The request is validated and submitted when `stream` is called (errors raise here) and
@@ -110,10 +118,13 @@ class Engine:
         """
         validate.request(max_new_tokens, kwargs)
         prompts = validate.prompts(prompt)
+        if mode is None:
+            mode = options.mode if isinstance(options, ModeOptions) and options.mode else "full"
         seed = kwargs.pop("seed", None)
         streams = []
         for i, p in enumerate(prompts):  # prompt i of a list samples with seed + i: its own stream of draws
-            streams.append(self._submit(p, max_new_tokens, mode, {**kwargs, "seed": None if seed is None else seed + i}, i))
+            streams.append(self._submit(p, max_new_tokens, mode, {**kwargs, "seed": None if seed is None else seed + i}, i,
+                                        options))
         self.scheduler.submit([s._request for s in streams])  # together: a bad request queues none of them
         if len(streams) == 1 and not self._is_batch(prompt):
             return streams[0]
@@ -181,21 +192,30 @@ class Engine:
                 out[key] = str(file)
         return out
 
-    def _submit(self, prompt, max_new_tokens, mode, kwargs, index: int = 0) -> "Stream":
-        """A validated request (its decoder started) and its Stream; the caller queues it."""
+    def _submit(self, prompt, max_new_tokens, mode, kwargs, index: int = 0, typed: ModeOptions | None = None) -> "Stream":
+        """A validated request (its decoder started) and its Stream; the caller queues it.
+
+        The mode options are `typed` (an options object, used as is) or the keyword options left
+        in `kwargs` over the checkpoint's recommendation; either way checked before the decoder starts.
+        """
         from .scheduler import Request
 
         decoder_fn = resolve_mode(mode)
-        given = dict(kwargs)
-        defaults = self.mode_defaults(mode)
-        req, stop_ids, stop_strs, options = self._request(prompt, max_new_tokens, {**defaults, **kwargs}, index)
+        defaults = {} if typed is not None else self.mode_defaults(mode)
+        req, stop_ids, stop_strs, values = self._request(prompt, max_new_tokens, {**defaults, **kwargs}, index)
         req.recommended = frozenset(k for k in defaults if k not in kwargs)
-        check_mode_options(mode, decoder_fn, options, given)
-        decoder = decoder_fn(self.model, req, **options)
+        if typed is not None:
+            if values:
+                raise ValueError(f"option {next(iter(values))!r}: pass mode options either in options= or as keyword "
+                                 "arguments, not both")
+            opts = check_object(typed, mode, self.model.num_loops, req.kv)
+        else:
+            opts = resolve_options(mode, values, self.model.num_loops, req.kv, req.recommended)
+        decoder = decoder_fn(self.model, req, **opts.kwargs())
         gen = Generation(prompt_tokens=req.prompts[0])
         detok = IncrementalText(self.tokenizer.decode) if self.tokenizer is not None else None
         request = Request(req, decoder, mode, stop_ids, stop_strs, detok, gen)
-        try:  # runs the decoder to its first item: its options are checked here, in the caller's thread
+        try:  # runs the decoder to its first item (e.g. a draft map is loaded and checked), in the caller's thread
             request.first = next(decoder)
         except StopIteration:
             request.first = None
@@ -268,26 +288,6 @@ class BatchStream:
     @property
     def generations(self) -> list[Generation]:
         return [s.generation for s in self._streams]
-
-
-def check_mode_options(mode: str, decoder_fn, options: dict, given: dict) -> None:
-    """Raises ValueError for an option the mode's decoder does not take, naming the mode it belongs to."""
-    accepted = _decoder_options(decoder_fn)
-    for key in options:
-        if key in accepted:
-            continue
-        owners = [m for m in MODES if m != mode and key in _decoder_options(resolve_mode(m))]
-        where = f"; it is an option of mode {owners[0]!r}" if owners else ""
-        source = "" if key in given else " (from the checkpoint's generation_config.json)"
-        raise ValueError(f"unknown option {key!r}{source} for mode {mode!r}{where}; mode {mode!r} takes: "
-                         f"{', '.join(sorted(accepted)) or 'no options'}")
-
-
-@functools.lru_cache(maxsize=None)
-def _decoder_options(decoder_fn) -> frozenset[str]:
-    """The option names a decoder takes: its parameters after (model, request). Read once per
-    decoder, not once per request."""
-    return frozenset(list(inspect.signature(decoder_fn).parameters)[2:])
 
 
 def load(path: str | Path | None = None, *, dtype=None, device=None, threads: int | None = None, tp: int | None = None,

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .config import LoopConfig, resolve_dtype
 from .dtypes import default_dtype
+from .memory import return_freed_memory
 from .model import LoopLM
 from .tokenizer import Tokenizer
 
@@ -122,16 +123,21 @@ def load_model(path: str | Path, *, dtype=None, device=None, tp: tuple[int, int]
         # when it closes (held open, a whole shard's pages would count on top of the copies)
         with open_safetensors(file) as f:
             try:
-                # a slice is a view of the whole tensor's mapped storage: the copy holds only this rank's part
-                t = f.get_tensor(name) if index is None else f.get_slice(name)[index].clone(memory_format=torch.contiguous_format)
+                # a view of the tensor's mapped storage (this rank's part of it): one copy, converted on the
+                # way, so no whole-tensor temporary in the file's dtype is ever resident
+                view = f.get_slice(name)[index if index is not None else slice(None)]
+                t = torch.empty(view.shape, dtype=dtype, device=device).copy_(view)
+                del view
             except Exception as e:
                 raise ValueError(f"{file}: cannot read tensor {name} ({e})") from e
-        t = t.to(device=device, dtype=dtype)
-        # checked per tensor: NaN or inf weights would load silently and emit only token 0
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        # checked per tensor: NaN or inf weights would load silently and emit only token 0. A sum is
+        # non-finite when any value is (it allocates nothing the size of the tensor); the count runs only then
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
             bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{file}: tensor {name} has {bad} non-finite value(s) (NaN or inf) in {dtype}")
+            if bad:
+                raise ValueError(f"{file}: tensor {name} has {bad} non-finite value(s) (NaN or inf) in {dtype}")
         state[name] = t
+        return_freed_memory()  # this tensor's temporary copies, before the next one's are made
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
@@ -141,6 +147,7 @@ def load_model(path: str | Path, *, dtype=None, device=None, tp: tuple[int, int]
     if tp is not None:
         tensor_parallel.connect(model, *tp)
     return model.eval()
+
 
 
 def check_device(device: str | torch.device | None) -> torch.device:

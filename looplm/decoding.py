@@ -13,6 +13,7 @@ it received). The engine consumes each Step before the decoder resumes and sets
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Union
@@ -56,6 +57,7 @@ class DecodeRequest:
     stats: dict = field(default_factory=dict)  # decoders add their statistics here
     kv: str = "per_loop"  # the KV mode of the request's cache (looplm.paged)
     timed: bool = False  # the decoder keeps a time budget: the scheduler runs its work first in a step
+    token_ms: float = math.inf  # a timed decoder's budget for its current token (ms): the scheduler sizes steps by it
     recommended: frozenset = frozenset()  # option names whose values are the checkpoint's recommendation, not the caller's
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .memory import return_freed_memory
 from .model import LoopLM
 
 
@@ -37,6 +38,7 @@ def fuse(model: LoopLM) -> LoopLM:
         a, m = layer.self_attn, layer.mlp
         a.qkv = _share([a.q_proj, a.k_proj, a.v_proj])
         m.gate_up = _share([m.gate_proj, m.up_proj])
+        return_freed_memory()  # the separate weights just replaced: the next layer's copies reuse their pages
     return model
 
 

@@ -18,6 +18,8 @@ STEPS = ("eager", "fixed", "compiled")
 def decode_full(model: LoopLM, req: DecodeRequest, step: str | None = None) -> Decoder:
     """The reference decoder: greedy or sampled, all T loops per token, one Forward per token.
 
+    Its options arrive checked (looplm.options.FullOptions, when the engine submits the request).
+
     Args:
         step: how each decode step runs. None or "eager": the runner's plan over the paged cache.
             "fixed": the runner's fixed-shape step (rows and keys padded to buckets, masked by
@@ -27,8 +29,6 @@ def decode_full(model: LoopLM, req: DecodeRequest, step: str | None = None) -> D
     Yields the prefill Forward, then per token a Step and the Forward of that token's T loops.
     Stats: prefill_ms, step.
     """
-    if step is not None and step not in STEPS:
-        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
     req.stats["step"] = step or "eager"
     fixed = None if step == "eager" else step
     T = model.num_loops

@@ -341,11 +341,12 @@ class PagedKVCache:
             self.v[0, layer][:, fl] = mv.transpose(0, 1).to(self.v.dtype)
         self._mean.clear()
 
-    def copy_slots(self, flat: int, src_loop: int) -> None:
-        """Every slot after `src_loop` of one position gets slot src_loop's K/V (every layer)."""
+    def copy_slots(self, flat: list[int], src_loop: int) -> None:
+        """Every slot after `src_loop` of the flat positions gets slot src_loop's K/V (every layer)."""
         if self.slots > 1:
-            self.k[src_loop + 1 :, :, :, flat] = self.k[src_loop, :, :, flat]
-            self.v[src_loop + 1 :, :, :, flat] = self.v[src_loop, :, :, flat]
+            idx = torch.tensor(flat, device=self.k.device)
+            self.k[src_loop + 1 :, :, :, idx] = self.k[src_loop : src_loop + 1, :, :, idx]
+            self.v[src_loop + 1 :, :, :, idx] = self.v[src_loop : src_loop + 1, :, :, idx]
 
     def copy_positions(self, src_block: int, dst_block: int, n: int) -> None:
         """The first n positions of block src_block (every slot and layer) into block dst_block

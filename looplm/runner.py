@@ -216,6 +216,7 @@ class Runner:
         T = m.num_loops
         device = cache.k.device
         shapes = []
+        copies: dict[int, list[int]] = {}  # source loop -> flat positions whose later slots take its K/V
         for table, fwd in items:
             fwd.pos = torch.as_tensor(fwd.pos, device=device)
             B, S = fwd.inputs.shape[:2]
@@ -236,7 +237,9 @@ class Runner:
                 raise ValueError(f"loops [{lo}, {hi + fwd.num_loops}) are outside the model's {T} loops")
             shapes.append((B, S))
             for p, src in fwd.copy_slots:
-                cache.copy_slots(cache.flat(table, p), src)
+                copies.setdefault(src, []).append(cache.flat(table, p))
+        for src, flat in copies.items():  # one indexed copy per source loop for every request of the step
+            cache.copy_slots(flat, src)
         outs: list[LoopOutput | None] = [None] * len(items)
         for kind in ("fixed", "compiled"):
             sel = [i for i, (_, fwd) in enumerate(items) if fwd.step == kind and self._fixed_ok(fwd)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import math
 import queue
 import threading
 import time
@@ -24,13 +25,18 @@ import torch
 
 from .decoding import DecodeRequest, Step
 from .lanes import LaneForward, run_lanes
+from .memory import available_bytes
 from .model import LoopLM
 from .paged import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, PagedKVCache, bytes_per_position, lane_blocks
 from .runner import Runner
+from .stats import Stats
 from .tokenizer import IncrementalText
 from .work import Forward
 
 _END = object()
+TIMED_STEP_SHARE = 0.8  # beside a timed request, a step aims at this share of its token's time budget
+CACHE_MEMORY_SHARE = 0.25  # the default cache holds a whole context only up to this share of the free memory
+STARVE_STEPS = 8  # an untimed request left out this many steps runs in the next one whatever its size
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Request:
     weight_passes: int = 0  # loops of every Forward it ran (each one pass over the weights)
     forwards: int = 0
     runner_steps: int = 0  # engine steps it took part in (a chunked or loop-sliced Forward takes several)
+    last_step: int = -1  # the engine step it last ran in (untimed requests take turns while a timed one runs)
 
     @property
     def positions(self) -> int:
@@ -80,7 +87,8 @@ class Scheduler:
     Args:
         model: the looped model.
         cache_bytes: bytes of each KV mode's paged cache (allocated when first used); default
-            DEFAULT_CACHE_BYTES, raised to hold at least one whole context. A request that needs
+            DEFAULT_CACHE_BYTES, raised to hold one whole context when that fits in
+            CACHE_MEMORY_SHARE of the memory free when the engine is made. A request that needs
             more positions than the whole cache holds is refused when submitted.
         block_size: positions per block.
         max_running: requests decoding at once; more wait in the queue.
@@ -111,6 +119,13 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._atexit = False
         self._slice = False
+        self.steps = 0
+        # while a request keeps a time budget: how many positions of other requests a step may run,
+        # adjusted after every step so that a step lasts about TIMED_STEP_SHARE of the tightest budget
+        self._others_cap: int | None = None
+        # free memory when the engine was made: the default cache takes a share of it (looplm.tp
+        # gives every rank rank 0's figure, so that all ranks build the same number of blocks)
+        self.free_memory = available_bytes(model.lm_head.weight.device) if cache_bytes is None else None
 
     # -- caches ---------------------------------------------------------------------------------
     def num_blocks(self, kv: str) -> int:
@@ -118,9 +133,11 @@ class Scheduler:
         per_block = bytes_per_position(self.model.config, kv, p.dtype) * self.block_size
         if self.cache_bytes is not None:  # what the user asked for (at least one block)
             return max(self.cache_bytes // per_block, 1)
-        # the default budget, but at least one whole context
-        floor = -(-self.model.config.max_position_embeddings // self.block_size)
-        return max(DEFAULT_CACHE_BYTES // per_block, floor)
+        # the default budget, raised to hold one whole context where a share of the free memory allows
+        context = -(-self.model.config.max_position_embeddings // self.block_size) * per_block
+        if self.free_memory is not None:
+            context = min(context, int(self.free_memory * CACHE_MEMORY_SHARE))
+        return max(max(DEFAULT_CACHE_BYTES, context) // per_block, 1)
 
     def runner(self, kv: str) -> Runner:
         if kv not in self.runners:
@@ -225,16 +242,24 @@ class Scheduler:
                 self._finish(r, None)
             elif r.pending is None:
                 self._advance(r, None)
-        order = sorted(self.running, key=lambda r: (not r.req.timed, r.id))
-        self._slice = order and order[0].req.timed  # a request keeps a time budget: one loop per step for all
+        t0 = time.perf_counter()
+        timed = sorted((r for r in self.running if r.req.timed), key=lambda r: r.id)
+        # a request keeps a time budget: one loop per step for all, its work first, the others take turns
+        self._slice = bool(timed)
+        others = sorted((r for r in self.running if not r.req.timed), key=lambda r: (r.last_step, r.id) if timed else r.id)
+        cap = self._others_cap if timed else None
         chosen: dict[str, list[tuple[Request, Forward]]] = {}
-        tokens = 0
-        for r in order:
+        tokens = other_tokens = 0
+        for r in timed + others:
             fwd = self._next_piece(r)
             n = fwd.inputs.shape[0] * fwd.inputs.shape[1]
             if tokens and tokens + n > self.max_step_tokens:
                 continue
+            if not r.req.timed and cap is not None and other_tokens + n > cap and (other_tokens or self.steps - r.last_step < STARVE_STEPS):
+                continue
             tokens += n
+            other_tokens += 0 if r.req.timed else n
+            r.last_step = self.steps
             chosen.setdefault(r.req.kv, []).append((r, fwd))
         for kv, pairs in chosen.items():
             runner = self.runner(kv)
@@ -256,6 +281,26 @@ class Scheduler:
                     r.forwards += 1
                     r.pending = None
                     self._advance(r, out)
+        self.steps += 1
+        self._size_steps(timed, other_tokens, (time.perf_counter() - t0) * 1e3)
+
+    def _size_steps(self, timed: list[Request], other_tokens: int, step_ms: float) -> None:
+        """Adjusts how many positions of untimed requests a step may run beside timed ones: fewer
+        when the step took longer than TIMED_STEP_SHARE of the tightest token budget, more when it
+        took well under it (none of this applies while no request keeps a time budget)."""
+        budget = min((r.req.token_ms for r in timed), default=math.inf)
+        if not timed:
+            self._others_cap = None
+            return
+        if math.isinf(budget):  # a timed request before its first budgeted token (its prompt)
+            return
+        target = TIMED_STEP_SHARE * budget
+        cap = self._others_cap if self._others_cap is not None else max(other_tokens, 1)
+        if step_ms > target:
+            cap = max(1, min(cap, other_tokens) * target // step_ms)
+        elif step_ms < 0.7 * target and other_tokens >= cap:
+            cap += max(1, cap // 4)
+        self._others_cap = int(cap)
 
     def _next_piece(self, r: Request) -> Forward:
         """The Forward r runs next: its pending Forward, the next chunk of a long prompt, or, while
@@ -384,8 +429,8 @@ class Scheduler:
         r.out.put(error if error is not None else _END)
 
 
-def _stats(r: Request, T: int) -> dict:
-    """One vocabulary for every mode (the decoder's own keys come along)."""
+def _stats(r: Request, T: int) -> Stats:
+    """The keys every mode carries (looplm.stats.Stats), over the decoder's own."""
     g, req = r.generation, r.req
     elapsed = time.perf_counter() - r.started
     n = len(g.tokens)
@@ -394,6 +439,7 @@ def _stats(r: Request, T: int) -> dict:
     st.update(
         mode=r.mode,
         kv=req.kv,
+        finish_reason=g.finish_reason,
         new_tokens=n,
         tokens_per_s=n / elapsed if elapsed > 0 else float("inf"),
         elapsed_ms=elapsed * 1e3,

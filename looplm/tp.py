@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import os
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,9 @@ _SPLIT = {
     "mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0, "mlp.down_proj.weight": 1,
 }
 _state: dict = {}  # rank 0's engine, stopped at exit
+# Rank 0: the workers run rank 0's messages in order, so a message and the collectives of its
+# computation must not interleave with another thread's (the scheduler's steps, a server's logprobs).
+_collectives = threading.Lock()
 # How long a collective waits for a peer (the process group's timeout; $LOOPLM_TP_TIMEOUT seconds).
 # A rank whose process dies is noticed at once (its sockets close); the timeout bounds a rank that
 # hangs, and also how long the other ranks may wait idle for rank 0's next step.
@@ -153,11 +157,27 @@ class TPRunner(Runner):
 
     @torch.inference_mode()
     def run(self, items: list[tuple[list[int], Forward]]):
-        try:
-            dist.broadcast_object_list([("run", self.cache.kv, [(table, _to(fwd, "cpu")) for table, fwd in items])], src=0)
-        except RuntimeError as e:
-            raise RuntimeError(f"tensor parallel: a worker rank is gone ({_one_line(e)})") from e
-        return super().run(items)
+        with _collectives:
+            _broadcast(("run", self.cache.kv, [(table, _to(fwd, "cpu")) for table, fwd in items]))
+            return super().run(items)
+
+
+@torch.inference_mode()
+def per_loop_logits(model: LoopLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """`model.per_loop_logits(input_ids)` ((B, S) ids -> (T, B, S, V), no cache) for rank 0 of a
+    tensor-parallel engine: the other ranks compute their part with it. Any other model: as is."""
+    if getattr(model, "tp", None) is None:
+        return model.per_loop_logits(input_ids)
+    with _collectives:
+        _broadcast(("logits", input_ids.cpu()))
+        return model.per_loop_logits(input_ids)
+
+
+def _broadcast(message: tuple) -> None:
+    try:
+        dist.broadcast_object_list([message], src=0)
+    except RuntimeError as e:
+        raise RuntimeError(f"tensor parallel: a worker rank is gone ({_one_line(e)})") from e
 
 
 def _to(fwd: Forward, device) -> Forward:
@@ -171,6 +191,9 @@ def start(engine) -> None:
     """Rank 0: routes the engine's runner steps through `TPRunner` and stops the other ranks when
     the process exits (or at `stop()`). Other ranks: serve rank 0's steps, then exit the process."""
     rank, _ = engine.model.tp
+    box = [engine.scheduler.free_memory]  # every rank sizes its default cache as rank 0 does
+    dist.broadcast_object_list(box, src=0)
+    engine.scheduler.free_memory = box[0]
     if rank == 0:
         engine.scheduler.runner_class = TPRunner
         _state["engine"] = engine
@@ -180,23 +203,28 @@ def start(engine) -> None:
     sys.exit(code)
 
 
-
 def stop() -> None:
     """Rank 0: stops the engine, tells the other ranks to exit and leaves the process group."""
     engine = _state.pop("engine", None)
     if engine is None or not dist.is_initialized():
         return
     engine.scheduler.shutdown()
+    # after a forward still running in another thread (bounded: a collective stuck on a hung peer)
+    locked = _collectives.acquire(timeout=30)
     try:
         dist.broadcast_object_list([("stop",)], src=0)
     except RuntimeError:
         pass  # a worker already gone has nothing to stop
+    finally:
+        if locked:
+            _collectives.release()
     dist.destroy_process_group()
 
 
 def serve(engine) -> int:
-    """A worker rank's loop: runs each runner step rank 0 broadcasts on this rank's runners until
-    rank 0 stops. Returns the exit status: 0, or 1 (with a message) when rank 0 or a peer is gone."""
+    """A worker rank's loop: runs each runner step (and no-cache forward) rank 0 broadcasts on this
+    rank's runners (and model) until rank 0 stops. Returns the exit status: 0, or 1 (with a
+    message) when rank 0 or a peer is gone."""
     rank = engine.model.tp[0]
     device = engine.device
     while True:
@@ -210,9 +238,13 @@ def serve(engine) -> int:
         if msg[0] == "stop":
             dist.destroy_process_group()
             return 0
-        _, kv, items = msg
         try:
-            engine.scheduler.runner(kv).run([(table, _to(fwd, device)) for table, fwd in items])
+            if msg[0] == "logits":
+                with torch.inference_mode():
+                    engine.model.per_loop_logits(msg[1].to(device))
+            else:
+                _, kv, items = msg
+                engine.scheduler.runner(kv).run([(table, _to(fwd, device)) for table, fwd in items])
         except ValueError:
             continue  # a Forward the runner refuses before computing: rank 0 raised the same error
         except RuntimeError as e:  # a collective failed: a peer died mid-step

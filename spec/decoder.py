@@ -69,6 +69,9 @@ def decode(
 ) -> Decoder:
     """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
 
+    Its options arrive checked (looplm.options.SpeculativeOptions, when the engine submits the
+    request); the draft map is loaded and checked here (spec.drafts.resolve_draft_map).
+
     Args:
         model: the looped model (T = model.num_loops >= 2).
         req: the validated batch (ragged prompts, per-row max_new, sampling params).
@@ -105,13 +108,7 @@ def decode(
         kv_bytes_per_token (cache bytes per row and position).
     """
     T, B = model.num_loops, req.batch_size
-    if T < 2:
-        raise ValueError("self-speculation needs a model with at least 2 loops")
     k = min(DEFAULT_DRAFT_LOOP, T - 1) if draft_loop is None else draft_loop
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T - 1:
-        raise ValueError(f"draft_loop must be an integer in 1..{T - 1} (loops are 1-based), got {draft_loop!r}")
-    if isinstance(extrapolate, bool) or not isinstance(extrapolate, (int, float)) or not 0 <= extrapolate <= 10:
-        raise ValueError(f"extrapolate must be a number in [0, 10], got {extrapolate!r}")
     if k < 2:
         extrapolate = 0.0  # loop 1 has no earlier loop to extrapolate from (stats say 0.0)
     p = model.lm_head.weight
@@ -124,15 +121,9 @@ def decode(
     req.stats["draft"] = "map" if dmap is not None else "extrapolate" if extrapolate else "loop"
     if pipeline is None:
         pipeline = draft_len is None and T % k == 0
-    if isinstance(branch, bool) or not isinstance(branch, int) or not 1 <= branch <= model.config.vocab_size:
-        raise ValueError(f"branch must be an integer in 1..{model.config.vocab_size} (candidates per position), got {branch!r}")
-    if branch_threshold is not None and (isinstance(branch_threshold, bool) or not isinstance(branch_threshold, (int, float))
-                                         or not 0 <= branch_threshold <= 1 or branch == 1):
-        raise ValueError(f"branch_threshold must be a probability in [0, 1] and needs branch > 1, got {branch_threshold!r} with branch={branch}")
-    if branch > 1:
-        if not pipeline or T % k:
-            raise ValueError(f"branch={branch} (draft trees) runs in the pipeline: draft_loop must divide T = {T} and "
-                             f"draft_len must not be given (got draft_loop={k}, pipeline={pipeline}, draft_len={draft_len!r})")
+    if branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
+        if branch > model.config.vocab_size:
+            raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")
         if not req.sampling.greedy:
             raise ValueError(f"branch={branch} (draft trees) is greedy only (temperature=0): sampling with several candidates "
                              "per position needs multi-candidate rejection, which is not implemented; use branch=1")
@@ -142,8 +133,6 @@ def decode(
                                float(extrapolate), dmap)
         return
     if pipeline:
-        if draft_len is not None:
-            raise ValueError(f"pipeline=True sets the draft length itself (T/k - 1 = {T // k - 1} in flight); got draft_len={draft_len!r}")
         yield from decode_pipelined(model, req, k, float(extrapolate), dmap)
         return
     schedule = DraftLength(DEFAULT_DRAFT_LEN if draft_len is None else draft_len, k, T)

@@ -54,7 +54,8 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
     """Speculative decoding with the draft of token n+1 computed in the same forward as the
     remaining loops of token n (see the module docstring). `extrapolate` = c drafts from
     spec.drafts.draft_state (loop k's logits pushed c times further along their change from loop k-1);
-    a `draft_map` (spec.drafts.DraftMap, checked by the caller) drafts instead.
+    a `draft_map` (spec.drafts.DraftMap, checked by the caller) drafts instead. k divides T (checked
+    at submit by looplm.options.SpeculativeOptions).
 
     Same Steps and stats keys as spec.decode, with pipeline = True, draft_len = T/k - 1 (drafts in
     flight), rounds = forward calls, rejected = tested drafts that failed, and accepted_len_hist /
@@ -62,8 +63,6 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
     the end of the row).
     """
     T, B = model.num_loops, req.batch_size
-    if T % k:
-        raise ValueError(f"the pipeline splits T = {T} loops into stages of draft_loop = {k}: k must divide T")
     D = T // k
     params, gen = req.sampling, req.generator
     timer, first = yield from start_request(model, req)

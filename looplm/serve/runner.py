@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from looplm import Engine, Generation, Step
+from looplm import Engine, Generation, Step, tp
 
 log = logging.getLogger("looplm.serve")
 
@@ -189,9 +189,9 @@ class Runner:
         tokens there, from one cache-free forward over prompt + completion (temperature 1)."""
         if not gen.tokens:
             return []
-        model = self.engine.model
         ids = torch.tensor([gen.prompt_tokens + gen.tokens[:-1]], device=self.engine.device)
-        logits = model.per_loop_logits(ids)[:, 0, len(gen.prompt_tokens) - 1 :]  # (T, N, V)
+        # through looplm.tp: on a tensor-parallel engine the other ranks compute their part with it
+        logits = tp.per_loop_logits(self.engine.model, ids)[:, 0, len(gen.prompt_tokens) - 1 :]  # (T, N, V)
         out = []
         for i, step in enumerate(gen.steps):
             lp = torch.log_softmax(logits[step.exit_loop - 1, i].float(), -1)

@@ -216,3 +216,25 @@ def test_copy_mode_fills_skipped_slots_from_the_exit_loop(model, k):
                 assert torch.equal(ck[t, ..., pos, :], ck[k - 1, ..., pos, :])
                 assert torch.equal(cv[t, ..., pos, :], cv[k - 1, ..., pos, :])
             assert ck[k - 1, ..., pos, :].abs().min() > 0  # the copied source was really computed
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("opts", [dict(skip="copy"), dict(skip="exact", finish="lazy"), dict(kv="last", skip="shared"),
+                                  dict(skip="copy", temperature=0.9, seed=5), dict(skip="exact"),
+                                  dict(skip="exact", temperature=0.9, seed=6)],
+                         ids=["copy", "lazy", "shared", "copy-sampled", "eager", "eager-sampled"])
+def test_a_loop_cap_alone_runs_each_token_in_one_forward_with_the_per_loop_decoders_results(engine, k, opts):
+    """With only a loop cap, a token's capped loops run as one Forward (anytime.capped); trace=True
+    forces the one-loop-per-Forward decoder, which must emit the same tokens, exits and costs."""
+    prompts = random_prompts(70 + k, [6, 3])
+    run = dict(max_new_tokens=10, stop=[], mode="anytime", budget_loops=k, **opts)
+    capped = engine.generate(prompts, **run)
+    per_loop = engine.generate(prompts, trace=True, **run)
+    for c, p in zip(capped, per_loop):
+        assert c.tokens == p.tokens
+        assert [(s.loops, s.exit_loop, s.reason) for s in c.steps] == [(s.loops, s.exit_loop, s.reason) for s in p.steps]
+        for key in ("loops_computed_per_token", "copied_slots", "finish_loops", "exit_loop_counts", "exit_reasons"):
+            assert c.stats[key] == p.stats[key], key
+        if opts.get("skip") != "exact" or opts.get("finish") == "lazy" or T % k == 0:  # else eager finishing needs k | T
+            assert c.stats["forwards"] == 10  # the prefill and one Forward per later token
+        assert p.stats["forwards"] == 1 + 9 * k

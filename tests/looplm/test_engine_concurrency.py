@@ -192,3 +192,31 @@ def test_a_timed_request_makes_every_step_one_loop_and_outputs_stay_exact():
     assert runner.steps - steps >= 4 * 11  # the timed request's 11 decode tokens took a step per loop
     full = streams[0].generation.stats
     assert full["forwards"] == 12 and full["runner_steps"] > full["forwards"]  # its 4-loop Forwards ran a loop per step
+
+
+def test_steps_beside_a_timed_request_shrink_to_its_budget_and_everyone_stays_exact():
+    """A budget no step can meet (1 us per token) leaves one untimed position per step beside the
+    timed request (they take turns); once it ends, the untimed requests run together again."""
+    model = tiny_model(loops=4, max_pos=96)
+    engine = looplm.Engine(model)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (5, 9, 2, 7, 3, 4)]
+    alone = [engine.generate(p, max_new_tokens=10, stop=[]).tokens for p in prompts]
+    runner = engine.scheduler.runner("per_loop")
+    sizes, run = [], runner.run
+
+    def spy(items):
+        sizes.append(len(items))
+        return run(items)
+
+    runner.run = spy
+    timed = engine.stream([3, 4], max_new_tokens=30, stop=[], mode="anytime", budget_ms=1e-3)
+    next(timed)  # its prompt is in: the next tokens are budgeted
+    streams = [engine.stream(p, max_new_tokens=10, stop=[]) for p in prompts]
+    n_timed = 1 + len(list(timed))
+    during = len(sizes)
+    assert [[s.token for s in st] for st in streams] == alone
+    assert n_timed == 30
+    assert all(s.exit_loop == 1 for s in timed.generation.steps[1:])
+    # once the cap settles (a few steps), a step runs the timed request and at most one other
+    assert max(sizes[during // 2 : during]) <= 2
+    assert max(sizes[during:], default=0) > 2  # without the timed request the others share steps again

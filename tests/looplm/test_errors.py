@@ -193,6 +193,13 @@ def test_overflow_in_the_requested_dtype_is_non_finite(ckpt):
         looplm.load(ckpt, dtype="float16")
 
 
+def test_finite_weights_whose_sum_overflows_still_load(ckpt):
+    """The loader's finiteness check sums each tensor first; a sum that overflows with every value
+    finite must not count as a bad tensor."""
+    _rewrite_tensors(ckpt, lambda sd: sd["model.norm.weight"][:3].fill_(3e38))  # finite in float32; 9e38 is not
+    assert looplm.load(ckpt).model.model.norm.weight[:3].tolist() == [pytest.approx(3e38)] * 3
+
+
 @pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors", "sub/../../x.safetensors", "", 3])
 def test_shard_index_cannot_name_files_outside_the_checkpoint(tmp_path, shard):
     save_pretrained(tiny_model(), tmp_path / "ck", max_shard_bytes=20_000)
