@@ -129,6 +129,8 @@ def decode(
                              "per position needs multi-candidate rejection, which is not implemented; use branch=1")
         if B != 1:
             raise ValueError(f"branch={branch} (draft trees) decodes one sequence per request, got a batch of {B}")
+        if getattr(model, "tp", None) is not None:  # lanes copy cache positions outside the runner step rank 0 broadcasts
+            raise ValueError(f"branch={branch} (draft trees) does not run under tensor parallelism yet; use branch=1")
         yield from decode_tree(model, req, k, branch, None if branch_threshold is None else float(branch_threshold),
                                float(extrapolate), dmap)
         return

@@ -155,3 +155,14 @@ def test_bad_tree_options_fail_cleanly_and_leave_the_engine_usable():
     assert _blocks_used(engine) == 0
     full = engine.generate([1, 2, 3], max_new_tokens=12, stop=[])
     assert engine.generate([1, 2, 3], max_new_tokens=12, stop=[], mode="speculative", branch=2).tokens == full.tokens
+
+
+def test_trees_are_refused_under_tensor_parallelism():
+    """Lanes copy cache positions outside the runner step that rank 0 broadcasts, so a tree request
+    on a tensor-parallel model would leave the other ranks' lanes stale: it is refused instead."""
+    model = spec_model(loops=4, max_pos=32)
+    engine = looplm.Engine(model)
+    model.tp = (0, 2)  # what looplm.tp.connect marks a sharded model with
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        engine.generate([1, 2, 3], max_new_tokens=5, mode="speculative", branch=2)
+    assert _blocks_used(engine) == 0
