@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if sha.returncode:
         ap.error(f"git cannot resolve {args.ref!r}: {sha.stderr.strip()}")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout)
+    # changed tracked files, not counting the benchmark outputs a run rewrites (RESULTS.md, JSON, plots)
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout
+    dirty = any(not (f.startswith("benchmarks/") and f.endswith((".md", ".json", ".png")))
+                for f in (line[3:] for line in changed.splitlines()))
     work = {"prompts": TEXT_PROMPTS, "tokens": args.tokens, "cases": {n: CASES[n] for n in names}}
     load = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="looplm-versus-") as tmp:
