@@ -49,6 +49,17 @@ class _Token:
     slot: int = -1  # its row in the current forward call
 
 
+def pipeline_stats(k: int, D: int, extrapolate: float, drafted: int, accepted: int, rejected: int, hist: list[int],
+                   calls: int, computed: int, emitted: int) -> dict:
+    """The statistics every pipelined decoder reports (spec.pipeline, spec.trees)."""
+    return dict(
+        pipeline=True, draft_loop=k, draft_len=D - 1, extrapolate=extrapolate, drafted=drafted, accepted=accepted, rejected=rejected,
+        acceptance_rate=accepted / max(drafted, 1), token_acceptance=accepted / max(accepted + rejected, 1),
+        mean_accepted_len=accepted / max(sum(hist), 1), accepted_len_hist=list(hist),
+        rounds=calls, loops_per_token=computed / max(emitted, 1),
+    )
+
+
 def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: float = 0.0,
                      draft_map: DraftMap | None = None) -> Decoder:
     """Speculative decoding with the draft of token n+1 computed in the same forward as the
@@ -83,12 +94,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
         run[row] = 0
 
     def stats() -> None:
-        req.stats.update(
-            pipeline=True, draft_loop=k, draft_len=D - 1, extrapolate=extrapolate, drafted=n_prop, accepted=n_acc, rejected=n_rej,
-            acceptance_rate=n_acc / max(n_prop, 1), token_acceptance=n_acc / max(n_acc + n_rej, 1),
-            mean_accepted_len=n_acc / max(sum(hist), 1), accepted_len_hist=list(hist),
-            rounds=calls, loops_per_token=computed / max(emitted, 1),
-        )
+        req.stats.update(pipeline_stats(k, D, extrapolate, n_prop, n_acc, n_rej, hist, calls, computed, emitted))
 
     for row in range(B):
         if req.active(row, 0):

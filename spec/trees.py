@@ -33,6 +33,7 @@ from looplm.lanes import LaneForward
 from looplm.model import LoopLM
 
 from .drafts import DraftMap, draft_state
+from .pipeline import pipeline_stats
 from .start import first_step, start_request
 
 
@@ -100,10 +101,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
 
     def stats() -> None:
         req.stats.update(
-            pipeline=True, draft_loop=k, draft_len=D - 1, extrapolate=extrapolate, drafted=n_prop, accepted=n_acc, rejected=n_rej,
-            acceptance_rate=n_acc / max(n_prop, 1), token_acceptance=n_acc / max(n_acc + n_rej, 1),
-            mean_accepted_len=n_acc / max(sum(hist), 1), accepted_len_hist=list(hist),
-            rounds=calls, loops_per_token=computed / max(emitted, 1),
+            pipeline_stats(k, D, extrapolate, n_prop, n_acc, n_rej, hist, calls, computed, emitted),
             branch=branch, branch_threshold=threshold, forks=n_forks,
             rows_per_forward=rows_total / max(calls, 1), max_rows=max_rows,
             acceptance_by_depth=[w / t if t else None for w, t in zip(won_at[1:], tested_at[1:])], tested_by_depth=tested_at[1:],
