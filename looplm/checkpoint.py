@@ -88,7 +88,8 @@ def load_model(path: str | Path, *, dtype=None, device=None, tp: tuple[int, int]
     computes it natively for a model too large for its caches, float32 otherwise.
 
     tp: (rank, world) builds rank `rank`'s part of a tensor-parallel model (looplm.tp): only that
-    rank's slices of the split weights are read from the memory-mapped files.
+    rank's slices of the split weights (and its rows of an untied token embedding) are read from
+    the memory-mapped files.
     """
     path = Path(path)
     cfg = read_config(path)
@@ -102,6 +103,7 @@ def load_model(path: str | Path, *, dtype=None, device=None, tp: tuple[int, int]
 
         with torch.device("meta"):
             model = LoopLM(tensor_parallel.rank_config(cfg, tp[1]))
+            tensor_parallel.split_embedding(model, *tp)
     files = _weight_files(path)
     missing = sorted(set(want) - set(files))
     unexpected = sorted(set(files) - set(want))
@@ -118,7 +120,7 @@ def load_model(path: str | Path, *, dtype=None, device=None, tp: tuple[int, int]
                     raise ValueError(f"{file}: tensor {name} has shape {shapes[name]}, the config needs {want[name]}")
     state = {}
     for name, file in files.items():
-        index = tensor_parallel.rank_slice(name, shapes[name], *tp) if tp is not None else None
+        index = tensor_parallel.rank_slice(name, shapes[name], *tp, tied=cfg.tie_word_embeddings) if tp is not None else None
         # one mapping per tensor: the file's pages read so far leave this process's resident memory
         # when it closes (held open, a whole shard's pages would count on top of the copies)
         with open_safetensors(file) as f:

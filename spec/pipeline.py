@@ -124,8 +124,10 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                 layouts[rows, stages] = (torch.tensor(rows, device=device), stage_t * k, fresh_, stage_t == 0)
             rows_t, start, fresh, is_fresh = layouts[rows, stages]
             pos_list = [plen[r] + t.index for (_, r), t in pairs]
-            table = embed.weight  # a row of the embedding table is the embedding (a view, no lookup op)
-            h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])  # (N, H) in call order
+            # one lookup of the fresh tokens (under tensor parallelism a collective: no rows read directly)
+            fresh_ids = [t.token for t in items if not t.stage]
+            emb = iter(embed(torch.tensor(fresh_ids, device=device)) if fresh_ids else ())
+            h = torch.stack([t.hidden if t.stage else next(emb) for t in items])  # (N, H) in call order
             out = yield Forward(h[:, None], torch.tensor(pos_list, device=device)[:, None], start_loop=start, num_loops=k)
             calls += 1
             computed += len(items) * k

@@ -89,6 +89,36 @@ def test_sharded_per_loop_logits_equal_one_process(tmp_path, world, fused):
         assert torch.equal(o["logits"], outs[0]["logits"])
 
 
+def _embed(rank, world, cfg, seed, ids, out):
+    dist.init_process_group("gloo")
+    model = LoopLM(LoopConfig(**cfg)).init_weights(seed).eval()
+    tp.split_embedding(model, rank, world)
+    with torch.no_grad():
+        got = model.model.embed_tokens(ids)
+    torch.save({"embedding": got, "rows": model.model.embed_tokens.weight.detach()}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_vocab_parallel_embedding_equals_the_whole_table_exactly(tmp_path):
+    """A vocabulary that 3 ranks do not divide: ids in every shard and on both sides of each boundary."""
+    world = 3
+    vocab = 3 * int(torch.randint(20, 60, ())) + int(torch.randint(1, 3, ()))
+    cfg = {**TINY, "vocab_size": vocab}
+    seed = int(torch.randint(0, 2**31, ()))
+    cuts = [r * vocab // world for r in range(1, world)]
+    edges = [0, vocab - 1] + [c + d for c in cuts for d in (-1, 0, 1)]
+    ids = torch.cat([torch.tensor(edges), torch.randint(0, vocab, (48 - len(edges),))]).view(4, 12)
+    whole = LoopLM(LoopConfig(**cfg)).init_weights(seed).eval().model.embed_tokens
+    with torch.no_grad():
+        ref = whole(ids)
+    _launch(world, _embed, cfg, seed, ids, str(tmp_path))
+    outs = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    rows = [o["rows"] for o in outs]
+    assert all(len(r) < vocab for r in rows) and torch.equal(torch.cat(rows), whole.weight)  # the ranks partition the table
+    for o in outs:
+        assert torch.equal(o["embedding"], ref)
+
+
 def test_heads_not_divisible_raise_naming_them():
     with pytest.raises(ValueError, match="num_attention_heads=8 is not divisible by 3"):
         tp.shard(LoopLM(LoopConfig(**TINY)), 0, 3)
@@ -98,6 +128,8 @@ def test_heads_not_divisible_raise_naming_them():
         looplm.load(DEFAULT_MODEL, tp=4)  # the bundled model: 2 KV heads
     with pytest.raises(ValueError, match="tp must be an integer >= 1, got 0"):
         looplm.load(DEFAULT_MODEL, tp=0)
+    with pytest.raises(ValueError, match="vocab_size=3 leaves a rank without rows of the vocabulary"):
+        tp.shard(LoopLM(LoopConfig(**{**TINY, "vocab_size": 3})), 0, 4)
 
 
 def test_tp_outside_a_launch_or_with_another_world_size_raises(monkeypatch):
@@ -128,6 +160,17 @@ def test_rank_slices_of_a_checkpoint_are_the_sharded_weights(tmp_path):
                 assert got[name].untyped_storage().nbytes() == got[name].nbytes, name
     assert got["model.layers.0.self_attn.k_proj.weight"].shape == (2 * 8, 64)
     assert got["model.layers.0.mlp.down_proj.weight"].shape == (64, 48)
+    assert torch.equal(got["model.embed_tokens.weight"], model.model.embed_tokens.weight[48:])  # rank 1 of 2: rows 48..96
+
+
+def test_a_tied_embedding_stays_whole_on_every_rank(tmp_path):
+    """Tied, the embedding is the LM head, which decoders apply on rank 0 alone: it is not split."""
+    model = LoopLM(LoopConfig(**TINY, tie_word_embeddings=True)).init_weights(int(torch.randint(0, 2**31, ()))).eval()
+    looplm.checkpoint.save_pretrained(model, tmp_path)
+    for rank in range(2):
+        got = looplm.checkpoint.load_model(tmp_path, dtype="float32", tp=(rank, 2))
+        assert torch.equal(got.model.embed_tokens.weight, model.model.embed_tokens.weight)
+        assert got.lm_head.weight is got.model.embed_tokens.weight
 
 
 # -- the engine: rank 0 schedules, rank 1 runs the same steps ----------------------------------------
