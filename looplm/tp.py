@@ -7,8 +7,9 @@ outputs an all-reduce sums (two per layer and loop). Vocabulary-parallel: the to
 (`VocabParallelEmbedding`, rows [r*V/N, (r+1)*V/N) on rank r; a lookup is an all-reduce of each
 rank's rows, zero where an id is another rank's), unless it is tied to the LM head. The norms, the
 exit gate and the LM head are replicated (decoders apply the head on rank 0 alone, outside the
-runner's steps), so every rank holds the same hidden states, gates and logits after each loop. A rank's model has the per-rank head counts in its config, so its paged KV
-cache holds only its own KV heads (1/world of the cache bytes per position).
+runner's steps), so every rank holds the same hidden states, gates and logits after each loop.
+A rank's model has the per-rank head counts in its config, so its paged KV cache holds only its
+own KV heads (1/world of the cache bytes per position).
 
 The engine: rank 0 runs the scheduler and the decoders; before each runner step its runner
 (`TPRunner`) broadcasts the step's (block table, Forward) items, and every other rank runs the
