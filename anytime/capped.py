@@ -41,7 +41,7 @@ def decode_capped(model: LoopLM, req: DecodeRequest, cap: int, skip: str, eager:
     layers = model.config.num_hidden_layers
     reason = "max_depth" if cap >= T else "budget"
     t_start = clock()
-    out = yield prefill(req, device=model.lm_head.weight.device, logits_loops="all")
+    out = yield prefill(req, device=model.lm_head.weight.device, logits_loops="all", gates=False)
     logits = out.logits[cap - 1, :, 0]  # (1, V): the last prompt position after loop `cap`
     now = clock()
     req.stats["prefill_ms"] = (now - t_start) * 1e3
@@ -57,14 +57,14 @@ def decode_capped(model: LoopLM, req: DecodeRequest, cap: int, skip: str, eager:
         if flight:  # earlier tokens' next k loops first, the new token last (its logits are the row's last)
             states = torch.stack([x[2] for x in flight] + [model.embed(token[:, None])[0, 0]])[None]
             start_loops = torch.tensor([[x[1] for x in flight] + [0]], device=states.device)
-            res = yield Forward(states, [[x[0] for x in flight] + [pos]], start_loop=start_loops, num_loops=cap, logits="last")
+            res = yield Forward(states, [[x[0] for x in flight] + [pos]], start_loop=start_loops, num_loops=cap, logits="last", gates=False)
             for j, x in enumerate(flight):
                 x[1], x[2] = x[1] + cap, res.hidden[-1, 0, j]
             counts["finish_loops"] += len(flight) * cap
             counts["decode_loops"] += len(flight) * cap
             flight = [x for x in flight if x[1] < T]
         else:
-            res = yield Forward(token[:, None], [[pos]], num_loops=cap, logits="last", copy_slots=copies)
+            res = yield Forward(token[:, None], [[pos]], num_loops=cap, logits="last", copy_slots=copies, gates=False)
         counts["decode_loops"] += cap
         if finish:
             flight.append([pos, cap, res.hidden[-1, 0, -1]])

@@ -35,7 +35,7 @@ def decode_full(model: LoopLM, req: DecodeRequest, step: str | None = None) -> D
     device = model.lm_head.weight.device
     timer = Timer(1)
     t0 = time.perf_counter()
-    out = yield prefill(req, device)
+    out = yield prefill(req, device, gates=False)
     req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
     logits = out.logits[-1, :, 0]  # (1, V)
     pos = len(req.prompts[0])  # position of the next token
@@ -46,6 +46,6 @@ def decode_full(model: LoopLM, req: DecodeRequest, step: str | None = None) -> D
         produced += 1
         if not req.active(0, produced):
             return
-        out = yield Forward(token[:, None], [[pos]], logits="last", step=fixed)
+        out = yield Forward(token[:, None], [[pos]], logits="last", step=fixed, gates=False)
         logits = out.logits[-1, :, 0]
         pos += 1

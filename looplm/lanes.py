@@ -67,7 +67,7 @@ def run_lanes(runner: Runner, work: list[tuple[int, Forward]]) -> list[LoopOutpu
             idx = torch.tensor(rows, device=fwd.pos.device)
             pos = fwd.pos[idx]
             table = pool.ensure(seq, int(pos.max()) + 1) if lane == 0 else pool.ensure_lane(seq, lane, int(pos.max()) + 1)
-            items.append((table, Forward(fwd.inputs[idx], pos, start_loop=start[idx], num_loops=fwd.num_loops)))
+            items.append((table, Forward(fwd.inputs[idx], pos, start_loop=start[idx], num_loops=fwd.num_loops, gates=fwd.gates)))
         spans.append((first, len(items), None if order == list(range(B)) else torch.tensor(order).argsort()))
     outs = runner.run(items)
     merged = []
@@ -76,10 +76,10 @@ def run_lanes(runner: Runner, work: list[tuple[int, Forward]]) -> list[LoopOutpu
             merged.append(outs[a])
             continue
         hidden = torch.cat([o.hidden for o in outs[a:b]], 1)  # (loops, B, 1, H) in lane order
-        gates = torch.cat([o.gates for o in outs[a:b]], 1)
+        gates = torch.cat([o.gates for o in outs[a:b]], 1) if outs[a].gates is not None else None
         if inverse is not None:
             inverse = inverse.to(hidden.device)
-            hidden, gates = hidden[:, inverse], gates[:, inverse]
+            hidden, gates = hidden[:, inverse], gates[:, inverse] if gates is not None else None
         merged.append(LoopOutput(hidden, gates, None))
     return merged
 

@@ -20,7 +20,7 @@ class LoopOutput:
     """What a loop-range forward computed. n = loops run in this call."""
 
     hidden: torch.Tensor  # (n, B, S, H) normed hidden state after each loop (= next loop's input)
-    gates: torch.Tensor  # (n, B, S) float32 lambda_t = sigmoid(gate(h_t))
+    gates: torch.Tensor | None  # (n, B, S) float32 lambda_t = sigmoid(gate(h_t)); None if not asked for (Forward.gates)
     logits: torch.Tensor | None  # (n or 1, B, S', V) LM head at the requested positions and loops
 
 

@@ -286,13 +286,12 @@ class PagedKVCache:
         `index` optionally holds the same loops and flat positions as device tensors (built once
         per step by the runner), used when N > 1.
         """
-        kl, vl = self.k[:, layer], self.v[:, layer]  # (slots, Hkv, P, D)
         if self.kv == "mean":
             self._accumulate(layer, loops, flat, k, v, index)
-        if len(flat) == 1:
+        if len(flat) == 1:  # a decode row: one view per tensor (copy_ casts to the cache's dtype)
             s = self.slot(loops[0])
-            kl[s, :, flat[0]] = k[0].to(kl.dtype)
-            vl[s, :, flat[0]] = v[0].to(vl.dtype)
+            self.k[s, layer, :, flat[0]].copy_(k[0])
+            self.v[s, layer, :, flat[0]].copy_(v[0])
             return
         d = self._diagonal(loops, flat)
         if d is not None:  # token j at loop loops[0] + j*d, position flat[0] - j: one strided copy each
@@ -305,6 +304,7 @@ class PagedKVCache:
         lo, fl = index if index is not None else (torch.tensor(loops, device=k.device), torch.tensor(flat, device=k.device))
         if self.slots == 1:
             lo = torch.zeros_like(lo)
+        kl, vl = self.k[:, layer], self.v[:, layer]  # (slots, Hkv, P, D)
         kl[lo, :, fl] = k.to(kl.dtype)
         vl[lo, :, fl] = v.to(vl.dtype)
 

@@ -17,10 +17,13 @@ multi-token group (prompt chunks). The model never sees a cache or a caller's la
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from .attention import sdpa_attention, visibility_mask
 from .model import LoopLM, LoopOutput
 from .paged import PagedKVCache
 from .work import Forward
@@ -35,37 +38,72 @@ class _Group:
 
 
 class _Batch:
-    """Groups attended together: their queries padded to (G, n), their keys gathered to (G, C)."""
+    """Groups attended together: their queries padded to (G, n), their keys gathered to (G, C).
+
+    The index tensors are built on first use (a batch-1 decode row with the default backend needs
+    none of them)."""
 
     def __init__(self, cache: PagedKVCache, groups: list[_Group], pos_t: torch.Tensor, device):
-        self.groups = groups
+        self.groups, self._pos_t, self._device = groups, pos_t, device
         self.first = [g.tokens.start for g in groups]  # groups are in token order
-        sizes = [g.tokens.stop - g.tokens.start for g in groups]
+        self._sizes = sizes = [g.tokens.stop - g.tokens.start for g in groups]
         self.n = max(sizes)
         self.ctx = max(g.ctx for g in groups)
-        self.loops = torch.tensor([g.loop for g in groups], device=device)
         self.view = None  # (first flat position, first loop, loop step) when every group reads one contiguous range
-        tables = {id(g.table) for g in groups}
         loops = [g.loop for g in groups]
         d = loops[1] - loops[0] if len(loops) > 1 else 1
-        if len(tables) == 1 and loops == [loops[0] + j * d for j in range(len(loops))] and (d > 0 or len(loops) == 1):
+        if all(g.table is groups[0].table for g in groups) and loops == [loops[0] + j * d for j in range(len(loops))] \
+                and (d > 0 or len(loops) == 1):
             rng = cache.flat_range(groups[0].table, self.ctx)
             if rng is not None:  # one sequence's tokens at evenly spaced loops (the pipeline): a strided view
                 self.view = (rng[0], loops[0], d)
         self.flat = cache.flat_index([g.table for g in groups], self.ctx, device) if self.view is None else None
-        self.k_pos = torch.arange(self.ctx, device=device).expand(len(groups), -1)
-        tok = [t for g in groups for t in range(g.tokens.start, g.tokens.stop)]
-        self.tok = torch.tensor(tok, device=device)
-        # slot of each token in the padded (G * n) query layout; padded slots query position 0
+        self.n_tok = sum(sizes)
+        # groups cover tokens [first[0], first[0] + n_tok) without gaps
+        self.contiguous = all(a.tokens.stop == b.tokens.start for a, b in zip(groups, groups[1:]))
         self.dense = self.n == 1  # one query per group: no padding
+        # one query per group at its context's last position (decode rows of equal length): every
+        # key is visible, so the default backend needs no mask
+        self.all_visible = self.dense and all(g.ctx == self.ctx for g in groups)
+        self._mask: torch.Tensor | None = None
+
+    @functools.cached_property
+    def loops(self) -> torch.Tensor:
+        """(G,) loop of each group at loop step 0."""
+        return torch.tensor([g.loop for g in self.groups], device=self._device)
+
+    @functools.cached_property
+    def k_pos(self) -> torch.Tensor:
+        """(G, C) key positions."""
+        return torch.arange(self.ctx, device=self._device).expand(len(self.groups), -1)
+
+    @functools.cached_property
+    def tok(self) -> torch.Tensor:
+        """(n_tok,) the batch's tokens (indices into the step's tokens), group by group."""
+        if self.contiguous:
+            return torch.arange(self.first[0], self.first[0] + self.n_tok, device=self._device)
+        return torch.tensor([t for g in self.groups for t in range(g.tokens.start, g.tokens.stop)], device=self._device)
+
+    @functools.cached_property
+    def slot(self) -> torch.Tensor:
+        """(n_tok,) slot of each token in the padded (G * n) query layout."""
+        return torch.tensor([gi * self.n + j for gi, sz in enumerate(self._sizes) for j in range(sz)], device=self._device)
+
+    @functools.cached_property
+    def q_pos(self) -> torch.Tensor:
+        """(G, n) query positions; padded slots query position 0."""
         if self.dense:
-            self.q_pos = pos_t[self.tok][:, None]
-        else:
-            self.slot = torch.tensor([gi * self.n + j for gi, sz in enumerate(sizes) for j in range(sz)], device=device)
-            q_pos = torch.zeros(len(groups) * self.n, dtype=torch.long, device=device)
-            q_pos[self.slot] = pos_t[self.tok]
-            self.q_pos = q_pos.view(len(groups), self.n)
-        self.contiguous = tok == list(range(tok[0], tok[0] + len(tok))) if tok else False
+            return self._pos_t[self.tok][:, None]
+        q_pos = torch.zeros(len(self.groups) * self.n, dtype=torch.long, device=self._device)
+        q_pos[self.slot] = self._pos_t[self.tok]
+        return q_pos.view(len(self.groups), self.n)
+
+    def mask(self, G: int) -> torch.Tensor:
+        """The first G groups' visibility mask (G, 1, n, C), built once per step (the same at every
+        loop and layer)."""
+        if self._mask is None:
+            self._mask = visibility_mask(self.q_pos, self.k_pos)
+        return self._mask[:G]
 
     def running(self, n_tokens: int) -> int:
         """Groups whose tokens are still running when the first n_tokens tokens run (a prefix)."""
@@ -101,8 +139,7 @@ class _Plan:
         self.pos, self.loops, self.flat, self.steps = pos, loops, flat, steps
         self.n_tokens = len(pos)
         self.pos_t = torch.tensor(pos, device=device)
-        self.loops_t = torch.tensor(loops, device=device)
-        self.flat_t = torch.tensor(flat, device=device)
+        self.device = device
         self.max_steps = max(steps)
         # decode rows (one query) of every request in one batch, prompt chunks in another
         singles = [g for g in groups if g.tokens.stop - g.tokens.start == 1]
@@ -113,6 +150,14 @@ class _Plan:
         """Tokens still running at loop step `step` (a prefix)."""
         return sum(1 for s in self.steps if s > step)
 
+    @functools.cached_property
+    def loops_t(self) -> torch.Tensor:
+        return torch.tensor(self.loops, device=self.device)
+
+    @functools.cached_property
+    def flat_t(self) -> torch.Tensor:
+        return torch.tensor(self.flat, device=self.device)
+
 
 class _Attend:
     """The attention context of a runner step (the `ctx` the model's layers call)."""
@@ -122,11 +167,18 @@ class _Attend:
         self.at(0, plan.n_tokens)
 
     def at(self, step: int, n: int) -> None:
-        """Moves to loop step `step` with the first n tokens running; the write indices of the
-        step are built here once, for every layer."""
+        """Moves to loop step `step` with the first n tokens running."""
         self.step, self.n = step, n
         self.loops = [t + step for t in self.plan.loops[:n]]
-        self.index = (self.plan.loops_t[:n] + step, self.plan.flat_t[:n])
+        self._index = None
+
+    @property
+    def index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The write indices (loops, flat positions) of the running tokens as tensors, built once
+        per loop step for every layer."""
+        if self._index is None:
+            self._index = (self.plan.loops_t[: self.n] + self.step, self.plan.flat_t[: self.n])
+        return self._index
 
     @property
     def pos(self) -> torch.Tensor:
@@ -141,10 +193,10 @@ class _Attend:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         """q (N, Hq, 1, D), k/v (N, Hkv, 1, D) of the running tokens -> (N, Hq, 1, D)."""
         plan, n = self.plan, self.n
-        plan.cache.write(layer, self.loops, plan.flat[:n], k[:, :, 0], v[:, :, 0], self.index)
+        plan.cache.write(layer, self.loops, plan.flat[:n], k[:, :, 0], v[:, :, 0], self.index if n > 1 else None)
         if len(plan.batches) == 1:
             b = plan.batches[0]
-            if b.contiguous and b.tok.numel() == n and b.first[0] == 0:
+            if b.contiguous and b.n_tok == n and b.first[0] == 0:
                 return self._batch(b, q, layer, len(b.groups), whole=True)
         out = torch.empty_like(q)
         for b in plan.batches:
@@ -160,23 +212,34 @@ class _Attend:
             kk, vv = cache.read_strided(lo + i, d, G, layer, first, b.ctx)
         else:
             kk, vv = cache.gather(b.loops[:G] + i, layer, b.flat[:G])
-        ntok = sum(g.tokens.stop - g.tokens.start for g in b.groups[:G]) if G < len(b.groups) else b.tok.numel()
+        ntok = sum(g.tokens.stop - g.tokens.start for g in b.groups[:G]) if G < len(b.groups) else b.n_tok
         Hq, D = q.shape[1], q.shape[3]
         if b.dense:  # (G, Hq, 1, D): one query per group
             qg = q if whole else q[b.tok[:ntok]]
-            res = self.attn_fn(qg, kk, vv, b.q_pos[:G], b.k_pos[:G])
+            res = self._attention(b, G, qg, kk, vv)
             if whole:
                 return res
             out[b.tok[:ntok]] = res
             return out
         qp = q.new_zeros(G * b.n, Hq, D)
         qp[b.slot[:ntok]] = q[b.tok[:ntok], :, 0]
-        res = self.attn_fn(qp.view(G, b.n, Hq, D).transpose(1, 2), kk, vv, b.q_pos[:G], b.k_pos[:G])
+        res = self._attention(b, G, qp.view(G, b.n, Hq, D).transpose(1, 2), kk, vv)
         res = res.transpose(1, 2).reshape(G * b.n, Hq, D)[b.slot[:ntok]][:, :, None]
         if whole:
             return res
         out[b.tok[:ntok]] = res
         return out
+
+
+    def _attention(self, b: _Batch, G: int, q, k, v) -> torch.Tensor:
+        """The backend's attention of the batch's first G groups; the default (SDPA) backend gets the
+        mask built once per step, or none when every key is visible (bit-identical results)."""
+        if self.attn_fn is not sdpa_attention:
+            return self.attn_fn(q, k, v, b.q_pos[:G], b.k_pos[:G])
+        gqa = q.shape[1] != k.shape[1]
+        if b.all_visible:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask(G), enable_gqa=gqa)
 
 
 class Runner:
@@ -275,8 +338,9 @@ class Runner:
         index = cache.flat_index([t for t, _ in items] + [[cache.scratch_block]] * (R - n), C, device)
         hid = torch.stack(step(h, pos_t, flat, index))[:, :n]  # (T, n, H)
         logits = m.head(hid[-1])
-        gates = m.gate(hid)
-        return [LoopOutput(hid[:, i, None, None], gates[:, i, None, None], logits[None, i, None, None]) for i in range(n)]
+        gates = m.gate(hid) if any(fwd.gates for _, fwd in items) else None
+        return [LoopOutput(hid[:, i, None, None], gates[:, i, None, None] if fwd.gates else None, logits[None, i, None, None])
+                for i, (_, fwd) in enumerate(items)]
 
     def _run_plan(self, items, shapes) -> list[LoopOutput]:
         m, cache = self.model, self.cache
@@ -285,6 +349,7 @@ class Runner:
         h = torch.cat([self._inputs(items[i][1]) for i in plan.order])  # (N, H)
         cos, sin = m.rotary(plan.pos_t[:, None], h.dtype)  # (N, 1, D)
         ctx = _Attend(plan, m.attention)
+        want_gates = any(fwd.gates for _, fwd in items)
         hiddens, gates = [], []
         x = h[:, None]  # (N, 1, H): every token a row of one position
         for i in range(plan.max_steps):
@@ -292,7 +357,8 @@ class Runner:
             ctx.at(i, n)
             x = m.loop_body(x[:n], cos[:n], sin[:n], ctx)
             hiddens.append(x[:, 0])
-            gates.append(m.gate(x[:, 0]))
+            if want_gates:
+                gates.append(m.gate(x[:, 0]))
         cache.end_step()
         return self._outputs(items, plan, shapes, hiddens, gates)
 
@@ -307,19 +373,13 @@ class Runner:
         outs: list[LoopOutput] = []
         heads: list[tuple[int, torch.Tensor]] = []  # (item, selected last-loop states) for one batched head call
         # every loop's states in one (loops, N, H) tensor: a Forward's outputs are views of it
-        steps, N, H = len(hiddens), plan.n_tokens, hiddens[0].shape[-1]
-        if all(x.shape[0] == N for x in hiddens):
-            all_h, all_g = torch.stack(hiddens), torch.stack(gates)
-        else:
-            all_h, all_g = hiddens[0].new_zeros(steps, N, H), gates[0].new_zeros(steps, N)
-            for i, (x, g) in enumerate(zip(hiddens, gates)):
-                all_h[i, : x.shape[0]] = x
-                all_g[i, : g.shape[0]] = g
+        all_h, all_g = _stack(hiddens, plan.n_tokens), _stack(gates, plan.n_tokens) if gates else None
+        H = all_h.shape[-1]
         for idx, ((_, fwd), (B, S)) in enumerate(zip(items, shapes)):
             sp = plan.spans[idx]
             n = fwd.num_loops
             hid = all_h[:n, sp].view(n, B, S, H)
-            gat = all_g[:n, sp].view(n, B, S)
+            gat = all_g[:n, sp].view(n, B, S) if fwd.gates else None
             outs.append(LoopOutput(hid, gat, None))
             if fwd.logits is not None:
                 if fwd.logits_loops == "all":
@@ -335,6 +395,17 @@ class Runner:
                 outs[idx].logits = lg[o : o + k].view(*x.shape[:-1], -1)
                 o += k
         return outs
+
+
+def _stack(rows: list[torch.Tensor], N: int) -> torch.Tensor:
+    """Per loop step (n_i, ...) values of the running prefix of N tokens -> (steps, N, ...), zeros
+    where a token had stopped."""
+    if all(x.shape[0] == N for x in rows):
+        return torch.stack(rows)
+    out = rows[0].new_zeros(len(rows), N, *rows[0].shape[1:])
+    for i, x in enumerate(rows):
+        out[i, : x.shape[0]] = x
+    return out
 
 
 def _select(h: torch.Tensor, where) -> torch.Tensor:

@@ -322,7 +322,7 @@ class Scheduler:
         a, b = r.chunks[len(r.chunk_outs)]
         last = b == fwd.inputs.shape[1]
         logits = fwd.logits if last or fwd.logits == "all" else None
-        return Forward(fwd.inputs[:, a:b], fwd.pos[:, a:b], logits=logits, logits_loops=fwd.logits_loops)
+        return Forward(fwd.inputs[:, a:b], fwd.pos[:, a:b], logits=logits, logits_loops=fwd.logits_loops, gates=fwd.gates)
 
     def _chunkable(self, r: Request, fwd: Forward) -> bool:
         """A whole-depth prompt Forward on the exact cache: its chunks compute the same K/V (a
@@ -347,7 +347,7 @@ class Scheduler:
         inputs = fwd.inputs if i == 0 else r.slices[-1].hidden[-1]
         logits = fwd.logits if last or fwd.logits_loops == "all" else None
         return Forward(inputs, fwd.pos, start_loop=fwd.start_loop + i, num_loops=1, logits=logits,
-                       copy_slots=fwd.copy_slots if i == 0 else [])
+                       copy_slots=fwd.copy_slots if i == 0 else [], gates=fwd.gates)
 
     def _collect(self, r: Request, out):
         """The output to hand r's decoder, or None while chunks of its prompt (or loops of its
@@ -359,7 +359,7 @@ class Scheduler:
             outs, r.slices = r.slices, None
             logits = torch.cat([o.logits for o in outs]) if r.pending.logits_loops == "all" else outs[-1].logits
             r.pending.num_loops = len(outs)
-            return type(out)(torch.cat([o.hidden for o in outs]), torch.cat([o.gates for o in outs]), logits)
+            return type(out)(torch.cat([o.hidden for o in outs]), _cat([o.gates for o in outs], 0), logits)
         if r.chunks is None:
             return out
         r.chunk_outs.append(out)
@@ -367,7 +367,7 @@ class Scheduler:
             return None
         outs, r.chunks, r.chunk_outs = r.chunk_outs, None, None
         hidden = torch.cat([o.hidden for o in outs], 2)
-        gates = torch.cat([o.gates for o in outs], 2)
+        gates = _cat([o.gates for o in outs], 2)
         logits = outs[-1].logits if r.pending.logits != "all" else torch.cat([o.logits for o in outs], 2)
         r.pending.num_loops = self.model.num_loops
         return type(out)(hidden, gates, logits)
@@ -427,6 +427,11 @@ class Scheduler:
             runner.cache.pool.release(r.id) if runner.cache.kv == r.req.kv else None
         r.generation.stats = _stats(r, self.model.num_loops)
         r.out.put(error if error is not None else _END)
+
+
+def _cat(gates: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
+    """The pieces' gates joined along `dim`, or None when the Forward did not ask for them."""
+    return torch.cat(gates, dim) if gates[0] is not None else None
 
 
 def _stats(r: Request, T: int) -> Stats:

@@ -37,6 +37,8 @@ class Forward:
         step: None, or "fixed" / "compiled" for a one-token full-depth decode Forward that may run
             through the runner's fixed-shape step (kernels.fast_step.FixedStep), uncompiled or
             compiled once per (rows, context) bucket.
+        gates: whether the decoder reads the exit gates; when False its LoopOutput.gates is None
+            (a step computes the gate once per loop only if one of its Forwards asks).
 
     Ordering rule (the decoder's to keep): a position read by another position of the same
     Forward at loop t must be at loop t in the same loop step, or have been written at loop t in
@@ -52,3 +54,4 @@ class Forward:
     logits_loops: Literal["last", "all"] = "last"
     copy_slots: list[tuple[int, int]] = field(default_factory=list)
     step: str | None = None
+    gates: bool = True

@@ -186,7 +186,7 @@ def decode(
         # -- draft: one k-loop call per draft token, keeping loop-k hidden states -----------
         hs, drafts, qs = [], [], []
         for i in range(G):
-            out = yield Forward(embed(inp), v_pos[:, i : i + 1], num_loops=k)
+            out = yield Forward(embed(inp), v_pos[:, i : i + 1], num_loops=k, gates=False)
             hs.append(out.hidden[-1])  # (B, 1, H) loop-k state of token i
             computed += B * k
             z = model.head(draft_state(out.hidden, extrapolate, dmap))  # (B, 1, V) draft logits
@@ -200,7 +200,7 @@ def decode(
         drafts_t = torch.cat(drafts, 1)  # (B, G)
 
         # -- verify: loops k+1..T over all G positions in one call --------------------------
-        target = (yield Forward(torch.cat(hs, 1), v_pos, start_loop=k, logits="all")).logits[-1]  # (B, G, V)
+        target = (yield Forward(torch.cat(hs, 1), v_pos, start_loop=k, logits="all", gates=False)).logits[-1]  # (B, G, V)
         computed += B * G * (T - k)
         if params.greedy:
             accepted, tokens = accept_greedy(drafts_t, target.argmax(-1), limit)

@@ -128,7 +128,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
             fresh_ids = [t.token for t in items if not t.stage]
             emb = iter(embed(torch.tensor(fresh_ids, device=device)) if fresh_ids else ())
             h = torch.stack([t.hidden if t.stage else next(emb) for t in items])  # (N, H) in call order
-            out = yield Forward(h[:, None], torch.tensor(pos_list, device=device)[:, None], start_loop=start, num_loops=k)
+            out = yield Forward(h[:, None], torch.tensor(pos_list, device=device)[:, None], start_loop=start, num_loops=k, gates=False)
             calls += 1
             computed += len(items) * k
             hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call

@@ -22,7 +22,7 @@ def start_request(model: LoopLM, req: DecodeRequest):
     req.stats["kv_bytes_per_token"] = bytes_per_position(model.config, req.kv, p.dtype)
     timer = Timer(req.batch_size)
     t0 = time.perf_counter()
-    out = yield prefill(req, p.device)
+    out = yield prefill(req, p.device, gates=False)
     logits = out.logits[-1, :, 0]  # (1, V)
     req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
     return timer, choose(logits, req.sampling, req.generator).tolist()

@@ -126,7 +126,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])  # (N, H)
             fresh = [i for i, t in enumerate(items) if t.stage == 0]
             out = yield LaneForward(h[:, None], pos, start_loop=stages * k, num_loops=k, lanes=lane_of,
-                                    drop=drop, adopt=adopt, forks=forks)
+                                    drop=drop, adopt=adopt, forks=forks, gates=False)
             drop, adopt, forks = [], None, []
             calls += 1
             computed += len(items) * k
