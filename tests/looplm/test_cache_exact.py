@@ -146,3 +146,22 @@ def test_block_pool_reserves_grows_and_frees():
     assert pool.used == 1 and pool.free == 5 - 2
     pool.release(1)
     assert pool.used == 0 and pool.free == 6 and pool.tables == {}
+
+
+@pytest.mark.parametrize("lengths", [(6, 6), (4, 7)])  # decode rows of equal length (no mask) and ragged (masked)
+def test_gates_are_computed_for_the_forwards_that_ask_and_change_nothing_else(lengths):
+    model = tiny_model(loops=4)
+    seqs = [torch.randint(0, model.config.vocab_size, (n + 1,)) for n in lengths]
+    outs = {}
+    for ask in ((True, True), (True, False), (False, False)):
+        runner = make_runner(model)
+        step(runner, {b: prompt_forward(model, s[:-1].tolist()) for b, s in enumerate(seqs)})
+        outs[ask] = step(runner, {b: Forward(s[None, -1:], [[len(s) - 1]], logits="last", gates=ask[b]) for b, s in enumerate(seqs)})
+    for ask, out in outs.items():
+        for b, o in enumerate(out):
+            assert torch.equal(o.hidden, outs[True, True][b].hidden) and torch.equal(o.logits, outs[True, True][b].logits)
+            if ask[b]:
+                with torch.inference_mode():
+                    torch.testing.assert_close(o.gates, model.gate(o.hidden), rtol=0, atol=1e-6)
+            else:
+                assert o.gates is None
