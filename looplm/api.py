@@ -102,7 +102,8 @@ class Engine:
         Returns:
             A Generation, or a list of them for a list of prompts.
         """
-        stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, options=options, **kwargs)
+        # the requests run quiet: this thread sleeps until each one ends instead of waking per token
+        stream = self._open(prompt, max_new_tokens, mode, options, kwargs, quiet=True)
         for _ in stream:
             pass
         return stream.generations if self._is_batch(prompt) else stream.generations[0]
@@ -116,6 +117,11 @@ class Engine:
         (or dropping the Stream) cancels it and frees its cache blocks. A list of prompts gives
         one Stream over all of them: steps arrive per prompt in turn, `step.row` names the prompt.
         """
+        return self._open(prompt, max_new_tokens, mode, options, kwargs, quiet=False)
+
+    def _open(self, prompt, max_new_tokens: int, mode: str | None, options: ModeOptions | None, kwargs: dict,
+              quiet: bool) -> "Stream":
+        """Validates and submits the requests of `stream`/`generate`; `quiet` requests queue no Steps."""
         validate.request(max_new_tokens, kwargs)
         prompts = validate.prompts(prompt)
         if mode is None:
@@ -125,6 +131,8 @@ class Engine:
         for i, p in enumerate(prompts):  # prompt i of a list samples with seed + i: its own stream of draws
             streams.append(self._submit(p, max_new_tokens, mode, {**kwargs, "seed": None if seed is None else seed + i}, i,
                                         options))
+        for s in streams:
+            s._request.quiet = quiet
         self.scheduler.submit([s._request for s in streams])  # together: a bad request queues none of them
         if len(streams) == 1 and not self._is_batch(prompt):
             return streams[0]

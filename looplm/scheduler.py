@@ -53,6 +53,7 @@ class Request:
     id: int = 0
     out: queue.Queue = field(default_factory=queue.Queue)
     first: object = None  # the decoder's first item (taken when submitted: a Forward, a Step, or None)
+    quiet: bool = False  # the consumer waits for the end only (Engine.generate): Steps are not queued
     pending: Forward | None = None  # the Forward its decoder waits on
     cancelled: bool = False
     finished: bool = False
@@ -411,7 +412,8 @@ class Scheduler:
             text = text.rstrip("\ufffd")
         step.row = 0
         step.text, g.text = text[len(g.text):], text
-        r.out.put(step)
+        if not r.quiet:  # a quiet consumer reads g.steps at the end: no wake-up per token
+            r.out.put(step)
 
     def _finish(self, r: Request, error: BaseException | None) -> None:
         if r.finished:

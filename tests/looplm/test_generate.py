@@ -1,5 +1,7 @@
 """Full-depth generation: ragged batches, sampling, stops, streaming."""
 
+import queue
+
 import pytest
 import torch
 
@@ -83,6 +85,36 @@ def test_stream_yields_steps_with_loops_and_latency(engine):
     assert [s.index for s in steps] == list(range(5))
     assert all(s.loops == engine.config.total_ut_steps and s.latency_ms >= 0 for s in steps)
     assert [s.token for s in steps] == engine.generate(prompt, max_new_tokens=5, stop=[]).tokens
+
+
+def test_generate_queues_no_steps_yet_records_what_a_stream_delivers(engine, monkeypatch):
+    prompts = random_prompts(2, engine.config.vocab_size)
+    stream = engine.stream(prompts, max_new_tokens=6, stop=[], mode="anytime", budget_loops=2)
+    streamed = list(stream)
+    quiet = engine.generate(prompts, max_new_tokens=6, stop=[], mode="anytime", budget_loops=2)
+    for row, (g, s) in enumerate(zip(quiet, stream.generations)):
+        mine = [x for x in streamed if x.row == row]
+        assert [x.token for x in g.steps] == [x.token for x in mine] == s.tokens == g.tokens
+        assert [x.exit_loop for x in g.steps] == [x.exit_loop for x in mine] and g.text == s.text
+    puts = []
+
+    class Counting(queue.Queue):
+        def put(self, item, *a, **k):
+            puts.append(item)
+            super().put(item, *a, **k)
+
+    submit = engine.scheduler.submit
+
+    def spy(requests):
+        for r in requests:
+            r.out = Counting()
+        submit(requests)
+
+    monkeypatch.setattr(engine.scheduler, "submit", spy)
+    assert len(engine.generate(prompts[0], max_new_tokens=3, stop=[]).tokens) == 3
+    assert len(puts) == 1  # the end only: the caller's thread woke once
+    list(engine.stream(prompts[0], max_new_tokens=3, stop=[]))
+    assert len(puts) == 1 + 4  # a stream's consumer gets every Step and the end
 
 
 def test_generation_up_to_the_context_limit_is_truncated_with_a_reason(engine):
