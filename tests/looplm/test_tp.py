@@ -228,6 +228,30 @@ def test_engine_tokens_in_every_mode_equal_one_process(tmp_path):
     assert "does not match its inputs" in got["refused"]
 
 
+def _engine_ids(rank, world, path, prompts, out):
+    engine = looplm.load(path, dtype="float32", tp=world, cache_bytes=CACHE_BYTES)  # returns on rank 0 only
+    result = {name: [g.tokens for g in engine.generate(prompts, max_new_tokens=NEW, stop=[], **RUNS[name])] for name in RUNS}
+    torch.save(result, f"{out}/tokens.pt")
+    tp.stop()
+
+
+def test_engine_tokens_in_every_mode_at_4_ranks_equal_one_process(tmp_path):
+    """The bundled model's 2 KV heads do not split 4 ways: a random checkpoint with 4 KV heads, its
+    weights large enough (std 0.3) that float rounding of the sharded sums cannot flip an argmax."""
+    ckpt = tmp_path / "ckpt"
+    cfg = {**TINY, "total_ut_steps": 4, "tie_word_embeddings": False}
+    model = LoopLM(LoopConfig(**cfg)).init_weights(int(torch.randint(0, 2**31, ())), std=0.3).eval()
+    looplm.checkpoint.save_pretrained(model, ckpt)
+    prompts = torch.randint(0, cfg["vocab_size"], (2, 7)).tolist()
+    single = looplm.load(ckpt, dtype="float32", cache_bytes=CACHE_BYTES)
+    ref = {name: [g.tokens for g in single.generate(prompts, max_new_tokens=NEW, stop=[], **RUNS[name])] for name in RUNS}
+    _launch(4, _engine_ids, str(ckpt), prompts, str(tmp_path))
+    got = torch.load(tmp_path / "tokens.pt")
+    for name in RUNS:
+        assert got[name] == ref[name], name
+        assert all(len(t) == NEW for t in got[name])
+
+
 def test_a_seeded_sampled_run_equals_itself_across_launches(tmp_path):
     for i in range(2):
         (tmp_path / str(i)).mkdir()
