@@ -229,6 +229,14 @@ def _random_prompts(vocab: int, count: int, lo: int, hi: int, seed: int) -> list
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def generate_each(engine: Engine, prompts, new_tokens: int, **opts) -> tuple[tuple[float, float], list[Generation]]:
+    """Each prompt generated alone, one after the other, never stopping early -> ((wall s, process
+    CPU s) in total, [Generation])."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    gens = [engine.generate(p, max_new_tokens=new_tokens, stop=[], **opts) for p in prompts]
+    return (time.perf_counter() - t0, time.process_time() - c0), gens
+
+
 @pytest.fixture(scope="session")
 def bench_device(pytestconfig) -> str:
     device = pytestconfig.getoption("--bench-device")

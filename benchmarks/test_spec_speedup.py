@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import pytest
 import torch
@@ -46,7 +45,7 @@ from looplm.api import DEFAULT_MODEL
 from looplm.config import LoopConfig
 from looplm.model import LoopLM
 
-from benchmarks.conftest import TEXT_PROMPTS
+from benchmarks.conftest import TEXT_PROMPTS, generate_each
 
 NEW_TOKENS = 128
 DRAFT_LENS = (2, 3, 4, 6, "adaptive")
@@ -90,10 +89,7 @@ def spec_bench():
 
 
 def _run(engine, prompts, **opts):
-    """Each prompt generated alone, one after the other -> ((wall s, process CPU s) in total, [Generation])."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    gens = [engine.generate(p, max_new_tokens=NEW_TOKENS, stop=[], **opts) for p in prompts]
-    return (time.perf_counter() - t0, time.process_time() - c0), gens
+    return generate_each(engine, prompts, NEW_TOKENS, **opts)
 
 
 def _pooled(gens) -> dict:

@@ -19,7 +19,6 @@ forward, rows per forward, acceptance per tested position and per tree depth, wi
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ import torch
 import looplm
 from looplm.api import DEFAULT_MODEL
 
-from benchmarks.conftest import TEXT_PROMPTS
+from benchmarks.conftest import TEXT_PROMPTS, generate_each
 
 NEW_TOKENS = 128
 REPEATS = 2
@@ -35,10 +34,7 @@ SETTINGS = [(k, b) for k in (1, 2) for b in (1, 2, 3)]
 
 
 def _run(engine, prompts, **opts):
-    """Each prompt alone, one after the other -> ((wall s, process CPU s), [Generation])."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    gens = [engine.generate(p, max_new_tokens=NEW_TOKENS, stop=[], **opts) for p in prompts]
-    return (time.perf_counter() - t0, time.process_time() - c0), gens
+    return generate_each(engine, prompts, NEW_TOKENS, **opts)
 
 
 def _pooled(gens) -> dict:
