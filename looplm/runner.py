@@ -65,7 +65,6 @@ class _Batch:
         # one query per group at its context's last position (decode rows of equal length): every
         # key is visible, so the default backend needs no mask
         self.all_visible = self.dense and all(g.ctx == self.ctx for g in groups)
-        self._mask: torch.Tensor | None = None
 
     @functools.cached_property
     def loops(self) -> torch.Tensor:
@@ -98,12 +97,10 @@ class _Batch:
         q_pos[self.slot] = self._pos_t[self.tok]
         return q_pos.view(len(self.groups), self.n)
 
-    def mask(self, G: int) -> torch.Tensor:
-        """The first G groups' visibility mask (G, 1, n, C), built once per step (the same at every
-        loop and layer)."""
-        if self._mask is None:
-            self._mask = visibility_mask(self.q_pos, self.k_pos)
-        return self._mask[:G]
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """(G, 1, n, C) visibility of the keys to each query (the same at every loop and layer)."""
+        return visibility_mask(self.q_pos, self.k_pos)
 
     def running(self, n_tokens: int) -> int:
         """Groups whose tokens are still running when the first n_tokens tokens run (a prefix)."""
@@ -230,7 +227,6 @@ class _Attend:
         out[b.tok[:ntok]] = res
         return out
 
-
     def _attention(self, b: _Batch, G: int, q, k, v) -> torch.Tensor:
         """The backend's attention of the batch's first G groups; the default (SDPA) backend gets the
         mask built once per step, or none when every key is visible (bit-identical results)."""
@@ -239,7 +235,7 @@ class _Attend:
         gqa = q.shape[1] != k.shape[1]
         if b.all_visible:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask(G), enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask[:G], enable_gqa=gqa)
 
 
 class Runner:
