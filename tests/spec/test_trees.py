@@ -89,7 +89,10 @@ def test_the_threshold_branches_only_on_unsure_drafts():
         assert [t.tokens for t in tree] == [f.tokens for f in full]
         forks.append(sum(t.stats["forks"] for t in tree))
         assert all(t.stats["branch_threshold"] == threshold for t in tree)
-    assert forks == sorted(forks, reverse=True) and forks[-1] == 0 and forks[0] > 0  # fewer forks as the bar drops
+    # branching everywhere forks, a bar of 0 never does; the counts between need not fall monotonically
+    # (which siblings win changes which positions are tested next: seed 1211527899 gave 156 forks
+    # always against 159 below 0.5)
+    assert forks[-1] == 0 and forks[0] > 0
     assert any(0 < f < forks[0] for f in forks)  # some drafts were sure enough, some not
 
 
