@@ -124,8 +124,8 @@ def _sync() -> None:
 @pytest.mark.parametrize("step_kind", ["eager", "fixed", "compiled"])  # eager first: the ratios refer to it
 def test_full_depth_decode(benchmark, model_name, step_kind):
     """Decode tokens/s at batch 1 (prefill outside the timed region): the runner's eager plan vs its
-    fixed-shape step, uncompiled ("fixed") and compiled with inductor ("compiled": one graph of one
-    loop, reused by every loop; compiled in the warm-up, outside the timed rounds)."""
+    fixed-shape step, uncompiled ("fixed") and compiled with inductor ("compiled": one graph of all T
+    loops per bucket; compiled in the warm-up, outside the timed rounds)."""
     model = _model(model_name)
     prompt, n = _prompt(model)[0], NEW_TOKENS[model_name]
     dec = _Decode(model, prompt, n, step_kind)

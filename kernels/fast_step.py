@@ -1,13 +1,17 @@
-"""Fixed-shape decode steps: one loop traced once per (rows, context) bucket, and compiled layer halves.
+"""Fixed-shape decode steps: all T loops traced once per (rows, context) bucket, and compiled layer halves.
 
 `FixedStep` is the engine runner's fixed-shape variant of a full-depth decode step (every token one
 position through all T loops, looplm.runner). Its rows are padded to a bucket of rows and its keys
 to a bucket of positions, so one graph serves every step of that bucket: the model's own loop body
-(`LoopLM.loop_body`) with a functional attention context is traced (torch.compile, `fullgraph`)
-as a pure function of the cache slots it reads, each query's own slot replaced by its new K/V; the
-cache writes and the gathers through the block tables happen outside the graph, in place. The
-same graph runs all T loops. Steps belong to the engine's runner (one per bucket), never to the
-process. Padded rows sit at a scratch position of the cache that no sequence owns.
+(`LoopLM.loop_body`), T times, with a functional attention context is traced (torch.compile,
+`fullgraph`) as a pure function of the cache: it gathers the rows' key positions through their
+block tables and reads them, each query's own slot replaced by its new K/V, and returns every
+loop's new K/V; the cache writes happen after the graph, in place (one indexed copy per K and V).
+Nothing the step reads is written within it: a row reads other positions only, and rows of one step
+are different sequences. One compiled call per step is what makes it fast at batch 1 (a graph per
+loop cost T calls, 2TL gathers and 2TL writes of Python dispatch per token). Steps belong to the
+engine's runner (one per bucket), never to the process. Padded rows sit at a scratch position of
+the cache that no sequence owns.
 
 `compile_layers(model)` compiles the two halves of the layer around attention instead (norm + QKV
 + RoPE, and o_proj + norms + MLP), one graph per half and shape, used by every forward.
@@ -82,8 +86,8 @@ class _SlotAttention:
     def attend(self, q, k, v, layer: int) -> torch.Tensor:
         ck = torch.where(self.own, k, self.k_slots[layer])
         cv = torch.where(self.own, v, self.v_slots[layer])
-        self.new_k.append(k)
-        self.new_v.append(v)
+        self.new_k.append(k[:, :, 0])
+        self.new_v.append(v[:, :, 0])
         return self.attn_fn(q, ck, cv, self.q_pos, self.k_pos)
 
 
@@ -94,7 +98,7 @@ class FixedStep:
         model: the looped model (its attention backend is used as set).
         cache: the runner's paged cache.
         rows, ctx: the bucket (padded rows, padded key positions).
-        compile: torch.compile the loop (False: the same fixed-shape step, eager).
+        compile: torch.compile the step (False: the same fixed-shape step, eager).
         backend: torch.compile backend ("inductor"; "aot_eager" traces without code generation).
     """
 
@@ -102,34 +106,34 @@ class FixedStep:
                  backend: str = "inductor"):
         self.model, self.cache, self.rows, self.ctx = model, cache, rows, ctx
         self.compiled = compile
-        self._loop = torch.compile(self._one_loop, backend=backend, fullgraph=True, dynamic=False) if compile else self._one_loop
+        self._step = torch.compile(self._all_loops, backend=backend, fullgraph=True, dynamic=False) if compile else self._all_loops
         self.k_pos = torch.arange(ctx, device=cache.k.device).expand(rows, -1)
         self.calls = 0
 
-    def _one_loop(self, h, cos, sin, k_slots, v_slots, own, q_pos):
-        ctx = _SlotAttention(self.model.attention, k_slots, v_slots, own, q_pos, self.k_pos)
-        h = self.model.loop_body(h, cos, sin, ctx)
-        return h, ctx.new_k, ctx.new_v
-
-    def __call__(self, h: torch.Tensor, pos: torch.Tensor, flat: list[int], flat_index: torch.Tensor) -> list[torch.Tensor]:
-        """h (rows, H) embeddings, pos (rows,), flat: each row's write position, flat_index (rows, ctx)
-        its key positions -> the hidden state after every loop, T x (rows, H)."""
+    def _all_loops(self, h, cos, sin, k_all, v_all, flat_index, q_pos):
+        """Every loop of the step as one pure function of the whole cache (nothing in it is written):
+        -> the states after each loop (T, rows, 1, H) and the new K/V (T, L, rows, Hkv, D) each."""
         m, cache = self.model, self.cache
-        L = m.config.num_hidden_layers
-        pos = pos[:, None]
-        cos, sin = m.rotary(pos, h.dtype)
-        own = (self.k_pos == pos)[:, None, :, None]  # (rows, 1, ctx, 1): the query's own slot
-        flat_t = torch.tensor(flat, device=h.device)
-        x, out = h[:, None], []
+        own = (self.k_pos == q_pos)[:, None, :, None]  # (rows, 1, ctx, 1): the query's own slot
+        # (slots, L, Hkv, rows, ctx, D) -> per slot and layer (rows, Hkv, ctx, D)
+        kg, vg = k_all[:, :, :, flat_index].transpose(2, 3), v_all[:, :, :, flat_index].transpose(2, 3)
+        x, states, new_k, new_v = h, [], [], []
         for t in range(m.num_loops):
             s = cache.slot(t)
-            k_slots = [cache.k[s, l][:, flat_index].transpose(0, 1) for l in range(L)]  # (rows, Hkv, ctx, D)
-            v_slots = [cache.v[s, l][:, flat_index].transpose(0, 1) for l in range(L)]
-            x, new_k, new_v = self._loop(x, cos, sin, k_slots, v_slots, own, pos)
-            loops = [t] * len(flat)
-            for l in range(L):  # the writes, eager and in place
-                cache.write(l, loops, flat, new_k[l][:, :, 0], new_v[l][:, :, 0], (torch.full_like(flat_t, t), flat_t))
-            out.append(x[:, 0])
-        cache.end_step()
+            ctx = _SlotAttention(m.attention, kg[s], vg[s], own, q_pos, self.k_pos)
+            x = m.loop_body(x, cos, sin, ctx)
+            states.append(x)
+            new_k.append(torch.stack(ctx.new_k))
+            new_v.append(torch.stack(ctx.new_v))
+        return torch.stack(states), torch.stack(new_k), torch.stack(new_v)
+
+    def __call__(self, h: torch.Tensor, pos: torch.Tensor, flat: list[int], flat_index: torch.Tensor) -> torch.Tensor:
+        """h (rows, H) embeddings, pos (rows,), flat: each row's write position, flat_index (rows, ctx)
+        its key positions -> the hidden state after every loop, (T, rows, H)."""
+        cache = self.cache
+        pos = pos[:, None]
+        cos, sin = self.model.rotary(pos, h.dtype)
+        states, new_k, new_v = self._step(h[:, None], cos, sin, cache.k, cache.v, flat_index, pos)
+        cache.write_loops(flat, new_k, new_v)  # eager and in place, outside the graph
         self.calls += 1
-        return out
+        return states[:, :, 0]

@@ -308,6 +308,28 @@ class PagedKVCache:
         kl[lo, :, fl] = k.to(kl.dtype)
         vl[lo, :, fl] = v.to(vl.dtype)
 
+    def write_loops(self, flat: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores every loop's k/v (T, L, N, Hkv, D) of N tokens at flat positions flat[i] (a
+        full-depth step's writes, in loop order: a shared cache keeps the last loop or the mean)."""
+        if self.kv == "mean":  # the running mean, loop by loop, as single-loop writes keep it
+            T, L = k.shape[:2]
+            index = (None, torch.tensor(flat, device=k.device))
+            for t in range(T):
+                index = (torch.full_like(index[1], t), index[1])
+                for layer in range(L):
+                    self.write(layer, [t] * len(flat), flat, k[t, layer], v[t, layer], index)
+            self.end_step()
+            return
+        if self.slots == 1:
+            k, v = k[-1:], v[-1:]
+        if len(flat) == 1:  # a decode row: one view per tensor
+            self.k[:, :, :, flat[0]].copy_(k[:, :, 0])
+            self.v[:, :, :, flat[0]].copy_(v[:, :, 0])
+            return
+        fl = torch.tensor(flat, device=k.device)
+        self.k[:, :, :, fl] = k.transpose(2, 3).to(self.k.dtype)  # (slots, L, Hkv, N, D)
+        self.v[:, :, :, fl] = v.transpose(2, 3).to(self.v.dtype)
+
     def _diagonal(self, loops: list[int], flat: list[int]) -> int | None:
         """The loop step d when token j sits at loop loops[0] + j*d > previous and flat position
         flat[0] - j (a pipelined sequence's tokens, newest first), on a per-loop cache; else None."""

@@ -332,7 +332,7 @@ class Runner:
         scratch = cache.scratch_block * cache.block_size
         flat = [cache.flat(t, p) for (t, _), p in zip(items, pos)] + [scratch] * (R - n)
         index = cache.flat_index([t for t, _ in items] + [[cache.scratch_block]] * (R - n), C, device)
-        hid = torch.stack(step(h, pos_t, flat, index))[:, :n]  # (T, n, H)
+        hid = step(h, pos_t, flat, index)[:, :n]  # (T, n, H)
         logits = m.head(hid[-1])
         gates = m.gate(hid) if any(fwd.gates for _, fwd in items) else None
         return [LoopOutput(hid[:, i, None, None], gates[:, i, None, None] if fwd.gates else None, logits[None, i, None, None])
