@@ -130,6 +130,21 @@ def spec_target(others: list[dict]) -> str | None:
             f"{'met' if ei.get('meets_target') else 'NOT met'}; draft acceptance {ei.get('acceptance_rate', float('nan')):.2f}{spread}")
 
 
+def spec_fallback(others: list[dict]) -> str | None:
+    """The 100M random model's speculation against full depth, with and without the fallback."""
+    runs = {ei.get("fallback"): ei for b in others if b.get("name", "").startswith("test_speculation_with_useless_drafts")
+            for ei in [b.get("extra_info") or {}] if "ratio_to_full" in ei}
+    if True not in runs:
+        return None
+    on, off = runs[True], runs.get(False)
+    text = (f"**{on['ratio_to_full']:.2f}x** full-depth tokens/s with the fallback to full depth (target >= {on['target_ratio']}x; "
+            f"switched after {', '.join(str(x) for x in on['fallback_at'])} tokens, acceptance {on['token_acceptance']:.2f}, "
+            f"{on['prompts']} prompts x {on['new_tokens']} tokens, median of paired rounds)")
+    if off is not None:
+        text += f"; {off['ratio_to_full']:.2f}x without it"
+    return text
+
+
 def cpu_load(others: list[dict]) -> str | None:
     """Tokens/s with a CPU hog running beside the engine (benchmarks/test_cpu_load.py), or None if it did not run."""
     runs = [b for b in others if b.get("name", "").startswith("test_cpu_load") and "ratio_loaded_to_quiet" in (b.get("extra_info") or {})]
@@ -621,6 +636,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         "### Headlines",
         "",
         *([f"- **Self-speculation speed target** (`test_spec_speedup.py`): {spec_target(others)}"] if spec_target(others) else []),
+        *([f"- **Speculation with useless drafts** (`test_spec_fallback.py`, random-100m): {spec_fallback(others)}"] if spec_fallback(others) else []),
         *([f"- **Under CPU load** (`test_cpu_load.py`, loaded / quiet tokens/s, median of paired rounds): {cpu_load(others)}"] if cpu_load(others) else []),
         *([f"- **Concurrent requests** (`test_concurrency.py`): {concurrency_headline(conc)}"] if concurrency_headline(conc) else []),
         f"- **Best speculative speedup** (`test_decoders.py`, 32 new tokens): {best_speculative(rows, outcomes)}",

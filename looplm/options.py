@@ -116,6 +116,9 @@ class SpeculativeOptions(ModeOptions):
     branch_threshold: float | None = None
     """With branch > 1: branch only where the draft's top-1 probability is below this value in
     [0, 1]; None: always."""
+    fallback: bool = True
+    """With branch = 1: decode the rest of the request at full depth once drafts stop paying (fewer
+    than a quarter of the last 12 tokens were accepted drafts; spec.fallback). Lossless either way."""
 
     def __post_init__(self):
         if not (_is_int(self.branch) and self.branch >= 1):
@@ -136,6 +139,8 @@ class SpeculativeOptions(ModeOptions):
         n = self.draft_len
         if n is not None and n != "adaptive" and not (_is_int(n) and n >= 1):
             raise self._fail("draft_len", f"draft_len must be an integer >= 1, 'adaptive' or None, got {n!r}")
+        if not isinstance(self.fallback, bool):
+            raise self._fail("fallback", f"fallback must be True or False, got {self.fallback!r}")
         if self.pipeline is not None and not isinstance(self.pipeline, bool):
             raise self._fail("pipeline", f"pipeline must be True, False or None, got {self.pipeline!r}")
         try:

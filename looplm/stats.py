@@ -59,6 +59,7 @@ class Stats(TypedDict):
     accepted_len_hist: NotRequired[list[int]]  # rounds (runs) by number of accepted drafts 0, 1, ...
     rounds: NotRequired[int]  # draft rounds (pipelined: forwards)
     loops_per_token: NotRequired[float]  # (token, loop) pairs computed after the prefill per emitted token
+    fallback_at: NotRequired[int | None]  # tokens emitted when drafts stopped paying and full depth took over (None: never)
     branch: NotRequired[int]  # draft trees (spec.trees): candidates per position
     branch_threshold: NotRequired[float | None]  # branch only below this top-1 draft probability (None: always)
     forks: NotRequired[int]  # positions given more than one candidate

@@ -39,6 +39,7 @@ from looplm.work import Forward
 
 from .accept import accept_greedy, accept_sampled
 from .drafts import DraftMap, draft_state, resolve_draft_map
+from .fallback import with_fallback
 from .pipeline import decode_pipelined
 from .schedule import DraftLength
 from .start import first_step, start_request
@@ -66,6 +67,7 @@ def decode(
     draft_map: "DraftMap | str | None" = None,
     branch: int = 1,
     branch_threshold: float | None = None,
+    fallback: bool = True,
 ) -> Decoder:
     """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
 
@@ -94,6 +96,9 @@ def decode(
             on forked block tables and the one full depth agrees with continues. 1: spec.pipeline.
         branch_threshold: with branch > 1, branch only where the draft's top-1 probability is
             below this value in [0, 1] (None: always).
+        fallback: with branch = 1, switch to full depth for the rest of the request once drafts
+            stop paying (fewer than a quarter of the last 12 tokens were accepted drafts;
+            spec.fallback); stats["fallback_at"] says when (None: never).
     Yields:
         Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
@@ -119,6 +124,7 @@ def decode(
     if dmap is not None:
         extrapolate = 0.0
     req.stats["draft"] = "map" if dmap is not None else "extrapolate" if extrapolate else "loop"
+    req.stats["fallback_at"] = None
     if pipeline is None:
         pipeline = draft_len is None and T % k == 0
     if branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
@@ -134,9 +140,15 @@ def decode(
         yield from decode_tree(model, req, k, branch, None if branch_threshold is None else float(branch_threshold),
                                float(extrapolate), dmap)
         return
-    if pipeline:
-        yield from decode_pipelined(model, req, k, float(extrapolate), dmap)
-        return
+    inner = (decode_pipelined(model, req, k, float(extrapolate), dmap) if pipeline
+             else _decode_rounds(model, req, k, draft_len, extrapolate, dmap))
+    yield from (with_fallback(model, req, inner) if fallback and B == 1 else inner)
+
+
+def _decode_rounds(model: LoopLM, req: DecodeRequest, k: int, draft_len: int | str | None, extrapolate: float,
+                   dmap: DraftMap | None) -> Decoder:
+    """Draft rounds (the module docstring): g drafts at loop k, one verifying Forward, accept."""
+    T, B = model.num_loops, req.batch_size
     schedule = DraftLength(DEFAULT_DRAFT_LEN if draft_len is None else draft_len, k, T)
     params, gen = req.sampling, req.generator
 

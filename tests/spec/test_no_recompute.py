@@ -28,13 +28,13 @@ def record_layer_calls(model):
 
 
 def logged_run(T, prompt, **opts):
-    """A 30-token speculative run with every layer call logged, on a fresh random model that both
+    """A 30-token speculative run (no fallback to full depth) with every layer call logged, on a fresh random model that both
     accepted and rejected drafts (a fresh model occasionally accepts every draft, so up to 20 are
     drawn). Returns (model, log, generation)."""
     for _ in range(20):
         model = spec_model(loops=T, step_scale=0.08)
         log, handles = record_layer_calls(model)
-        gen = looplm.Engine(model).generate(prompt, max_new_tokens=30, stop=[], mode="speculative", **opts)
+        gen = looplm.Engine(model).generate(prompt, max_new_tokens=30, stop=[], mode="speculative", fallback=False, **opts)
         for h in handles:
             h.remove()
         if 0 < gen.stats["token_acceptance"] < 1:

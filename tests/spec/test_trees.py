@@ -59,8 +59,9 @@ def test_branch_one_is_the_pipeline_and_a_never_branching_tree_matches_it():
     engine = looplm.Engine(model)
     prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
     for k in (1, 2):
-        pipe = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, pipeline=True)
-        one = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, branch=1)
+        # (without the fallback to full depth, which draft trees do not have)
+        pipe = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, pipeline=True, fallback=False)
+        one = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, branch=1, fallback=False)
         for p, o in zip(pipe, one):
             assert [(s.token, s.reason, s.info) for s in o.steps] == [(s.token, s.reason, s.info) for s in p.steps]
             assert {key: v for key, v in o.stats.items() if key not in TIMING} == \
