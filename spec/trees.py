@@ -1,25 +1,32 @@
-"""Draft trees in the pipelined decoder: a token leaving its draft stage proposes its top-b successors.
+"""Draft trees in the pipelined decoder: a token leaving its draft stage proposes b candidate successors.
 
 The pipeline of spec.pipeline (D = T/k stages of k loops, one Forward per call, rows at different
 loops) keeps one chain of drafts in flight; a rejection empties it and costs D - 1 calls of
 refill. Here the chain is lane 0 of the sequence, and every token of lane 0 that leaves its draft
-stage proposes up to b candidates for the next position (its draft's top-b, or only its top-1
-when the draft is confident: top-1 probability >= `threshold`). The top-1 candidate continues
+stage proposes up to b candidates for the next position (greedy: its draft's top-b; sampling: b
+draws from its draft distribution q without replacement; only one when the draft is confident:
+top-1 probability >= `threshold`). The first candidate (top-1, or the first draw) continues
 lane 0; each other candidate starts a side lane, a fork of the sequence's block table
-(looplm.lanes) holding the accepted prefix plus that candidate, which keeps drafting its own
-top-1 successors and runs in the same Forwards (extra rows). Side lanes never branch, so at most
-one fork is in flight per stage: rows per Forward <= D + (b - 1) * D * (D - 1) / 2.
+(looplm.lanes) holding the accepted prefix plus that candidate, which keeps drafting one
+successor per token (greedy: its top-1; sampling: a sample of q) and runs in the same Forwards
+(extra rows). Side lanes never branch, so at most one fork is in flight per stage: rows per
+Forward <= D + (b - 1) * D * (D - 1) / 2.
 
-When the token before a fork leaves loop T its exact logits choose among the candidates (greedy:
-the candidate equal to their argmax). Lane 0's candidate: the fork's side lanes are dropped. A
+When the token before a fork leaves loop T its exact logits choose among the candidates. Greedy:
+the candidate equal to their argmax. Sampling: spec.accept.accept_candidates tests them in draw
+order, candidate i accepted with probability min(1, r_i(x_i) / q_i(x_i)) (r_1 = p, the target
+distribution; after a rejection r_{i+1} = norm(max(r_i - q_i, 0)) and q_{i+1} is q_i without x_i,
+renormalised); when all fail the token is drawn from the last residual, so it follows p exactly
+(docs/design.md "Draft trees"). A position with one candidate (a side lane's own drafts) is the
+pipeline's Leviathan/Chen test. Lane 0's candidate: the fork's side lanes are dropped. A
 side lane's: its table becomes the sequence's, its tokens (already through some stages) become
 lane 0, every other lane is dropped. None: every side lane is dropped and the pipeline refills from
 the target's token, as in spec.pipeline. Exactness is the pipeline's: each lane's K/V are those
 of its own prefix (shared blocks for the accepted prefix, its own blocks past the fork), so every
 emitted token's logits come from all T loops over the exact K/V of the emitted prefix.
 
-Greedy only in this version: sampling needs multi-candidate rejection (siblings tested in turn
-against the residual distribution), which does not exist yet.
+Sampled drafts are drawn from the request's generator after the verdict's draws, in the
+pipeline's order, so a tree that never forks emits the sampled pipeline's tokens for a seed.
 """
 
 from __future__ import annotations
