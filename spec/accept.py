@@ -1,8 +1,9 @@
 """Acceptance of drafted tokens: greedy prefix match, the Leviathan/Chen rejection rule, and its
 multi-candidate form for draft trees (accept_candidates).
 
-Both rules are vectorised over the batch and the draft positions: no per-token Python loop and
-no host sync. They return the same thing, so the decoder treats them alike:
+Every rule is vectorised over the batch (the first two also over the draft positions: no
+per-token Python loop) and needs no host sync. The first two return the same thing, so the
+decoders treat them alike:
 
     accepted (B,) long   number of leading drafts kept (0..limit[b])
     tokens   (B, G) long the row's emitted tokens in [0, accepted + (accepted < limit)):
@@ -13,6 +14,9 @@ no host sync. They return the same thing, so the decoder treats them alike:
 batched shapes and are treated as neither accepted nor rejected. When all `limit[b]` drafts pass
 no extra token is emitted: the target's next-token logits would need the last draft's own forward,
 which the next drafting round computes anyway (loops 1..k) and verifies (loops k+1..T).
+
+accept_candidates verifies one position with several candidates (siblings of a draft tree, drawn
+by draw_candidates) and returns the winning candidate's index and the emitted token per row.
 """
 
 from __future__ import annotations
@@ -156,7 +160,8 @@ def accept_candidates(
         winner = torch.where(ok, i, winner)
         failed = (testing & ~ok)[:, None]
         r = torch.where(failed, _residual(r, qi), r)
-        qi = torch.where(failed, _without(qi, x), qi)
+        if i + 1 < m:  # the next candidate's q; none is tested after the last
+            qi = torch.where(failed, _without(qi, x), qi)
     fix = sample(r, generator)  # r is the last residual where every candidate was rejected
     won = winner < count
     tokens = torch.where(won, safe.gather(-1, winner.clamp(max=m - 1)[:, None])[:, 0], fix)
