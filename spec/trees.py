@@ -54,7 +54,7 @@ class _Token:
     token: int
     stage: int
     depth: int  # positions past the last emitted token when it was drafted (0: a target token)
-    rank: int = 0  # its place among its parent's candidates (0: top-1)
+    rank: int = 0  # its place among its parent's candidates (0: the top-1, or the first draw)
     hidden: torch.Tensor | None = None  # (H,) state after loop stage*k (None before stage 0)
     q: torch.Tensor | None = None  # (V,) the draft distribution it was drawn from (sampling only; shared by siblings)
     slot: int = -1  # its row in the current forward call
