@@ -1,19 +1,21 @@
 """Draft trees (spec.trees, issue 15): pipelined speculation with b candidates per position vs full depth.
 
-Bundled default model (skipped when absent), CPU, batch 1, one torch thread, greedy, NEW_TOKENS new
-tokens after each of the 16 benchmark prompts (benchmarks/conftest.py TEXT_PROMPTS), each generated
-alone. For draft loop k in {1, 2} and branch b in {1, 2, 3} (b = 1 is spec.pipeline) a "call" runs
-all prompts; every call of a setting follows a full-depth call, REPEATS times in turn, and a
-setting's ratio is its best time against the best of its own full-depth calls (the same number of
-samples on both sides, under the same load). Every output is checked
-equal to full depth. The model's recommended drafts apply (its draft map at k = 2; loop-1 drafts
-at k = 1, which it has no map for).
+Bundled default model (skipped when absent), CPU, batch 1, one torch thread, NEW_TOKENS new tokens
+after each of the 16 benchmark prompts (benchmarks/conftest.py TEXT_PROMPTS), each generated alone.
+Greedy: draft loop k in {1, 2} and branch b in {1, 2, 3} (b = 1 is spec.pipeline); every output
+is checked equal to full depth. Sampling (temperature SAMPLED_TEMPERATURE, a fixed seed per call):
+the recommended k = 2 and b in {1, 2, 3} against full-depth sampling (lossless by the chi-square
+tests of tests/spec; outputs differ draw by draw). A "call" runs all prompts; every call of a
+setting follows a full-depth call, REPEATS times in turn, and a setting's ratio is its best time
+against the best of its own full-depth calls (the same number of samples on both sides, under the
+same load). The model's recommended drafts apply (its draft map at k = 2; loop-1 drafts at k = 1,
+which it has no map for).
 
 Recorded per setting: tokens/s and its ratio to full depth (wall and process CPU time), weight
 passes per token (loops of every forward, prefill included, per new token), tokens finished per
 forward, rows per forward, acceptance per tested position and per tree depth, wins by candidate rank.
 
-    python -m pytest benchmarks/test_trees.py --benchmark-only -s
+    python -m pytest benchmarks/test_trees.py --benchmark-only -s [-k sampling]
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from benchmarks.conftest import TEXT_PROMPTS, generate_each
 NEW_TOKENS = 128
 REPEATS = 2
 SETTINGS = [(k, b) for k in (1, 2) for b in (1, 2, 3)]
+SAMPLED_SETTINGS = [(2, b) for b in (1, 2, 3)]
+SAMPLED_TEMPERATURE = 0.8
 
 
 def _run(engine, prompts, **opts):
@@ -67,24 +71,27 @@ def engine():
     torch.set_num_threads(threads)
 
 
-def sweep(engine, prompts, repeats: int = REPEATS) -> dict:
+def sweep(engine, prompts, repeats: int = REPEATS, settings=SETTINGS, **sampling) -> dict:
     """Times every (k, b) setting right after a full-depth call, `repeats` times in turn; each
-    setting's ratio is its best time against the best of its own paired full-depth calls."""
-    _run(engine, prompts[:2])  # warm-up
-    _, full = _run(engine, prompts)
+    setting's ratio is its best time against the best of its own paired full-depth calls.
+    `sampling` (temperature, seed) applies to both sides; greedy outputs must equal full depth."""
+    _run(engine, prompts[:2], **sampling)  # warm-up
+    _, full = _run(engine, prompts, **sampling)
     tokens = sum(len(g.tokens) for g in full)
-    full_t: dict[tuple, list] = {s: [] for s in SETTINGS}
-    times: dict[tuple, list] = {s: [] for s in SETTINGS}
+    full_t: dict[tuple, list] = {s: [] for s in settings}
+    times: dict[tuple, list] = {s: [] for s in settings}
     gens_of = {}
     for _ in range(repeats):
-        for k, b in SETTINGS:
-            full_t[k, b].append(_run(engine, prompts)[0])
-            dt, gens = _run(engine, prompts, mode="speculative", draft_loop=k, branch=b)
-            assert [g.tokens for g in gens] == [g.tokens for g in full], f"k={k} b={b} differs from full depth"
+        for k, b in settings:
+            full_t[k, b].append(_run(engine, prompts, **sampling)[0])
+            dt, gens = _run(engine, prompts, mode="speculative", draft_loop=k, branch=b, **sampling)
+            if not sampling:
+                assert [g.tokens for g in gens] == [g.tokens for g in full], f"k={k} b={b} differs from full depth"
+            assert sum(len(g.tokens) for g in gens) == tokens  # stop=[]: every prompt runs to NEW_TOKENS
             times[k, b].append(dt)
             gens_of[k, b] = gens
     rows = []
-    for k, b in SETTINGS:
+    for k, b in settings:
         wall, cpu = min(t[0] for t in times[k, b]), min(t[1] for t in times[k, b])
         f_wall, f_cpu = min(t[0] for t in full_t[k, b]), min(t[1] for t in full_t[k, b])
         rows.append({"draft_loop": k, "branch": b, "tokens_per_s": tokens / wall, "ratio_to_full": f_wall / wall,
@@ -108,9 +115,32 @@ def print_table(result: dict) -> None:
               f"{depth:<15}  {r.get('won_by_rank', '-')}")
 
 
+def _summary(result: dict) -> dict:
+    """Scalar keys per setting (RESULTS.md's table of this file shows scalars only)."""
+    out = {}
+    for r in result["rows"]:
+        tag = f"k{r['draft_loop']}_b{r['branch']}"
+        out[f"{tag}_ratio_to_full"] = r["ratio_to_full"]
+        out[f"{tag}_weight_passes_per_token"] = r["weight_passes_per_token"]
+    return out
+
+
 def test_draft_trees_sweep(benchmark, engine):
     prompts = [engine.encode(t) for t in TEXT_PROMPTS]
     result = benchmark.pedantic(lambda: sweep(engine, prompts), rounds=1, iterations=1)
     print_table(result)
     benchmark.extra_info.update(model=f"default model ({DEFAULT_MODEL})", mode="speculative", batch=1, new_tokens=NEW_TOKENS,
-                                prompts=len(prompts), torch_threads=torch.get_num_threads(), **result)
+                                prompts=len(prompts), torch_threads=torch.get_num_threads(), **result, **_summary(result))
+
+
+def test_draft_trees_sampling_sweep(benchmark, engine):
+    """Sampling at SAMPLED_TEMPERATURE: trees (multi-candidate rejection) and the plain pipeline
+    (b = 1) at the recommended k against full-depth sampling."""
+    prompts = [engine.encode(t) for t in TEXT_PROMPTS]
+    sampling = {"temperature": SAMPLED_TEMPERATURE, "seed": 0}
+    result = benchmark.pedantic(lambda: sweep(engine, prompts, settings=SAMPLED_SETTINGS, **sampling), rounds=1, iterations=1)
+    print(f"\nsampling at temperature {SAMPLED_TEMPERATURE} (full depth and speculation alike)", end="")
+    print_table(result)
+    benchmark.extra_info.update(model=f"default model ({DEFAULT_MODEL})", mode="speculative", batch=1, new_tokens=NEW_TOKENS,
+                                prompts=len(prompts), torch_threads=torch.get_num_threads(), **sampling, **result,
+                                **_summary(result))

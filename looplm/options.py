@@ -111,8 +111,8 @@ class SpeculativeOptions(ModeOptions):
     its map of the loop k-1 and k states. Loaded and checked (hidden size, maps for loop k) by
     spec.drafts.resolve_draft_map when the decoder starts, still at submit."""
     branch: int = 1
-    """b >= 1 candidates per position: b > 1 runs draft trees in the pipeline (spec.trees; greedy
-    only, k must divide T, no draft_len); 1: the plain pipeline or rounds."""
+    """b >= 1 candidates per position: b > 1 runs draft trees in the pipeline (spec.trees; k must
+    divide T, no draft_len); 1: the plain pipeline or rounds."""
     branch_threshold: float | None = None
     """With branch > 1: branch only where the draft's top-1 probability is below this value in
     [0, 1]; None: always."""

@@ -91,9 +91,10 @@ def decode(
             whose map of the loop k-1 and k states drafts instead (extrapolate is then unused),
             when it has a map for loop k (else it is not used). stats["draft"] says what
             drafted: "map", "extrapolate" or "loop".
-        branch: b >= 1; b > 1 runs draft trees in the pipeline (spec.trees, greedy only): a token
-            leaving its draft loop proposes its draft's top-b successors, the siblings run as lanes
-            on forked block tables and the one full depth agrees with continues. 1: spec.pipeline.
+        branch: b >= 1; b > 1 runs draft trees in the pipeline (spec.trees): a token leaving its
+            draft loop proposes b successors (greedy: its draft's top-b; sampling: b draws without
+            replacement), the siblings run as lanes on forked block tables and the one full depth
+            accepts continues (multi-candidate rejection when sampling). 1: spec.pipeline.
         branch_threshold: with branch > 1, branch only where the draft's top-1 probability is
             below this value in [0, 1] (None: always).
         fallback: with branch = 1, switch to full depth for the rest of the request once drafts
@@ -130,9 +131,6 @@ def decode(
     if branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
         if branch > model.config.vocab_size:
             raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")
-        if not req.sampling.greedy:
-            raise ValueError(f"branch={branch} (draft trees) is greedy only (temperature=0): sampling with several candidates "
-                             "per position needs multi-candidate rejection, which is not implemented; use branch=1")
         if B != 1:
             raise ValueError(f"branch={branch} (draft trees) decodes one sequence per request, got a batch of {B}")
         if getattr(model, "tp", None) is not None:  # lanes copy cache positions outside the runner step rank 0 broadcasts

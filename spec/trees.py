@@ -1,25 +1,32 @@
-"""Draft trees in the pipelined decoder: a token leaving its draft stage proposes its top-b successors.
+"""Draft trees in the pipelined decoder: a token leaving its draft stage proposes b candidate successors.
 
 The pipeline of spec.pipeline (D = T/k stages of k loops, one Forward per call, rows at different
 loops) keeps one chain of drafts in flight; a rejection empties it and costs D - 1 calls of
 refill. Here the chain is lane 0 of the sequence, and every token of lane 0 that leaves its draft
-stage proposes up to b candidates for the next position (its draft's top-b, or only its top-1
-when the draft is confident: top-1 probability >= `threshold`). The top-1 candidate continues
+stage proposes up to b candidates for the next position (greedy: its draft's top-b; sampling: b
+draws from its draft distribution q without replacement; only one when the draft is confident:
+top-1 probability >= `threshold`). The first candidate (top-1, or the first draw) continues
 lane 0; each other candidate starts a side lane, a fork of the sequence's block table
-(looplm.lanes) holding the accepted prefix plus that candidate, which keeps drafting its own
-top-1 successors and runs in the same Forwards (extra rows). Side lanes never branch, so at most
-one fork is in flight per stage: rows per Forward <= D + (b - 1) * D * (D - 1) / 2.
+(looplm.lanes) holding the accepted prefix plus that candidate, which keeps drafting one
+successor per token (greedy: its top-1; sampling: a sample of q) and runs in the same Forwards
+(extra rows). Side lanes never branch, so at most one fork is in flight per stage: rows per
+Forward <= D + (b - 1) * D * (D - 1) / 2.
 
-When the token before a fork leaves loop T its exact logits choose among the candidates (greedy:
-the candidate equal to their argmax). Lane 0's candidate: the fork's side lanes are dropped. A
+When the token before a fork leaves loop T its exact logits choose among the candidates. Greedy:
+the candidate equal to their argmax. Sampling: spec.accept.accept_candidates tests them in draw
+order, candidate i accepted with probability min(1, r_i(x_i) / q_i(x_i)) (r_1 = p, the target
+distribution; after a rejection r_{i+1} = norm(max(r_i - q_i, 0)) and q_{i+1} is q_i without x_i,
+renormalised); when all fail the token is drawn from the last residual, so it follows p exactly
+(docs/design.md "Draft trees"). A position with one candidate (a side lane's own drafts) is the
+pipeline's Leviathan/Chen test. Lane 0's candidate: the fork's side lanes are dropped. A
 side lane's: its table becomes the sequence's, its tokens (already through some stages) become
 lane 0, every other lane is dropped. None: every side lane is dropped and the pipeline refills from
 the target's token, as in spec.pipeline. Exactness is the pipeline's: each lane's K/V are those
 of its own prefix (shared blocks for the accepted prefix, its own blocks past the fork), so every
 emitted token's logits come from all T loops over the exact K/V of the emitted prefix.
 
-Greedy only in this version: sampling needs multi-candidate rejection (siblings tested in turn
-against the residual distribution), which does not exist yet.
+Sampled drafts are drawn from the request's generator after the verdict's draws, in the
+pipeline's order, so a tree that never forks emits the sampled pipeline's tokens for a seed.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import torch
 from looplm.decoding import Decoder, DecodeRequest, Step
 from looplm.lanes import LaneForward
 from looplm.model import LoopLM
+from looplm.sampling import SamplingParams, probabilities
 
+from .accept import accept_candidates, draw_candidates
 from .drafts import DraftMap, draft_state
 from .pipeline import pipeline_stats
 from .start import first_step, start_request
@@ -45,21 +54,57 @@ class _Token:
     token: int
     stage: int
     depth: int  # positions past the last emitted token when it was drafted (0: a target token)
-    rank: int = 0  # its place among its parent's candidates (0: top-1)
+    rank: int = 0  # its place among its parent's candidates (0: the top-1, or the first draw)
     hidden: torch.Tensor | None = None  # (H,) state after loop stage*k (None before stage 0)
+    q: torch.Tensor | None = None  # (V,) the draft distribution it was drawn from (sampling only; shared by siblings)
     slot: int = -1  # its row in the current forward call
+
+
+def _propose(lg: torch.Tensor, rows: list[int], ids: dict[int, int], branch: int, threshold: float | None,
+             params: SamplingParams, gen: torch.Generator) -> tuple[dict[int, int], dict[int, torch.Tensor], dict[int, list[int]]]:
+    """The candidates that the tokens leaving their draft stage propose for their successors.
+
+    Args:
+        lg: (len(rows), V) draft logits of those tokens (call rows `rows`).
+        ids: greedy: each call row's argmax (unused when sampling).
+        branch, threshold, params, gen: as decode_tree; the request's sampling and generator.
+    Returns:
+        draft_tok: row -> its successor (greedy: the argmax; sampling: a sample of q); draft_q:
+        row -> q (V,), sampling only; alts: row -> up to branch - 1 more candidates (greedy: the
+        next of the top-b; sampling: the next draws without replacement), only for rows whose
+        draft is unsure (top-1 probability below the threshold) and has more candidates.
+    """
+    if not rows:
+        return {}, {}, {}
+    if params.greedy:
+        draft_tok, draft_q = {s: ids[s] for s in rows}, {}
+        top = lg.topk(branch, -1).indices.tolist()
+        sure = torch.softmax(lg, -1).amax(-1)
+    else:
+        q = probabilities(lg, params)
+        top = draw_candidates(q, branch, gen).tolist()  # the first is a plain sample of q
+        draft_tok, draft_q = {s: cands[0] for s, cands in zip(rows, top)}, dict(zip(rows, q))
+        sure = q.amax(-1)
+    ok = [True] * len(rows) if threshold is None else (sure < threshold).tolist()
+    alts = {}
+    for s, cands, go in zip(rows, top, ok):
+        more = [c for c in cands if c != draft_tok[s] and c >= 0][: branch - 1]  # -1: q has no more mass
+        if go and more:
+            alts[s] = more
+    return draft_tok, draft_q, alts
 
 
 def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshold: float | None = None,
                 extrapolate: float = 0.0, draft_map: DraftMap | None = None) -> Decoder:
-    """Greedy pipelined self-speculation with draft trees (see the module docstring).
+    """Pipelined self-speculation with draft trees (see the module docstring).
 
     Args:
-        model, req: as spec.decode (one sequence, greedy sampling).
+        model, req: as spec.decode (one sequence; greedy or sampling, req.generator draws).
         k: the draft loop; it divides T (D = T/k stages).
         branch: b >= 1 candidates per position proposed by lane 0's tokens.
         threshold: None (always b candidates), or branch only when the draft's top-1 probability
-            (softmax of the draft logits) is below it.
+            is below it (greedy: softmax of the draft logits; sampling: the draft distribution q
+            after temperature, top-k and top-p).
         extrapolate, draft_map: what drafts are computed from (spec.drafts).
     Yields:
         LaneForwards and Steps as spec.pipeline.decode_pipelined.
@@ -77,6 +122,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
     req.stats["_lanes"] = (side_max, D - 1)  # the scheduler reserves their blocks (a lane writes <= D - 1 positions)
     timer, first = yield from start_request(model, req)
     device = model.lm_head.weight.device
+    params, gen = req.sampling, req.generator
     table = model.model.embed_tokens.weight  # a row of the embedding table is the embedding
     plen = len(req.prompts[0])
     max_new = req.max_new[0]
@@ -138,28 +184,29 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             fresh_t = torch.tensor(fresh, device=device)
             drafts = draft_state(out.hidden[:, fresh_t, 0], extrapolate, draft_map) if fresh else hidden[:0]
             lg = model.head(torch.cat([drafts, hidden[head_row]]))  # (len(fresh) + len(head_row), V)
-            ids = dict(zip(fresh + head_row, lg.argmax(-1).tolist()))  # full depth's tie rule; one host transfer
-            # candidates after the top-1 of every fresh row: a side lane's row may be lane 0's after this call's verdict
-            alts: dict[int, list[int]] = {}
-            if branch > 1 and fresh:
-                sel = lg[: len(fresh)]
-                top = sel.topk(branch, -1).indices.tolist()
-                ok = [True] * len(fresh) if threshold is None else (torch.softmax(sel, -1).amax(-1) < threshold).tolist()
-                for s, cands, go in zip(fresh, top, ok):
-                    if go:
-                        alts[s] = [c for c in cands if c != ids[s]][: branch - 1]
+            # full depth's tie rule; one host transfer
+            ids = dict(zip(fresh + head_row, lg.argmax(-1).tolist())) if params.greedy else {}
             for toks in lanes.values():
                 for t in toks:
                     t.stage += 1
                     t.hidden = hidden[t.slot]
 
-            # -- verify: lane 0's head left loop T; its argmax chooses among the next position's candidates
+            # -- verify: lane 0's head left loop T; its logits choose among the next position's candidates
             toks = lanes[0]
             if toks[0].stage == D:
                 head = toks.pop(0)
-                tok = ids[head.slot]
                 cands = ([(0, toks[0])] if toks else []) + [(lane, lanes[lane][0]) for lane, at in fork_at.items() if at == head.index + 1]
-                winner = next((lane for lane, t in cands if t.token == tok), None)
+                cands.sort(key=lambda c: c[1].rank)  # draw order: the rule tests them in turn
+                if params.greedy:  # the candidate equal to the argmax
+                    tok = ids[head.slot]
+                    winner = next((lane for lane, t in cands if t.token == tok), None)
+                else:  # multi-candidate rejection (spec.accept.accept_candidates): the token follows p exactly
+                    p = probabilities(lg[-1:], params)  # (1, V)
+                    q = cands[0][1].q[None] if cands else p
+                    ids_t = torch.tensor([[t.token for _, t in cands] or [0]], device=device)
+                    won, tok_t = accept_candidates(ids_t, q, p, torch.tensor([len(cands)], device=device), gen)
+                    w, tok = torch.cat([won, tok_t]).tolist()  # one host transfer
+                    winner = cands[w][0] if w < len(cands) else None
                 if cands:
                     depth = cands[0][1].depth
                     tested_at[depth] += 1
@@ -194,16 +241,20 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
                 if not req.active(0, produced):
                     break
 
-            # -- draft: each lane's newest token that just left loop k proposes its successor(s)
+            # -- draft: each lane's newest token that just left loop k proposes its successor(s). Sampled
+            # drafts are drawn after the verdict's draws, in spec.pipeline's order: a tree that never forks
+            # consumes the request's generator as the pipeline does and emits the same tokens
+            draft_tok, draft_q, alts = _propose(lg[: len(fresh)], fresh, ids, branch, threshold, params, gen)
             for lane in list(lanes):
                 newest = lanes[lane][-1] if lanes[lane] else None
                 if newest is None or newest.stage != 1 or newest.index + 1 >= max_new:
                     continue
                 depth = newest.index + 1 - produced + 1
-                lanes[lane].append(_Token(newest.index + 1, ids[newest.slot], 0, depth))
+                q = draft_q.get(newest.slot)
+                lanes[lane].append(_Token(newest.index + 1, draft_tok[newest.slot], 0, depth, q=q))
                 n_prop += 1
                 for rank, c in enumerate(alts.get(newest.slot, []) if lane == 0 else [], 1):
-                    lanes[next_lane] = [_Token(newest.index + 1, c, 0, depth, rank)]
+                    lanes[next_lane] = [_Token(newest.index + 1, c, 0, depth, rank, q=q)]
                     fork_at[next_lane] = newest.index + 1
                     forks.append((next_lane, plen + newest.index + 1))
                     next_lane += 1

@@ -1,16 +1,19 @@
-"""The acceptance rules on crafted distributions: mock always / never / sometimes accept, and the
-Leviathan/Chen rule's output distribution (chi-square), with wrong rules as negative controls."""
+"""The acceptance rules on crafted distributions: mock always / never / sometimes accept, the
+Leviathan/Chen rule's output distribution (chi-square), and the multi-candidate rule of draft trees
+(exact law by enumeration, chi-square of the implementation), with wrong rules as negative controls."""
 
 import math
 
 import pytest
 import torch
 
+import spec.accept
 from looplm.sampling import SamplingParams, probabilities
 from spec import accept_greedy, accept_sampled, emitted_counts
+from spec.accept import accept_candidates, draw_candidates
+from spec.schedule import DraftLength
 
 PARAMS = SamplingParams(temperature=0.7, top_k=6)
-from spec.schedule import DraftLength
 
 
 def chi2_critical(df: int, alpha_z: float = 3.719) -> float:
@@ -180,3 +183,121 @@ def test_adaptive_rule_tracks_acceptance():
     best = max(range(1, 9), key=lambda g: (1 - a**g) / (1 - a) / (2 * g + 2))
     assert s.current == best
     assert DraftLength(5, 1, 4).update(0, 1) == 5
+
+
+# -- several candidates per position (draft trees): recursive rejection without replacement -------
+def _renorm(x: torch.Tensor) -> torch.Tensor:
+    return x / x.sum() if x.sum() > 0 else x
+
+
+def _right_residual(r, qi, p, q):
+    d = (r - qi).clamp(min=0)
+    return d / d.sum() if d.sum() > 0 else r
+
+
+def exact_multi_law(q, p, m, residual=_right_residual):
+    """Exact float64 law of the emitted token (V,) and of the winning candidate (m + 1,: the last
+    entry is "none won"), enumerating every draw without replacement and every test outcome of the
+    rule as stated: candidate i ~ q_i is accepted with probability min(1, r_i / q_i); a rejection
+    sets r_{i+1} = residual(r_i, q_i, p, q) and q_{i+1} = q_i without x_i; after m rejections
+    (or when q_i has no mass left) the token is drawn from r."""
+    V = q.numel()
+
+    def law(r, qi, i):
+        out, win = torch.zeros(V, dtype=torch.float64), torch.zeros(m + 1, dtype=torch.float64)
+        if i == m or qi.sum() <= 0:
+            win[m] = 1.0
+            return r, win
+        for x in range(V):
+            if qi[x] <= 0:
+                continue
+            a = min(1.0, float(r[x] / qi[x]))
+            out[x] += qi[x] * a
+            win[i] += qi[x] * a
+            rest = qi.clone()
+            rest[x] = 0
+            sub, sub_win = law(residual(r, qi, p, q), _renorm(rest), i + 1)
+            out += qi[x] * (1 - a) * sub
+            win += qi[x] * (1 - a) * sub_win
+        return out, win
+
+    return law(p, q, 0)
+
+
+def _multi_dists(seed: int, V: int = 5):
+    """A draft q and target p in float64 that disagree, with a token only q proposes and one only p emits."""
+    g = torch.Generator().manual_seed(seed)
+    q, p = (torch.randn(2, V, generator=g, dtype=torch.float64) * 1.5).softmax(-1)
+    q[0], p[1] = 0.0, 0.0
+    return _renorm(q), _renorm(p)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multi_candidate_rule_is_exactly_lossless(seed):
+    """The rule's exact law is p for every candidate count (1 .. more than q's support); two wrong
+    residual updates are not."""
+    q, p = _multi_dists(seed)
+    for m in (1, 2, 3, 4, 5):
+        law, win = exact_multi_law(q, p, m)
+        torch.testing.assert_close(law, p, atol=1e-12, rtol=0)
+        assert abs(float(win.sum()) - 1) < 1e-12
+        if m == 1:  # one candidate: Leviathan/Chen, accepted with probability sum min(p, q)
+            assert abs(float(win[0]) - float(torch.minimum(p, q).sum())) < 1e-12
+    keep = exact_multi_law(q, p, 3, residual=lambda r, qi, p, q: r)[0]  # a rejection leaves the target as it was
+    first = exact_multi_law(q, p, 3, residual=lambda r, qi, p, q: _renorm((p - q).clamp(min=0)))[0]  # no recursion
+    assert (keep - p).abs().max() > 0.05
+    assert (first - p).abs().max() > 0.01
+
+
+def test_draw_candidates_is_sampling_without_replacement():
+    """Pairs (x_1, x_2) follow q(x_1) q(x_2) / (1 - q(x_1)); rows with fewer than m tokens of mass pad with -1."""
+    g = torch.Generator().manual_seed(8)
+    V, N = 5, 200_000
+    q = _multi_dists(4)[0].float()
+    c = draw_candidates(q.expand(N, V).contiguous(), 3, g)
+    assert bool((c[:, :2] >= 0).all()) and bool((c[:, 0] != c[:, 1]).all())
+    pair = q[:, None] * q[None, :] / (1 - q[:, None])
+    pair.fill_diagonal_(0.0)
+    assert passes(c[:, 0] * V + c[:, 1], pair.reshape(-1))
+    few = torch.tensor([[0.0, 0.7, 0.0, 0.3, 0.0]])
+    out = draw_candidates(few, 4, g)[0].tolist()
+    assert sorted(out[:2]) == [1, 3] and out[2:] == [-1, -1]
+
+
+def _wrong_keep_target(r, q):
+    return r
+
+
+def _wrong_full_q(q, x):
+    return q
+
+
+@pytest.mark.parametrize("wrong", [None, ("_residual", _wrong_keep_target), ("_without", _wrong_full_q)])
+def test_accept_candidates_emits_the_target_distribution(wrong, monkeypatch):
+    """N rows, each with 0..3 candidates drawn without replacement from q: the emitted tokens of
+    every candidate count follow p (chi-square) and the winning ranks' rates are the exact law's.
+    Negative controls: a rejection that leaves the target as it was, tests against q without the
+    earlier candidates removed."""
+    if wrong is not None:
+        monkeypatch.setattr(spec.accept, *wrong)
+    g = torch.Generator().manual_seed(9)
+    V, N, m = 5, 240_000, 3
+    q, p = _multi_dists(3, V)
+    count = torch.randint(0, m + 1, (N,), generator=g)
+    cands = draw_candidates(q.float().expand(N, V).contiguous(), m, g)
+    winner, tokens = accept_candidates(cands, q.float().expand(N, V), p.float().expand(N, V), count, g)
+    assert bool((winner <= count).all())
+    won = winner < count
+    assert torch.equal(tokens[won], cands[won, winner[won]])
+    verdicts, rates = [], []
+    for c in range(m + 1):
+        rows = count == c
+        verdicts.append(passes(tokens[rows], p.float()))
+        if c:
+            got = torch.stack([(winner[rows] == i).double().mean() for i in range(c)])
+            rates.append(float((got - exact_multi_law(q, p, c)[1][:c]).abs().max()))
+    if wrong is None:
+        assert all(verdicts), [chi2_stat(tokens[count == c], p.float()) for c in range(m + 1)]
+        assert max(rates) < 0.01, rates
+    else:
+        assert verdicts[0] and not all(verdicts[2:])  # no candidate: a sample of p either way
