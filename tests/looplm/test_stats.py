@@ -66,21 +66,15 @@ def test_the_type_check_catches_a_wrong_type():
     assert not mismatches(3, float, "x") and not mismatches(None, float | None, "x")
 
 
-# draft trees' keys (spec.trees, greedy only)
-TREE_KEYS = {"branch", "branch_threshold", "forks", "rows_per_forward", "max_rows", "acceptance_by_depth", "tested_by_depth",
-             "won_by_rank"}
-
-
-def modes(T: int, greedy: bool = True):
-    """(mode, options) covering every decoder path that writes statistics (2 <= T); draft trees when greedy."""
+def modes(T: int):
+    """(mode, options) covering every decoder path that writes statistics (2 <= T)."""
     k = random.randint(1, T - 1)
     divisor = random.choice([d for d in range(1, T) if T % d == 0])
     yield "full", {}
     yield "full", {"kv": random.choice(["last", "mean"])}
     yield "speculative", {"draft_loop": k, "draft_len": random.choice([1, 3, "adaptive"])}
     yield "speculative", {"draft_loop": divisor, "pipeline": True, "extrapolate": random.uniform(0, 1)}
-    if greedy:
-        yield "speculative", {"draft_loop": divisor, "branch": random.choice([2, 3]), "branch_threshold": random.choice([None, 0.5])}
+    yield "speculative", {"draft_loop": divisor, "branch": random.choice([2, 3]), "branch_threshold": random.choice([None, 0.5])}
     yield "anytime", {"budget_loops": random.randint(1, T), "skip": random.choice(["exact", "copy"]),
                       "finish": random.choice(["eager", "lazy"])}
     yield "anytime", {"exit": "q_exit", "q": random.random(), "budget_ms": 1e4, "trace": True}
@@ -94,12 +88,12 @@ def test_every_mode_carries_the_shared_keys_and_only_declared_keys(sampled):
     prompts = random_prompts(2, model.config.vocab_size)
     sampling = {"temperature": 1.0, "top_k": 8, "seed": random.randrange(2**32)} if sampled else {}
     seen = set()
-    for mode, opts in modes(model.num_loops, greedy=not sampled):
+    for mode, opts in modes(model.num_loops):
         for gen in engine.generate(prompts, max_new_tokens=random.randint(2, 6), stop=[], mode=mode, **sampling, **opts):
             check(gen, mode)
             seen |= set(gen.stats)
-    # together the runs reach every declared key but the note of an unused recommended draft map (and, sampled, the trees')
-    assert set(HINTS) - seen == {"draft_map_unused"} | (TREE_KEYS if sampled else set())
+    # together the runs reach every declared key but the note of an unused recommended draft map
+    assert set(HINTS) - seen == {"draft_map_unused"}
 
 
 def test_a_cancelled_request_carries_the_shared_keys():
