@@ -20,7 +20,6 @@ Usage: python -m looplm.train.kv_eval --checkpoint looplm/default_model --text d
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from .objectives import per_loop_ce
 from .shared_kv import SHARED_MODES, teacher_forced_shared
-from .trainer import TokenData, TrainConfig, build_model, load_model
+from .trainer import TokenData, load_model
 
 
 @torch.no_grad()
@@ -78,20 +77,10 @@ def kv_eval(model, batches, prefill: int = 32, modes=SHARED_MODES, top_k: int = 
 
 def load_checkpoint(path: Path):
     """The float32 model of a checkpoint directory, or of a training run's resumable `ckpt.pt`
-    (its weights on the architecture its saved train_config describes)."""
-    if path.is_dir():
-        return load_model(path)
-    if not path.is_file():
+    (trainer.load_run_checkpoint)."""
+    if not path.is_dir() and not path.is_file():
         raise FileNotFoundError(f"{path} is neither a checkpoint directory nor a training ckpt.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "train_config" not in ckpt:
-        raise ValueError(f"{path}: not a looplm.train checkpoint (expected the keys 'model' and 'train_config')")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    tc = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in fields})
-    model = build_model(tc, ckpt["model"]["model.embed_tokens.weight"].shape[0])
-    model.load_state_dict(ckpt["model"])
-    print(f"{path}: step {ckpt['step']} of the run in {tc.out}", flush=True)
-    return model.float()
+    return load_model(path)
 
 
 def main(argv: list[str] | None = None) -> None:

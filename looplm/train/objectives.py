@@ -11,6 +11,10 @@ tokens selected by an optional boolean mask (True = counted); losses are float32
       L = sum_t d_t mean_tokens[ KL(stopgrad(p_T) || p_t) ] / sum_t d_t   (d_T is ignored)
 - Teacher KL (shared-KV training): loop t of a pass reading shared K/V learns the same loop of the
   per-loop pass (a fixed teacher),  L = sum_t w_t mean_tokens[ KL(stopgrad(q_t) || p_t) ] / sum_t w_t
+- K/V consistency (shared-KV training): every loop's K and V of a layer move toward the one value a
+  shared cache keeps (the last loop's, or the mean over loops), relative to its mean square,
+      L = mean_{layers, K and V, loops t} mean[(x_t - stopgrad(x*))^2] / stopgrad(mean[x*^2])
+  over loops t < T for x* = x_T, every loop for x* = mean_t x_t
 - Stage II (gate only; the LM's losses enter detached):
       I_t = max(0, CE_{t-1} - CE_t),  w_t = sigmoid(k (I_t - gamma))   (target "continue")
       loss_t = -mean_tokens[ w_t log(1 - lambda_t) + (1 - w_t) log lambda_t ]
@@ -158,6 +162,40 @@ def teacher_kl_loss(
     per_loop = torch.stack([_masked_mean(kl[t], mask) for t in range(T)])
     w = w.to(per_loop.device)
     return (w * per_loop).sum() / w.sum().clamp_min(1e-12), per_loop.detach()
+
+
+def kv_consistency_loss(states: Sequence[torch.Tensor], target: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+    """How far every loop's K (or V) is from the one a shared cache keeps, scale free.
+
+    For each state x ([T, ...]: one layer's K or V after every loop), the target x* is the last
+    loop's (target "last") or the mean over loops ("mean"), as `kv="last"` / `kv="mean"` decoding
+    stores it; D_t = mean[(x_t - x*)^2] / mean[x*^2] with x* and its mean square detached, so the
+    term moves the loops toward the stored value and cannot shrink itself by rescaling x*.
+
+    Args:
+        states: one [T, ...] tensor per (layer, K or V), all with the same T.
+        target: "last" (the loss averages loops t < T; D_T is 0) or "mean" (it averages all T).
+    Returns:
+        (loss, per_loop) with loss the mean of D_t over the states and the averaged loops, and
+        per_loop [T] the detached mean D_t over the states.
+    """
+    if target not in ("last", "mean"):
+        raise ValueError(f"K/V consistency target must be 'last' or 'mean', got {target!r}")
+    if not states:
+        raise ValueError("K/V consistency needs at least one [T, ...] state")
+    T = states[0].shape[0]
+    if any(x.shape[0] != T for x in states):
+        raise ValueError(f"K/V states with different loop counts: {[x.shape[0] for x in states]}")
+    per_state = []
+    for x in states:
+        x = x.float()
+        # the mean as loop 0 plus the mean deviation from it: exactly loop 0 when all loops are equal
+        ref = (x[-1] if target == "last" else x[0] + (x - x[0]).mean(dim=0)).detach()
+        d = (x - ref).pow(2).flatten(1).mean(dim=1)  # [T]
+        per_state.append(d / ref.pow(2).mean().clamp_min(1e-12))
+    per_loop = torch.stack(per_state).mean(dim=0)  # [T]
+    counted = per_loop[:-1] if target == "last" else per_loop
+    return counted.mean() if counted.numel() else per_loop.sum() * 0.0, per_loop.detach()
 
 
 def stage2_targets(ce: torch.Tensor, k: float = 50.0, gamma: float = 0.005) -> torch.Tensor:

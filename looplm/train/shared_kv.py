@@ -13,6 +13,7 @@ semantics outside the engine, with only the model's layer seam
   per-loop pass and are detached; position i attends to them and to its own loop's K/V (with
   gradients), in parallel over the sequence. This is the decoding semantics with the earlier
   positions' K/V taken from the per-loop regime rather than from their own shared-KV decode.
+  `shared_pass_logits` is its loss pass alone, over K/V a `per_loop_kv` call already computed.
 * `teacher_forced_shared`: the exact decoding semantics, teacher-forced: a prefill with per-loop
   K/V, then one token per call, each reading the shared K/V its predecessors left behind.
 """
@@ -112,24 +113,40 @@ def per_loop_kv(model: LoopLM, input_ids: torch.Tensor):
     return logits, ctx.kv
 
 
-def shared_kv_logits(model: LoopLM, input_ids: torch.Tensor, kv: SharedMode,
-                     teacher_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared-KV training pass: (logits (T, B, S, V) with gradients, per-loop logits (T, B, S, V)).
+def stacked_kv(kvs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """per_loop_kv's K/V as one (T, B, Hkv, S, D) tensor per (layer, K or V): layer 0's K, its V, layer 1's K, ..."""
+    T = 1 + max(t for t, _ in kvs)
+    L = 1 + max(layer for _, layer in kvs)
+    return [torch.stack([kvs[(t, layer)][i] for t in range(T)]) for layer in range(L) for i in (0, 1)]
 
-    A per-loop pass gives every loop's K/V; the loss pass then runs all T loops where query i
-    attends to the detached shared K/V (`shared_value`) of positions j < i and to its own loop's
-    K/V. The per-loop logits come with the first pass (a teacher, or a second loss): without
-    gradients unless `teacher_grad`; the shared K/V are detached either way.
+
+def shared_pass_logits(model: LoopLM, input_ids: torch.Tensor, kvs, kv: SharedMode) -> torch.Tensor:
+    """The loss pass of shared-KV training over per_loop_kv's K/V `kvs` of the same ids: (T, B, S, V).
+
+    Query i attends to the detached shared K/V (`shared_value`) of positions j < i and to its own
+    loop's K/V, in parallel over the sequence.
     """
-    with torch.set_grad_enabled(teacher_grad and torch.is_grad_enabled()):
-        teacher, kvs = per_loop_kv(model, input_ids)
     T, L = model.num_loops, len(model.model.layers)
     shared = {layer: (shared_value([kvs[(t, layer)][0].detach() for t in range(T)], kv),
                       shared_value([kvs[(t, layer)][1].detach() for t in range(T)], kv)) for layer in range(L)}
     B, S = input_ids.shape
     pos = torch.arange(S, device=input_ids.device).expand(B, S)
     _, logits = _run(model, model.embed(input_ids), pos, _SharedParallel(shared, S, input_ids.device))
-    return logits, teacher
+    return logits
+
+
+def shared_kv_logits(model: LoopLM, input_ids: torch.Tensor, kv: SharedMode,
+                     teacher_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared-KV training pass: (logits (T, B, S, V) with gradients, per-loop logits (T, B, S, V)).
+
+    A per-loop pass gives every loop's K/V; the loss pass (`shared_pass_logits`) then runs all T
+    loops where query i attends to the detached shared K/V of positions j < i and to its own
+    loop's K/V. The per-loop logits come with the first pass (a teacher, or a second loss): without
+    gradients unless `teacher_grad`; the shared K/V are detached either way.
+    """
+    with torch.set_grad_enabled(teacher_grad and torch.is_grad_enabled()):
+        teacher, kvs = per_loop_kv(model, input_ids)
+    return shared_pass_logits(model, input_ids, kvs, kv), teacher
 
 
 class _OneToken:

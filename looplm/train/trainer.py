@@ -28,9 +28,9 @@ from tqdm import tqdm
 from looplm.config import LoopConfig
 from looplm.model import LoopLM
 
-from .objectives import (IGNORE_INDEX, entropy_regularized_loss, loop_distillation_loss, per_loop_ce, teacher_kl_loss,
-                         weighted_per_loop_loss)
-from .shared_kv import SHARED_MODES, shared_kv_logits
+from .objectives import (IGNORE_INDEX, entropy_regularized_loss, kv_consistency_loss, loop_distillation_loss, per_loop_ce,
+                         teacher_kl_loss, weighted_per_loop_loss)
+from .shared_kv import SHARED_MODES, per_loop_kv, shared_kv_logits, shared_pass_logits, stacked_kv
 from .tasks import PhopRows
 
 
@@ -40,7 +40,7 @@ class TrainConfig:
 
     data: str = "data"  # folder with train.bin / val.bin (uint16) and tokenizer.json
     out: str = "data/run"
-    init_from: str | None = None  # a checkpoint directory to continue from instead of random init
+    init_from: str | None = None  # a checkpoint directory, or a run's ckpt.pt, to continue from instead of random init
     # model (ignored with init_from)
     hidden_size: int = 256
     intermediate_size: int = 768
@@ -70,6 +70,10 @@ class TrainConfig:
     shared_kv_modes: str = "last,mean"
     shared_kv_kl: float = 0.0  # + this times the loop-weighted KL(per-loop pass || shared pass) on corpus rows
     shared_kv_joint: bool = False  # shared-KV steps also take the per-loop pass's losses (it then runs with gradients)
+    # K/V consistency (objectives.kv_consistency_loss): + this times the scale-free distance of every loop's K/V
+    # to the shared cache's value (the last loop's or the mean), on every step's per-loop pass; 0 = off
+    kv_consistency: float = 0.0
+    kv_consistency_target: str = "last"
     ood_val: str = ""  # a second held-out token file evaluated per loop at every evaluation (e.g. ood_text.bin)
     # optimisation
     seq_len: int = 256
@@ -135,14 +139,33 @@ def lr_at(progress: float, tc: TrainConfig, step: int) -> float:
 
 
 def load_model(path: str | Path) -> LoopLM:
-    """The float32 model of any checkpoint directory the engine loads."""
+    """The float32 model of any checkpoint directory the engine loads, or of a run's ckpt.pt (load_run_checkpoint)."""
     import looplm
 
+    if Path(path).is_file():
+        return load_run_checkpoint(Path(path))
     if hasattr(looplm, "load"):
         return looplm.load(str(path)).model.float()
     from looplm.checkpoint import load_model as _load
 
     return _load(path, dtype=torch.float32)
+
+
+def load_run_checkpoint(path: Path) -> LoopLM:
+    """The float32 weights of a training run's resumable `ckpt.pt`, on the architecture it records
+    (its model config, or for older runs the one its train_config builds)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "train_config" not in ckpt:
+        raise ValueError(f"{path}: not a looplm.train checkpoint (expected the keys 'model' and 'train_config')")
+    if "model_config" in ckpt:
+        model = LoopLM(LoopConfig.from_dict(ckpt["model_config"], source=str(path)))
+    else:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        tc = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in fields})
+        model = build_model(tc, ckpt["model"]["model.embed_tokens.weight"].shape[0])
+    model.load_state_dict(ckpt["model"])
+    print(f"{path}: step {ckpt['step']} of the run in {ckpt['train_config']['out']}", flush=True)
+    return model.float()
 
 
 def build_model(tc: TrainConfig, vocab_size: int) -> LoopLM:
@@ -180,8 +203,9 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
 def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str, loop_weights, beta: float,
                 task_rows: int = 0, task_weight: float = 1.0, task_loop_weights=None, distill_weights=None,
                 distill_scale: float = 1.0, shared_kv: str | None = None, shared_kl: float = 0.0,
-                shared_joint: bool = False):
-    """(loss, per-loop mean CE [T] of the corpus rows, per-loop answer CE [T] of the task rows or None).
+                shared_joint: bool = False, kv_consistency: float = 0.0, kv_target: str = "last"):
+    """(loss, per-loop mean CE [T] of the corpus rows, per-loop answer CE [T] of the task rows or None,
+    per-loop K/V distance [T] of objectives.kv_consistency_loss or None).
 
     The last `task_rows` rows are task rows (targets IGNORE_INDEX except answers): their masked
     per-loop CE enters as a separate term, `task_weight` times the weighted mean over loops.
@@ -190,12 +214,23 @@ def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str,
     (shared_kv.shared_kv_logits; the returned CEs are its) and adds `shared_kl` times the
     loop-weighted KL from the per-loop pass (detached) to it on the corpus rows; `shared_joint`
     adds the same losses on that per-loop pass too (it then runs with gradients).
+    `kv_consistency` adds that times the K/V consistency term (toward `kv_target`, "last" or
+    "mean") of the per-loop pass, which then runs with gradients on shared-KV steps too; at 0 the
+    computation is exactly the one without the option.
     """
     n = x.shape[0] - task_rows
-    gates, teacher = None, None
-    if shared_kv is None:
+    gates, teacher, kv_states = None, None, None
+    if kv_consistency and objective != "weighted":
+        raise ValueError(f"K/V consistency needs objective 'weighted' (its per-loop pass has no gates), got {objective!r}")
+    if shared_kv is None and kv_consistency:
+        logits, kvs = per_loop_kv(model, x)
+        kv_states = stacked_kv(kvs)
+    elif shared_kv is None:
         out = model.loop_outputs(x)
         logits, gates = out.logits, out.gates
+    elif kv_consistency:
+        teacher, kvs = per_loop_kv(model, x)
+        logits, kv_states = shared_pass_logits(model, x, kvs, shared_kv), stacked_kv(kvs)
     else:
         logits, teacher = shared_kv_logits(model, x, shared_kv, teacher_grad=shared_joint)
 
@@ -224,7 +259,11 @@ def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str,
     if shared_kv is not None and shared_kl:
         kl, _ = teacher_kl_loss(logits[:, :n], teacher[:, :n].detach(), loop_weights)
         loss = loss + shared_kl * kl
-    return loss, per_loop, task_per_loop
+    kv_per_loop = None
+    if kv_states is not None:
+        kvc, kv_per_loop = kv_consistency_loss(kv_states, kv_target)
+        loss = loss + kv_consistency * kvc
+    return loss, per_loop, task_per_loop, kv_per_loop
 
 
 @torch.no_grad()
@@ -281,6 +320,11 @@ def train(tc: TrainConfig) -> Path:
                              f"{tc.shared_kv_modes!r} a comma-separated list of {SHARED_MODES}")
         if tc.objective != "weighted":
             raise ValueError(f"shared-KV steps need --objective weighted (the shared pass has no gates), got {tc.objective!r}")
+    if tc.kv_consistency < 0 or tc.kv_consistency_target not in SHARED_MODES:
+        raise ValueError(f"--kv-consistency {tc.kv_consistency} must be >= 0 and --kv-consistency-target "
+                         f"{tc.kv_consistency_target!r} one of {SHARED_MODES}")
+    if tc.kv_consistency and tc.objective != "weighted":
+        raise ValueError(f"--kv-consistency needs --objective weighted (its per-loop pass has no gates), got {tc.objective!r}")
 
     phop, tokenizer = None, None
     if tc.phop_rows:
@@ -322,7 +366,8 @@ def train(tc: TrainConfig) -> Path:
     def save_ckpt():
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
-                    "rng": _rng_state(), "train_config": dataclasses.asdict(tc)}, tmp)
+                    "rng": _rng_state(), "train_config": dataclasses.asdict(tc),
+                    "model_config": model.config.to_dict()}, tmp)
         tmp.replace(ckpt_path)
 
     model.train()
@@ -345,10 +390,10 @@ def train(tc: TrainConfig) -> Path:
             shared = shared_modes[((step + 1) // tc.shared_kv_every - 1) % len(shared_modes)]
         with autocast:
             beta = tc.beta if progress < 0.5 else tc.beta_late
-            loss, per_loop, task_per_loop = fwd(model, x, y, tc.objective, tuple(tc.loop_weights), beta,
-                                                tc.phop_rows, tc.phop_weight, tuple(tc.phop_loop_weights) or None,
-                                                tuple(tc.distill_weights) or None, tc.distill_scale, shared, tc.shared_kv_kl,
-                                                tc.shared_kv_joint)
+            loss, per_loop, task_per_loop, kv_per_loop = fwd(
+                model, x, y, tc.objective, tuple(tc.loop_weights), beta, tc.phop_rows, tc.phop_weight,
+                tuple(tc.phop_loop_weights) or None, tuple(tc.distill_weights) or None, tc.distill_scale, shared,
+                tc.shared_kv_kl, tc.shared_kv_joint, tc.kv_consistency, tc.kv_consistency_target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -371,6 +416,8 @@ def train(tc: TrainConfig) -> Path:
                 rec["kv"] = shared
             if task_per_loop is not None:
                 rec["phop_per_loop"] = [round(v, 4) for v in task_per_loop.float().tolist()]
+            if kv_per_loop is not None:
+                rec["kv_dist_per_loop"] = [round(v, 5) for v in kv_per_loop.tolist()]
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if step % tc.eval_every == 0 or step == tc.steps:

@@ -127,9 +127,9 @@ def test_joint_shared_step_adds_the_per_loop_loss_of_the_same_batch():
     x, y = torch.randint(0, VOCAB, (4, 16)), torch.randint(0, VOCAB, (4, 16))
     y[-1, :-1] = -100  # one task row, answer-only loss
     args = (model, x, y, "weighted", (1.0, 2.0, 3.0), 0.1, 1, 2.0)
-    plain, plain_ce, _ = stage1_loss(*args)
-    shared, shared_ce, _ = stage1_loss(*args, shared_kv="mean", shared_kl=0.5)
-    joint, joint_ce, _ = stage1_loss(*args, shared_kv="mean", shared_kl=0.5, shared_joint=True)
+    plain, plain_ce, _, _ = stage1_loss(*args)
+    shared, shared_ce, _, _ = stage1_loss(*args, shared_kv="mean", shared_kl=0.5)
+    joint, joint_ce, _, _ = stage1_loss(*args, shared_kv="mean", shared_kl=0.5, shared_joint=True)
     torch.testing.assert_close(joint, shared + plain, rtol=1e-5, atol=1e-5)
     assert torch.equal(joint_ce, shared_ce) and not torch.allclose(shared_ce, plain_ce)
     model.zero_grad()

@@ -72,7 +72,7 @@ def test_task_rows_enter_as_their_own_weighted_term():
     y[2] = IGNORE_INDEX
     y[2, 5] = 7
     with torch.no_grad():
-        loss, per_loop, task = stage1_loss(model, x, y, "weighted", (1.0, 3.0), 0.0, task_rows=1, task_weight=2.0,
+        loss, per_loop, task, _ = stage1_loss(model, x, y, "weighted", (1.0, 3.0), 0.0, task_rows=1, task_weight=2.0,
                                            task_loop_weights=(0.0, 1.0))
         ce = per_loop_ce(model.loop_outputs(x).logits, y)
     text_loss, want_per_loop = weighted_per_loop_loss(ce[:, :2], [1.0, 3.0])
