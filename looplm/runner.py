@@ -115,6 +115,7 @@ class _Plan:
         order = sorted(range(len(items)), key=lambda i: -items[i][1].num_loops)
         self.order = order
         pos, loops, flat, steps, groups, self.spans = [], [], [], [], [], {}
+        bs = cache.block_size
         for i in order:
             table, fwd = items[i]
             p = fwd.pos.reshape(-1).tolist()
@@ -131,7 +132,7 @@ class _Plan:
                 j = e + 1
             pos += p
             loops += st
-            flat += [cache.flat(table, q) for q in p]
+            flat += [table[q // bs] * bs + q % bs for q in p]  # PagedKVCache.flat, inlined
             steps += [fwd.num_loops] * len(p)
         self.pos, self.loops, self.flat, self.steps = pos, loops, flat, steps
         self.n_tokens = len(pos)
@@ -342,7 +343,7 @@ class Runner:
         m, cache = self.model, self.cache
         device = cache.k.device
         plan = _Plan(cache, items, device)
-        h = torch.cat([self._inputs(items[i][1]) for i in plan.order])  # (N, H)
+        h = self._inputs([items[i][1] for i in plan.order])  # (N, H)
         cos, sin = m.rotary(plan.pos_t[:, None], h.dtype)  # (N, 1, D)
         ctx = _Attend(plan, m.attention)
         want_gates = any(fwd.gates for _, fwd in items)
@@ -358,37 +359,57 @@ class Runner:
         cache.end_step()
         return self._outputs(items, plan, shapes, hiddens, gates)
 
-    def _inputs(self, fwd: Forward) -> torch.Tensor:
-        x = fwd.inputs
-        if x.dtype in (torch.int32, torch.int64):
-            return self.model.model.embed_tokens(x.reshape(-1))  # ids were checked when the request was submitted
-        return x.reshape(-1, x.shape[-1])
+    def _inputs(self, fwds: list[Forward]) -> torch.Tensor:
+        """(N, H) inputs of the step's tokens in the given Forward order: token ids of every Forward
+        embedded in one lookup (ids were checked when the request was submitted), hidden states as
+        they are."""
+        ids = [f.inputs.dtype in (torch.int32, torch.int64) for f in fwds]
+        if all(ids):
+            return self.model.model.embed_tokens(torch.cat([f.inputs.reshape(-1) for f in fwds]))
+        embed = self.model.model.embed_tokens
+        return torch.cat([embed(f.inputs.reshape(-1)) if i else f.inputs.reshape(-1, f.inputs.shape[-1])
+                          for f, i in zip(fwds, ids)])
 
     def _outputs(self, items, plan: _Plan, shapes, hiddens, gates) -> list[LoopOutput]:
         m = self.model
         outs: list[LoopOutput] = []
-        heads: list[tuple[int, torch.Tensor]] = []  # (item, selected last-loop states) for one batched head call
         # every loop's states in one (loops, N, H) tensor: a Forward's outputs are views of it
         all_h, all_g = _stack(hiddens, plan.n_tokens), _stack(gates, plan.n_tokens) if gates else None
         H = all_h.shape[-1]
+        # the states the head reads after a Forward's last loop, for one batched head call:
+        # (loop, token) pairs of every Forward asking for "last" or per-row positions
+        head_loop: list[int] = []
+        head_tok: list[int] = []
+        heads: list[tuple[int, int, tuple]] = []  # (item, rows selected, logits shape without V)
         for idx, ((_, fwd), (B, S)) in enumerate(zip(items, shapes)):
             sp = plan.spans[idx]
             n = fwd.num_loops
             hid = all_h[:n, sp].view(n, B, S, H)
             gat = all_g[:n, sp].view(n, B, S) if fwd.gates else None
-            outs.append(LoopOutput(hid, gat, None))
-            if fwd.logits is not None:
-                if fwd.logits_loops == "all":
-                    outs[-1].logits = m.head(_select(hid, fwd.logits))
-                else:
-                    heads.append((idx, _select(hid[-1:], fwd.logits)))
+            out = LoopOutput(hid, gat, None)
+            outs.append(out)
+            where = fwd.logits
+            if where is None:
+                continue
+            if fwd.logits_loops == "all":
+                out.logits = m.head(_select(hid, where))
+                continue
+            if where == "all":
+                toks, shape = range(sp.start, sp.stop), (1, B, S)
+            elif where == "last":
+                toks, shape = range(sp.start + S - 1, sp.stop, S), (1, B, 1)
+            elif isinstance(where, torch.Tensor):
+                toks, shape = [sp.start + b * S + j for b, j in enumerate(where.view(-1).tolist())], (1, B, 1)
+            else:
+                raise ValueError(f"logits must be None, 'all', 'last' or a (B,) index tensor, got {where!r}")
+            head_tok.extend(toks)
+            head_loop.extend([n - 1] * len(toks))
+            heads.append((idx, len(toks), shape))
         if heads:
-            flat = torch.cat([x.reshape(-1, x.shape[-1]) for _, x in heads])
-            lg = m.head(flat)
+            lg = m.head(all_h[head_loop, head_tok])  # (rows, V)
             o = 0
-            for idx, x in heads:
-                k = x.shape[:-1].numel()
-                outs[idx].logits = lg[o : o + k].view(*x.shape[:-1], -1)
+            for idx, k, shape in heads:
+                outs[idx].logits = lg[o : o + k].view(*shape, -1)
                 o += k
         return outs
 
