@@ -700,14 +700,17 @@ def versus_section(v: dict) -> list[str]:
         "",
         f"`python -m benchmarks.versus {v['ref']}` at `{v['this']}`, {v['date']}: both trees' engines in two processes "
         f"taking turns for {v['rounds']} rounds, each round the {v['prompts']} benchmark prompts generated alone for "
-        f"{v['tokens']} new tokens, greedy, 1 torch thread; ratio = median over rounds of this / reference. "
+        f"{v['tokens']} new tokens, greedy, 1 torch thread; ratio = median over rounds of this / reference; "
+        f"x full = median over rounds of the case's tokens/s over full depth's within the same tree and round. "
         f"Load average {load(v['load_average_start'])} at the start, {load(v['load_average_end'])} at the end.",
         "",
-        "| case | this tree (tokens/s) | reference (tokens/s) | ratio |",
-        "|---|---:|---:|---:|",
+        "| case | this tree (tokens/s) | reference (tokens/s) | ratio | this tree x full | reference x full |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    xf = lambda c, k: f"{c[k]:.3f}" if k in c else "–"  # noqa: E731
     for name, c in v["cases"].items():
-        lines.append(f"| {name} | {c['this_tokens_per_s']:.1f} | {c['ref_tokens_per_s']:.1f} | {c['ratio']:.3f} |")
+        lines.append(f"| {name} | {c['this_tokens_per_s']:.1f} | {c['ref_tokens_per_s']:.1f} | {c['ratio']:.3f} "
+                     f"| {xf(c, 'this_x_full')} | {xf(c, 'ref_x_full')} |")
     return lines + [""]
 
 

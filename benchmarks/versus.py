@@ -7,7 +7,9 @@ warm every case up (the compiled step compiles there); then, round after round, 
 take turns running the same cases: each of the 16 benchmark prompts generated alone, greedy, for
 `--tokens` new tokens. A case's figure is tokens/s over the whole round; its ratio is the median
 over rounds of (this tree / REF), rounds being back to back, so that load drifting between them
-cancels. Prints a table and writes benchmarks/versus.json (read by benchmarks.report).
+cancels. With the full case in the run, each other case also gets each tree's own speed-up over
+full depth (median over rounds of case / full within the tree's round): the two engines' speculative
+and anytime speed-ups measured on the same machine at the same time. Prints a table and writes benchmarks/versus.json (read by benchmarks.report).
 
 Only the public API both trees share is used (`looplm.load`, `Engine.generate` with a mode and its
 options), so any commit since the engine's API settled can be the reference.
@@ -125,14 +127,20 @@ def main(argv: list[str] | None = None) -> int:
                 "this_tokens_per_s": statistics.median(r["this"][n] for r in rounds),
                 "ref_tokens_per_s": statistics.median(r["ref"][n] for r in rounds),
                 "ratio": statistics.median(r["this"][n] / r["ref"][n] for r in rounds),
+                # within each tree: this case's tokens/s over full depth's in the same round (the
+                # speculative and anytime speed-ups of each engine, measured on one machine at one time)
+                **({"this_x_full": statistics.median(r["this"][n] / r["this"]["full"] for r in rounds),
+                    "ref_x_full": statistics.median(r["ref"][n] / r["ref"]["full"] for r in rounds)}
+                   if "full" in names and n != "full" else {}),
             }
             for n in names
         },
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'case':<16} {'this':>9} {'ref':>9} {'ratio':>6}")
+    print(f"\n{'case':<16} {'this':>9} {'ref':>9} {'ratio':>6} {'this x full':>12} {'ref x full':>11}")
     for n, c in result["cases"].items():
-        print(f"{n:<16} {c['this_tokens_per_s']:>9.1f} {c['ref_tokens_per_s']:>9.1f} {c['ratio']:>6.3f}")
+        xf = f" {c['this_x_full']:>12.3f} {c['ref_x_full']:>11.3f}" if "this_x_full" in c else ""
+        print(f"{n:<16} {c['this_tokens_per_s']:>9.1f} {c['ref_tokens_per_s']:>9.1f} {c['ratio']:>6.3f}{xf}")
     print(f"wrote {args.out}")
     return 0
 
