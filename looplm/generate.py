@@ -37,15 +37,27 @@ def decode_full(model: LoopLM, req: DecodeRequest, step: str | None = None) -> D
     t0 = time.perf_counter()
     out = yield prefill(req, device, gates=False)
     req.stats["prefill_ms"] = (time.perf_counter() - t0) * 1e3
-    logits = out.logits[-1, :, 0]  # (1, V)
-    pos = len(req.prompts[0])  # position of the next token
-    produced = 0
-    while True:
-        token = choose(logits, req.sampling, req.generator)  # (1,)
-        yield Step(0, produced, int(token), T, T, timer.lap(0), "max_depth")
+    token = int(choose(out.logits[-1, :, 0], req.sampling, req.generator))
+    yield Step(0, 0, token, T, T, timer.lap(0), "max_depth")
+    yield from full_depth_tail(model, req, token, len(req.prompts[0]), 1, timer, step=fixed)
+
+
+def full_depth_tail(model: LoopLM, req: DecodeRequest, token: int, pos: int, produced: int, timer: Timer, *,
+                    step: str | None = None, reason: str = "max_depth", info: dict | None = None,
+                    on_token=None) -> Decoder:
+    """The rest of a one-sequence request at full depth, from its last emitted token `token` at
+    position `pos` (not run yet; every position before it holds all T loops of K/V) after `produced`
+    tokens: one Forward of T loops per token, then its Step (`reason`, a copy of `info`), until the
+    request ends. `on_token()` is called after each Step (a caller's statistics). Used by
+    decode_full after the prefill and by decoders that switch to full depth (spec.fallback).
+    """
+    T = model.num_loops
+    device = model.lm_head.weight.device
+    while req.active(0, produced):
+        out = yield Forward(torch.tensor([[token]], device=device), [[pos]], logits="last", step=step, gates=False)
+        token = int(choose(out.logits[-1, :, 0], req.sampling, req.generator))
+        yield Step(0, produced, token, T, T, timer.lap(0), reason, info=dict(info) if info else {})
         produced += 1
-        if not req.active(0, produced):
-            return
-        out = yield Forward(token[:, None], [[pos]], logits="last", step=fixed, gates=False)
-        logits = out.logits[-1, :, 0]
         pos += 1
+        if on_token is not None:
+            on_token()

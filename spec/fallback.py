@@ -21,14 +21,13 @@ acceptance 0 and 1.5x at 0.9); BAR = 0.25 falls back only where speculation clea
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 import torch
 
-from looplm.decoding import Decoder, DecodeRequest, Step
+from looplm.decoding import Decoder, DecodeRequest, Step, Timer
+from looplm.generate import full_depth_tail
 from looplm.model import LoopLM
-from looplm.sampling import choose
 from looplm.work import Forward
 
 WINDOW = 12  # emitted tokens the decision looks back over
@@ -72,17 +71,15 @@ def with_fallback(model: LoopLM, req: DecodeRequest, inner: Decoder, window: int
     inner.close()
     req.stats["fallback_at"] = emitted
     pos = len(req.prompts[0]) + emitted - 1  # the last emitted token's position: its loops are not computed yet
-    t = time.perf_counter()
-    while req.active(0, emitted):
-        out = yield Forward(torch.tensor([[token]], device=model.lm_head.weight.device), [[pos]], logits="last", gates=False)
-        computed += T
-        token = int(choose(out.logits[-1, :, 0], req.sampling, req.generator))
-        now = time.perf_counter()
-        yield Step(0, emitted, token, T, T, (now - t) * 1e3, "verify", info={"draft": False, "accepted": 0, "proposed": 0})
-        t = now
-        emitted += 1
-        pos += 1
-        req.stats["loops_per_token"] = computed / emitted
+    tail = {"n": emitted, "computed": computed}
+
+    def count() -> None:
+        tail["n"] += 1
+        tail["computed"] += T
+        req.stats["loops_per_token"] = tail["computed"] / tail["n"]
+
+    yield from full_depth_tail(model, req, token, pos, emitted, Timer(1), reason="verify",
+                               info={"draft": False, "accepted": 0, "proposed": 0}, on_token=count)
 
 
 def _min_start(fwd: Forward) -> int:
