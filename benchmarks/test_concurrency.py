@@ -39,6 +39,11 @@ def _rounds(quick: bool) -> int:
     return 1 if quick else 3
 
 
+# the anytime comparison's rounds are short (about a second each on the bundled model) and a round's
+# ratio swings by +-15% on a shared 2-core machine: its median takes more of them
+ANYTIME_ROUNDS = 7
+
+
 def _load() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
@@ -113,7 +118,7 @@ def test_concurrent_anytime(bench_model, variant, benchmark, bench_quick):
     warm = anytime()
     alone = engine.generate(prompts[0], max_new_tokens=n, stop=[], mode="anytime", **options)
     assert warm[0].tokens == alone.tokens, "a request's anytime tokens must not depend on the requests it is batched with"
-    full_s, any_s, _, outs = _paired(benchmark, anytime, full, _rounds(bench_quick))
+    full_s, any_s, _, outs = _paired(benchmark, anytime, full, 1 if bench_quick else ANYTIME_ROUNDS)
     steps = [s for gens in outs for g in gens for s in g.steps]
     assert all(s.exit_loop <= 2 for s in steps), "a 2-loop budget emits every token by loop 2"
     assert all([g.tokens for g in gens] == [g.tokens for g in warm] for gens in outs)
