@@ -184,8 +184,12 @@ class Runner:
             self._slots.release()
 
     def _open(self, job: Job):  # in a thread of asyncio's pool
-        stream = job.stream = self.engine.stream(job.prompt, max_new_tokens=job.max_new_tokens, mode=job.mode,
-                                                 on_event=functools.partial(self._post, job), **job.options)
+        try:
+            stream = job.stream = self.engine.stream(job.prompt, max_new_tokens=job.max_new_tokens, mode=job.mode,
+                                                     on_event=functools.partial(self._post, job), **job.options)
+        except BaseException:  # nothing was submitted: there is nothing for cancel_all to wait for
+            job.ended.set()
+            raise
         if job.cancelled.is_set():  # cancelled while the stream was being opened
             stream.close()
         return stream
