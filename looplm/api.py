@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -109,18 +111,28 @@ class Engine:
         return stream.generations if self._is_batch(prompt) else stream.generations[0]
 
     def stream(self, prompt, *, max_new_tokens: int = 64, mode: str | None = None, options: ModeOptions | None = None,
-               **kwargs) -> "Stream":
+               on_event: Callable[[Step | BaseException | None], None] | None = None, **kwargs) -> "Stream":
         """Same arguments as `generate`; iterating yields each Step (token, loops, latency, text) as it is decided.
 
         The request is validated and submitted when `stream` is called (errors raise here) and
         runs in the engine's background loop, batched with every other live request; `close()`
         (or dropping the Stream) cancels it and frees its cache blocks. A list of prompts gives
         one Stream over all of them: steps arrive per prompt in turn, `step.row` names the prompt.
+
+        Args:
+            on_event: instead of iterating (the Stream then cannot be iterated), receive the steps
+                where they are decided: `on_event(step)` is called on the engine's loop thread with
+                each Step in order (`step.row` names the prompt; the prompts' steps interleave),
+                then exactly once with the end: None, or the exception that ended the stream (the
+                first one; a list's other prompts are then cancelled), after every prompt's cache
+                blocks were freed. It runs inside the engine loop, between its steps: it must be
+                quick and never block (e.g. append to a deque and wake the consumer); an exception
+                it raises is logged and cancels the stream, whose end is still delivered.
         """
-        return self._open(prompt, max_new_tokens, mode, options, kwargs, quiet=False)
+        return self._open(prompt, max_new_tokens, mode, options, kwargs, quiet=False, on_event=on_event)
 
     def _open(self, prompt, max_new_tokens: int, mode: str | None, options: ModeOptions | None, kwargs: dict,
-              quiet: bool) -> "Stream":
+              quiet: bool, on_event: Callable | None = None) -> "Stream":
         """Validates and submits the requests of `stream`/`generate`; `quiet` requests queue no Steps."""
         validate.request(max_new_tokens, kwargs)
         prompts = validate.prompts(prompt)
@@ -133,6 +145,10 @@ class Engine:
                                         options))
         for s in streams:
             s._request.quiet = quiet
+        if on_event is not None:
+            events = _Events(on_event, [s._request for s in streams])
+            for row, s in enumerate(streams):
+                s._request.on_event = functools.partial(events.hand, row)
         self.scheduler.submit([s._request for s in streams])  # together: a bad request queues none of them
         if len(streams) == 1 and not self._is_batch(prompt):
             return streams[0]
@@ -243,6 +259,8 @@ class Stream:
     def __next__(self) -> Step:
         if self._ended:
             raise StopIteration
+        if self._request.on_event is not None:
+            raise TypeError("this stream hands its steps to its on_event callback: it cannot be iterated")
         item = self._request.out.get()
         if isinstance(item, Step):
             return item
@@ -268,6 +286,36 @@ class Stream:
     @property
     def generations(self) -> list[Generation]:
         return [self._request.generation]
+
+
+class _Events:
+    """Hands the Steps and the end of one stream's requests (one per prompt) to its on_event
+    callback: each Step with its prompt's row, the end once, when the last request ended. Called on
+    the engine's loop thread only (no lock)."""
+
+    def __init__(self, on_event: Callable[[Step | BaseException | None], None], requests: list):
+        self.on_event, self.requests = on_event, requests
+        self.left, self.error = len(requests), None
+
+    def hand(self, row: int, item: Step | BaseException | None) -> None:
+        if isinstance(item, Step):
+            item.row = row
+            try:
+                self.on_event(item)
+            except Exception:  # the scheduler logs it and cancels this request: the others stop too
+                self._cancel()
+                raise
+            return
+        self.left -= 1
+        if item is not None and self.error is None:
+            self.error = item
+            self._cancel()  # the stream failed: its other prompts need not run on
+        if self.left == 0:
+            self.on_event(self.error)
+
+    def _cancel(self) -> None:
+        for r in self.requests:
+            r.cancelled = True
 
 
 class BatchStream:

@@ -5,20 +5,22 @@ engine step: drop cancelled requests (freeing their blocks), admit waiting reque
 reservation fits, advance every running decoder until it yields its next Forward (handing its
 emitted Steps to the request's consumer on the way), then run all those Forwards in one runner
 step per KV mode, and hand each decoder its output. One background thread runs the loop while
-there is work; `submit` may be called from any thread, and a consumer reads its request's Steps
-from a queue.
+there is work; `submit` may be called from any thread. A consumer reads its request's Steps from a
+queue, or has them pushed to its callback (`Request.on_event`, called on the loop's thread).
 """
 
 from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import math
 import queue
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +34,8 @@ from .runner import Runner
 from .stats import Stats
 from .tokenizer import IncrementalText
 from .work import Forward
+
+log = logging.getLogger("looplm")
 
 _END = object()
 TIMED_STEP_SHARE = 0.8  # beside a timed request, a step aims at this share of its token's time budget
@@ -54,6 +58,9 @@ class Request:
     out: queue.Queue = field(default_factory=queue.Queue)
     first: object = None  # the decoder's first item (taken when submitted: a Forward, a Step, or None)
     quiet: bool = False  # the consumer waits for the end only (Engine.generate): Steps are not queued
+    # instead of `out`: called on the loop's thread with each Step, then once with the end (None, or
+    # the exception that ended the request); it must be quick (the loop waits for it)
+    on_event: Callable[[Step | BaseException | None], None] | None = None
     pending: Forward | None = None  # the Forward its decoder waits on
     cancelled: bool = False
     finished: bool = False
@@ -413,7 +420,7 @@ class Scheduler:
         step.row = 0
         step.text, g.text = text[len(g.text):], text
         if not r.quiet:  # a quiet consumer reads g.steps at the end: no wake-up per token
-            r.out.put(step)
+            self._hand(r, step)
 
     def _finish(self, r: Request, error: BaseException | None) -> None:
         if r.finished:
@@ -428,7 +435,20 @@ class Scheduler:
         for runner in self.runners.values():
             runner.cache.pool.release(r.id) if runner.cache.kv == r.req.kv else None
         r.generation.stats = _stats(r, self.model.num_loops)
-        r.out.put(error if error is not None else _END)
+        self._hand(r, error)
+
+    def _hand(self, r: Request, item: Step | BaseException | None) -> None:
+        """Hands r's consumer a Step or the end (None, or the error that ended r): to its callback if
+        it set one, else to its queue. A callback that raises is logged and its request cancelled:
+        the loop goes on with every other request."""
+        if r.on_event is None:
+            r.out.put(_END if item is None else item)
+            return
+        try:
+            r.on_event(item)
+        except Exception:
+            log.exception("request %d: its on_event callback raised; the request is cancelled", r.id)
+            r.cancelled = True
 
 
 def _cat(gates: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:

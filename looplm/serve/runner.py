@@ -1,22 +1,27 @@
-"""Admission and the bridge from the engine's blocking streams to the event loop.
+"""Admission, and the bridge from the engine's loop to the event loop.
 
-Each admitted request iterates its `Engine.stream` in a worker thread of its own and hands every
-step to the event loop through an asyncio queue. The engine decodes every live stream together in
-its background loop (continuous batching); a worker only waits for its own stream's steps. At
-most `max_running` streams are live at once and at most `max_queue` more wait for a slot; a
-request beyond both is refused (QueueFull, HTTP 429) before it waits. `Job.cancel()` (a client
-went away, or shutdown) stops the worker at its next step, which then closes the stream
-(`Stream.close()`: the engine cancels the request and frees its cache blocks).
+An admitted request opens its `Engine.stream` (validation and the decoder's first item, in a thread
+of asyncio's pool) with an `on_event` callback: the engine's loop thread hands it every Step and
+then the request's end as they happen, and it only appends them to one inbox and, unless a wake-up
+is already pending, schedules one on the event loop (`call_soon_threadsafe`). That wake-up turns
+the inbox into each request's events (stop-string hold-back included) on its asyncio queue: an
+engine step that emits a token for every live request costs one wake-up, and no thread waits per
+request. The engine decodes every live stream together in its background loop (continuous
+batching). At most `max_running` streams are live at once and at most `max_queue` more wait for a
+slot; a request beyond both is refused (QueueFull, HTTP 429) before it waits. `Job.cancel()` (a
+client went away, or shutdown) closes the stream (`Stream.close()`: the engine drops the request at
+its next step and frees its cache blocks); its end then arrives and the job ends with Failed (503).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
 import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -71,13 +76,17 @@ class Job:
     admitted: float = field(default_factory=time.perf_counter)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    stream: object | None = None  # the engine's Stream, once the worker opened it
+    ended: threading.Event = field(default_factory=threading.Event)  # the engine ended the stream (blocks freed)
+    stream: object | None = None  # the engine's Stream, once opened
+    end: asyncio.Future | None = None  # the stream's end (None, or the error that ended it), on the event loop
+    texts: dict[int, str] = field(default_factory=dict)  # row -> its text so far (the Steps' text)
+    sent: dict[int, int] = field(default_factory=dict)  # row -> characters of its text already handed out
 
     def cancel(self) -> None:
-        """Cancels the request: closes its stream now, so the engine drops it even while the worker
-        waits for a step (e.g. the request still queued in the engine); the worker then ends it."""
+        """Cancels the request: closes its stream now, so the engine drops it at its next step (also
+        while it still waits in the engine's queue); its end then arrives and the job ends."""
         self.cancelled.set()
-        if self.stream is not None:
+        if self.stream is not None:  # else the thread opening it closes it (it checks after setting it)
             self.stream.close()
 
 
@@ -88,12 +97,14 @@ class Runner:
         if max_running < 1 or max_queue < 0:
             raise ValueError(f"max_running must be >= 1 and max_queue >= 0, got {max_running} and {max_queue}")
         self.engine, self.max_running, self.max_queue, self.metrics = engine, max_running, max_queue, metrics
-        self.running = 0  # jobs whose worker thread is alive
+        self.running = 0  # jobs admitted and not yet ended
         self.waiting = 0
         self._slots: asyncio.Semaphore | None = None  # made on first use, inside the serving event loop
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: set[Job] = set()
-        self._threads: dict[Job, threading.Thread] = {}
-        self._names = itertools.count()
+        self._tasks: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
+        self._inbox: deque[tuple[Job, Step | BaseException | None]] = deque()  # from the engine's thread
+        self._wake_pending = False
 
     async def submit(self, job: Job) -> Job:
         """Admits `job` and starts it once a slot is free (waiting here until then).
@@ -103,6 +114,7 @@ class Runner:
         """
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_running)
+            self._loop = asyncio.get_running_loop()
         if self._slots.locked() and self.waiting >= self.max_queue:
             raise QueueFull(f"the server is busy: {self.running} requests running and {self.waiting} waiting")
         self._set_waiting(+1)
@@ -113,75 +125,109 @@ class Runner:
         self.running += 1
         if self.metrics is not None:
             self.metrics.running.inc()
-        loop = asyncio.get_running_loop()
-        thread = threading.Thread(target=self._work, args=(job, loop), name=f"looplm-job-{next(self._names)}", daemon=True)
+        job.end = self._loop.create_future()
         self._jobs.add(job)
-        self._threads[job] = thread
-        thread.start()
+        task = asyncio.create_task(self._run(job), name=f"looplm-job-{job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return job
 
     def cancel_all(self, join_s: float = 5.0) -> None:
-        """Cancels every running job and waits up to `join_s` seconds for their workers to close."""
-        for job in list(self._jobs):
+        """Cancels every running job and waits up to `join_s` seconds for the engine to end their
+        streams (and free their cache blocks)."""
+        jobs = list(self._jobs)
+        for job in jobs:
             job.cancel()
         deadline = time.monotonic() + join_s
-        for thread in list(self._threads.values()):
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for job in jobs:
+            job.ended.wait(max(0.0, deadline - time.monotonic()))
 
     def _set_waiting(self, delta: int) -> None:
         self.waiting += delta
         if self.metrics is not None:
             self.metrics.waiting.inc(delta)
 
-    def _finished(self, job: Job) -> None:  # on the event loop
-        self._jobs.discard(job)
-        self._threads.pop(job, None)
-        self.running -= 1
-        if self.metrics is not None:
-            self.metrics.running.dec()
-        self._slots.release()
-
-    # -- the worker thread --------------------------------------------------------------------
-    def _work(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
-        def post(fn, *args) -> None:
-            try:
-                loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:  # the event loop is gone (the server shut down): nobody waits
-                pass
-
-        def emit(event) -> None:
-            post(job.events.put_nowait, event)
-
-        stream = None
+    # -- one job, on the event loop -----------------------------------------------------------
+    async def _run(self, job: Job) -> None:
+        """Opens the job's stream, waits for its end and sends Done or Failed; its Tokens are sent by
+        `_drain` meanwhile."""
         try:
-            stream = job.stream = self.engine.stream(job.prompt, max_new_tokens=job.max_new_tokens, mode=job.mode, **job.options)
-            if job.cancelled.is_set():  # cancelled while the stream was being opened
-                stream.close()
-            sent: dict[int, int] = {}  # row -> characters of its text already handed out
-            for step in stream:
-                if job.cancelled.is_set():
-                    break
-                text = stream.generations[step.row].text
-                safe = len(text) - _stop_prefix_len(text, job.stop_strings)
-                start = sent.get(step.row, 0)
-                sent[step.row] = max(start, safe)
-                emit(Token(step.row, step, text[start:safe]))
+            try:
+                stream = await asyncio.to_thread(self._open, job)
+            except ValueError as e:
+                job.events.put_nowait(Failed(str(e), 400))
+                return
+            error = await job.end
             if job.cancelled.is_set():  # a closed stream ends early: that is not a finished request
-                emit(Failed("the request was cancelled (the server is shutting down or the client went away)", 503))
+                job.events.put_nowait(Failed("the request was cancelled (the server is shutting down or the client went away)", 503))
+            elif isinstance(error, ValueError):
+                job.events.put_nowait(Failed(str(error), 400))
+            elif error is not None:
+                raise error
             else:
                 gens = stream.generations
-                tails = [g.text[sent.get(i, 0):] for i, g in enumerate(gens)]
-                lp = None if job.logprobs is None else [self._logprobs(g, job.logprobs) for g in gens]
-                emit(Done(gens, tails, lp))
-        except ValueError as e:
-            emit(Failed(str(e), 400))
+                tails = [g.text[job.sent.get(i, 0):] for i, g in enumerate(gens)]
+                lp = None
+                if job.logprobs is not None:  # a forward pass: off the event loop
+                    lp = await asyncio.to_thread(lambda: [self._logprobs(g, job.logprobs) for g in gens])
+                job.events.put_nowait(Done(gens, tails, lp))
         except Exception:  # a bug or a device error: logged here, never sent to the client
             log.exception("request %s failed while decoding", job.id)
-            emit(Failed("the server failed while decoding this request", 500))
+            job.events.put_nowait(Failed("the server failed while decoding this request", 500))
         finally:
-            if stream is not None:
-                stream.close()
-            post(self._finished, job)
+            if job.stream is not None:
+                job.stream.close()
+            self._jobs.discard(job)
+            self.running -= 1
+            if self.metrics is not None:
+                self.metrics.running.dec()
+            self._slots.release()
+
+    def _open(self, job: Job):  # in a thread of asyncio's pool
+        try:
+            stream = job.stream = self.engine.stream(job.prompt, max_new_tokens=job.max_new_tokens, mode=job.mode,
+                                                     on_event=functools.partial(self._post, job), **job.options)
+        except BaseException:  # nothing was submitted: there is nothing for cancel_all to wait for
+            job.ended.set()
+            raise
+        if job.cancelled.is_set():  # cancelled while the stream was being opened
+            stream.close()
+        return stream
+
+    # -- from the engine's loop thread to the event loop ----------------------------------------
+    def _post(self, job: Job, item: Step | BaseException | None) -> None:  # on the engine's thread: cheap, never raises
+        try:
+            if not isinstance(item, Step):
+                job.ended.set()
+            self._inbox.append((job, item))
+            if not self._wake_pending:  # one wake-up for everything the engine hands over until it runs
+                self._wake_pending = True
+                self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the event loop is gone (the server shut down): nobody waits
+            pass
+        except Exception:
+            log.exception("request %s: could not hand an engine event to the event loop", job.id)
+
+    def _drain(self) -> None:  # on the event loop
+        # cleared before reading: whatever the engine appends from now on schedules a wake-up of its own
+        self._wake_pending = False
+        inbox = self._inbox
+        while inbox:
+            job, item = inbox.popleft()
+            if isinstance(item, Step):
+                if not job.cancelled.is_set():
+                    job.events.put_nowait(self._token(job, item))
+            elif not job.end.done():
+                job.end.set_result(item)
+
+    @staticmethod
+    def _token(job: Job, step: Step) -> Token:
+        """The step's event: its text, less what could still be the beginning of a stop string."""
+        text = job.texts[step.row] = job.texts.get(step.row, "") + step.text
+        safe = len(text) - _stop_prefix_len(text, job.stop_strings)
+        start = job.sent.get(step.row, 0)
+        job.sent[step.row] = max(start, safe)
+        return Token(step.row, step, text[start:safe])
 
     @torch.inference_mode()
     def _logprobs(self, gen: Generation, top: int) -> list[tuple[float, list[tuple[int, float]]]]:

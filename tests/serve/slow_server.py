@@ -1,5 +1,5 @@
 """`python -m tests.serve.slow_server GRACE_S DELAY_S`: the bundled model served through looplm.serve.cli.serve
-on a free loopback port (printed on stdout's first line), each decode step slowed by DELAY_S seconds;
+on a free loopback port (printed on stdout's first line), each step a stream emits holding the engine DELAY_S seconds;
 test_sigterm.py runs it as a subprocess to send it SIGTERM."""
 
 from __future__ import annotations

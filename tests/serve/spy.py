@@ -9,7 +9,9 @@ import looplm
 
 
 class SpyEngine:
-    """Behaves as `engine`, but each stream sleeps `delay_s` after every step and counts its close()."""
+    """Behaves as `engine`, but counts each stream's steps and its close(), and holds the engine's
+    loop `delay_s` after every step it hands to a stream's on_event callback (a slow engine: a step
+    in which k streams emit takes k * delay_s longer); an iterated stream sleeps after each step."""
 
     def __init__(self, engine: looplm.Engine, delay_s: float = 0.0):
         self._engine, self.delay_s = engine, delay_s
@@ -20,11 +22,20 @@ class SpyEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def stream(self, prompt, **kwargs) -> "SpyStream":
+    def stream(self, prompt, *, on_event=None, **kwargs) -> "SpyStream":
         with self._lock:
             self.opened += 1
             self.steps.append(0)
-            return SpyStream(self, len(self.steps) - 1, self._engine.stream(prompt, **kwargs))
+            index = len(self.steps) - 1
+        if on_event is not None:
+            kwargs["on_event"] = lambda item: self._event(index, on_event, item)
+        return SpyStream(self, index, self._engine.stream(prompt, **kwargs))
+
+    def _event(self, index: int, on_event, item) -> None:
+        if isinstance(item, looplm.Step):
+            self.steps[index] += 1
+            time.sleep(self.delay_s)
+        on_event(item)
 
 
 class SpyStream:

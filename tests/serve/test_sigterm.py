@@ -16,7 +16,8 @@ import httpx
 from .conftest import MODEL, metric
 
 ROOT = Path(__file__).resolve().parents[2]
-GRACE_S, DELAY_S = 8.0, 0.25  # a short request (8 tokens) needs ~2 s, the long one (400 tokens) ~100 s
+GRACE_S, DELAY_S = 8.0, 0.1  # each stream holds every engine step 0.1 s: with three running a short request
+# (8 tokens) needs ~3 s, the long one (400 tokens) 40 s or more
 SHORT, LONG = 8, 400
 
 
