@@ -11,7 +11,7 @@ from looplm.train.objectives import kv_consistency_loss, per_loop_ce, weighted_p
 from looplm.train.shared_kv import per_loop_kv, shared_kv_logits, stacked_kv
 from looplm.train.trainer import TrainConfig, build_model, stage1_loss, train
 
-VOCAB = 48
+from .counting import VOCAB, tiny_config, write_counting_data
 
 
 def tiny_model(loops: int = 3, seed: int = 0):
@@ -123,32 +123,12 @@ def test_the_option_adds_w_times_the_term_of_the_per_loop_pass(shared):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """Counting sequences (id i is followed by i + 1 mod 40) with random starts, as in test_smoke."""
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    docs = []
-    for _ in range(300):
-        start, n = rng.integers(3, 40), rng.integers(10, 40)
-        docs += [3 + (start + np.arange(n)) % 40, [0]]
-    ids = np.concatenate(docs).astype(np.uint16)
-    ids.tofile(d / "train.bin")
-    ids[: len(ids) // 4].tofile(d / "val.bin")
-    (d / "meta.json").write_text(json.dumps({"vocab_size": VOCAB}))
-    return d
-
-
-def tiny(data_dir, out, **kw) -> TrainConfig:
-    base = dict(data=str(data_dir), out=str(out), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, total_ut_steps=3, max_position_embeddings=64,
-                loop_weights=[1.0, 2.0, 3.0], seq_len=32, batch_size=8, steps=12, lr=1e-2, warmup_steps=2,
-                eval_every=1000, eval_batches=1, save_every=1000, log_every=1, seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return write_counting_data(tmp_path_factory.mktemp("data"), 300)
 
 
 def test_trainer_option_shrinks_the_kv_distance_and_init_from_a_ckpt(data_dir, tmp_path):
     out = tmp_path / "kvc"
-    train(tiny(data_dir, out, kv_consistency=10.0, kv_consistency_target="mean", shared_kv_every=2))
+    train(tiny_config(data_dir, out, kv_consistency=10.0, kv_consistency_target="mean", shared_kv_every=2))
     steps = [json.loads(line) for line in open(out / "log.jsonl") if '"loss"' in line]
     assert [r.get("kv") for r in steps] == [None, "last", None, "mean"] * 3
     dist = [np.mean(r["kv_dist_per_loop"]) for r in steps]
@@ -166,4 +146,4 @@ def test_trainer_option_shrinks_the_kv_distance_and_init_from_a_ckpt(data_dir, t
                                         (dict(kv_consistency=1.0, objective="entropy"), "objective weighted")])
 def test_trainer_rejects_bad_kv_consistency_options(data_dir, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
-        train(tiny(data_dir, tmp_path, **bad))
+        train(tiny_config(data_dir, tmp_path, **bad))

@@ -11,33 +11,16 @@ from looplm.train.kv_eval import kv_eval, load_checkpoint, main as kv_eval_main
 from looplm.train.objectives import teacher_kl_loss
 from looplm.train.trainer import TokenData, TrainConfig, load_model, train
 
-VOCAB = 48
+from .counting import VOCAB, tiny_config, write_counting_data
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """Counting sequences (id i is followed by i + 1 mod 40) with random starts, as in test_smoke."""
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    docs = []
-    for _ in range(300):
-        start, n = rng.integers(3, 40), rng.integers(10, 40)
-        docs += [3 + (start + np.arange(n)) % 40, [0]]
-    ids = np.concatenate(docs).astype(np.uint16)
-    ids.tofile(d / "train.bin")
-    ids[: len(ids) // 4].tofile(d / "val.bin")
-    ids[len(ids) // 2 :].tofile(d / "ood.bin")
-    (d / "meta.json").write_text(json.dumps({"vocab_size": VOCAB}))
-    return d
+    return write_counting_data(tmp_path_factory.mktemp("data"), 300, ood=True)
 
 
 def tiny(data_dir, out, **kw) -> TrainConfig:
-    base = dict(data=str(data_dir), out=str(out), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, total_ut_steps=3, max_position_embeddings=64,
-                loop_weights=[1.0, 2.0, 3.0], seq_len=32, batch_size=8, steps=12, lr=1e-2, warmup_steps=2,
-                eval_every=6, eval_batches=1, save_every=1000, log_every=1, seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(data_dir, out, **{"eval_every": 6, **kw})
 
 
 def test_teacher_kl_matches_kl_div():

@@ -10,33 +10,16 @@ import torch
 from looplm.train.data import phop_answer
 from looplm.train.trainer import TrainConfig, train
 
-VOCAB = 48
+from .counting import VOCAB, tiny_config, write_counting_data
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """Counting sequences (id i is followed by i + 1 mod 40) with random starts: learnable in seconds."""
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    docs = []
-    for _ in range(400):
-        start, n = rng.integers(3, 40), rng.integers(10, 40)
-        docs.append(3 + (start + np.arange(n)) % 40)
-        docs.append([0])
-    ids = np.concatenate(docs).astype(np.uint16)
-    ids.tofile(d / "train.bin")
-    ids[: len(ids) // 4].tofile(d / "val.bin")
-    (d / "meta.json").write_text(json.dumps({"vocab_size": VOCAB}))
-    return d
+    return write_counting_data(tmp_path_factory.mktemp("data"), 400)
 
 
 def tiny(data_dir, out, **kw) -> TrainConfig:
-    base = dict(data=str(data_dir), out=str(out), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, total_ut_steps=3, max_position_embeddings=64,
-                loop_weights=[1.0, 2.0, 3.0], seq_len=32, batch_size=8, steps=30, lr=1e-2, warmup_steps=5,
-                eval_every=1000, eval_batches=2, save_every=1000, log_every=1, seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(data_dir, out, **{"steps": 30, "warmup_steps": 5, "eval_batches": 2, **kw})
 
 
 def read_log(path):
