@@ -48,8 +48,9 @@ def full_depth_tail(model: LoopLM, req: DecodeRequest, token: int, pos: int, pro
     """The rest of a one-sequence request at full depth, from its last emitted token `token` at
     position `pos` (not run yet; every position before it holds all T loops of K/V) after `produced`
     tokens: one Forward of T loops per token, then its Step (`reason`, a copy of `info`), until the
-    request ends. `on_token()` is called after each Step (a caller's statistics). Used by
-    decode_full after the prefill and by decoders that switch to full depth (spec.fallback).
+    request ends. `on_token(produced)` is called after each Step with the tokens emitted so far (a
+    caller's statistics). Used by decode_full after the prefill and by decoders that switch to full
+    depth (spec.fallback).
     """
     T = model.num_loops
     device = model.lm_head.weight.device
@@ -60,4 +61,4 @@ def full_depth_tail(model: LoopLM, req: DecodeRequest, token: int, pos: int, pro
         produced += 1
         pos += 1
         if on_token is not None:
-            on_token()
+            on_token(produced)

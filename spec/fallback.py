@@ -71,12 +71,10 @@ def with_fallback(model: LoopLM, req: DecodeRequest, inner: Decoder, window: int
     inner.close()
     req.stats["fallback_at"] = emitted
     pos = len(req.prompts[0]) + emitted - 1  # the last emitted token's position: its loops are not computed yet
-    tail = {"n": emitted, "computed": computed}
+    switched = emitted
 
-    def count() -> None:
-        tail["n"] += 1
-        tail["computed"] += T
-        req.stats["loops_per_token"] = tail["computed"] / tail["n"]
+    def count(produced: int) -> None:  # every token after the switch ran T loops
+        req.stats["loops_per_token"] = (computed + T * (produced - switched)) / produced
 
     yield from full_depth_tail(model, req, token, pos, emitted, Timer(1), reason="verify",
                                info={"draft": False, "accepted": 0, "proposed": 0}, on_token=count)
