@@ -115,7 +115,6 @@ class _Plan:
         order = sorted(range(len(items)), key=lambda i: -items[i][1].num_loops)
         self.order = order
         pos, loops, flat, steps, groups, self.spans = [], [], [], [], [], {}
-        bs = cache.block_size
         for i in order:
             table, fwd = items[i]
             p = fwd.pos.reshape(-1).tolist()
@@ -132,7 +131,7 @@ class _Plan:
                 j = e + 1
             pos += p
             loops += st
-            flat += [table[q // bs] * bs + q % bs for q in p]  # PagedKVCache.flat, inlined
+            flat += [cache.flat(table, q) for q in p]
             steps += [fwd.num_loops] * len(p)
         self.pos, self.loops, self.flat, self.steps = pos, loops, flat, steps
         self.n_tokens = len(pos)
