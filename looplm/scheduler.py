@@ -130,6 +130,7 @@ class Scheduler:
         self.steps = 0
         # while a request keeps a time budget: how many positions of other requests a step may run,
         # adjusted after every step so that a step lasts about TIMED_STEP_SHARE of the tightest budget
+        # (None until the first timed token; kept between timed requests)
         self._others_cap: int | None = None
         # free memory when the engine was made: the default cache takes a share of it (looplm.tp
         # gives every rank rank 0's figure, so that all ranks build the same number of blocks)
@@ -294,32 +295,32 @@ class Scheduler:
 
     def _size_steps(self, timed: list[Request], other_tokens: int, step_ms: float) -> None:
         """Adjusts how many positions of untimed requests a step may run beside timed ones: fewer
-        when the step took longer than TIMED_STEP_SHARE of the tightest token budget, more when it
-        took well under it (none of this applies while no request keeps a time budget)."""
+        (in proportion, and at least half) when the step took longer than TIMED_STEP_SHARE of the
+        tightest token budget, a quarter more when it
+        took well under it (none of this applies while no request keeps a time budget; the cap is
+        kept for the next timed request, whose first steps would otherwise run every other request)."""
         budget = min((r.req.token_ms for r in timed), default=math.inf)
-        if not timed:
-            self._others_cap = None
-            return
-        if math.isinf(budget):  # a timed request before its first budgeted token (its prompt)
-            return
+        if math.isinf(budget):  # no timed request, or only ones before their first budgeted token (their prompts):
+            return  # the cap stays as the last timed token left it, for the next ones to start from
         target = TIMED_STEP_SHARE * budget
         cap = self._others_cap if self._others_cap is not None else max(other_tokens, 1)
-        if step_ms > target:
-            cap = max(1, min(cap, other_tokens) * target // step_ms)
+        if step_ms > target:  # at least halve: most of a step beside timed tokens can be theirs, not the others'
+            cap = max(1, min(min(cap, other_tokens) * target // step_ms, min(cap, other_tokens) // 2))
         elif step_ms < 0.7 * target and other_tokens >= cap:
             cap += max(1, cap // 4)
         self._others_cap = int(cap)
 
     def _next_piece(self, r: Request) -> Forward:
         """The Forward r runs next: its pending Forward, the next chunk of a long prompt, or, while
-        a request with a time budget runs, the next single loop of a many-loop Forward."""
+        a request with a time budget runs, the next single loop of a many-loop Forward of at most
+        prefill_chunk positions (a joining prompt too: one loop of it per step, not all T at once)."""
         fwd = r.pending
         if r.slices is not None:
             return self._loop_piece(r)
         if r.chunks is None:
             fwd.pos = torch.as_tensor(fwd.pos, device=self.model.lm_head.weight.device)
             S = fwd.inputs.shape[1]
-            if self._slice and fwd.inputs.shape[0] * S <= self.model.num_loops and self._loops(fwd) > 1 \
+            if self._slice and fwd.inputs.shape[0] * S <= self.prefill_chunk and self._loops(fwd) > 1 \
                     and not isinstance(fwd, LaneForward):  # its table operations must run once
                 r.slices = []
                 return self._loop_piece(r)

@@ -194,6 +194,41 @@ def test_a_timed_request_makes_every_step_one_loop_and_outputs_stay_exact():
     assert full["forwards"] == 12 and full["runner_steps"] > full["forwards"]  # its 4-loop Forwards ran a loop per step
 
 
+@pytest.mark.parametrize("joining", [{"mode": "anytime", "budget_ms": 1e6}, {"kv": "last"}, {"kv": "mean"}])
+def test_a_prompt_joining_beside_a_timed_request_runs_a_loop_per_step_and_stays_exact(joining):
+    """A prompt longer than T positions (a second timed request's, or an untimed one on a shared-KV
+    cache) that joins while a timed request decodes runs one loop per step, so the decoding request
+    still gets a step per loop rather than one step holding the whole prompt's T loops; resuming a
+    loop range is exact (the prompt's positions attend to each other within each loop's step)."""
+    model = tiny_model(loops=4, max_pos=96)
+    T = model.num_loops
+    engine = looplm.Engine(model)
+    first, second = (torch.randint(0, 61, (n,)).tolist() for n in (random.randint(2, 6), random.randint(T + 2, 20)))
+    alone = [engine.generate(first, max_new_tokens=12, stop=[]).tokens,
+             engine.generate(second, max_new_tokens=12, stop=[], kv=joining.get("kv", "per_loop")).tokens]
+    scheduler = engine.scheduler
+    steps = []  # per runner step: whether a timed token was out, and the loops of each Forward
+
+    def spy(runner):
+        run = runner.run
+
+        def counted(items):
+            decoding = any(r.req.timed and r.generation.tokens for r in scheduler.running)
+            steps.append((decoding, [f.num_loops if f.num_loops is not None else T - f.start_loop for _, f in items]))
+            return run(items)
+        runner.run = counted
+
+    for kv in {"per_loop", joining.get("kv", "per_loop")}:
+        spy(scheduler.runner(kv))
+    a = engine.stream(first, max_new_tokens=12, stop=[], mode="anytime", budget_ms=1e6)  # never binding: full depth
+    out_a = [next(a).token]
+    b = engine.stream(second, max_new_tokens=12, stop=[], **joining)
+    out_a += [s.token for s in a]
+    assert [out_a, [s.token for s in b]] == alone
+    beside = [loops for decoding, loops in steps if decoding]
+    assert len(beside) >= 4 * 11 and all(n == 1 for loops in beside for n in loops)
+
+
 def test_steps_beside_a_timed_request_shrink_to_its_budget_and_everyone_stays_exact():
     """A budget no step can meet (1 us per token) leaves one untimed position per step beside the
     timed request (they take turns); once it ends, the untimed requests run together again."""
@@ -221,3 +256,35 @@ def test_steps_beside_a_timed_request_shrink_to_its_budget_and_everyone_stays_ex
     # the first step beside it runs everyone and sets the cap; from then on the timed request and at most one other
     assert len(beside) >= 20 and max(beside[2:]) <= 2
     assert max(n for n, timed_running in steps if not timed_running) > 2  # the others share steps again
+
+
+def test_the_next_timed_request_starts_from_the_cap_the_last_one_left():
+    """The cap on untimed positions outlives a timed request: a timed request that joins later
+    starts from it, so its first steps (its prompt included) do not run every untimed request."""
+    model = tiny_model(loops=4, max_pos=128)
+    engine = looplm.Engine(model)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (5, 9, 2, 7, 3, 4)]
+    alone = [engine.generate(p, max_new_tokens=60, stop=[]).tokens for p in prompts]
+    scheduler = engine.scheduler
+    runner = scheduler.runner("per_loop")
+    steps, run = [], runner.run  # per step: the Forwards in it, and the ids of the timed requests running
+
+    def spy(items):
+        steps.append((len(items), {r.id for r in scheduler.running if r.req.timed}))
+        return run(items)
+
+    runner.run = spy
+    streams = [engine.stream(p, max_new_tokens=60, stop=[]) for p in prompts]
+    first = engine.stream([3, 4], max_new_tokens=10, stop=[], mode="anytime", budget_ms=1e-3)  # no step meets it: cap 1
+    list(first)
+    deadline = time.monotonic() + 30
+    while steps[-1][1] and time.monotonic() < deadline:  # untimed steps run again before the next timed request
+        time.sleep(0.001)
+    assert not steps[-1][1]
+    second = engine.stream(torch.randint(0, 61, (6,)).tolist(), max_new_tokens=10, stop=[], mode="anytime", budget_ms=1e-3)
+    list(second)
+    assert [[s.token for s in st] for st in streams] == alone
+    first_id = next(min(ids) for _, ids in steps if ids)
+    beside_second = [n for n, ids in steps if ids - {first_id}]
+    assert len(beside_second) >= 10 and max(beside_second) <= 2  # from its first step: it and at most one other
+    assert 2 in beside_second  # the untimed requests were still running beside it
