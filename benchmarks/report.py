@@ -416,7 +416,11 @@ def serve_lines(others: list[dict], plot_name: str | None) -> list[str]:
     if sat:
         lines += ["", f"- {sat['serve_case']}: budget {sat['budget_ms']:g} ms per token, p95 inter-token latency "
                   f"{_fmt(sat['budget_itl_p95_ms'], 1)} ms against budget + one loop = {sat['budget_ms'] + sat['one_loop_ms']:.1f} ms: "
-                  f"{'met' if sat['within_budget_plus_one_loop'] else 'NOT met'}."]
+                  f"{'met' if sat['within_budget_plus_one_loop'] else 'NOT met'}"
+                  + (f" (p50 {_fmt(sat['budget_itl_p50_ms'], 1)} ms; one loop {sat['one_loop_ms']:.1f} ms and full depth "
+                     f"{sat['idle_full_itl_p50_ms']:.1f} ms per token with {sat['timed_clients']} clients on the idle server, "
+                     f"{sat['one_loop_ms_1_client']:.1f} / {sat['idle_full_itl_p50_ms_1_client']:.1f} ms with one)"
+                     if "timed_clients" in sat else "") + "."]
     return lines + [""]
 
 
