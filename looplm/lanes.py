@@ -7,7 +7,8 @@ BlockPool.fork) that shares s's blocks before the fork and owns the rest. Lane 0
 itself. A `LaneForward` names each row's lane and the table operations to apply before it runs
 (drop lanes, let a lane's table become the sequence's, fork new lanes); `run_lanes` applies them,
 runs each lane's rows as one item of the runner step with the lane's table, and puts the outputs
-back in row order. Nothing is rolled back: a dropped lane's blocks are simply released.
+back in row order. Nothing is rolled back: a dropped lane's blocks are simply released. A plain
+Forward of a sequence ends its lanes (`end_lanes`: its tree decoder has stopped).
 """
 
 from __future__ import annotations
@@ -82,6 +83,24 @@ def run_lanes(runner: Runner, work: list[tuple[int, Forward]]) -> list[LoopOutpu
             hidden, gates = hidden[:, inverse], gates[:, inverse] if gates is not None else None
         merged.append(LoopOutput(hidden, gates, None))
     return merged
+
+
+def end_lanes(pool, seq: int, fwd: Forward) -> None:
+    """A plain (not lane) Forward of a sequence drops the lanes it still has, before it runs.
+
+    Only a tree decoder's LaneForwards keep lanes, and its drops ride on its next LaneForward. A
+    tree decoder closed mid-request (spec.fallback switching the request to full depth on the same
+    sequence) yields no further Forward, so the side lanes it had in flight, and any drop or
+    adoption it had decided, would otherwise hold their blocks until the request ends. Dropping
+    every lane is right for the sequence that goes on: its own table (lane 0's) holds every loop
+    of every position before the last emitted token (the tokens behind it left loop T on it), and
+    a pending adoption concerns only the last emitted token's position and later ones, which the
+    next Forward rewrites (full depth runs the last emitted token's T loops) before any query
+    reads them.
+    """
+    if not isinstance(fwd, LaneForward):
+        for lane in list(pool.lanes(seq)):
+            pool.drop(seq, lane)
 
 
 def _check(pool, seq: int, fwd: LaneForward) -> int:

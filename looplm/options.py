@@ -117,8 +117,9 @@ class SpeculativeOptions(ModeOptions):
     """With branch > 1: branch only where the draft's top-1 probability is below this value in
     [0, 1]; None: always."""
     fallback: bool = True
-    """With branch = 1: decode the rest of the request at full depth once drafts stop paying (fewer
-    than a quarter of the last 12 tokens were accepted drafts; spec.fallback). Lossless either way."""
+    """Decode the rest of a one-sequence request at full depth once drafts stop paying (fewer than
+    a quarter of the last 12 tokens were accepted drafts; spec.fallback), with any branch (draft
+    trees too: their side lanes are dropped at the switch). Lossless either way."""
 
     def __post_init__(self):
         if not (_is_int(self.branch) and self.branch >= 1):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding import DecodeRequest, Step
-from .lanes import LaneForward, run_lanes
+from .lanes import LaneForward, end_lanes, run_lanes
 from .memory import available_bytes
 from .model import LoopLM
 from .paged import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, PagedKVCache, bytes_per_position, lane_blocks
@@ -273,6 +273,8 @@ class Scheduler:
         for kv, pairs in chosen.items():
             runner = self.runner(kv)
             pool = runner.cache.pool
+            for r, fwd in pairs:
+                end_lanes(pool, r.id, fwd)  # a tree decoder that stopped (spec.fallback) leaves lanes
             if any(isinstance(fwd, LaneForward) for _, fwd in pairs):
                 outs = run_lanes(runner, [(r.id, fwd) for r, fwd in pairs])
             else:

@@ -97,9 +97,11 @@ def decode(
             accepts continues (multi-candidate rejection when sampling). 1: spec.pipeline.
         branch_threshold: with branch > 1, branch only where the draft's top-1 probability is
             below this value in [0, 1] (None: always).
-        fallback: with branch = 1, switch to full depth for the rest of the request once drafts
-            stop paying (fewer than a quarter of the last 12 tokens were accepted drafts;
-            spec.fallback); stats["fallback_at"] says when (None: never).
+        fallback: switch a one-sequence request (every branch b; draft trees are one sequence) to
+            full depth for the rest of the request once drafts stop paying (fewer than a quarter
+            of the last 12 tokens were accepted drafts; spec.fallback); stats["fallback_at"] says
+            when (None: never). A tree's side lanes still alive at the switch are dropped by the
+            first full-depth Forward (looplm.lanes.end_lanes).
     Yields:
         Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
@@ -135,11 +137,11 @@ def decode(
             raise ValueError(f"branch={branch} (draft trees) decodes one sequence per request, got a batch of {B}")
         if getattr(model, "tp", None) is not None:  # lanes copy cache positions outside the runner step rank 0 broadcasts
             raise ValueError(f"branch={branch} (draft trees) does not run under tensor parallelism yet; use branch=1")
-        yield from decode_tree(model, req, k, branch, None if branch_threshold is None else float(branch_threshold),
-                               float(extrapolate), dmap)
-        return
-    inner = (decode_pipelined(model, req, k, float(extrapolate), dmap) if pipeline
-             else _decode_rounds(model, req, k, draft_len, extrapolate, dmap))
+        inner = decode_tree(model, req, k, branch, None if branch_threshold is None else float(branch_threshold),
+                            float(extrapolate), dmap)
+    else:
+        inner = (decode_pipelined(model, req, k, float(extrapolate), dmap) if pipeline
+                 else _decode_rounds(model, req, k, draft_len, extrapolate, dmap))
     yield from (with_fallback(model, req, inner) if fallback and B == 1 else inner)
 
 

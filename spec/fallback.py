@@ -14,6 +14,12 @@ depth then runs that last token's T loops and goes on. Which decoder produces a 
 on tokens already emitted, so each token's law given the past is the target's either way, and a
 seeded request stays reproducible.
 
+The inner decoder may be pipelined, in rounds, or draft trees (spec.trees): a tree's verdicts emit
+"draft" for a winning candidate and "verify" otherwise, as the pipeline's do. Closing a tree leaves
+its side lanes (and any drop or adoption it had decided) in the block pool; the first full-depth
+Forward, a plain one, drops them before it runs (looplm.lanes.end_lanes), and the sequence's own
+table is the one that holds every loop of the positions before the last emitted token.
+
 The break-even acceptance on the bundled model is about 0.4 (pipelined k=2 ran 0.6x full depth at
 acceptance 0 and 1.5x at 0.9); BAR = 0.25 falls back only where speculation clearly loses, and a
 12-token window costs a model whose drafts never pass about 7% of a 128-token request.

@@ -1,14 +1,20 @@
 """Falling back to full depth when drafts stop paying (spec.fallback): exact, in time, and only then."""
 
+import functools
+import random
 from collections import defaultdict
 
 import pytest
+import torch
 
 import looplm
-from spec.fallback import BAR, WINDOW
+import spec.decoder
+from spec.fallback import BAR, WINDOW, with_fallback
 
 from .conftest import ragged_prompts, spec_model
+from .test_accept import chi2_critical
 from .test_no_recompute import record_layer_calls
+from .test_sampling_e2e import sampled_chi2
 
 CASES = ({"draft_loop": 2, "pipeline": True}, {"draft_loop": 1, "pipeline": True}, {"draft_loop": 1, "draft_len": 3},
          {"draft_loop": 2, "draft_len": "adaptive"})
@@ -44,10 +50,8 @@ def test_drafts_that_do_not_pay_hand_over_to_full_depth_exactly(opts):
             h.remove()
         assert g.tokens == w
         at = g.stats["fallback_at"]
-        drafts = [s.reason == "draft" for s in g.steps]
         # the switch comes at the first token where fewer than BAR of the last WINDOW were accepted drafts
-        first = next((i + 1 for i in range(WINDOW, n) if sum(drafts[i + 1 - WINDOW : i + 1]) < BAR * WINDOW), None)
-        assert at == first, (at, drafts)
+        assert at == _switch_at(g.steps), (at, [s.reason for s in g.steps])
         switched.append(at is not None)
         if at is None:  # a random model can fall into a cycle its early loops predict: drafts pay there
             continue
@@ -67,16 +71,6 @@ def test_drafts_that_do_not_pay_hand_over_to_full_depth_exactly(opts):
     assert any(switched)
 
 
-def test_without_fallback_the_drafts_go_on():
-    model = _useless_drafts_model()
-    engine = looplm.Engine(model)
-    prompt = ragged_prompts(1, model.config.vocab_size, 4, 8)[0]
-    g = engine.generate(prompt, max_new_tokens=40, stop=[], mode="speculative", draft_loop=2, fallback=False)
-    assert g.tokens == engine.generate(prompt, max_new_tokens=40, stop=[]).tokens
-    assert g.stats["fallback_at"] is None
-    assert g.stats["rejected"] > WINDOW  # it kept drafting (and losing) to the end
-
-
 def test_seeded_sampling_through_the_switch_is_reproducible_and_batch_independent():
     model = _useless_drafts_model()
     engine = looplm.Engine(model)
@@ -89,15 +83,131 @@ def test_seeded_sampling_through_the_switch_is_reproducible_and_batch_independen
     assert all(0 <= t < model.config.vocab_size for g in alone for t in g.tokens)
 
 
-def test_the_bundled_model_keeps_drafting():
-    """Its drafts pay (acceptance ~0.9 with its draft map): no prompt falls back, tokens stay exact."""
+@pytest.mark.parametrize("b", [1, 2, 3])
+def test_the_bundled_model_keeps_drafting(b):
+    """Its drafts pay (acceptance ~0.9 with its draft map): no prompt falls back, the pipeline
+    (b = 1) or draft trees, and tokens stay exact."""
     engine = looplm.load()
     texts = ["def fibonacci(n):", "It is a truth universally acknowledged", "class Stack:\n    def __init__(self):",
              "The os.path module implements"]
     prompts = [engine.encode(t) for t in texts]
-    gens = engine.generate(prompts, max_new_tokens=48, stop=[], mode="speculative")
+    gens = engine.generate(prompts, max_new_tokens=48, stop=[], mode="speculative", branch=b)
     assert [g.stats["fallback_at"] for g in gens] == [None] * len(prompts)
     assert [g.tokens for g in gens] == [g.tokens for g in engine.generate(prompts, max_new_tokens=48, stop=[])]
+
+
+# -- draft trees (branch > 1, spec.trees): the same switch; side lanes alive then are dropped ------------
+def _switch_at(steps) -> int | None:
+    """The token count at which the switch must come: the first, before the request's last token,
+    where fewer than BAR of the last WINDOW emitted tokens (the first, from the prefill, aside) were
+    accepted drafts."""
+    drafts = [s.reason == "draft" for s in steps]
+    return next((i + 1 for i in range(WINDOW, len(steps) - 1) if sum(drafts[i + 1 - WINDOW : i + 1]) < BAR * WINDOW), None)
+
+
+def _record_pool(engine):
+    """Wraps the engine's runner: per runner step, (loops of each item, the pool's tables) as the
+    step runs (after the scheduler applied the step's table operations)."""
+    runner = engine.scheduler.runners["per_loop"]
+    pool, run, log = runner.cache.pool, runner.run, []
+
+    def recorded(items):
+        log.append(([fwd.num_loops for _, fwd in items], {key: list(t) for key, t in pool.tables.items()}, pool.used))
+        return run(items)
+
+    runner.run = recorded
+    return pool, log
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("b", [2, 3])
+def test_useless_tree_drafts_hand_over_to_full_depth_exactly(b, k):
+    """Greedy trees on a model whose drafts never pass: full depth's tokens, the switch when the
+    window says, no side lane alive (and no block but the sequence's) once full depth runs, and an
+    empty pool after each request."""
+    opts = {"draft_loop": k, "branch": b}
+    model = _useless_drafts_model(**opts)
+    engine = looplm.Engine(model, block_size=4)  # small blocks: forks inside blocks (lane copies) and across them
+    prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
+    n = 40
+    want = [g.tokens for g in engine.generate(prompts, max_new_tokens=n, stop=[])]
+    pool, log = _record_pool(engine)
+    switched = []
+    for prompt, w in zip(prompts, want):
+        log.clear()
+        g = engine.generate(prompt, max_new_tokens=n, stop=[], mode="speculative", **opts)
+        assert g.tokens == w
+        at = g.stats["fallback_at"]
+        assert at == _switch_at(g.steps)
+        assert pool.used == 0 and pool.tables == {} and pool._holders == {} and pool._lanes == {}
+        switched.append(at is not None)
+        if at is None:
+            continue
+        assert all(s.reason == "verify" and not s.info["draft"] for s in g.steps[at:])
+        assert g.stats["forks"] > 0  # side lanes ran before the switch
+        # runner steps: the prefill, the tree's k-loop steps (lanes among them), then full depth's
+        # (T loops, None: the model's all): these hold the sequence's table alone, nothing else
+        tail = [i for i, (loops, _, _) in enumerate(log) if i and loops == [None]]
+        assert tail == list(range(len(log) - (n - at), len(log)))
+        assert any(len(tables) > 1 for _, tables, _ in log[: tail[0]])
+        for _, tables, used in log[tail[0]:]:
+            (seq, table), = tables.items()  # the sequence's table alone, and every block taken is in it
+            assert isinstance(seq, int) and used == len(table)
+    assert any(switched)
+
+
+@pytest.mark.parametrize("b", [1, 2, 3])
+def test_without_fallback_the_drafts_go_on(b):
+    """On a prompt where the fallback switches, fallback=False drafts (and loses) to the end: the
+    pipeline (b = 1) and trees alike."""
+    model = _useless_drafts_model(draft_loop=2, branch=b)
+    engine = looplm.Engine(model)
+    opts = dict(max_new_tokens=40, stop=[], mode="speculative", draft_loop=2, branch=b)
+    for prompt in ragged_prompts(5, model.config.vocab_size, 4, 8):  # a random model may cycle where drafts pay
+        on = engine.generate(prompt, **opts)
+        if on.stats["fallback_at"] is not None:
+            break
+    at = on.stats["fallback_at"]
+    assert at is not None
+    g = engine.generate(prompt, **opts, fallback=False)
+    assert g.tokens == on.tokens == engine.generate(prompt, max_new_tokens=40, stop=[]).tokens
+    assert g.stats["fallback_at"] is None
+    assert [(s.reason, s.info) for s in g.steps[:at]] == [(s.reason, s.info) for s in on.steps[:at]]
+    assert g.stats["rejected"] > on.stats["rejected"] and g.stats["rounds"] > on.stats["rounds"]
+    assert sum(s.reason == "draft" for s in g.steps) == g.stats["accepted"]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_seeded_sampled_trees_through_the_switch_are_reproducible(k):
+    for _ in range(5):  # fresh models until one switches (a flat sampled draft can pass on a random model)
+        model = _useless_drafts_model(draft_loop=k, branch=3)
+        engine = looplm.Engine(model, block_size=4)
+        prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
+        opts = dict(max_new_tokens=40, stop=[], mode="speculative", draft_loop=k, branch=3, temperature=0.1,
+                    seed=random.randrange(2**32))
+        first, again = engine.generate(prompts, **opts), engine.generate(prompts, **opts)
+        if any(g.stats["fallback_at"] is not None for g in first):
+            break
+    assert [g.tokens for g in again] == [g.tokens for g in first]
+    assert [g.stats["fallback_at"] for g in again] == [g.stats["fallback_at"] for g in first]
+    assert any(g.stats["fallback_at"] is not None for g in first)
+    assert all(g.stats["fallback_at"] == _switch_at(g.steps) for g in first)
+    pool = engine.scheduler.runners["per_loop"].cache.pool
+    assert pool.used == 0 and pool.tables == {} and pool._holders == {}
+
+
+def test_sampled_trees_through_a_switch_follow_full_depth_distribution(monkeypatch):
+    """A one-token window with bar 1 switches at the first tested position that no candidate won:
+    seeded requests of 3 new tokens (vocab 5, as tests/spec/test_trees.py) that switch after the
+    second token or never still have full depth's joint law."""
+    torch.manual_seed(7)
+    model = spec_model(seed=11, vocab=5, loops=4, std=0.2, step_scale=1.0, max_pos=16)
+    monkeypatch.setattr(spec.decoder, "with_fallback", functools.partial(with_fallback, window=1, bar=1.0))
+    stat, df, gens = sampled_chi2(model, [1, 3], {"top_k": 4}, N=2000, draft_loop=2, branch=2)
+    assert stat < chi2_critical(df), (stat, df)
+    at = [g.stats["fallback_at"] for g in gens]
+    assert 0 < at.count(2) < len(gens) and set(at) <= {2, None}
+    assert sum(g.stats["forks"] for g in gens) > 0
 
 
 def test_fallback_must_be_a_bool():

@@ -67,7 +67,7 @@ def test_branch_one_is_the_pipeline_and_a_never_branching_tree_matches_it():
     engine = looplm.Engine(model)
     prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
     for k in (1, 2):
-        # (without the fallback to full depth, which draft trees do not have)
+        # (without the fallback to full depth, which would end the drafting at a low acceptance)
         pipe = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, pipeline=True, fallback=False)
         one = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, branch=1, fallback=False)
         for p, o in zip(pipe, one):
@@ -75,7 +75,8 @@ def test_branch_one_is_the_pipeline_and_a_never_branching_tree_matches_it():
             assert {key: v for key, v in o.stats.items() if key not in TIMING} == \
                 {key: v for key, v in p.stats.items() if key not in TIMING}
         # the tree decoder with a threshold no draft is below: no forks, the pipeline's decisions and counts
-        flat = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, branch=3, branch_threshold=0.0)
+        flat = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, branch=3, branch_threshold=0.0,
+                               fallback=False)
         for p, f in zip(pipe, flat):
             assert f.tokens == p.tokens
             assert [(s.reason, s.info) for s in f.steps] == [(s.reason, s.info) for s in p.steps]
