@@ -38,7 +38,8 @@ def test_greedy_trees_equal_full_depth_and_return_every_block(k, b):
         engine = looplm.Engine(model, block_size=4)
         prompts = ragged_prompts(4, model.config.vocab_size, 1, 12)
         full = engine.generate(prompts, max_new_tokens=1000, stop=[])
-        tree = engine.generate(prompts, max_new_tokens=1000, stop=[], mode="speculative", draft_loop=k, branch=b)
+        # the tree's own statistics: without the fallback to full depth, which a random model can trigger
+        tree = engine.generate(prompts, max_new_tokens=1000, stop=[], mode="speculative", draft_loop=k, branch=b, fallback=False)
         for f, t in zip(full, tree):
             assert t.tokens == f.tokens
             assert t.finish_reason == f.finish_reason == "context"
@@ -95,7 +96,7 @@ def test_the_threshold_branches_only_on_unsure_drafts():
     thresholds = (None, 0.5, 0.2, 0.1, 0.05, 0.03, 0.0)  # a 64-token vocabulary's uniform top-1 is 0.016
     for threshold in thresholds:
         opts = {} if threshold is None else {"branch_threshold": threshold}
-        tree = engine.generate(prompts, max_new_tokens=40, stop=[], mode="speculative", draft_loop=1, branch=2, **opts)
+        tree = engine.generate(prompts, max_new_tokens=40, stop=[], mode="speculative", draft_loop=1, branch=2, fallback=False, **opts)
         assert [t.tokens for t in tree] == [f.tokens for f in full]
         forks.append(sum(t.stats["forks"] for t in tree))
         assert all(t.stats["branch_threshold"] == threshold for t in tree)
@@ -252,7 +253,8 @@ def test_sampled_trees_are_seeded_and_return_every_block(k):
         model = spec_model(loops=4, max_pos=40)
         engine = looplm.Engine(model, block_size=4)
         prompts = ragged_prompts(4, model.config.vocab_size, 1, 12)
-        opts = dict(max_new_tokens=1000, stop=[], mode="speculative", draft_loop=k, branch=3, temperature=0.9, seed=random.randrange(2**32))
+        opts = dict(max_new_tokens=1000, stop=[], mode="speculative", draft_loop=k, branch=3, temperature=0.9, seed=random.randrange(2**32),
+                    fallback=False)
         tree = engine.generate(prompts, **opts)
         assert [t.tokens for t in engine.generate(prompts, **opts)] == [t.tokens for t in tree]
         assert all(t.finish_reason == "context" for t in tree)
