@@ -202,12 +202,14 @@ class Engine:
         """Decoder options the checkpoint recommends for `mode` (generation_config.json, key "looplm").
 
         A string option ending in ".safetensors" names a file of the checkpoint directory (e.g. the
-        speculative decoder's fitted "draft_map") and is passed as that file's path.
+        speculative decoder's fitted "draft_map") and is passed as that file's path. The key
+        "calibrated" is a record, not an option (where a recommendation came from: `python -m
+        spec.calibrate --write`), and is left out.
         """
         defaults = (self.generation_config.get("looplm") or {}).get(mode) or {}
         if not isinstance(defaults, dict):
             raise ValueError(f"generation_config.json: looplm.{mode} must be an object of options, got {defaults!r}")
-        out = dict(defaults)
+        out = {k: v for k, v in defaults.items() if k != "calibrated"}
         for key, value in out.items():
             if isinstance(value, str) and value.endswith(".safetensors"):
                 file = Path(self.path or ".") / value
@@ -234,7 +236,7 @@ class Engine:
                                  "arguments, not both")
             opts = check_object(typed, mode, self.model.num_loops, req.kv)
         else:
-            opts = resolve_options(mode, values, self.model.num_loops, req.kv, req.recommended)
+            opts = resolve_options(mode, values, self.model.num_loops, req.kv, req.recommended, notes=req.stats)
         decoder = decoder_fn(self.model, req, **opts.kwargs())
         gen = Generation(prompt_tokens=req.prompts[0])
         detok = IncrementalText(self.tokenizer.decode) if self.tokenizer is not None else None

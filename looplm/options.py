@@ -274,8 +274,14 @@ def option_names(mode: str) -> tuple[str, ...]:
     return tuple(f.name for f in fields(options_class(mode)))
 
 
-def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recommended: frozenset = frozenset()) -> ModeOptions:
+def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recommended: frozenset = frozenset(),
+            notes: dict | None = None) -> ModeOptions:
     """The checked options of `mode` from keyword values (the caller's over the checkpoint's).
+
+    A draft tree the checkpoint recommends (branch, branch_threshold) gives way to the caller's
+    own options that rule it out (draft_len, pipeline=False, a draft_loop not dividing T; branch=1
+    under a recommended branch_threshold): it is dropped and `notes["branch_unused"]` says why.
+    A checkpoint whose own options conflict still raises.
 
     Args:
         mode: a key of looplm.decoding.MODES.
@@ -304,7 +310,27 @@ def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recom
     except OptionError as e:
         if e.option not in recommended:
             raise
-        raise OptionError(mode, e.option, e.message, "; the value is the checkpoint's, from generation_config.json") from None
+        kept = _without_recommended_tree(mode, e.option, values, recommended)
+        if kept is None:
+            raise OptionError(mode, e.option, e.message, "; the value is the checkpoint's, from generation_config.json") from None
+        opts = resolve(mode, kept, num_loops, kv, recommended)
+        if notes is not None:
+            dropped = ", ".join(f"{k}={values[k]!r}" for k in values if k not in kept)
+            notes["branch_unused"] = f"the checkpoint's recommended {dropped} does not run with this request's options: {e.message}"
+        return opts
+
+
+_TREE_CAUSES = {"branch": ("draft_loop", "draft_len", "pipeline"), "branch_threshold": ("branch",)}
+
+
+def _without_recommended_tree(mode: str, option: str, values: dict, recommended: frozenset) -> dict | None:
+    """`values` less the checkpoint's draft-tree options when the caller's own options caused
+    `option`'s error (see `resolve`); None when the error stands."""
+    if mode != "speculative" or option not in _TREE_CAUSES:
+        return None
+    if not any(c in values and c not in recommended for c in _TREE_CAUSES[option]):
+        return None  # the checkpoint's own options conflict
+    return {k: v for k, v in values.items() if not (k in _TREE_CAUSES and k in recommended)}
 
 
 def check_object(options: object, mode: str, num_loops: int, kv: str = "per_loop") -> ModeOptions:

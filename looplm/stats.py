@@ -61,6 +61,7 @@ class Stats(TypedDict):
     loops_per_token: NotRequired[float]  # (token, loop) pairs computed after the prefill per emitted token
     fallback_at: NotRequired[int | None]  # tokens emitted when drafts stopped paying and full depth took over (None: never)
     branch: NotRequired[int]  # draft trees (spec.trees): candidates per position
+    branch_unused: NotRequired[str]  # why the checkpoint's recommended draft tree did not run (the caller's options, tensor parallelism)
     branch_threshold: NotRequired[float | None]  # branch only below this top-1 draft probability (None: always)
     forks: NotRequired[int]  # positions given more than one candidate
     rows_per_forward: NotRequired[float]  # mean rows of the decode Forwards (tokens in flight, every lane)

@@ -130,6 +130,9 @@ def decode(
     req.stats["fallback_at"] = None
     if pipeline is None:
         pipeline = draft_len is None and T % k == 0
+    if branch > 1 and "branch" in req.recommended and getattr(model, "tp", None) is not None:
+        req.stats["branch_unused"] = f"the checkpoint's recommended branch={branch} (draft trees) does not run under tensor parallelism yet"
+        branch = 1
     if branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
         if branch > model.config.vocab_size:
             raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")

@@ -1,0 +1,278 @@
+"""Measures which speculative setting (draft loop k, branch b) decodes fastest for a checkpoint here.
+
+    python -m spec.calibrate [--checkpoint DIR] [--loops K,K] [--branches B,B] [--prompts N]
+                             [--new-tokens N] [--repeats R] [--threads N] [--write]
+
+Candidates: every draft loop k in 1..T-1 that divides T (the pipeline and draft trees need it; or
+those of `--loops`) times every branch b of `--branches` (default 1,2,3). Greedy, batch 1, each
+built-in prompt (prose and code; token ids drawn from a fixed seed for a checkpoint without a
+tokenizer) generated alone to `--new-tokens` tokens. Each setting's calls alternate with
+full-depth calls, `--repeats` times; its ratio is the median over repeats of its tokens/s over the
+tokens/s of the full-depth call just before it, so a change of machine load between repeats cancels
+out. Every setting's tokens must equal full depth's (lossless; a difference is a bug and stops the
+run). The checkpoint's other recommended options (draft map, extrapolation) apply to every setting.
+
+Which setting wins depends on the model (how often its loop-k drafts are accepted) and on the
+device (whether a forward's extra rows are free): run it per checkpoint and per kind of machine.
+`--write` records the best setting in the checkpoint's generation_config.json under
+"looplm": {"speculative": {"draft_loop": k, "branch": b, "calibrated": {...}}} (its other keys
+are kept), so `mode="speculative"` uses it by default (Engine.mode_defaults); when no setting beats
+full depth, draft_loop and branch are left as they were and "calibrated" says
+"speculation_pays": false.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "It is a truth universally acknowledged, that a single man",
+    "import os\nimport sys\n\ndef main():",
+    "Emma Woodhouse, handsome, clever, and rich,",
+    "class Stack:\n    def __init__(self):",
+    "The with statement is used to wrap the execution of a block",
+    "for i in range(10):\n    if i % 2 == 0:",
+    "Mr. Darcy said nothing, but",
+]
+"""The built-in prompts, prose and code alternating (`--prompts N` takes the first N)."""
+
+Setting = tuple[int, int]  # (draft loop k, branch b)
+Measure = Callable[[Callable[[], list], "Setting | None"], tuple[float, list]]
+"""measure(run, setting) -> (seconds, run's result): times one call; setting None is full depth."""
+
+
+class NotLossless(AssertionError):
+    """A speculative setting's greedy tokens differ from full depth's (a bug in the decoder)."""
+
+
+def wall_clock(run: Callable[[], list], setting: Setting | None = None) -> tuple[float, list]:
+    """The default measure: wall seconds of `run()` (the device synchronised on both sides)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = run()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def parse_ints(text: str | Sequence[int] | None, option: str) -> list[int] | None:
+    """"1,2" -> [1, 2] (a list passes through); a ValueError naming `option` when it is not a list of integers."""
+    if text is None or not isinstance(text, str):
+        return None if text is None else list(text)
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option}: expected comma-separated integers, got {text!r}")
+    return values
+
+
+def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Sequence[int] = (1, 2, 3)) -> list[Setting]:
+    """Every (k, b): k in `loops` (default: every 1 <= k < T dividing T), b in `branches`.
+
+    Raises ValueError naming --loops or --branches for a k that is not in 1..T-1 or does not divide
+    T, or a branch that is not an integer >= 1.
+    """
+    T = num_loops
+    if T < 2:
+        raise ValueError(f"speculation needs a model with at least 2 loops; this one has {T}")
+    ks = [k for k in range(1, T) if T % k == 0] if loops is None else list(loops)
+    for k in ks:
+        if not (isinstance(k, int) and 1 <= k < T and T % k == 0):
+            raise ValueError(f"--loops: draft loop {k!r} must be in 1..{T - 1} and divide T = {T} (the pipeline runs "
+                             f"T/k stages); this model takes {[k for k in range(1, T) if T % k == 0]}")
+    if not branches:
+        raise ValueError("--branches: give at least one branch")
+    for b in branches:
+        if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
+            raise ValueError(f"--branches: branch {b!r} must be an integer >= 1 (candidates per position)")
+    return [(k, b) for k in dict.fromkeys(ks) for b in dict.fromkeys(branches)]
+
+
+def default_prompts(engine, n: int | None = None) -> list[list[int]]:
+    """The first n built-in prompts as token ids; a checkpoint without a tokenizer gets n fixed random ones."""
+    n = len(PROMPTS) if n is None else n
+    if not 1 <= n <= len(PROMPTS):
+        raise ValueError(f"--prompts: must be in 1..{len(PROMPTS)} (the built-in prompts), got {n}")
+    if engine.tokenizer is not None:
+        return [engine.encode(t) for t in PROMPTS[:n]]
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 12, (n,), generator=g).tolist()
+    return [torch.randint(0, engine.config.vocab_size, (m,), generator=g).tolist() for m in lengths]
+
+
+def _pooled(gens) -> dict:
+    """Weight passes per token and token acceptance over the prompts (ratios of sums)."""
+    tokens = sum(len(g.tokens) for g in gens)
+    st = [g.stats for g in gens]
+    tested = sum(s.get("accepted", 0) + s.get("rejected", 0) for s in st)
+    return {"weight_passes_per_token": sum(s["weight_passes_per_token"] * len(g.tokens) for s, g in zip(st, gens)) / max(tokens, 1),
+            "token_acceptance": sum(s.get("accepted", 0) for s in st) / tested if tested else None}
+
+
+def sweep(engine, settings: Sequence[Setting], prompts: Sequence[list[int]], new_tokens: int = 64, repeats: int = 3,
+          measure: Measure = wall_clock, progress: bool = True) -> dict:
+    """Times every setting against full depth (the module docstring); returns the table and the best.
+
+    Returns {"rows": [{draft_loop, branch, tokens_per_s, ratio_to_full, ratios, weight_passes_per_token,
+    token_acceptance}], "full_tokens_per_s", "full_weight_passes_per_token", "tokens", "best": the
+    row with the highest ratio}. Raises NotLossless when a setting's tokens differ from full depth's.
+    """
+    if repeats < 1:
+        raise ValueError(f"--repeats: must be >= 1, got {repeats}")
+    if new_tokens < 1:
+        raise ValueError(f"--new-tokens: must be >= 1, got {new_tokens}")
+
+    def run(setting: Setting | None, which=prompts, n=new_tokens) -> Callable[[], list]:
+        opts = {} if setting is None else {"mode": "speculative", "draft_loop": setting[0], "branch": setting[1]}
+        return lambda: [engine.generate(p, max_new_tokens=n, stop=[], **opts) for p in which]
+
+    full = run(None)()  # untimed: the reference tokens, and a warm-up
+    reference = [g.tokens for g in full]
+    tokens = sum(len(t) for t in reference)
+    for s in settings:  # warm-up of each decoder (first calls allocate lanes, draft maps, ...)
+        run(s, prompts[:1], min(new_tokens, 8))()
+    full_seconds: list[float] = []
+    seconds: dict[Setting, list[float]] = {s: [] for s in settings}
+    ratios: dict[Setting, list[float]] = {s: [] for s in settings}
+    gens_of = {}
+    bar = tqdm(total=repeats * len(settings), desc="calibrate", disable=not progress, mininterval=2)
+    for _ in range(repeats):
+        for s in settings:
+            f_dt, _ = measure(run(None), None)
+            dt, gens = measure(run(s), s)
+            for i, (g, ref) in enumerate(zip(gens, reference)):
+                if g.tokens != ref:
+                    raise NotLossless(f"draft_loop={s[0]} branch={s[1]}: prompt {i}'s greedy tokens differ from full depth "
+                                      f"(first at token {next(j for j, (a, b) in enumerate(zip(g.tokens + [None], ref + [None])) if a != b)})"
+                                      " - speculation must be lossless: this is a bug")
+            full_seconds.append(f_dt)
+            seconds[s].append(dt)
+            ratios[s].append(f_dt / dt)  # tokens are equal on both sides: tok/s ratio = time ratio
+            gens_of[s] = gens
+            bar.set_postfix_str(f"k={s[0]} b={s[1]} {f_dt / dt:.2f}x", refresh=False)
+            bar.update()
+    bar.close()
+    rows = [{"draft_loop": s[0], "branch": s[1], "tokens_per_s": tokens / statistics.median(seconds[s]),
+             "ratio_to_full": statistics.median(ratios[s]), "ratios": ratios[s], **_pooled(gens_of[s])} for s in settings]
+    return {"rows": rows, "tokens": tokens, "full_tokens_per_s": tokens / statistics.median(full_seconds),
+            "full_weight_passes_per_token": _pooled(full)["weight_passes_per_token"],
+            "best": max(rows, key=lambda r: r["ratio_to_full"])}
+
+
+def print_table(result: dict, file=None) -> None:
+    file = file or sys.stdout
+    print(f"full depth: {result['full_tokens_per_s']:.1f} tokens/s, {result['full_weight_passes_per_token']:.2f} weight "
+          f"passes/token ({result['tokens']} tokens per call)", file=file)
+    print(" k  b   tokens/s  ratio to full  passes/token  token acceptance", file=file)
+    for r in result["rows"]:
+        acc = "-" if r["token_acceptance"] is None else f"{r['token_acceptance']:.3f}"
+        print(f" {r['draft_loop']}  {r['branch']}  {r['tokens_per_s']:9.1f}  {r['ratio_to_full']:13.2f}  "
+              f"{r['weight_passes_per_token']:12.2f}  {acc:>16}", file=file)
+    best = result["best"]
+    if best["ratio_to_full"] >= 1:
+        print(f"best: draft_loop={best['draft_loop']} branch={best['branch']} ({best['ratio_to_full']:.2f}x full depth)", file=file)
+    else:
+        print(f"full depth is faster here: the best setting, draft_loop={best['draft_loop']} branch={best['branch']}, "
+              f"runs at {best['ratio_to_full']:.2f}x full depth", file=file)
+
+
+def check_checkpoint(path: str | Path, write: bool) -> Path:
+    """The checkpoint directory; a ValueError naming the path when it is missing, has no
+    config.json, or (with `write`) is not writable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"--checkpoint: {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--checkpoint: {path} has no config.json (not a checkpoint directory)")
+    gc = path / "generation_config.json"
+    if write and not (os.access(path, os.W_OK) and (not gc.exists() or os.access(gc, os.W_OK))):
+        raise ValueError(f"--write: {gc if gc.exists() else path} is not writable")
+    return path
+
+
+def write_recommendation(checkpoint: str | Path, result: dict, *, device: str = "cpu", threads: int | None = None,
+                         settings: dict | None = None) -> dict:
+    """Records `result`'s best setting in the checkpoint's generation_config.json (every other key
+    kept); returns the new "looplm.speculative" object.
+
+    Best ratio >= 1: draft_loop and branch are set. Below 1, they are left as they were. Either way
+    "calibrated" records the measured ratio, whether speculation pays, the device, the torch thread
+    count and the date (UTC).
+    """
+    path = Path(checkpoint) / "generation_config.json"
+    gc = json.loads(path.read_text()) if path.is_file() else {}
+    looplm_opts = gc.setdefault("looplm", {})
+    if not isinstance(looplm_opts, dict) or not isinstance(looplm_opts.setdefault("speculative", {}), dict):
+        raise ValueError(f"{path}: looplm.speculative must be an object of options")
+    spec_opts = looplm_opts["speculative"]
+    best = result["best"]
+    pays = best["ratio_to_full"] >= 1
+    if pays:
+        spec_opts.update(draft_loop=best["draft_loop"], branch=best["branch"])
+    spec_opts["calibrated"] = {
+        "draft_loop": best["draft_loop"], "branch": best["branch"], "ratio_to_full": round(best["ratio_to_full"], 4),
+        "speculation_pays": pays, "full_tokens_per_s": round(result["full_tokens_per_s"], 2),
+        "device": device, "torch_threads": torch.get_num_threads() if threads is None else threads,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **({"settings": settings} if settings else {}),
+    }
+    path.write_text(json.dumps(gc, indent=2) + "\n")
+    return spec_opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    import looplm
+    from looplm.api import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="python -m spec.calibrate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled default model)")
+    p.add_argument("--loops", default=None, help="draft loops k to try, e.g. 1,2 (default: every k < T dividing T)")
+    p.add_argument("--branches", default="1,2,3", help="branches b to try (default 1,2,3)")
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"the first N built-in prompts (1..{len(PROMPTS)})")
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per setting, each after a full-depth call")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (looplm.load's threads)")
+    p.add_argument("--write", action="store_true", help="record the best setting in the checkpoint's generation_config.json")
+    a = p.parse_args(argv)
+    try:  # every argument is checked before the model is timed (the loops once T is known)
+        ckpt = check_checkpoint(DEFAULT_MODEL if a.checkpoint is None else a.checkpoint, a.write)
+        loops, branches = parse_ints(a.loops, "--loops"), parse_ints(a.branches, "--branches")
+        if a.repeats < 1:
+            raise ValueError(f"--repeats: must be >= 1, got {a.repeats}")
+        if a.new_tokens < 1:
+            raise ValueError(f"--new-tokens: must be >= 1, got {a.new_tokens}")
+        engine = looplm.load(ckpt, threads=a.threads)
+        settings = candidates(engine.model.num_loops, loops, branches)
+        prompts = default_prompts(engine, a.prompts)
+    except ValueError as e:
+        p.error(str(e))
+    device = str(engine.device)
+    if engine.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(engine.device)})"
+    print(f"{ckpt}: T = {engine.model.num_loops} loops on {device}, {torch.get_num_threads()} torch threads; "
+          f"{len(settings)} settings x {a.repeats} repeats, {len(prompts)} prompts x {a.new_tokens} tokens", flush=True)
+    result = sweep(engine, settings, prompts, a.new_tokens, a.repeats)
+    print_table(result)
+    if a.write:
+        spec_opts = write_recommendation(ckpt, result, device=device, settings={
+            "prompts": len(prompts), "new_tokens": a.new_tokens, "repeats": a.repeats})
+        print(f"recorded in {ckpt / 'generation_config.json'}: {spec_opts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

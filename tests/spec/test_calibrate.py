@@ -1,0 +1,195 @@
+"""spec.calibrate: the (draft loop, branch) sweep against full depth, its recommendation in
+generation_config.json, and a checkpoint's recommended draft tree meeting the caller's options."""
+
+import json
+
+import pytest
+
+import looplm
+from looplm.checkpoint import save_pretrained
+from spec.calibrate import NotLossless, candidates, default_prompts, main, sweep, write_recommendation
+
+from .conftest import spec_model
+
+KEPT = {"bos_token_id": 0, "eos_token_id": 1,
+        "looplm": {"speculative": {"extrapolate": 0.5, "draft_loop": 1}, "anytime": {"exit": "q_exit"}}}
+
+
+def checkpoint(tmp_path, loops=4, gc=KEPT):
+    path = tmp_path / "ckpt"
+    save_pretrained(spec_model(loops=loops, max_pos=64), path, generation_config=gc)
+    return path
+
+
+def costs(table: dict):
+    """A measure that runs the call (tokens, stats) but reports fixed seconds per setting (None: full depth)."""
+
+    def measure(run, setting):
+        return table[setting], run()
+
+    return measure
+
+
+def test_injected_costs_pick_the_fastest_and_write_records_it(tmp_path):
+    path = checkpoint(tmp_path)
+    engine = looplm.load(path)
+    settings = candidates(engine.model.num_loops)
+    assert settings == [(k, b) for k in (1, 2) for b in (1, 2, 3)]  # T = 4: k divides T
+    table = {None: 1.0, **{s: 1.5 for s in settings}, (2, 3): 0.5}  # k=2 b=3 runs at 2x full depth
+    result = sweep(engine, settings, default_prompts(engine, 2), new_tokens=6, repeats=2, measure=costs(table), progress=False)
+    best = result["best"]
+    assert (best["draft_loop"], best["branch"]) == (2, 3) and best["ratio_to_full"] == pytest.approx(2.0)
+    assert all(r["ratio_to_full"] == pytest.approx(1 / 1.5) for r in result["rows"] if (r["draft_loop"], r["branch"]) != (2, 3))
+    assert result["full_tokens_per_s"] == pytest.approx(12 / 1.0)
+
+    write_recommendation(path, result, device="cpu", threads=1)
+    gc = json.loads((path / "generation_config.json").read_text())
+    assert {k: gc[k] for k in ("bos_token_id", "eos_token_id")} == {"bos_token_id": 0, "eos_token_id": 1}
+    assert gc["looplm"]["anytime"] == {"exit": "q_exit"}
+    spec_opts = gc["looplm"]["speculative"]
+    assert spec_opts["extrapolate"] == 0.5 and spec_opts["draft_loop"] == 2 and spec_opts["branch"] == 3
+    cal = spec_opts["calibrated"]
+    assert cal["speculation_pays"] is True and cal["ratio_to_full"] == pytest.approx(2.0)
+    assert cal["device"] == "cpu" and cal["torch_threads"] == 1 and cal["date_utc"].endswith("UTC")
+
+    reloaded = looplm.load(path)
+    assert reloaded.mode_defaults("speculative") == {"extrapolate": 0.5, "draft_loop": 2, "branch": 3}  # "calibrated" is a record
+    g = reloaded.generate([3, 1, 4], max_new_tokens=8, stop=[], mode="speculative")
+    assert (g.stats["draft_loop"], g.stats["branch"]) == (2, 3)
+    assert g.tokens == reloaded.generate([3, 1, 4], max_new_tokens=8, stop=[]).tokens
+
+
+def test_when_nothing_beats_full_depth_nothing_is_recommended(tmp_path):
+    path = checkpoint(tmp_path)
+    engine = looplm.load(path)
+    settings = candidates(engine.model.num_loops, [2], [1, 2])
+    table = {None: 1.0, (2, 1): 1.25, (2, 2): 2.0}
+    result = sweep(engine, settings, default_prompts(engine, 1), new_tokens=4, repeats=1, measure=costs(table), progress=False)
+    assert (result["best"]["draft_loop"], result["best"]["branch"]) == (2, 1)
+    write_recommendation(path, result)
+    spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
+    assert spec_opts["draft_loop"] == 1 and "branch" not in spec_opts  # as they were
+    assert spec_opts["calibrated"]["speculation_pays"] is False
+    assert spec_opts["calibrated"]["ratio_to_full"] == pytest.approx(0.8)
+
+
+def test_every_setting_decodes_the_full_depth_tokens():
+    """The real decode (wall clock) of a random tiny model: each setting's tokens are checked equal
+    to full depth's inside the sweep; a decoder that changed a token would raise."""
+    model = spec_model(loops=6, max_pos=64)
+    engine = looplm.Engine(model)
+    settings = candidates(6)
+    assert [k for k, _ in settings[::3]] == [1, 2, 3]
+    result = sweep(engine, settings, default_prompts(engine, 3), new_tokens=12, repeats=1, progress=False)
+    assert len(result["rows"]) == 9 and all(r["ratio_to_full"] > 0 for r in result["rows"])
+
+
+def test_a_setting_that_changes_a_token_fails_loudly(monkeypatch):
+    engine = looplm.Engine(spec_model(loops=4, max_pos=64))
+    real = engine.generate
+
+    def broken(prompt, **kw):
+        g = real(prompt, **kw)
+        if kw.get("branch") == 2:
+            g.tokens[-1] = (g.tokens[-1] + 1) % engine.config.vocab_size
+        return g
+
+    monkeypatch.setattr(engine, "generate", broken)
+    with pytest.raises(NotLossless, match="draft_loop=2 branch=2: prompt 0's greedy tokens differ from full depth"):
+        sweep(engine, [(2, 1), (2, 2)], default_prompts(engine, 1), new_tokens=4, repeats=1, progress=False)
+
+
+def test_bad_arguments_fail_before_any_timing(tmp_path, capsys, monkeypatch):
+    import spec.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "sweep", lambda *a, **k: pytest.fail("timed despite a bad argument"))
+    path = checkpoint(tmp_path)
+    cases = [
+        (["--loops", "3"], "--loops: draft loop 3 must be in 1..3 and divide T = 4"),
+        (["--loops", "4"], "--loops: draft loop 4"),
+        (["--loops", "x"], "--loops: expected comma-separated integers"),
+        (["--branches", "0"], "--branches: branch 0 must be an integer >= 1"),
+        (["--branches", "1,-2"], "--branches: branch -2"),
+        (["--prompts", "0"], "--prompts: must be in 1..8"),
+        (["--repeats", "0"], "--repeats: must be >= 1"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(path), *args])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, args
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(missing)])
+    assert f"--checkpoint: {missing} is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "empty")])
+    assert f"--checkpoint: {tmp_path / 'empty'} has no config.json" in capsys.readouterr().err
+    # a read-only checkpoint (simulated: chmod does not stop root): --write fails, naming the file
+    monkeypatch.setattr(calibrate.os, "access", lambda p, mode: False)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(path), "--write"])
+    assert f"--write: {path / 'generation_config.json'} is not writable" in capsys.readouterr().err
+
+
+def test_the_command_runs_end_to_end_and_writes(tmp_path, capsys):
+    path = checkpoint(tmp_path)
+    assert main(["--checkpoint", str(path), "--loops", "2", "--branches", "1,2", "--prompts", "1", "--new-tokens", "4",
+                 "--repeats", "1", "--threads", "1", "--write"]) == 0
+    out = capsys.readouterr().out
+    assert " k  b   tokens/s  ratio to full" in out and f"recorded in {path / 'generation_config.json'}" in out
+    assert ("best: draft_loop=2" in out) != ("full depth is faster here" in out)
+    spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
+    assert spec_opts["extrapolate"] == 0.5 and spec_opts["calibrated"]["settings"]["new_tokens"] == 4
+    assert spec_opts["calibrated"]["torch_threads"] == 1
+
+
+# -- a checkpoint's recommended draft tree and the caller's options ------------------------------------
+@pytest.mark.parametrize("own", [{"draft_len": 4}, {"draft_len": "adaptive"}, {"pipeline": False}, {"draft_loop": 3}])
+def test_a_recommended_branch_gives_way_to_the_callers_options(tmp_path, own):
+    gc = {"looplm": {"speculative": {"draft_loop": 2, "branch": 2, "branch_threshold": 0.9}}}
+    engine = looplm.load(checkpoint(tmp_path, gc=gc))
+    full = engine.generate([5, 6, 7], max_new_tokens=10, stop=[])
+    tree = engine.generate([5, 6, 7], max_new_tokens=10, stop=[], mode="speculative")
+    assert tree.stats["branch"] == 2 and "branch_unused" not in tree.stats and tree.tokens == full.tokens
+    g = engine.generate([5, 6, 7], max_new_tokens=10, stop=[], mode="speculative", **own)
+    assert g.tokens == full.tokens and "branch" not in g.stats
+    assert g.stats["branch_unused"].startswith("the checkpoint's recommended branch=2, branch_threshold=0.9 does not run")
+    # branch=1 from the caller drops the recommended threshold (it needs branch > 1)
+    g = engine.generate([5, 6, 7], max_new_tokens=10, stop=[], mode="speculative", branch=1)
+    assert g.tokens == full.tokens and "branch_threshold=0.9" in g.stats["branch_unused"]
+
+
+def test_a_checkpoint_whose_own_tree_cannot_run_still_fails(tmp_path):
+    engine = looplm.load(checkpoint(tmp_path, gc={"looplm": {"speculative": {"draft_loop": 3, "branch": 2}}}))
+    with pytest.raises(ValueError, match="branch=2 .*the value is the checkpoint's"):
+        engine.generate([5, 6, 7], max_new_tokens=4, mode="speculative")
+    with pytest.raises(ValueError, match="branch=2 .*draft_len"):  # the caller's own tree and draft_len conflict
+        engine.generate([5, 6, 7], max_new_tokens=4, mode="speculative", draft_loop=2, branch=2, draft_len=3)
+
+
+def test_a_recommended_branch_is_dropped_under_tensor_parallelism():
+    """Draft trees do not run under tp yet: the checkpoint's branch gives way (said in stats); the caller's raises.
+    Only the decoder's start runs here (up to its first work item), with a stand-in for the tp group."""
+    import torch
+
+    from looplm.decoding import DecodeRequest
+    from looplm.sampling import SamplingParams
+    from spec.decoder import decode as decode_speculative
+
+    model = spec_model(loops=4, max_pos=64)
+    model.tp = object()
+    try:
+        def request(recommended):
+            req = DecodeRequest([[1, 2, 3]], [4], SamplingParams(), torch.Generator().manual_seed(0), [False])
+            req.recommended = frozenset(recommended)
+            return req
+
+        req = request({"branch"})
+        next(decode_speculative(model, req, draft_loop=2, branch=2))
+        assert "does not run under tensor parallelism" in req.stats["branch_unused"]
+        with pytest.raises(ValueError, match="branch=2 .*tensor parallelism"):
+            next(decode_speculative(model, request(()), draft_loop=2, branch=2))
+    finally:
+        del model.tp
