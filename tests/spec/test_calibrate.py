@@ -2,12 +2,13 @@
 generation_config.json, and a checkpoint's recommended draft tree meeting the caller's options."""
 
 import json
+import random
 
 import pytest
 
 import looplm
 from looplm.checkpoint import save_pretrained
-from spec.calibrate import NotLossless, candidates, default_prompts, main, sweep, write_recommendation
+from spec.calibrate import MARGIN, NotLossless, best_row, candidates, default_prompts, main, sweep, write_recommendation
 
 from .conftest import spec_model
 
@@ -193,3 +194,21 @@ def test_a_recommended_branch_is_dropped_under_tensor_parallelism():
             next(decode_speculative(model, request(()), draft_loop=2, branch=2))
     finally:
         del model.tp
+
+
+def test_a_setting_with_more_rows_must_win_by_more_than_the_margin():
+    """Nearly equal ratios are noise: the simplest setting within MARGIN of the fastest is chosen
+    (fewest branches, then the latest draft loop); a clear win is chosen whatever its rows."""
+    base = 1.1 + random.random()
+    close, clear = base * (1 + MARGIN / 2), base * (1 + 2 * MARGIN)
+
+    def rows(ratios):
+        return [{"draft_loop": k, "branch": b, "ratio_to_full": r} for (k, b), r in ratios.items()]
+
+    pick = best_row(rows({(2, 1): base, (2, 2): close, (1, 1): base * (1 - 2 * MARGIN), (1, 3): close}))
+    assert (pick["draft_loop"], pick["branch"]) == (2, 1)
+    pick = best_row(rows({(2, 1): base, (2, 2): clear, (1, 1): base, (1, 3): close}))
+    assert (pick["draft_loop"], pick["branch"]) == (2, 2)
+    pick = best_row(rows({(2, 1): base, (1, 1): close}))  # the same branch: the later draft loop
+    assert (pick["draft_loop"], pick["branch"]) == (2, 1)
+
