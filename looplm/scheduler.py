@@ -298,16 +298,17 @@ class Scheduler:
     def _size_steps(self, timed: list[Request], other_tokens: int, step_ms: float) -> None:
         """Adjusts how many positions of untimed requests a step may run beside timed ones: fewer
         (in proportion, and at least half) when the step took longer than TIMED_STEP_SHARE of the
-        tightest token budget, a quarter more when it
-        took well under it (none of this applies while no request keeps a time budget; the cap is
-        kept for the next timed request, whose first steps would otherwise run every other request)."""
+        tightest token budget, a quarter more when it took well under it (none of this applies
+        while no request keeps a time budget; the cap is kept for the next timed request, whose
+        first steps would otherwise run every other request)."""
         budget = min((r.req.token_ms for r in timed), default=math.inf)
         if math.isinf(budget):  # no timed request, or only ones before their first budgeted token (their prompts):
             return  # the cap stays as the last timed token left it, for the next ones to start from
         target = TIMED_STEP_SHARE * budget
         cap = self._others_cap if self._others_cap is not None else max(other_tokens, 1)
         if step_ms > target:  # at least halve: most of a step beside timed tokens can be theirs, not the others'
-            cap = max(1, min(min(cap, other_tokens) * target // step_ms, min(cap, other_tokens) // 2))
+            ran = min(cap, other_tokens)
+            cap = max(1, min(ran * target // step_ms, ran // 2))
         elif step_ms < 0.7 * target and other_tokens >= cap:
             cap += max(1, cap // 4)
         self._others_cap = int(cap)

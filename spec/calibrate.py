@@ -94,17 +94,26 @@ def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Seq
     T = num_loops
     if T < 2:
         raise ValueError(f"speculation needs a model with at least 2 loops; this one has {T}")
-    ks = [k for k in range(1, T) if T % k == 0] if loops is None else list(loops)
+    divisors = [k for k in range(1, T) if T % k == 0]
+    ks = divisors if loops is None else list(loops)
     for k in ks:
-        if not (isinstance(k, int) and 1 <= k < T and T % k == 0):
+        if not (isinstance(k, int) and k in divisors):
             raise ValueError(f"--loops: draft loop {k!r} must be in 1..{T - 1} and divide T = {T} (the pipeline runs "
-                             f"T/k stages); this model takes {[k for k in range(1, T) if T % k == 0]}")
+                             f"T/k stages); this model takes {divisors}")
     if not branches:
         raise ValueError("--branches: give at least one branch")
     for b in branches:
         if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
             raise ValueError(f"--branches: branch {b!r} must be an integer >= 1 (candidates per position)")
     return [(k, b) for k in dict.fromkeys(ks) for b in dict.fromkeys(branches)]
+
+
+def check_counts(repeats: int, new_tokens: int) -> None:
+    """A ValueError naming --repeats or --new-tokens when it is below 1."""
+    if repeats < 1:
+        raise ValueError(f"--repeats: must be >= 1, got {repeats}")
+    if new_tokens < 1:
+        raise ValueError(f"--new-tokens: must be >= 1, got {new_tokens}")
 
 
 def default_prompts(engine, n: int | None = None) -> list[list[int]]:
@@ -136,10 +145,7 @@ def sweep(engine, settings: Sequence[Setting], prompts: Sequence[list[int]], new
     token_acceptance}], "full_tokens_per_s", "full_weight_passes_per_token", "tokens", "best": see
     `best_row`}. Raises NotLossless when a setting's tokens differ from full depth's.
     """
-    if repeats < 1:
-        raise ValueError(f"--repeats: must be >= 1, got {repeats}")
-    if new_tokens < 1:
-        raise ValueError(f"--new-tokens: must be >= 1, got {new_tokens}")
+    check_counts(repeats, new_tokens)
 
     def run(setting: Setting | None, which=prompts, n=new_tokens) -> Callable[[], list]:
         opts = {} if setting is None else {"mode": "speculative", "draft_loop": setting[0], "branch": setting[1]}
@@ -265,10 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every argument is checked before the model is timed (the loops once T is known)
         ckpt = check_checkpoint(DEFAULT_MODEL if a.checkpoint is None else a.checkpoint, a.write)
         loops, branches = parse_ints(a.loops, "--loops"), parse_ints(a.branches, "--branches")
-        if a.repeats < 1:
-            raise ValueError(f"--repeats: must be >= 1, got {a.repeats}")
-        if a.new_tokens < 1:
-            raise ValueError(f"--new-tokens: must be >= 1, got {a.new_tokens}")
+        check_counts(a.repeats, a.new_tokens)
         engine = looplm.load(ckpt, threads=a.threads)
         settings = candidates(engine.model.num_loops, loops, branches)
         prompts = default_prompts(engine, a.prompts)

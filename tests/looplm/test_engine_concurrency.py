@@ -40,6 +40,20 @@ def _requests(n: int, vocab: int):
     return out
 
 
+def record_steps(engine, record, kvs=("per_loop",)) -> list:
+    """Wraps the runners of the KV modes `kvs`: each runner step first appends
+    `record(items, running requests)` to the returned list."""
+    steps = []
+    for kv in set(kvs):
+        runner = engine.scheduler.runner(kv)
+
+        def counted(items, run=runner.run):
+            steps.append(record(items, engine.scheduler.running))
+            return run(items)
+        runner.run = counted
+    return steps
+
+
 def test_mixed_requests_from_threads_equal_each_request_alone():
     model = tiny_model(loops=4, max_pos=64)
     engine = looplm.Engine(model)
@@ -206,20 +220,11 @@ def test_a_prompt_joining_beside_a_timed_request_runs_a_loop_per_step_and_stays_
     first, second = (torch.randint(0, 61, (n,)).tolist() for n in (random.randint(2, 6), random.randint(T + 2, 20)))
     alone = [engine.generate(first, max_new_tokens=12, stop=[]).tokens,
              engine.generate(second, max_new_tokens=12, stop=[], kv=joining.get("kv", "per_loop")).tokens]
-    scheduler = engine.scheduler
-    steps = []  # per runner step: whether a timed token was out, and the loops of each Forward
+    def record(items, running):  # whether a timed token was out, and the loops of each Forward
+        return (any(r.req.timed and r.generation.tokens for r in running),
+                [f.num_loops if f.num_loops is not None else T - f.start_loop for _, f in items])
 
-    def spy(runner):
-        run = runner.run
-
-        def counted(items):
-            decoding = any(r.req.timed and r.generation.tokens for r in scheduler.running)
-            steps.append((decoding, [f.num_loops if f.num_loops is not None else T - f.start_loop for _, f in items]))
-            return run(items)
-        runner.run = counted
-
-    for kv in {"per_loop", joining.get("kv", "per_loop")}:
-        spy(scheduler.runner(kv))
+    steps = record_steps(engine, record, ("per_loop", joining.get("kv", "per_loop")))
     a = engine.stream(first, max_new_tokens=12, stop=[], mode="anytime", budget_ms=1e6)  # never binding: full depth
     out_a = [next(a).token]
     b = engine.stream(second, max_new_tokens=12, stop=[], **joining)
@@ -236,15 +241,8 @@ def test_steps_beside_a_timed_request_shrink_to_its_budget_and_everyone_stays_ex
     engine = looplm.Engine(model)
     prompts = [torch.randint(0, 61, (n,)).tolist() for n in (5, 9, 2, 7, 3, 4)]
     alone = [engine.generate(p, max_new_tokens=10, stop=[]).tokens for p in prompts]
-    scheduler = engine.scheduler
-    runner = scheduler.runner("per_loop")
-    steps, run = [], runner.run  # (Forwards in the step, whether the timed request is running)
-
-    def spy(items):
-        steps.append((len(items), any(r.req.timed for r in scheduler.running)))
-        return run(items)
-
-    runner.run = spy
+    # (Forwards in the step, whether the timed request is running)
+    steps = record_steps(engine, lambda items, running: (len(items), any(r.req.timed for r in running)))
     timed = engine.stream([3, 4], max_new_tokens=30, stop=[], mode="anytime", budget_ms=1e-3)
     next(timed)  # its prompt is in: the next tokens are budgeted
     streams = [engine.stream(p, max_new_tokens=10, stop=[]) for p in prompts]
@@ -265,15 +263,8 @@ def test_the_next_timed_request_starts_from_the_cap_the_last_one_left():
     engine = looplm.Engine(model)
     prompts = [torch.randint(0, 61, (n,)).tolist() for n in (5, 9, 2, 7, 3, 4)]
     alone = [engine.generate(p, max_new_tokens=60, stop=[]).tokens for p in prompts]
-    scheduler = engine.scheduler
-    runner = scheduler.runner("per_loop")
-    steps, run = [], runner.run  # per step: the Forwards in it, and the ids of the timed requests running
-
-    def spy(items):
-        steps.append((len(items), {r.id for r in scheduler.running if r.req.timed}))
-        return run(items)
-
-    runner.run = spy
+    # per step: the Forwards in it, and the ids of the timed requests running
+    steps = record_steps(engine, lambda items, running: (len(items), {r.id for r in running if r.req.timed}))
     streams = [engine.stream(p, max_new_tokens=60, stop=[]) for p in prompts]
     first = engine.stream([3, 4], max_new_tokens=10, stop=[], mode="anytime", budget_ms=1e-3)  # no step meets it: cap 1
     list(first)
