@@ -166,10 +166,12 @@ def test_long_prompts_join_in_chunks_and_decode_exactly():
     chunked = looplm.Engine(model, prefill_chunk=8)
     for mode, opts in [("full", {}), ("anytime", {"exit": "confidence", "threshold": 0.1}),
                        ("speculative", {"draft_loop": 1, "draft_len": 2})]:
-        want = [g.tokens for g in whole.generate(prompts, max_new_tokens=10, stop=[], mode=mode, **opts)]
+        want = whole.generate(prompts, max_new_tokens=10, stop=[], mode=mode, **opts)
         got = chunked.generate(prompts, max_new_tokens=10, stop=[], mode=mode, **opts)
-        assert [g.tokens for g in got] == want, mode
-        assert got[0].stats["weight_passes_per_token"] > got[1].stats["weight_passes_per_token"]  # 7 chunks of 3 loops
+        assert [g.tokens for g in got] == [g.tokens for g in want], mode
+        # the 50-token prompt ran as 7 chunks of 3 loops, not one Forward of 3 (the same decode after it;
+        # compared with another prompt, an anytime request's decode loops could make up the difference)
+        assert got[0].stats["weight_passes_per_token"] > want[0].stats["weight_passes_per_token"], mode
 
 
 def test_a_decoding_request_keeps_going_while_a_long_prompt_is_chunked():
