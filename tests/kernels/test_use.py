@@ -19,9 +19,12 @@ def tiny_model(seed=0, std=0.2):
     return LoopLM(cfg).init_weights(seed, std=std).eval()
 
 
-def _decode_logits(model, prompts, steps=3):
-    """Prefill ragged prompts, then `steps` greedy decode steps, every sequence in each runner step;
-    every loop's logits of every call (the runner attends with `model.attention`)."""
+def _decode_logits(model, prompts, tokens):
+    """Prefill ragged prompts, then one decode step per column of `tokens` (sequence i is fed
+    `tokens[i]`, the same whatever the logits say, so two backends see the same inputs), every
+    sequence in each runner step; every loop's logits of every call (the runner attends with
+    `model.attention`)."""
+    steps = len(tokens[0])
     runner = Runner(model, PagedKVCache(model.config, 16, 4))
     pool = runner.cache.pool
 
@@ -33,8 +36,8 @@ def _decode_logits(model, prompts, steps=3):
     outs = run([Forward(torch.tensor([p]), torch.arange(len(p))[None], logits="last", logits_loops="all") for p in prompts])
     logits = [o.logits for o in outs]
     pos = [len(p) for p in prompts]
-    for _ in range(steps):
-        tok = [int(o.logits[-1, 0, 0].argmax()) for o in outs]
+    for j in range(steps):
+        tok = [t[j] for t in tokens]
         outs = run([Forward(torch.tensor([[t]]), torch.tensor([[q]]), logits="last", logits_loops="all") for t, q in zip(tok, pos)])
         logits += [o.logits for o in outs]
         pos = [q + 1 for q in pos]
@@ -48,13 +51,17 @@ def test_model_with_backend_matches_reference_path(name):
         pytest.skip(f"{name}: {reason}")
     model = tiny_model(seed=int(torch.randint(0, 1000, ())))
     prompts = [torch.randint(0, 64, (n,)).tolist() for n in (5, 9, 2)]
+    tokens = torch.randint(0, 64, (len(prompts), 3)).tolist()
     with torch.inference_mode():
         kernels.use(model, "reference")
-        want = _decode_logits(model, prompts)
+        want = _decode_logits(model, prompts, tokens)
         assert kernels.use(model, name) is kernels.get_backend(name)
-        got = _decode_logits(model, prompts)
+        got = _decode_logits(model, prompts, tokens)
+    # float32 summed in another order, through 2 layers x 4 loops and 4 calls: measured up to
+    # 4e-6 of the largest logit (40 seeds, triton interpreted); 2e-5 of it leaves 5x margin
+    scale = max(float(b.abs().max()) for b in want)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=2e-5 * scale, rtol=0)
 
 
 def test_use_accepts_an_engine_and_generation_is_unchanged(monkeypatch):
