@@ -129,9 +129,10 @@ class Scheduler:
         self._slice = False
         self.steps = 0
         # while a request keeps a time budget: how many positions of other requests a step may run,
-        # adjusted after every step so that a step lasts about TIMED_STEP_SHARE of the tightest budget
-        # (None until the first timed token; kept between timed requests)
-        self._others_cap: int | None = None
+        # adjusted after every step so that a step lasts about TIMED_STEP_SHARE of the tightest budget;
+        # it starts at 1 (the first timed request's first steps must not run every other request
+        # before any step was measured) and is kept between timed requests
+        self._others_cap = 1
         # free memory when the engine was made: the default cache takes a share of it (looplm.tp
         # gives every rank rank 0's figure, so that all ranks build the same number of blocks)
         self.free_memory = available_bytes(model.lm_head.weight.device) if cache_bytes is None else None
@@ -305,7 +306,7 @@ class Scheduler:
         if math.isinf(budget):  # no timed request, or only ones before their first budgeted token (their prompts):
             return  # the cap stays as the last timed token left it, for the next ones to start from
         target = TIMED_STEP_SHARE * budget
-        cap = self._others_cap if self._others_cap is not None else max(other_tokens, 1)
+        cap = self._others_cap
         if step_ms > target:  # at least halve: most of a step beside timed tokens can be theirs, not the others'
             ran = min(cap, other_tokens)
             cap = max(1, min(ran * target // step_ms, ran // 2))

@@ -258,6 +258,30 @@ def test_steps_beside_a_timed_request_shrink_to_its_budget_and_everyone_stays_ex
     assert max(n for n, timed_running in steps if not timed_running) > 2  # the others share steps again
 
 
+def test_the_first_timed_request_starts_beside_one_untimed_request_and_the_cap_grows_with_room():
+    """Before any step beside a timed token was measured, a timed request's steps run at most one
+    untimed position (not every untimed request); with a budget no step can miss, the cap grows
+    until every untimed request runs beside it again; outputs stay exact."""
+    model = tiny_model(loops=4, max_pos=128)
+    engine = looplm.Engine(model)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (5, 9, 2, 7, 3, 4)]
+    alone = [engine.generate(p, max_new_tokens=80, stop=[]).tokens for p in prompts]
+    timed_prompt = torch.randint(0, 61, (4,)).tolist()
+    # alone on an engine of its own: this one must not have run a timed request yet
+    timed_alone = looplm.Engine(model).generate(timed_prompt, max_new_tokens=12, stop=[], mode="anytime", budget_ms=1e6).tokens
+    steps = record_steps(engine, lambda items, running: (len(items), any(r.req.timed for r in running)))
+    streams = [engine.stream(p, max_new_tokens=80, stop=[]) for p in prompts]
+    deadline = time.monotonic() + 30
+    while len(steps) < 3 and time.monotonic() < deadline:  # the untimed requests are decoding
+        time.sleep(0.001)
+    timed = engine.generate(timed_prompt, max_new_tokens=12, stop=[], mode="anytime", budget_ms=1e6)
+    assert timed.tokens == timed_alone
+    assert [[s.token for s in st] for st in streams] == alone
+    beside = [n for n, has_timed in steps if has_timed]
+    assert beside[0] <= 2  # the timed request and at most one other
+    assert max(beside) == 7  # later, all six untimed requests beside it
+
+
 def test_the_next_timed_request_starts_from_the_cap_the_last_one_left():
     """The cap on untimed positions outlives a timed request: a timed request that joins later
     starts from it, so its first steps (its prompt included) do not run every untimed request."""
