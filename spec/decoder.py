@@ -130,7 +130,9 @@ def decode(
     req.stats["fallback_at"] = None
     if pipeline is None:
         pipeline = draft_len is None and T % k == 0
-    if branch > 1 and "branch" in req.recommended and getattr(model, "tp", None) is not None:
+    if branch > 1 and getattr(model, "tp", None) is not None:  # lanes copy cache positions outside the runner step rank 0 broadcasts
+        if "branch" not in req.recommended:
+            raise ValueError(f"branch={branch} (draft trees) does not run under tensor parallelism yet; use branch=1")
         req.stats["branch_unused"] = f"the checkpoint's recommended branch={branch} (draft trees) does not run under tensor parallelism yet"
         branch = 1
     if branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
@@ -138,8 +140,6 @@ def decode(
             raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")
         if B != 1:
             raise ValueError(f"branch={branch} (draft trees) decodes one sequence per request, got a batch of {B}")
-        if getattr(model, "tp", None) is not None:  # lanes copy cache positions outside the runner step rank 0 broadcasts
-            raise ValueError(f"branch={branch} (draft trees) does not run under tensor parallelism yet; use branch=1")
         inner = decode_tree(model, req, k, branch, None if branch_threshold is None else float(branch_threshold),
                             float(extrapolate), dmap)
     else:
