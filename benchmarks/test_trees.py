@@ -2,8 +2,10 @@
 
 Bundled default model (skipped when absent), CPU, batch 1, one torch thread, NEW_TOKENS new tokens
 after each of the 16 benchmark prompts (benchmarks/conftest.py TEXT_PROMPTS), each generated alone.
-Greedy: draft loop k in {1, 2} and branch b in {1, 2, 3} (b = 1 is spec.pipeline); every output
-is checked equal to full depth. Sampling (temperature SAMPLED_TEMPERATURE, a fixed seed per call):
+Greedy: draft loop k in {1, 2} and branch b in {1, 2, 3} (b = 1 is spec.pipeline), and
+draft_loop="adaptive" (spec.adapt: the loop chosen online per request) with the checkpoint's
+calibrated call cost and with call cost 0 (minimising weight passes); every output is checked
+equal to full depth. Sampling (temperature SAMPLED_TEMPERATURE, a fixed seed per call):
 the recommended k = 2 and b in {1, 2, 3} against full-depth sampling (lossless by the chi-square
 tests of tests/spec; outputs differ draw by draw). A "call" runs all prompts; every call of a
 setting follows a full-depth call, REPEATS times in turn, and a setting's ratio is its best time
@@ -32,7 +34,7 @@ from benchmarks.conftest import TEXT_PROMPTS, generate_each
 
 NEW_TOKENS = 128
 REPEATS = 2
-SETTINGS = [(k, b) for k in (1, 2) for b in (1, 2, 3)]
+SETTINGS = [(k, b) for k in (1, 2) for b in (1, 2, 3)] + [("adaptive", 1), ("adaptive", 1, 0.0)]  # (k, b[, call_cost])
 SAMPLED_SETTINGS = [(2, b) for b in (1, 2, 3)]
 SAMPLED_TEMPERATURE = 0.8
 
@@ -82,20 +84,27 @@ def sweep(engine, prompts, repeats: int = REPEATS, settings=SETTINGS, **sampling
     times: dict[tuple, list] = {s: [] for s in settings}
     gens_of = {}
     for _ in range(repeats):
-        for k, b in settings:
-            full_t[k, b].append(_run(engine, prompts, **sampling)[0])
-            dt, gens = _run(engine, prompts, mode="speculative", draft_loop=k, branch=b, **sampling)
+        for s in settings:
+            k, b, *cost = s
+            full_t[s].append(_run(engine, prompts, **sampling)[0])
+            dt, gens = _run(engine, prompts, mode="speculative", draft_loop=k, branch=b,
+                            **({"call_cost": cost[0]} if cost else {}), **sampling)
             if not sampling:
-                assert [g.tokens for g in gens] == [g.tokens for g in full], f"k={k} b={b} differs from full depth"
+                assert [g.tokens for g in gens] == [g.tokens for g in full], f"{s} differs from full depth"
             assert sum(len(g.tokens) for g in gens) == tokens  # stop=[]: every prompt runs to NEW_TOKENS
-            times[k, b].append(dt)
-            gens_of[k, b] = gens
+            times[s].append(dt)
+            gens_of[s] = gens
     rows = []
-    for k, b in settings:
-        wall, cpu = min(t[0] for t in times[k, b]), min(t[1] for t in times[k, b])
-        f_wall, f_cpu = min(t[0] for t in full_t[k, b]), min(t[1] for t in full_t[k, b])
-        rows.append({"draft_loop": k, "branch": b, "tokens_per_s": tokens / wall, "ratio_to_full": f_wall / wall,
-                     "tokens_per_s_cpu": tokens / cpu, "ratio_to_full_cpu": f_cpu / cpu, **_pooled(gens_of[k, b])})
+    for s in settings:
+        k, b, *cost = s
+        wall, cpu = min(t[0] for t in times[s]), min(t[1] for t in times[s])
+        f_wall, f_cpu = min(t[0] for t in full_t[s]), min(t[1] for t in full_t[s])
+        st = gens_of[s][0].stats
+        rows.append({"draft_loop": k, "branch": b, "call_cost": cost[0] if cost else st.get("call_cost"),
+                     "tokens_per_s": tokens / wall, "ratio_to_full": f_wall / wall,
+                     "tokens_per_s_cpu": tokens / cpu, "ratio_to_full_cpu": f_cpu / cpu, **_pooled(gens_of[s])})
+        if k == "adaptive":  # tokens emitted per draft loop, over the prompts
+            rows[-1]["tokens_by_loop"] = _tokens_by_loop(gens_of[s])
     every = [t for ts in full_t.values() for t in ts]
     return {"rows": rows, "full_tokens_per_s": tokens / min(t[0] for t in every),
             "full_tokens_per_s_cpu": tokens / min(t[1] for t in every),
@@ -103,11 +112,30 @@ def sweep(engine, prompts, repeats: int = REPEATS, settings=SETTINGS, **sampling
             "load_avg": os.getloadavg()}
 
 
+def _tokens_by_loop(gens) -> dict[str, int]:
+    """draft_loop="adaptive": tokens emitted while drafting at each loop, summed over the prompts."""
+    out: dict[str, int] = {}
+    for g in gens:
+        sw = g.stats["loop_switches"] + [[len(g.tokens), None]]
+        for (n, k), (m, _) in zip(sw, sw[1:]):
+            out[str(k)] = out.get(str(k), 0) + m - n
+    return out
+
+
+def _tag(r: dict) -> str:
+    cost = f"_r{r['call_cost']:g}" if r["draft_loop"] == "adaptive" and r["call_cost"] is not None else ""
+    return f"k{r['draft_loop']}_b{r['branch']}{cost}"
+
+
 def print_table(result: dict) -> None:
     print(f"\nfull depth {result['full_tokens_per_s']:.1f} tok/s wall, {result['full_tokens_per_s_cpu']:.1f} CPU, "
           f"{result['full_weight_passes_per_token']:.2f} weight passes/token; load average {result['load_avg']}")
     print(" k  b   wall tok/s  ratio   CPU ratio  passes/tok  tok/fwd  rows/fwd  accept  by depth         won by rank")
     for r in result["rows"]:
+        if r["draft_loop"] == "adaptive":
+            print(f" adaptive (call cost {r['call_cost']}): {r['tokens_per_s']:.1f} tok/s, {r['ratio_to_full']:.2f}x, "
+                  f"{r['weight_passes_per_token']:.2f} passes/tok, tokens by draft loop {r['tokens_by_loop']}")
+            continue
         depth = " ".join("-" if a is None else f"{a:.2f}" for a in r.get("acceptance_by_depth", []))
         rows = "-" if r["rows_per_forward"] is None else f"{r['rows_per_forward']:.2f}"
         print(f" {r['draft_loop']}  {r['branch']}   {r['tokens_per_s']:9.1f}  {r['ratio_to_full']:5.2f}   {r['ratio_to_full_cpu']:8.2f}  "
@@ -119,7 +147,7 @@ def _summary(result: dict) -> dict:
     """Scalar keys per setting (RESULTS.md's table of this file shows scalars only)."""
     out = {}
     for r in result["rows"]:
-        tag = f"k{r['draft_loop']}_b{r['branch']}"
+        tag = _tag(r)
         out[f"{tag}_ratio_to_full"] = r["ratio_to_full"]
         out[f"{tag}_weight_passes_per_token"] = r["weight_passes_per_token"]
     return out

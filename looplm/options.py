@@ -94,9 +94,10 @@ class SpeculativeOptions(ModeOptions):
 
     mode: ClassVar[str] = "speculative"
 
-    draft_loop: int | None = None
+    draft_loop: int | str | None = None
     """1-based depth k in 1..T-1 whose LM head drafts (the state after loops 1..k); None:
-    min(spec.DEFAULT_DRAFT_LOOP, T-1)."""
+    min(spec.DEFAULT_DRAFT_LOOP, T-1); "adaptive": chosen online per request among the divisors
+    of T from the acceptance each loop's drafts would have had (spec.adapt; pipelined, branch 1)."""
     draft_len: int | str | None = None
     """Tokens drafted per round: an integer >= 1 or "adaptive"; None: spec.DEFAULT_DRAFT_LEN in
     rounds. Not with pipeline=True (the pipeline keeps T/k - 1 drafts in flight)."""
@@ -120,6 +121,9 @@ class SpeculativeOptions(ModeOptions):
     """Decode the rest of a one-sequence request at full depth once drafts stop paying (fewer than
     a quarter of the last 12 tokens were accepted drafts; spec.fallback), with any branch (draft
     trees too: their side lanes are dropped at the switch). Lossless either way."""
+    call_cost: float = 0.0
+    """With draft_loop="adaptive": a forward call's fixed cost in loop passes, in [0, 1000] (0:
+    decode time follows weight passes; `python -m spec.calibrate` measures it per model)."""
 
     def __post_init__(self):
         if not (_is_int(self.branch) and self.branch >= 1):
@@ -132,8 +136,13 @@ class SpeculativeOptions(ModeOptions):
             except ValueError as e:
                 raise self._fail("branch_threshold", str(e)) from None
         k = self.draft_loop
-        if k is not None and not (_is_int(k) and k >= 1):
-            raise self._fail("draft_loop", f"draft_loop must be an integer >= 1 (a 1-based loop depth) or None, got {k!r}")
+        if k is not None and k != "adaptive" and not (_is_int(k) and k >= 1):
+            raise self._fail("draft_loop", f"draft_loop must be an integer >= 1 (a 1-based loop depth), 'adaptive' or None, "
+                                           f"got {k!r}")
+        try:
+            number_in("call_cost", self.call_cost, 0, 1000)
+        except ValueError as e:
+            raise self._fail("call_cost", str(e)) from None
         if self.draft_len is not None and self.pipeline is True:
             raise self._fail("draft_len", "draft_len: pipeline=True sets the draft length itself (T/k - 1 drafts in "
                                           f"flight); got draft_len={self.draft_len!r}")
@@ -155,6 +164,14 @@ class SpeculativeOptions(ModeOptions):
         T = num_loops
         if T < 2:
             raise ValueError(f"mode 'speculative' needs a model with at least 2 loops; this one has {T}")
+        if self.draft_loop == "adaptive":
+            if self.pipeline is False or self.draft_len is not None:
+                raise self._fail("draft_loop", f"draft_loop='adaptive' runs in the pipeline: no draft_len and not "
+                                               f"pipeline=False (got pipeline={self.pipeline}, draft_len={self.draft_len!r})")
+            if self.branch > 1:
+                raise self._fail("branch", f"branch={self.branch} (draft trees) does not run with draft_loop='adaptive'; "
+                                           "use branch=1")
+            return self
         k = min(DEFAULT_DRAFT_LOOP, T - 1) if self.draft_loop is None else self.draft_loop
         if k > T - 1:
             raise self._fail("draft_loop", f"draft_loop must be an integer in 1..{T - 1} (a 1-based loop depth below "

@@ -47,7 +47,10 @@ class Stats(TypedDict):
     draft: NotRequired[str]  # what drafted: "map", "extrapolate" or "loop"
     draft_map_unused: NotRequired[str]  # why the checkpoint's recommended draft map did not draft
     pipeline: NotRequired[bool]  # drafts were pipelined (spec.pipeline) rather than in rounds
-    draft_loop: NotRequired[int]  # the 1-based loop whose head drafted
+    draft_loop: NotRequired[int]  # the 1-based loop whose head drafted (draft_loop="adaptive": the last one)
+    loop_switches: NotRequired[list[list[int]]]  # draft_loop="adaptive": [tokens emitted, draft loop from then on], from the start
+    call_cost: NotRequired[float]  # draft_loop="adaptive": a forward call's fixed cost in loop passes (spec.adapt)
+    loop_acceptance: NotRequired[dict[str, float]]  # draft_loop="adaptive": loop -> mean acceptance of its drafts (spec.adapt)
     draft_len: NotRequired[int | str]  # drafts per round (int or "adaptive"); pipelined: drafts in flight
     extrapolate: NotRequired[float]  # the extrapolation c used (0.0 when unused)
     drafted: NotRequired[int]  # drafts proposed

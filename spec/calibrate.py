@@ -129,11 +129,12 @@ def default_prompts(engine, n: int | None = None) -> list[list[int]]:
 
 
 def _pooled(gens) -> dict:
-    """Weight passes per token and token acceptance over the prompts (ratios of sums)."""
+    """Weight passes and forwards per token, and token acceptance, over the prompts (ratios of sums)."""
     tokens = sum(len(g.tokens) for g in gens)
     st = [g.stats for g in gens]
     tested = sum(s.get("accepted", 0) + s.get("rejected", 0) for s in st)
     return {"weight_passes_per_token": sum(s["weight_passes_per_token"] * len(g.tokens) for s, g in zip(st, gens)) / max(tokens, 1),
+            "forwards_per_token": sum(s["forwards"] for s in st) / max(tokens, 1),
             "token_acceptance": sum(s.get("accepted", 0) for s in st) / tested if tested else None}
 
 
@@ -142,8 +143,9 @@ def sweep(engine, settings: Sequence[Setting], prompts: Sequence[list[int]], new
     """Times every setting against full depth (the module docstring); returns the table and the best.
 
     Returns {"rows": [{draft_loop, branch, tokens_per_s, ratio_to_full, ratios, weight_passes_per_token,
-    token_acceptance}], "full_tokens_per_s", "full_weight_passes_per_token", "tokens", "best": see
-    `best_row`}. Raises NotLossless when a setting's tokens differ from full depth's.
+    forwards_per_token, token_acceptance}], "full_tokens_per_s", "full_weight_passes_per_token",
+    "full_forwards_per_token", "tokens", "best": see `best_row`, "call_cost": see `fit_call_cost`}.
+    Raises NotLossless when a setting's tokens differ from full depth's.
     """
     check_counts(repeats, new_tokens)
 
@@ -179,9 +181,31 @@ def sweep(engine, settings: Sequence[Setting], prompts: Sequence[list[int]], new
     bar.close()
     rows = [{"draft_loop": s[0], "branch": s[1], "tokens_per_s": tokens / statistics.median(seconds[s]),
              "ratio_to_full": statistics.median(ratios[s]), "ratios": ratios[s], **_pooled(gens_of[s])} for s in settings]
-    return {"rows": rows, "tokens": tokens, "full_tokens_per_s": tokens / statistics.median(full_seconds),
-            "full_weight_passes_per_token": _pooled(full)["weight_passes_per_token"],
-            "best": best_row(rows, margin)}
+    pooled = _pooled(full)
+    result = {"rows": rows, "tokens": tokens, "full_tokens_per_s": tokens / statistics.median(full_seconds),
+              "full_weight_passes_per_token": pooled["weight_passes_per_token"],
+              "full_forwards_per_token": pooled["forwards_per_token"], "best": best_row(rows, margin)}
+    result["call_cost"] = fit_call_cost(result)
+    return result
+
+
+def fit_call_cost(result: dict) -> float | None:
+    """A forward call's fixed cost in loop passes here (the r of draft_loop="adaptive", spec.adapt):
+    seconds per token ~ c_call * forwards per token + c_loop * weight passes per token, fitted by
+    least squares over full depth and the branch-1 settings (their rows per call are the tokens in
+    flight, whose loops add up to about T per token in each), r = c_call / c_loop, rounded and
+    clipped to [0, 1000]. None with fewer than three points, or when the fit's loop cost is not
+    positive (noise swamped the difference between the settings)."""
+    pts = [(result["full_forwards_per_token"], result["full_weight_passes_per_token"], 1 / result["full_tokens_per_s"])]
+    pts += [(r["forwards_per_token"], r["weight_passes_per_token"], 1 / r["tokens_per_s"]) for r in result["rows"] if r["branch"] == 1]
+    if len(pts) < 3:
+        return None
+    a = torch.tensor(pts, dtype=torch.float64)
+    sol = torch.linalg.lstsq(a[:, :2], a[:, 2:]).solution[:, 0]
+    c_call, c_loop = float(sol[0]), float(sol[1])
+    if c_loop <= 0:
+        return None
+    return round(min(max(c_call / c_loop, 0.0), 1000.0), 2)
 
 
 def best_row(rows: list[dict], margin: float = MARGIN) -> dict:
@@ -202,6 +226,8 @@ def print_table(result: dict, file=None) -> None:
         acc = "-" if r["token_acceptance"] is None else f"{r['token_acceptance']:.3f}"
         print(f" {r['draft_loop']}  {r['branch']}  {r['tokens_per_s']:9.1f}  {r['ratio_to_full']:13.2f}  "
               f"{r['weight_passes_per_token']:12.2f}  {acc:>16}", file=file)
+    if result.get("call_cost") is not None:
+        print(f"a forward call costs about {result['call_cost']:.2f} loop passes here (call_cost, for draft_loop='adaptive')", file=file)
     best = result["best"]
     if best["ratio_to_full"] >= 1:
         print(f"best: draft_loop={best['draft_loop']} branch={best['branch']} ({best['ratio_to_full']:.2f}x full depth)", file=file)
@@ -229,7 +255,8 @@ def write_recommendation(checkpoint: str | Path, result: dict, *, device: str = 
     """Records `result`'s best setting in the checkpoint's generation_config.json (every other key
     kept); returns the new "looplm.speculative" object.
 
-    Best ratio >= 1: draft_loop and branch are set. Below 1, they are left as they were. Either way
+    Best ratio >= 1: draft_loop and branch are set. Below 1, they are left as they were. A fitted
+    call cost (`fit_call_cost`) is set as call_cost, which draft_loop="adaptive" reads. Either way
     "calibrated" records the measured ratio, whether speculation pays, the device, the torch thread
     count and the date (UTC).
     """
@@ -243,6 +270,8 @@ def write_recommendation(checkpoint: str | Path, result: dict, *, device: str = 
     pays = best["ratio_to_full"] >= 1
     if pays:
         spec_opts.update(draft_loop=best["draft_loop"], branch=best["branch"])
+    if result.get("call_cost") is not None:
+        spec_opts["call_cost"] = result["call_cost"]
     spec_opts["calibrated"] = {
         "draft_loop": best["draft_loop"], "branch": best["branch"], "ratio_to_full": round(best["ratio_to_full"], 4),
         "speculation_pays": pays, "full_tokens_per_s": round(result["full_tokens_per_s"], 2),
@@ -286,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result)
     if a.write:
         spec_opts = write_recommendation(ckpt, result, device=device, settings={
-            "prompts": len(prompts), "new_tokens": a.new_tokens, "repeats": a.repeats})
+            "prompts": len(prompts), "new_tokens": a.new_tokens, "repeats": a.repeats, "swept": [f"k={k} b={b}" for k, b in settings]})
         print(f"recorded in {ckpt / 'generation_config.json'}: {spec_opts}")
     return 0
 

@@ -38,6 +38,7 @@ from looplm.sampling import probabilities, sample
 from looplm.work import Forward
 
 from .accept import accept_greedy, accept_sampled
+from .adapt import LoopChooser, start_loop
 from .drafts import DraftMap, draft_state, resolve_draft_map
 from .fallback import with_fallback
 from .pipeline import decode_pipelined
@@ -68,6 +69,7 @@ def decode(
     branch: int = 1,
     branch_threshold: float | None = None,
     fallback: bool = True,
+    call_cost: float = 0.0,
 ) -> Decoder:
     """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
 
@@ -78,7 +80,10 @@ def decode(
         model: the looped model (T = model.num_loops >= 2).
         req: the validated batch (ragged prompts, per-row max_new, sampling params).
         draft_loop: 1-based loop k in 1..T-1 whose LM head drafts (default
-            min(DEFAULT_DRAFT_LOOP, T-1)).
+            min(DEFAULT_DRAFT_LOOP, T-1)), or "adaptive": pipelined, one sequence, starting at the
+            largest divisor of T up to DEFAULT_DRAFT_LOOP and moving between the divisors of T
+            from the acceptance each loop's drafts would have had (spec.adapt); each loop drafts
+            with the draft map's map for it if it has one, else as `extrapolate` says.
         draft_len: tokens drafted per round, an int >= 1, or "adaptive" (spec.schedule: picks
             g in 1..8 maximising expected tokens per loop pass from the running acceptance rate).
         pipeline: draft token n+1 in the same forward that runs token n's remaining loops
@@ -97,6 +102,8 @@ def decode(
             accepts continues (multi-candidate rejection when sampling). 1: spec.pipeline.
         branch_threshold: with branch > 1, branch only where the draft's top-1 probability is
             below this value in [0, 1] (None: always).
+        call_cost: with draft_loop="adaptive", a forward call's fixed cost in loop passes (>= 0;
+            0: decode time follows weight passes), the r of spec.adapt's cost model.
         fallback: switch a one-sequence request (every branch b; draft trees are one sequence) to
             full depth for the rest of the request once drafts stop paying (fewer than a quarter
             of the last 12 tokens were accepted drafts; spec.fallback); stats["fallback_at"] says
@@ -116,11 +123,22 @@ def decode(
         kv_bytes_per_token (cache bytes per row and position).
     """
     T, B = model.num_loops, req.batch_size
+    p = model.lm_head.weight
+    recommended = "draft_map" in req.recommended
+    if draft_loop == "adaptive":  # options checked: pipelined, one candidate per position
+        maps = {j: resolve_draft_map(draft_map, model.config.hidden_size, j, p.dtype, p.device, recommended=True)
+                for j in LoopChooser(T).loops}
+        drafters = {j: (0.0 if j < 2 or m is not None else float(extrapolate), m) for j, m in maps.items()}
+        k = start_loop(T, DEFAULT_DRAFT_LOOP)
+        x, m = drafters[k]
+        req.stats["draft"] = "map" if m is not None else "extrapolate" if x else "loop"  # at the start loop
+        req.stats.update(fallback_at=None, call_cost=float(call_cost))
+        inner = decode_pipelined(model, req, k, chooser=LoopChooser(T, call_cost), drafters=drafters)
+        yield from (with_fallback(model, req, inner) if fallback and B == 1 else inner)
+        return
     k = min(DEFAULT_DRAFT_LOOP, T - 1) if draft_loop is None else draft_loop
     if k < 2:
         extrapolate = 0.0  # loop 1 has no earlier loop to extrapolate from (stats say 0.0)
-    p = model.lm_head.weight
-    recommended = "draft_map" in req.recommended
     dmap = resolve_draft_map(draft_map, model.config.hidden_size, k, p.dtype, p.device, recommended=recommended)
     if draft_map is not None and dmap is None:  # the checkpoint's map has no map for this loop: said, not silent
         req.stats["draft_map_unused"] = f"the checkpoint's recommended draft map has no map for draft_loop={k}"

@@ -32,15 +32,17 @@ import torch.nn.functional as F
 FORMAT = "looplm-draft-map"
 
 
-def draft_state(per_loop: torch.Tensor, extrapolate: float = 0.0, draft_map: "DraftMap | None" = None) -> torch.Tensor:
+def draft_state(per_loop: torch.Tensor, extrapolate: float = 0.0, draft_map: "DraftMap | None" = None,
+                loop: int | None = None) -> torch.Tensor:
     """The hidden state whose head logits are the draft logits, from the states of loops 1..k
-    `per_loop` [k >= 1, ..., H] (LoopOutput.hidden, loops in order).
+    `per_loop` [k >= 1, ..., H] (LoopOutput.hidden, loops in order), or, given `loop` = k, from
+    the states of loops k-1 and k alone (only the last two are ever read).
 
     With a `draft_map`, its map of the last two states (extrapolate is then unused); else
     extrapolate = c > 0 gives h_k + c * (h_k - h_{k-1}) (needs k >= 2), and c = 0 returns h_k.
     """
     if draft_map is not None:
-        return draft_map.state(per_loop)
+        return draft_map.state(per_loop, loop)
     if not extrapolate:
         return per_loop[-1]
     if per_loop.shape[0] < 2:
@@ -123,9 +125,10 @@ class DraftMap:
     def to(self, dtype=None, device=None) -> "DraftMap":
         return DraftMap({k: {n: t.to(device=device, dtype=dtype) for n, t in p.items()} for k, p in self.params.items()}, self.info)
 
-    def state(self, per_loop: torch.Tensor) -> torch.Tensor:
-        """The draft state from `per_loop` [k, ..., H] (the states of loops 1..k, in order)."""
-        k = per_loop.shape[0]
+    def state(self, per_loop: torch.Tensor, loop: int | None = None) -> torch.Tensor:
+        """The draft state from `per_loop` [k, ..., H] (the states of loops 1..k, in order; or,
+        given `loop` = k, those of loops k-1 and k)."""
+        k = per_loop.shape[0] if loop is None else loop
         if k not in self.params:
             raise ValueError(f"the draft map has loops {self.loops}, not the draft loop {k}")
         p = self.params[k]

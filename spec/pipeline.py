@@ -33,6 +33,7 @@ from looplm.sampling import probabilities, sample
 from looplm.work import Forward
 
 from .accept import accept_sampled
+from .adapt import LoopChooser, shadow_drafts
 from .drafts import DraftMap, draft_state
 from .start import first_step, start_request
 
@@ -47,6 +48,7 @@ class _Token:
     hidden: torch.Tensor | None = None  # (H,) state after loop stage*k (None before stage 0)
     q: torch.Tensor | None = None  # (V,) the distribution it was drafted from (sampling only)
     slot: int = -1  # its row in the current forward call
+    shadow: dict | None = None  # draft_loop="adaptive": loop j -> the draft of its successor from loop j (spec.adapt)
 
 
 def pipeline_stats(k: int, D: int, extrapolate: float, drafted: int, accepted: int, rejected: int, hist: list[int],
@@ -61,12 +63,20 @@ def pipeline_stats(k: int, D: int, extrapolate: float, drafted: int, accepted: i
 
 
 def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: float = 0.0,
-                     draft_map: DraftMap | None = None) -> Decoder:
+                     draft_map: DraftMap | None = None, chooser: LoopChooser | None = None,
+                     drafters: dict[int, tuple[float, DraftMap | None]] | None = None) -> Decoder:
     """Speculative decoding with the draft of token n+1 computed in the same forward as the
     remaining loops of token n (see the module docstring). `extrapolate` = c drafts from
     spec.drafts.draft_state (loop k's logits pushed c times further along their change from loop k-1);
     a `draft_map` (spec.drafts.DraftMap, checked by the caller) drafts instead. k divides T (checked
     at submit by looplm.options.SpeculativeOptions).
+
+    With a `chooser` (draft_loop="adaptive", one sequence; spec.adapt) k is where drafting starts:
+    every token's states at the loops in chooser.loops are headed as shadow drafts, scored when its
+    successor is known, and the draft loop changes where one token that has run no loop is in
+    flight; `drafters` maps each of those loops to its (extrapolate, draft map). Stats add
+    loop_switches ([tokens emitted, draft loop] from the start) and loop_acceptance (loop -> mean
+    score of its drafts).
 
     Same Steps and stats keys as spec.decode, with pipeline = True, draft_len = T/k - 1 (drafts in
     flight), rounds = forward calls, rejected = tested drafts that failed, and accepted_len_hist /
@@ -76,6 +86,11 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
     T, B = model.num_loops, req.batch_size
     D = T // k
     params, gen = req.sampling, req.generator
+    drafters = drafters if drafters is not None else {k: (extrapolate, draft_map)}
+    if chooser is not None and B != 1:
+        raise ValueError(f"draft_loop='adaptive' decodes one sequence per request, got a batch of {B}")
+    switches = [[0, k]]  # draft_loop="adaptive": [tokens emitted, the draft loop from then on]
+    draining = False  # stop drafting, to change the draft loop once the pipeline is empty
     timer, first = yield from start_request(model, req)
     device = model.lm_head.weight.device
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
@@ -94,7 +109,9 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
         run[row] = 0
 
     def stats() -> None:
-        req.stats.update(pipeline_stats(k, D, extrapolate, n_prop, n_acc, n_rej, hist, calls, computed, emitted))
+        req.stats.update(pipeline_stats(k, D, drafters[k][0], n_prop, n_acc, n_rej, hist, calls, computed, emitted))
+        if chooser is not None:
+            req.stats.update(loop_switches=[list(x) for x in switches], loop_acceptance=chooser.acceptance())
 
     for row in range(B):
         if req.active(row, 0):
@@ -106,6 +123,12 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
     stats()
     try:
         while True:
+            if chooser is not None and len(flight[0]) == 1 and flight[0][0].stage == 0:  # an exact switch point
+                draining = False
+                j = chooser.best(k)
+                if j != k:
+                    k, D = j, T // j
+                    switches.append([emitted, k])
             # call rows ordered by stage, then by batch row: the rows at one loop are contiguous and,
             # with every sequence in flight, their cache rows too (attention reads views, no gather);
             # a single sequence's tokens sit at evenly spaced loops (one strided view of the cache)
@@ -118,11 +141,11 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                 t.slot = i
             rows = tuple(r for (_, r), _ in pairs)
             stages = tuple(t.stage for t in items)
-            if (rows, stages) not in layouts:  # index tensors of a call layout, built once (few layouts recur)
+            if (k, rows, stages) not in layouts:  # index tensors of a call layout, built once (few layouts recur)
                 fresh_ = [i for i, st in enumerate(stages) if st == 0]
                 stage_t = torch.tensor(stages, device=device)[:, None]
-                layouts[rows, stages] = (torch.tensor(rows, device=device), stage_t * k, fresh_, stage_t == 0)
-            rows_t, start, fresh, is_fresh = layouts[rows, stages]
+                layouts[k, rows, stages] = (torch.tensor(rows, device=device), stage_t * k, fresh_, stage_t == 0)
+            rows_t, start, fresh, is_fresh = layouts[k, rows, stages]
             pos_list = [plen[r] + t.index for (_, r), t in pairs]
             # one lookup of the fresh tokens (under tensor parallelism a collective: no rows read directly)
             fresh_ids = [t.token for t in items if not t.stage]
@@ -132,6 +155,12 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
             calls += 1
             computed += len(items) * k
             hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
+            extrapolate, draft_map = drafters[k]
+            if chooser is not None:  # the other loops' drafts of each token's successor, from this call's states
+                for t, sh in zip(items, shadow_drafts(model, out.hidden[:, :, 0], [t.hidden for t in items], stages, k,
+                                                      chooser.loops, drafters, params)):
+                    if sh:
+                        t.shadow = {**(t.shadow or {}), **sh}
             state = hidden
             if (extrapolate or draft_map is not None) and fresh:  # rows leaving loop k draft from mapped states (spec.drafts)
                 state = torch.where(is_fresh, draft_state(out.hidden[:, :, 0], extrapolate, draft_map), hidden)
@@ -145,6 +174,8 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                 for r in heads:
                     tok = ids[flight[r][0].slot]
                     verdict[r] = (tok, len(flight[r]) > 1 and flight[r][1].token == tok)
+                    if chooser is not None and flight[r][0].shadow:
+                        chooser.record({j: float(d == tok) for j, d in flight[r][0].shadow.items()})
                 draft_tok = {i: ids[i] for i in fresh}
             else:
                 # -- verify: a token leaving loop T tests its successor's draft (Leviathan/Chen) --------
@@ -157,11 +188,18 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                     accepted, tokens = accept_sampled(drafts, q, p, limit, gen)
                     for r, a, tok in zip(heads, accepted.tolist(), tokens[:, 0].tolist()):
                         verdict[r] = (tok, bool(a))
+                    if chooser is not None:  # a draft from q_j passes with probability sum(min(p, q_j))
+                        for n, r in enumerate(heads):
+                            if flight[r][0].shadow:
+                                chooser.record({j: float(torch.minimum(p[n, 0], qj).sum()) for j, qj in flight[r][0].shadow.items()})
                 # -- draft: a token leaving loop k samples its successor from its loop-k head ----------
                 if fresh:
                     qd = probabilities(lg[fresh], params)
                     draft_tok = dict(zip(fresh, sample(qd, gen).tolist()))
                     draft_q = dict(zip(fresh, qd))
+            if chooser is not None:  # loop k's own draft of each fresh token's successor
+                for i in fresh:
+                    items[i].shadow = {**(items[i].shadow or {}), k: draft_tok[i] if params.greedy else draft_q[i]}
 
             # -- advance every row's pipeline and emit in order ----------------------------------------
             for row in range(B):
@@ -191,9 +229,12 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                         toks.clear()
                         continue
                 newest = toks[-1] if toks else None  # drafts if it has just left loop k
-                if newest is not None and newest.stage == 1 and newest.slot in draft_tok and newest.index + 1 < req.max_new[row]:
+                if newest is not None and newest.stage == 1 and newest.slot in draft_tok and newest.index + 1 < req.max_new[row] \
+                        and not draining:
                     toks.append(_Token(newest.index + 1, draft_tok[newest.slot], 0, q=draft_q.get(newest.slot)))
                     n_prop += 1
+            if chooser is not None and not draining and flight[0]:
+                draining = chooser.drain(k, req.max_new[0] - produced[0])
     finally:  # also when the consumer stops early (Stream.close): open runs count, then the stats
         for r in range(B):
             if run[r]:

@@ -75,6 +75,7 @@ def modes(T: int):
     yield "speculative", {"draft_loop": k, "draft_len": random.choice([1, 3, "adaptive"])}
     yield "speculative", {"draft_loop": divisor, "pipeline": True, "extrapolate": random.uniform(0, 1)}
     yield "speculative", {"draft_loop": divisor, "branch": random.choice([2, 3]), "branch_threshold": random.choice([None, 0.5])}
+    yield "speculative", {"draft_loop": "adaptive", "call_cost": random.uniform(0, 4)}
     yield "anytime", {"budget_loops": random.randint(1, T), "skip": random.choice(["exact", "copy"]),
                       "finish": random.choice(["eager", "lazy"])}
     yield "anytime", {"exit": "q_exit", "q": random.random(), "budget_ms": 1e4, "trace": True}

@@ -8,7 +8,8 @@ import pytest
 
 import looplm
 from looplm.checkpoint import save_pretrained
-from spec.calibrate import MARGIN, NotLossless, best_row, candidates, default_prompts, main, sweep, write_recommendation
+from spec.calibrate import (MARGIN, NotLossless, best_row, candidates, default_prompts, fit_call_cost, main, sweep,
+                            write_recommendation)
 
 from .conftest import spec_model
 
@@ -54,10 +55,38 @@ def test_injected_costs_pick_the_fastest_and_write_records_it(tmp_path):
     assert cal["device"] == "cpu" and cal["torch_threads"] == 1 and cal["date_utc"].endswith("UTC")
 
     reloaded = looplm.load(path)
-    assert reloaded.mode_defaults("speculative") == {"extrapolate": 0.5, "draft_loop": 2, "branch": 3}  # "calibrated" is a record
+    fitted = {} if result["call_cost"] is None else {"call_cost": result["call_cost"]}
+    assert reloaded.mode_defaults("speculative") == {"extrapolate": 0.5, "draft_loop": 2, "branch": 3, **fitted}  # "calibrated" is a record
     g = reloaded.generate([3, 1, 4], max_new_tokens=8, stop=[], mode="speculative")
     assert (g.stats["draft_loop"], g.stats["branch"]) == (2, 3)
     assert g.tokens == reloaded.generate([3, 1, 4], max_new_tokens=8, stop=[]).tokens
+
+
+def test_the_call_cost_is_fitted_from_forwards_and_weight_passes_and_written(tmp_path):
+    """Seconds made of a known cost per forward and per weight pass (from each call's own stats):
+    the fit recovers their ratio, draft_loop="adaptive" reads it from the checkpoint."""
+    c_call, c_loop = random.uniform(0.5, 3.0), random.uniform(0.05, 0.2)
+
+    def measure(run, setting):
+        gens = run()
+        st = [g.stats for g in gens]
+        return sum(c_call * s["forwards"] + c_loop * s["weight_passes_per_token"] * s["new_tokens"] for s in st), gens
+
+    path = checkpoint(tmp_path)
+    engine = looplm.load(path)
+    result = sweep(engine, candidates(4, None, [1, 2]), default_prompts(engine, 2), new_tokens=12, repeats=1, measure=measure,
+                   progress=False)
+    assert result["call_cost"] == round(c_call / c_loop, 2)
+    write_recommendation(path, result)
+    assert json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]["call_cost"] == result["call_cost"]
+    g = looplm.load(path).generate([3, 1, 4], max_new_tokens=4, stop=[], mode="speculative", draft_loop="adaptive")
+    assert g.stats["loop_switches"][0] == [0, 2]
+    # no fit from two points, nor a loop cost that is not positive
+    rows = [{"branch": 1, "forwards_per_token": 1.2, "weight_passes_per_token": 2.2, "tokens_per_s": 100.0}]
+    base = {"full_forwards_per_token": 1.0, "full_weight_passes_per_token": 4.0, "full_tokens_per_s": 100.0}
+    assert fit_call_cost({**base, "rows": rows}) is None
+    more = rows + [{"branch": 1, "forwards_per_token": 2.2, "weight_passes_per_token": 2.2, "tokens_per_s": 50.0}]
+    assert fit_call_cost({**base, "full_tokens_per_s": 200.0, "rows": more}) is None  # fewer passes, yet slower
 
 
 def test_when_nothing_beats_full_depth_nothing_is_recommended(tmp_path):
