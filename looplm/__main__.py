@@ -148,7 +148,11 @@ def _main(argv: list[str] | None) -> int:
     if "token_acceptance" in s:  # speculative: how often a loop-k draft passed full-depth verification
         how = "pipelined" if s.get("pipeline") else f"draft length {s['draft_len']}"
         how += {"map": ", fitted draft map", "extrapolate": f", extrapolated c={s.get('extrapolate', 0):g}"}.get(s.get("draft"), "")
-        print(f"drafts from loop {s['draft_loop']} ({how}): {100 * s['token_acceptance']:.0f}% of tested drafts "
+        where = f"loop {s['draft_loop']}"
+        if "loop_switches" in s:  # draft_loop="adaptive": the loops it drafted from, in order
+            where = "loops " + " -> ".join(str(k) for _, k in s["loop_switches"])
+            how = f"adaptive, call cost {s['call_cost']:g}"
+        print(f"drafts from {where} ({how}): {100 * s['token_acceptance']:.0f}% of tested drafts "
               f"accepted, {s['loops_per_token']:.2f} loops computed per token")
     return 0
 

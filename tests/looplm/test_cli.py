@@ -50,6 +50,9 @@ def test_cli_speculative_reports_draft_acceptance(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mean exit loop 4.00 of 4" in out
     assert "drafts from loop 2 (pipelined):" in out and "% of tested drafts accepted" in out
+    assert main(["generate", "one two", "--model", str(tmp_path / "m"), "--max-new-tokens", "8", "--mode", "speculative",
+                 "-o", "draft_loop=adaptive", "-o", "call_cost=1.5"]) == 0
+    assert "drafts from loops 2 (adaptive, call cost 1.5):" in capsys.readouterr().out  # 8 tokens: too few to switch
 
 
 # -- user errors: one `error:` line, exit status 2, no traceback (issue #13 item 4) ---------------
