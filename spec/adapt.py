@@ -54,10 +54,10 @@ def start_loop(T: int, preferred: int) -> int:
 class LoopChooser:
     """Acceptance estimates per candidate draft loop, and the choice among them (module docstring)."""
 
-    def __init__(self, T: int, call_cost: float = 0.0, window: int = WINDOW):
+    def __init__(self, T: int, call_cost: float = 0.0, window: int | None = None):
         self.T, self.call_cost = T, float(call_cost)
         self.loops = divisors_below(T)
-        self.scores = {j: deque(maxlen=window) for j in self.loops}
+        self.scores = {j: deque(maxlen=window or WINDOW) for j in self.loops}
         self.totals = {j: [0.0, 0] for j in self.loops}  # over the whole request: sum of scores, count
 
     def record(self, scores: dict[int, float]) -> None:
