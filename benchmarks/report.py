@@ -424,6 +424,37 @@ def serve_lines(others: list[dict], plot_name: str | None) -> list[str]:
     return lines + [""]
 
 
+def trees_lines(others: list[dict]) -> list[str]:
+    """The "Draft trees and the draft loop" subsection: per setting of each test_trees.py sweep, speed,
+    weight passes, tokens and rows per forward, acceptance per tested position and per tree depth."""
+    sweeps = [b for b in others if b.get("name", "").startswith("test_draft_trees") and (b.get("extra_info") or {}).get("rows")]
+    if not sweeps:
+        return []
+    lines = ["### Draft trees and the draft loop (`test_trees.py`)", ""]
+    for b in sweeps:
+        e = b["extra_info"]
+        kind = f"sampling at temperature {e['temperature']:g}" if "temperature" in e else "greedy, every output equal to full depth"
+        lines += [f"{kind}; full depth {_fmt(e['full_tokens_per_s'], 1)} tokens/s, {_fmt(e['full_weight_passes_per_token'])} "
+                  f"weight passes per token:", "",
+                  "| draft loop k | branch b | tok/s | x full | weight passes/token | tokens/forward | rows/forward | acceptance | by tree depth | wins by rank |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in e["rows"]:
+            k = r["draft_loop"]
+            if k == "adaptive":
+                by_loop = ", ".join(f"{n} at loop {j}" for j, n in sorted(r.get("tokens_by_loop", {}).items()))
+                k = f"adaptive, call cost {r['call_cost']:g} ({by_loop})"
+            depth = " / ".join("–" if a is None else f"{a:.2f}" for a in r.get("acceptance_by_depth") or []) or "–"
+            lines.append(f"| {k} | {r['branch']} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['ratio_to_full'])} | "
+                         f"{_fmt(r['weight_passes_per_token'])} | {_fmt(r['tokens_per_forward'])} | {_fmt(r['rows_per_forward'])} | "
+                         f"{_fmt(r['token_acceptance'], 3)} | {depth} | {r.get('won_by_rank', '–')} |")
+        lines.append("")
+    lines += ["x full: best time of the setting against the best of its paired full-depth calls (16 prompts x "
+              f"{sweeps[0]['extra_info'].get('new_tokens')} tokens, batch 1, 1 thread); acceptance: accepted over tested "
+              "positions; by tree depth: positions 1..D-1 past the last emitted token with a winning candidate; wins by "
+              "rank: tested positions won by the top-1, top-2, ... candidate.", ""]
+    return lines
+
+
 # -- markdown ----------------------------------------------------------------------------------
 def machine_line(data: dict) -> tuple[str, dict]:
     mi = (data.get("machine_info") or {}).get("looplm") or {}
@@ -667,6 +698,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
             lines.append(f"- {title}: not measured in this run.")
     serve_plot = f"serve_load{suffix}.png"
     lines += serve_lines(others, serve_plot if plot_serve(others, out_dir / serve_plot) else None)
+    lines += trees_lines(others)
     lines += ["### All decoder measurements", ""] + table(rows) + [""]
     lines += [
         "Columns: *tok/s* = new tokens (all rows) / wall time of one greedy `Engine.generate` call, fastest of "
