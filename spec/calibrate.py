@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .adapt import divisors_below
+
 PROMPTS = [
     "def fibonacci(n):",
     "It is a truth universally acknowledged, that a single man",
@@ -94,7 +96,7 @@ def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Seq
     T = num_loops
     if T < 2:
         raise ValueError(f"speculation needs a model with at least 2 loops; this one has {T}")
-    divisors = [k for k in range(1, T) if T % k == 0]
+    divisors = divisors_below(T)
     ks = divisors if loops is None else list(loops)
     for k in ks:
         if not (isinstance(k, int) and k in divisors):

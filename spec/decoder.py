@@ -126,14 +126,13 @@ def decode(
     p = model.lm_head.weight
     recommended = "draft_map" in req.recommended
     if draft_loop == "adaptive":  # options checked: pipelined, one candidate per position
+        chooser = LoopChooser(T, call_cost)
         maps = {j: resolve_draft_map(draft_map, model.config.hidden_size, j, p.dtype, p.device, recommended=True)
-                for j in LoopChooser(T).loops}
+                for j in chooser.loops}
         drafters = {j: (0.0 if j < 2 or m is not None else float(extrapolate), m) for j, m in maps.items()}
         k = start_loop(T, DEFAULT_DRAFT_LOOP)
-        x, m = drafters[k]
-        req.stats["draft"] = "map" if m is not None else "extrapolate" if x else "loop"  # at the start loop
-        req.stats.update(fallback_at=None, call_cost=float(call_cost))
-        inner = decode_pipelined(model, req, k, chooser=LoopChooser(T, call_cost), drafters=drafters)
+        req.stats.update(draft=_draft_kind(*drafters[k]), fallback_at=None, call_cost=float(call_cost))  # draft: at the start loop
+        inner = decode_pipelined(model, req, k, chooser=chooser, drafters=drafters)
         yield from (with_fallback(model, req, inner) if fallback and B == 1 else inner)
         return
     k = min(DEFAULT_DRAFT_LOOP, T - 1) if draft_loop is None else draft_loop
@@ -144,7 +143,7 @@ def decode(
         req.stats["draft_map_unused"] = f"the checkpoint's recommended draft map has no map for draft_loop={k}"
     if dmap is not None:
         extrapolate = 0.0
-    req.stats["draft"] = "map" if dmap is not None else "extrapolate" if extrapolate else "loop"
+    req.stats["draft"] = _draft_kind(extrapolate, dmap)
     req.stats["fallback_at"] = None
     if pipeline is None:
         pipeline = draft_len is None and T % k == 0
@@ -164,6 +163,11 @@ def decode(
         inner = (decode_pipelined(model, req, k, float(extrapolate), dmap) if pipeline
                  else _decode_rounds(model, req, k, draft_len, extrapolate, dmap))
     yield from (with_fallback(model, req, inner) if fallback and B == 1 else inner)
+
+
+def _draft_kind(extrapolate: float, dmap: DraftMap | None) -> str:
+    """stats["draft"]: what drafts at a loop with this extrapolation and draft map."""
+    return "map" if dmap is not None else "extrapolate" if extrapolate else "loop"
 
 
 def _decode_rounds(model: LoopLM, req: DecodeRequest, k: int, draft_len: int | str | None, extrapolate: float,

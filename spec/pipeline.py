@@ -24,7 +24,7 @@ k + (1 - a) * (T - k) (a rejection costs a refill of D - 1 calls), against T at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 
 from looplm.decoding import Decoder, DecodeRequest, Step
@@ -48,7 +48,7 @@ class _Token:
     hidden: torch.Tensor | None = None  # (H,) state after loop stage*k (None before stage 0)
     q: torch.Tensor | None = None  # (V,) the distribution it was drafted from (sampling only)
     slot: int = -1  # its row in the current forward call
-    shadow: dict | None = None  # draft_loop="adaptive": loop j -> the draft of its successor from loop j (spec.adapt)
+    shadow: dict = field(default_factory=dict)  # draft_loop="adaptive": loop j -> the draft of its successor from loop j (spec.adapt)
 
 
 def pipeline_stats(k: int, D: int, extrapolate: float, drafted: int, accepted: int, rejected: int, hist: list[int],
@@ -159,8 +159,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
             if chooser is not None:  # the other loops' drafts of each token's successor, from this call's states
                 for t, sh in zip(items, shadow_drafts(model, out.hidden[:, :, 0], [t.hidden for t in items], stages, k,
                                                       chooser.loops, drafters, params)):
-                    if sh:
-                        t.shadow = {**(t.shadow or {}), **sh}
+                    t.shadow.update(sh)
             state = hidden
             if (extrapolate or draft_map is not None) and fresh:  # rows leaving loop k draft from mapped states (spec.drafts)
                 state = torch.where(is_fresh, draft_state(out.hidden[:, :, 0], extrapolate, draft_map), hidden)
@@ -199,7 +198,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                     draft_q = dict(zip(fresh, qd))
             if chooser is not None:  # loop k's own draft of each fresh token's successor
                 for i in fresh:
-                    items[i].shadow = {**(items[i].shadow or {}), k: draft_tok[i] if params.greedy else draft_q[i]}
+                    items[i].shadow[k] = draft_tok[i] if params.greedy else draft_q[i]
 
             # -- advance every row's pipeline and emit in order ----------------------------------------
             for row in range(B):
