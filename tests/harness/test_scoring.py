@@ -42,7 +42,7 @@ def test_shared_inputs_score_each_target(model):
 
 
 @pytest.mark.parametrize("exit,threshold,loops", [
-    ("q_exit", 0.5, None), ("q_exit", 0.3, 2), ("confidence", 0.11, None), ("entropy", 3.55, None),
+    ("q_exit", 0.5, None), ("q_exit", 0.6, 2), ("confidence", 0.11, None), ("entropy", 3.55, None),
     ("kl", 0.3, None), ("delta", 0.75, None), ("static", 2, None),
 ])
 def test_exit_loops_equal_anytime_decoder(model, exit, threshold, loops):
