@@ -9,8 +9,8 @@ semantics outside the engine, with only the model's layer seam
 
 * `per_loop_kv`: a plain forward (the per-loop regime, equal to `model.loop_outputs`) that also
   returns every loop's K/V.
-* `shared_kv_logits`: the training pass. The shared K/V of positions j < i come from a no-grad
-  per-loop pass and are detached; position i attends to them and to its own loop's K/V (with
+* `shared_kv_logits`: the training pass. The shared K/V of positions j < i come from a per-loop
+  pass and are detached (or, with `kv_grad`, carry the loss back into it); position i attends to them and to its own loop's K/V (with
   gradients), in parallel over the sequence. This is the decoding semantics with the earlier
   positions' K/V taken from the per-loop regime rather than from their own shared-KV decode.
   `shared_pass_logits` is its loss pass alone, over K/V a `per_loop_kv` call already computed.
@@ -120,15 +120,21 @@ def stacked_kv(kvs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) ->
     return [torch.stack([kvs[(t, layer)][i] for t in range(T)]) for layer in range(L) for i in (0, 1)]
 
 
-def shared_pass_logits(model: LoopLM, input_ids: torch.Tensor, kvs, kv: SharedMode) -> torch.Tensor:
+def shared_pass_logits(model: LoopLM, input_ids: torch.Tensor, kvs, kv: SharedMode,
+                       kv_grad: bool = False) -> torch.Tensor:
     """The loss pass of shared-KV training over per_loop_kv's K/V `kvs` of the same ids: (T, B, S, V).
 
-    Query i attends to the detached shared K/V (`shared_value`) of positions j < i and to its own
-    loop's K/V, in parallel over the sequence.
+    Query i attends to the shared K/V (`shared_value`) of positions j < i and to its own loop's
+    K/V, in parallel over the sequence. The shared K/V are detached unless `kv_grad`: then the loss
+    also trains the per-loop pass that produced them (to make K/V that serve every loop's queries).
     """
     T, L = model.num_loops, len(model.model.layers)
-    shared = {layer: (shared_value([kvs[(t, layer)][0].detach() for t in range(T)], kv),
-                      shared_value([kvs[(t, layer)][1].detach() for t in range(T)], kv)) for layer in range(L)}
+
+    def keep(x):
+        return x if kv_grad else x.detach()
+
+    shared = {layer: (shared_value([keep(kvs[(t, layer)][0]) for t in range(T)], kv),
+                      shared_value([keep(kvs[(t, layer)][1]) for t in range(T)], kv)) for layer in range(L)}
     B, S = input_ids.shape
     pos = torch.arange(S, device=input_ids.device).expand(B, S)
     _, logits = _run(model, model.embed(input_ids), pos, _SharedParallel(shared, S, input_ids.device))
@@ -136,17 +142,17 @@ def shared_pass_logits(model: LoopLM, input_ids: torch.Tensor, kvs, kv: SharedMo
 
 
 def shared_kv_logits(model: LoopLM, input_ids: torch.Tensor, kv: SharedMode,
-                     teacher_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     teacher_grad: bool = False, kv_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared-KV training pass: (logits (T, B, S, V) with gradients, per-loop logits (T, B, S, V)).
 
     A per-loop pass gives every loop's K/V; the loss pass (`shared_pass_logits`) then runs all T
     loops where query i attends to the detached shared K/V of positions j < i and to its own
     loop's K/V. The per-loop logits come with the first pass (a teacher, or a second loss): without
-    gradients unless `teacher_grad`; the shared K/V are detached either way.
+    gradients unless `teacher_grad` or `kv_grad`; the shared K/V are detached unless `kv_grad`.
     """
-    with torch.set_grad_enabled(teacher_grad and torch.is_grad_enabled()):
+    with torch.set_grad_enabled((teacher_grad or kv_grad) and torch.is_grad_enabled()):
         teacher, kvs = per_loop_kv(model, input_ids)
-    return shared_pass_logits(model, input_ids, kvs, kv), teacher
+    return shared_pass_logits(model, input_ids, kvs, kv, kv_grad), teacher
 
 
 class _OneToken:

@@ -70,6 +70,7 @@ class TrainConfig:
     shared_kv_modes: str = "last,mean"
     shared_kv_kl: float = 0.0  # + this times the loop-weighted KL(per-loop pass || shared pass) on corpus rows
     shared_kv_joint: bool = False  # shared-KV steps also take the per-loop pass's losses (it then runs with gradients)
+    shared_kv_grad: bool = False  # the shared K/V carry the shared pass's loss back into the per-loop pass that made them
     # K/V consistency (objectives.kv_consistency_loss): + this times the scale-free distance of every loop's K/V
     # to the shared cache's value (the last loop's or the mean), on every step's per-loop pass; 0 = off
     kv_consistency: float = 0.0
@@ -203,7 +204,8 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
 def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str, loop_weights, beta: float,
                 task_rows: int = 0, task_weight: float = 1.0, task_loop_weights=None, distill_weights=None,
                 distill_scale: float = 1.0, shared_kv: str | None = None, shared_kl: float = 0.0,
-                shared_joint: bool = False, kv_consistency: float = 0.0, kv_target: str = "last"):
+                shared_joint: bool = False, kv_consistency: float = 0.0, kv_target: str = "last",
+                shared_grad: bool = False):
     """(loss, per-loop mean CE [T] of the corpus rows, per-loop answer CE [T] of the task rows or None,
     per-loop K/V distance [T] of objectives.kv_consistency_loss or None).
 
@@ -213,7 +215,8 @@ def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str,
     `shared_kv` ("last" or "mean") computes these losses on the shared-KV pass
     (shared_kv.shared_kv_logits; the returned CEs are its) and adds `shared_kl` times the
     loop-weighted KL from the per-loop pass (detached) to it on the corpus rows; `shared_joint`
-    adds the same losses on that per-loop pass too (it then runs with gradients).
+    adds the same losses on that per-loop pass too (it then runs with gradients); `shared_grad`
+    lets the shared pass's loss reach the per-loop pass through the shared K/V (not detached).
     `kv_consistency` adds that times the K/V consistency term (toward `kv_target`, "last" or
     "mean") of the per-loop pass, which then runs with gradients on shared-KV steps too; at 0 the
     computation is exactly the one without the option.
@@ -230,9 +233,9 @@ def stage1_loss(model: LoopLM, x: torch.Tensor, y: torch.Tensor, objective: str,
         logits, gates = out.logits, out.gates
     elif kv_consistency:
         teacher, kvs = per_loop_kv(model, x)
-        logits, kv_states = shared_pass_logits(model, x, kvs, shared_kv), stacked_kv(kvs)
+        logits, kv_states = shared_pass_logits(model, x, kvs, shared_kv, shared_grad), stacked_kv(kvs)
     else:
-        logits, teacher = shared_kv_logits(model, x, shared_kv, teacher_grad=shared_joint)
+        logits, teacher = shared_kv_logits(model, x, shared_kv, teacher_grad=shared_joint, kv_grad=shared_grad)
 
     def task_loss(lg):
         ce = per_loop_ce(lg, y)
@@ -393,7 +396,8 @@ def train(tc: TrainConfig) -> Path:
             loss, per_loop, task_per_loop, kv_per_loop = fwd(
                 model, x, y, tc.objective, tuple(tc.loop_weights), beta, tc.phop_rows, tc.phop_weight,
                 tuple(tc.phop_loop_weights) or None, tuple(tc.distill_weights) or None, tc.distill_scale, shared,
-                tc.shared_kv_kl, tc.shared_kv_joint, tc.kv_consistency, tc.kv_consistency_target)
+                tc.shared_kv_kl, tc.shared_kv_joint, tc.kv_consistency, tc.kv_consistency_target,
+                tc.shared_kv_grad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -130,3 +130,22 @@ def test_trainer_joint_shared_kv_steps_train(data_dir, tmp_path):
     steps = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"loss"' in line]
     assert [r.get("kv") for r in steps] == [None, "last", None, "mean"] * 2
     assert np.mean([r["loss"] for r in steps[-2:]]) < np.mean([r["loss"] for r in steps[:2]])
+
+
+def test_shared_grad_step_has_the_same_loss_and_trains_the_kv_producers_too():
+    from looplm.train.trainer import build_model, stage1_loss
+
+    model = build_model(TrainConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1, total_ut_steps=3, max_position_embeddings=64), VOCAB)
+    x, y = torch.randint(0, VOCAB, (3, 16)), torch.randint(0, VOCAB, (3, 16))
+    args = (model, x, y, "weighted", (1.0, 2.0, 3.0), 0.1)
+    grads = []
+    for shared_grad in (False, True):
+        model.zero_grad()
+        loss, ce, _, _ = stage1_loss(*args, shared_kv="last", shared_grad=shared_grad)
+        loss.backward()
+        grads.append((loss.detach(), ce, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, ce0, g0), (l1, ce1, g1) = grads
+    assert torch.equal(l0, l1) and torch.equal(ce0, ce1)
+    k_proj = [n for n in g1 if "k_proj" in n]
+    assert k_proj and all(not torch.allclose(g0[n], g1[n]) for n in k_proj)

@@ -7,7 +7,7 @@ import torch
 from looplm.api import Engine
 from looplm.config import LoopConfig
 from looplm.model import LoopLM
-from looplm.train.shared_kv import per_loop_kv, shared_kv_logits, shared_value, teacher_forced_shared
+from looplm.train.shared_kv import per_loop_kv, shared_kv_logits, shared_pass_logits, shared_value, teacher_forced_shared
 
 VOCAB = 64
 
@@ -73,6 +73,43 @@ def test_shared_pass_gradients_flow_to_the_weights_not_through_the_shared_kv():
     assert logits.requires_grad and not teacher.requires_grad
     logits[-1, :, -1].logsumexp(-1).sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "k_proj" in n or "q_proj" in n)
+
+
+@pytest.mark.parametrize("kv", ["last", "mean"])
+def test_kv_grad_carries_the_shared_pass_loss_into_the_kv_it_reads(kv):
+    """With kv_grad the same logits come out, and the loss reaches exactly the K/V the shared cache
+    keeps: the last loop's for "last" (earlier loops' K/V unused), every loop's for "mean" with
+    1/T of the gradient the shared value gets; detached, it reaches none of them."""
+    model = tiny_model(seed=int(torch.randint(0, 1000, ())))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    T = model.num_loops
+    _, kvs = per_loop_kv(model, ids)
+    for layer in range(2):
+        kvs[(T - 1, layer)] = tuple(x.detach().requires_grad_() for x in kvs[(T - 1, layer)])
+        kvs[(0, layer)] = tuple(x.detach().requires_grad_() for x in kvs[(0, layer)])
+    w = torch.randn(T, 2, 9, VOCAB)
+    detached, grad = shared_pass_logits(model, ids, kvs, kv), shared_pass_logits(model, ids, kvs, kv, kv_grad=True)
+    assert torch.equal(detached, grad)
+    leaves = [kvs[(t, layer)][i] for t in (0, T - 1) for layer in range(2) for i in (0, 1)]
+    assert torch.autograd.grad((detached * w).sum(), leaves, allow_unused=True) == (None,) * len(leaves)
+    got = torch.autograd.grad((grad * w).sum(), leaves, allow_unused=True)
+    first, last = got[:4], got[4:]
+    assert all(g is not None and g.abs().sum() > 0 for g in last)
+    if kv == "last":
+        assert first == (None,) * 4
+    else:
+        for a, b in zip(first, last):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # each loop's share of the mean is 1/T
+
+
+def test_kv_grad_step_trains_the_per_loop_pass_through_the_shared_kv():
+    """shared_kv_logits(kv_grad=True) builds the per-loop pass with gradients even without teacher_grad."""
+    model = tiny_model()
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    logits, teacher = shared_kv_logits(model, ids, "mean", kv_grad=True)
+    assert teacher.requires_grad
+    assert torch.equal(logits, shared_kv_logits(model, ids, "mean")[0])
 
 
 @pytest.mark.parametrize("kv", ["last", "mean"])
