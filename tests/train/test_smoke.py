@@ -128,3 +128,13 @@ def test_release_ships_the_checkpoint_and_keeps_recommended_options(data_dir, tr
 
     engine = looplm.load(str(dest))
     assert engine.mode_defaults("speculative") == {"draft_loop": 2}
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(data_dir, tmp_path, monkeypatch, capsys, native):
+    import looplm.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "cpu_bf16_native", lambda: native)
+    train(tiny(data_dir, tmp_path, steps=1, bf16=True))
+    err = capsys.readouterr().err
+    assert ("--no-bf16 trains faster" in err) is (not native)
