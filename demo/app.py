@@ -175,7 +175,9 @@ def make_run(engine: Engine, modes: list[str], prompt, max_new_tokens, mode, tem
     elif mode == "speculative":
         options["draft_loop"] = k = _number(draft_loop, "Draft loop", lo=1, hi=max(T - 1, 1), integer=True)
         if pipelined:  # the draft of token n+1 rides along with token n's last loops (spec.pipeline)
-            if T % k:
+            if adaptive:  # the decoder picks the draft loop from the acceptance it observes (spec.adapt)
+                options["draft_loop"] = "adaptive"
+            elif T % k:
                 raise InputError(f"Pipelined drafting splits the {T} loops into stages of k: choose a draft loop that divides {T}.")
             options["pipeline"] = True
         else:
@@ -413,7 +415,8 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                                             "ignores the draft length)", elem_id="pipelined")
                     draft_len = gr.Slider(1, 16, value=init["draft_len"], step=1, label="Draft length",
                                           elem_id="draft-len")
-                    adaptive = gr.Checkbox(init["adaptive"], label="Adaptive draft length", elem_id="adaptive")
+                    adaptive = gr.Checkbox(init["adaptive"], label="Adaptive (pipelined: the draft loop, chosen "
+                                           "from observed acceptance; otherwise the draft length)", elem_id="adaptive")
             with gr.Column(scale=2):
                 message = gr.HTML(_message(), elem_id="message")  # above the tabs: seen from both
                 with gr.Tabs():

@@ -76,6 +76,12 @@ def test_mode_options_reach_the_decoder_only_when_set(engine):
     assert make_run(engine, modes, *_controls(mode="speculative", adaptive=True, pipelined=False)).options["draft_len"] == "adaptive"
     run = make_run(engine, modes, *_controls(mode="speculative", draft_loop=1, draft_len=3))  # pipelined by default
     assert run.options == {"temperature": 0.0, "seed": 0, "draft_loop": 1, "pipeline": True}
+    # adaptive + pipelined: the decoder chooses the draft loop, so the slider's loop need not divide T
+    run = make_run(engine, modes, *_controls(mode="speculative", prompt="the cat sat", max_new_tokens=12, adaptive=True,
+                                             draft_loop=next((k for k in range(2, T) if T % k), 1)))
+    assert run.options == {"temperature": 0.0, "seed": 0, "draft_loop": "adaptive", "pipeline": True}
+    spec = engine.generate(run.prompt, max_new_tokens=12, stop=[], mode="speculative", **run.options)
+    assert spec.tokens == engine.generate(run.prompt, max_new_tokens=12, stop=[]).tokens
     odd = next((k for k in range(2, T) if T % k), None)
     if odd is not None:
         with pytest.raises(InputError, match="divides"):
