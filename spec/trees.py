@@ -25,8 +25,9 @@ the target's token, as in spec.pipeline. Exactness is the pipeline's: each lane'
 of its own prefix (shared blocks for the accepted prefix, its own blocks past the fork), so every
 emitted token's logits come from all T loops over the exact K/V of the emitted prefix.
 
-Sampled drafts are drawn from the request's generator after the verdict's draws, in the
-pipeline's order, so a tree that never forks emits the sampled pipeline's tokens for a seed.
+Sampled drafts are drawn from the request's generator after the verdict's draws and before its
+Step, in the pipeline's order, so a tree that never forks emits the sampled pipeline's tokens for a
+seed, also through a switch to full depth (spec.fallback closes the decoder after a Step).
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
                     t.hidden = hidden[t.slot]
 
             # -- verify: lane 0's head left loop T; its logits choose among the next position's candidates
+            proposed = None
             toks = lanes[0]
             if toks[0].stage == D:
                 head = toks.pop(0)
@@ -235,16 +237,20 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
                 for lane in gone:
                     del lanes[lane], fork_at[lane]
                 drop += gone
+                # sampled drafts are drawn after the verdict's draws and before its Step, in
+                # spec.pipeline's order: a tree that never forks consumes the request's generator as
+                # the pipeline does, also when the consumer closes it after this Step (spec.fallback)
+                proposed = _propose(lg[: len(fresh)], fresh, ids, branch, threshold, params, gen)
                 yield Step(0, produced, tok, T, T, timer.lap(0), reason, info=info)
                 produced += 1
                 emitted += 1
                 if not req.active(0, produced):
                     break
 
-            # -- draft: each lane's newest token that just left loop k proposes its successor(s). Sampled
-            # drafts are drawn after the verdict's draws, in spec.pipeline's order: a tree that never forks
-            # consumes the request's generator as the pipeline does and emits the same tokens
-            draft_tok, draft_q, alts = _propose(lg[: len(fresh)], fresh, ids, branch, threshold, params, gen)
+            # -- draft: each lane's newest token that just left loop k proposes its successor(s)
+            if proposed is None:  # no verdict this call
+                proposed = _propose(lg[: len(fresh)], fresh, ids, branch, threshold, params, gen)
+            draft_tok, draft_q, alts = proposed
             for lane in list(lanes):
                 newest = lanes[lane][-1] if lanes[lane] else None
                 if newest is None or newest.stage != 1 or newest.index + 1 >= max_new:

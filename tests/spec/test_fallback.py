@@ -173,7 +173,8 @@ def test_without_fallback_the_drafts_go_on(b):
     assert g.tokens == on.tokens == engine.generate(prompt, max_new_tokens=40, stop=[]).tokens
     assert g.stats["fallback_at"] is None
     assert [(s.reason, s.info) for s in g.steps[:at]] == [(s.reason, s.info) for s in on.steps[:at]]
-    assert g.stats["rejected"] > on.stats["rejected"] and g.stats["rounds"] > on.stats["rounds"]
+    # the drafts go on past the switch (on a random model they may all pass there: rejected can tie)
+    assert g.stats["drafted"] > on.stats["drafted"] and g.stats["rejected"] >= on.stats["rejected"], (at, g.stats, on.stats)
     assert sum(s.reason == "draft" for s in g.steps) == g.stats["accepted"]
 
 
@@ -194,6 +195,28 @@ def test_seeded_sampled_trees_through_the_switch_are_reproducible(k):
     assert all(g.stats["fallback_at"] == _switch_at(g.steps) for g in first)
     pool = engine.scheduler.runners["per_loop"].cache.pool
     assert pool.used == 0 and pool.tables == {} and pool._holders == {}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_never_forking_sampled_tree_through_the_switch_is_the_sampled_pipeline(k):
+    """The tree draws a call's drafts before its Step, as the pipeline does: when the fallback
+    closes both after the triggering Step, their full-depth tails start from the same generator
+    state (drawn after the Step, seed by seed the tails differed from the switch on)."""
+    for _ in range(5):  # fresh models until one switches
+        model = _useless_drafts_model(draft_loop=k, pipeline=True)
+        engine = looplm.Engine(model)
+        prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
+        opts = dict(max_new_tokens=40, stop=[], mode="speculative", draft_loop=k, temperature=0.5,
+                    seed=random.randrange(2**32))
+        pipe = engine.generate(prompts, **opts, pipeline=True)
+        if any(g.stats["fallback_at"] is not None for g in pipe):
+            break
+    assert any(g.stats["fallback_at"] is not None for g in pipe)
+    flat = engine.generate(prompts, **opts, branch=3, branch_threshold=0.0)
+    for p, f in zip(pipe, flat):
+        assert f.tokens == p.tokens and f.stats["fallback_at"] == p.stats["fallback_at"]
+        assert [(s.reason, s.info) for s in f.steps] == [(s.reason, s.info) for s in p.steps]
+        assert f.stats["forks"] == 0
 
 
 def test_sampled_trees_through_a_switch_follow_full_depth_distribution(monkeypatch):

@@ -226,19 +226,17 @@ def test_sampled_trees_follow_full_depth_distribution(wrong, post, k, b, N, monk
 @pytest.mark.parametrize("k", [1, 2])
 def test_a_never_forking_sampled_tree_is_the_sampled_pipeline(k):
     """With a threshold no draft is below, a seeded sampled tree draws as spec.pipeline does (the
-    verdict's draws, then the drafts'): the same tokens, decisions and counts."""
+    verdict's draws, then the drafts', both before the Step): the same tokens, decisions and counts,
+    also after a switch to full depth (spec.fallback closes each decoder after the triggering Step)."""
     model = spec_model(loops=4, max_pos=64)
     engine = looplm.Engine(model)
     prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
     post = random.choice([{"temperature": 0.8}, {"temperature": 1.0, "top_p": 0.9}, {"temperature": 0.7, "top_k": 8}])
     seed = random.randrange(2**32)
-    # fallback=False: a switch to full depth closes each decoder after the Step that triggered it, and
-    # the tree draws that call's drafts after its Steps, the pipeline before them, so the two tails
-    # would start from different generator states (seed 40709779 did: tokens differ from the switch)
     pipe = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, pipeline=True, seed=seed,
-                           fallback=False, **post)
+                           **post)
     flat = engine.generate(prompts, max_new_tokens=30, stop=[], mode="speculative", draft_loop=k, branch=3,
-                           branch_threshold=0.0, seed=seed, fallback=False, **post)
+                           branch_threshold=0.0, seed=seed, **post)
     assert sum(p.stats["rejected"] for p in pipe) > 0  # the draws of rejections (residuals) are covered too
     same = ("drafted", "accepted", "rejected", "rounds", "accepted_len_hist", "token_acceptance", "forwards")
     for p, f in zip(pipe, flat):
