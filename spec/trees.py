@@ -193,7 +193,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
                     t.hidden = hidden[t.slot]
 
             # -- verify: lane 0's head left loop T; its logits choose among the next position's candidates
-            proposed = None
+            step = None
             toks = lanes[0]
             if toks[0].stage == D:
                 head = toks.pop(0)
@@ -237,20 +237,19 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
                 for lane in gone:
                     del lanes[lane], fork_at[lane]
                 drop += gone
-                # sampled drafts are drawn after the verdict's draws and before its Step, in
-                # spec.pipeline's order: a tree that never forks consumes the request's generator as
-                # the pipeline does, also when the consumer closes it after this Step (spec.fallback)
-                proposed = _propose(lg[: len(fresh)], fresh, ids, branch, threshold, params, gen)
-                yield Step(0, produced, tok, T, T, timer.lap(0), reason, info=info)
+                step = Step(0, produced, tok, T, T, timer.lap(0), reason, info=info)
+
+            # -- draft: each lane's newest token that just left loop k proposes its successor(s). Sampled
+            # drafts are drawn after the verdict's draws and before its Step, in spec.pipeline's order: a
+            # tree that never forks consumes the request's generator as the pipeline does, also when the
+            # consumer closes it after that Step (spec.fallback)
+            draft_tok, draft_q, alts = _propose(lg[: len(fresh)], fresh, ids, branch, threshold, params, gen)
+            if step is not None:
+                yield step
                 produced += 1
                 emitted += 1
                 if not req.active(0, produced):
                     break
-
-            # -- draft: each lane's newest token that just left loop k proposes its successor(s)
-            if proposed is None:  # no verdict this call
-                proposed = _propose(lg[: len(fresh)], fresh, ids, branch, threshold, params, gen)
-            draft_tok, draft_q, alts = proposed
             for lane in list(lanes):
                 newest = lanes[lane][-1] if lanes[lane] else None
                 if newest is None or newest.stage != 1 or newest.index + 1 >= max_new:

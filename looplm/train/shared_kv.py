@@ -9,11 +9,12 @@ semantics outside the engine, with only the model's layer seam
 
 * `per_loop_kv`: a plain forward (the per-loop regime, equal to `model.loop_outputs`) that also
   returns every loop's K/V.
-* `shared_kv_logits`: the training pass. The shared K/V of positions j < i come from a per-loop
-  pass and are detached (or, with `kv_grad`, carry the loss back into it); position i attends to them and to its own loop's K/V (with
-  gradients), in parallel over the sequence. This is the decoding semantics with the earlier
-  positions' K/V taken from the per-loop regime rather than from their own shared-KV decode.
-  `shared_pass_logits` is its loss pass alone, over K/V a `per_loop_kv` call already computed.
+* `shared_kv_logits`: the training pass. The shared K/V of positions j < i come from a per-loop pass
+  and are detached (or, with `kv_grad`, carry the loss back into it); position i attends to them and
+  to its own loop's K/V (with gradients), in parallel over the sequence. This is the decoding
+  semantics with the earlier positions' K/V taken from the per-loop regime rather than from their
+  own shared-KV decode. `shared_pass_logits` is its loss pass alone, over K/V a `per_loop_kv` call
+  already computed.
 * `teacher_forced_shared`: the exact decoding semantics, teacher-forced: a prefill with per-loop
   K/V, then one token per call, each reading the shared K/V its predecessors left behind.
 """
@@ -146,7 +147,7 @@ def shared_kv_logits(model: LoopLM, input_ids: torch.Tensor, kv: SharedMode,
     """The shared-KV training pass: (logits (T, B, S, V) with gradients, per-loop logits (T, B, S, V)).
 
     A per-loop pass gives every loop's K/V; the loss pass (`shared_pass_logits`) then runs all T
-    loops where query i attends to the detached shared K/V of positions j < i and to its own
+    loops where query i attends to the shared K/V of positions j < i and to its own
     loop's K/V. The per-loop logits come with the first pass (a teacher, or a second loss): without
     gradients unless `teacher_grad` or `kv_grad`; the shared K/V are detached unless `kv_grad`.
     """
