@@ -82,30 +82,44 @@ class DraftMap:
         state = weight x + bias  (+ down(gelu(up x + up_bias)) + down_bias, when the map has a hidden layer)
 
     `params[k]` holds "weight" (H, 2H) and "bias" (H,), and optionally "up.weight" (M, 2H),
-    "up.bias" (M,), "down.weight" (H, M), "down.bias" (H,). Saved as one safetensors file with
-    tensors "loop{k}.<name>".
+    "up.bias" (M,), "down.weight" (H, M), "down.bias" (H,). A map may also have a second-token
+    head: the same names prefixed "next." (its own hidden width), a map of the same two states of
+    token n whose head logits draft token n+2 (trained towards loop T's distribution at position
+    n+1; `next_state`). Saved as one safetensors file with tensors "loop{k}.<name>".
     """
 
     NAMES = ("weight", "bias", "up.weight", "up.bias", "down.weight", "down.bias")
+    ALL_NAMES = NAMES + tuple("next." + n for n in NAMES)
 
     def __init__(self, params: dict[int, dict[str, torch.Tensor]], info: dict | None = None):
         for k, p in params.items():
             if not isinstance(k, int) or k < 2:
                 raise ValueError(f"draft map: draft loop {k!r} must be an integer >= 2 (it maps loops k-1 and k)")
-            missing = [n for n in ("weight", "bias") if n not in p]
-            mlp = [n for n in self.NAMES[2:] if n in p]
-            if missing or mlp and len(mlp) != 4:
-                raise ValueError(f"draft map loop {k}: has {sorted(p)}; needs weight and bias, and all or none of {list(self.NAMES[2:])}")
-            H = p["weight"].shape[0]
-            M = p["up.weight"].shape[0] if mlp else 0
-            want = {"weight": (H, 2 * H), "bias": (H,), "up.weight": (M, 2 * H), "up.bias": (M,), "down.weight": (H, M), "down.bias": (H,)}
-            for n, t in p.items():
-                if n not in want:
+            for n in p:
+                if n not in self.ALL_NAMES:
                     raise ValueError(f"draft map loop {k}: unexpected tensor {n!r}")
-                if tuple(t.shape) != want[n]:
-                    raise ValueError(f"draft map loop {k}: {n} has shape {tuple(t.shape)}, expected {want[n]} (H = {H})")
+            self._check(k, p, "")
+            if any(n.startswith("next.") for n in p):
+                self._check(k, p, "next.", p["weight"].shape[0])
         self.params = {k: dict(p) for k, p in params.items()}
         self.info = dict(info or {})
+
+    @classmethod
+    def _check(cls, k: int, p: dict, prefix: str, H: int | None = None) -> None:
+        """The tensors of one map (prefix "" or "next.") are complete and have matching shapes."""
+        missing = [prefix + n for n in ("weight", "bias") if prefix + n not in p]
+        mlp = [n for n in cls.NAMES[2:] if prefix + n in p]
+        if missing or mlp and len(mlp) != 4:
+            have = sorted(n for n in p if n.startswith(prefix)) if prefix else sorted(n for n in p if not n.startswith("next."))
+            raise ValueError(f"draft map loop {k}: has {have}; needs {prefix}weight and {prefix}bias, "
+                             f"and all or none of {[prefix + n for n in cls.NAMES[2:]]}")
+        H = p[prefix + "weight"].shape[0] if H is None else H
+        M = p[prefix + "up.weight"].shape[0] if mlp else 0
+        want = {"weight": (H, 2 * H), "bias": (H,), "up.weight": (M, 2 * H), "up.bias": (M,), "down.weight": (H, M), "down.bias": (H,)}
+        for n, shape in want.items():
+            t = p.get(prefix + n)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"draft map loop {k}: {prefix}{n} has shape {tuple(t.shape)}, expected {shape} (H = {H})")
 
     @classmethod
     def extrapolation(cls, hidden_size: int, loops, extrapolate: float = 0.0) -> "DraftMap":
@@ -128,14 +142,29 @@ class DraftMap:
     def state(self, per_loop: torch.Tensor, loop: int | None = None) -> torch.Tensor:
         """The draft state from `per_loop` [k, ..., H] (the states of loops 1..k, in order; or,
         given `loop` = k, those of loops k-1 and k)."""
+        return self._apply(per_loop, loop, "")
+
+    def has_next(self, loop: int) -> bool:
+        """Whether the map for draft loop `loop` has a second-token head."""
+        return "next.weight" in self.params.get(loop, {})
+
+    def next_state(self, per_loop: torch.Tensor, loop: int | None = None) -> torch.Tensor:
+        """The state whose head logits draft token n+2, from token n's states (as `state`)."""
+        k = per_loop.shape[0] if loop is None else loop
+        if k in self.params and not self.has_next(k):
+            raise ValueError(f"the draft map for loop {k} has no second-token head (fit one with `python -m spec.fit_draft --next`)")
+        return self._apply(per_loop, loop, "next.")
+
+    def _apply(self, per_loop: torch.Tensor, loop: int | None, prefix: str) -> torch.Tensor:
         k = per_loop.shape[0] if loop is None else loop
         if k not in self.params:
             raise ValueError(f"the draft map has loops {self.loops}, not the draft loop {k}")
         p = self.params[k]
         x = torch.cat([per_loop[-2], per_loop[-1]], -1)
-        out = F.linear(x, p["weight"], p["bias"])
-        if "up.weight" in p:
-            out = out + F.linear(F.gelu(F.linear(x, p["up.weight"], p["up.bias"])), p["down.weight"], p["down.bias"])
+        out = F.linear(x, p[prefix + "weight"], p[prefix + "bias"])
+        if prefix + "up.weight" in p:
+            up = F.gelu(F.linear(x, p[prefix + "up.weight"], p[prefix + "up.bias"]))
+            out = out + F.linear(up, p[prefix + "down.weight"], p[prefix + "down.bias"])
         return out
 
     def save(self, path: str | Path) -> None:
@@ -164,8 +193,8 @@ def _load_cached(path: str, mtime_ns: int) -> DraftMap:  # mtime in the key: a r
     params: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         loop, _, kind = name.partition(".")
-        if not loop.startswith("loop") or not loop[4:].isdigit() or kind not in DraftMap.NAMES:
-            raise ValueError(f"{path}: unexpected tensor {name!r} (expected loop<k>.<{'|'.join(DraftMap.NAMES)}>)")
+        if not loop.startswith("loop") or not loop[4:].isdigit() or kind not in DraftMap.ALL_NAMES:
+            raise ValueError(f"{path}: unexpected tensor {name!r} (expected loop<k>.[next.]<{'|'.join(DraftMap.NAMES)}>)")
         params.setdefault(int(loop[4:]), {})[kind] = t
     try:
         return DraftMap(params, json.loads(meta.get("info", "{}")))
