@@ -117,6 +117,14 @@ class SpeculativeOptions(ModeOptions):
     branch_threshold: float | None = None
     """With branch > 1: branch only where the draft's top-1 probability is below this value in
     [0, 1]; None: always."""
+    draft_tokens: int = 1
+    """1 or 2 tokens drafted by a token leaving loop k: with 2 the draft map's second-token head
+    also drafts the token after its successor, the two run as a pair and one call can finish two
+    tokens (spec.multi; pipelined, branch 1, k must divide T, one sequence, a draft map with a
+    second-token head for loop k: `python -m spec.fit_draft --next`)."""
+    second_threshold: float | None = None
+    """With draft_tokens=2: draft the second token only where the second-token head's top-1
+    probability is at least this value in [0, 1]; None: always."""
     fallback: bool = True
     """Decode the rest of a one-sequence request at full depth once drafts stop paying (fewer than
     a quarter of the last 12 tokens were accepted drafts; spec.fallback), with any branch (draft
@@ -135,6 +143,17 @@ class SpeculativeOptions(ModeOptions):
                 number_in("branch_threshold", self.branch_threshold, 0, 1)
             except ValueError as e:
                 raise self._fail("branch_threshold", str(e)) from None
+        if self.draft_tokens not in (1, 2) or not _is_int(self.draft_tokens):
+            raise self._fail("draft_tokens", f"draft_tokens must be 1 or 2 (tokens drafted per draft step), got {self.draft_tokens!r}")
+        if self.second_threshold is not None:
+            if self.draft_tokens == 1:
+                raise self._fail("second_threshold", "second_threshold needs draft_tokens=2")
+            try:
+                number_in("second_threshold", self.second_threshold, 0, 1)
+            except ValueError as e:
+                raise self._fail("second_threshold", str(e)) from None
+        if self.draft_tokens == 2 and self.branch > 1:
+            raise self._fail("draft_tokens", f"draft_tokens=2 does not run with branch={self.branch} (draft trees); use branch=1")
         k = self.draft_loop
         if k is not None and k != "adaptive" and not (_is_int(k) and k >= 1):
             raise self._fail("draft_loop", f"draft_loop must be an integer >= 1 (a 1-based loop depth), 'adaptive' or None, "
@@ -171,6 +190,8 @@ class SpeculativeOptions(ModeOptions):
             if self.branch > 1:
                 raise self._fail("branch", f"branch={self.branch} (draft trees) does not run with draft_loop='adaptive'; "
                                            "use branch=1")
+            if self.draft_tokens == 2:
+                raise self._fail("draft_tokens", "draft_tokens=2 does not run with draft_loop='adaptive'; give a draft_loop")
             return self
         k = min(DEFAULT_DRAFT_LOOP, T - 1) if self.draft_loop is None else self.draft_loop
         if k > T - 1:
@@ -183,6 +204,10 @@ class SpeculativeOptions(ModeOptions):
             raise self._fail("branch", f"branch={self.branch} (draft trees) runs in the pipeline: draft_loop must divide "
                                        f"T = {T} and draft_len must not be given (got draft_loop={k}, "
                                        f"pipeline={self.pipeline}, draft_len={self.draft_len!r})")
+        if self.draft_tokens == 2 and (T % k or k < 2 or self.pipeline is False or self.draft_len is not None):
+            raise self._fail("draft_tokens", f"draft_tokens=2 runs in the pipeline from a draft map: draft_loop must be "
+                                             f">= 2 and divide T = {T}, and draft_len must not be given (got draft_loop={k}, "
+                                             f"pipeline={self.pipeline}, draft_len={self.draft_len!r})")
         return self
 
 

@@ -72,6 +72,12 @@ class Stats(TypedDict):
     acceptance_by_depth: NotRequired[list[float | None]]  # per depth 1..D-1 past the last emitted token: tested positions with a winner
     tested_by_depth: NotRequired[list[int]]  # tested positions per depth 1..D-1
     won_by_rank: NotRequired[list[int]]  # tested positions won by the top-1, top-2, ... candidate
+    draft_tokens: NotRequired[int]  # 2: second-token drafts in the pipeline (spec.multi)
+    second_threshold: NotRequired[float | None]  # second drafts only at or above this top-1 probability (None: always)
+    seconds: NotRequired[int]  # second drafts proposed (counted in drafted too)
+    seconds_tested: NotRequired[int]  # second drafts tested at loop T
+    seconds_accepted: NotRequired[int]  # second drafts that passed
+    pairs_emitted: NotRequired[int]  # forwards that emitted two tokens
     # -- anytime ---------------------------------------------------------------------------------
     skip: NotRequired[str]  # what skipped loops became: "exact", "copy" or "shared"
     finish: NotRequired[str | None]  # "eager" or "lazy" with skip="exact", else None

@@ -41,6 +41,7 @@ from .accept import accept_greedy, accept_sampled
 from .adapt import LoopChooser, start_loop
 from .drafts import DraftMap, draft_state, resolve_draft_map
 from .fallback import with_fallback
+from .multi import decode_pairs
 from .pipeline import decode_pipelined
 from .schedule import DraftLength
 from .start import first_step, start_request
@@ -68,6 +69,8 @@ def decode(
     draft_map: "DraftMap | str | None" = None,
     branch: int = 1,
     branch_threshold: float | None = None,
+    draft_tokens: int = 1,
+    second_threshold: float | None = None,
     fallback: bool = True,
     call_cost: float = 0.0,
 ) -> Decoder:
@@ -102,6 +105,12 @@ def decode(
             accepts continues (multi-candidate rejection when sampling). 1: spec.pipeline.
         branch_threshold: with branch > 1, branch only where the draft's top-1 probability is
             below this value in [0, 1] (None: always).
+        draft_tokens: 1, or 2: the token leaving loop k also drafts the token after its successor
+            with the draft map's second-token head (spec.multi; one sequence, pipelined, the map
+            must have a second-token head for loop k); the two run as a pair, so one forward can
+            finish two tokens. Not in a batch or under tensor parallelism.
+        second_threshold: with draft_tokens=2, draft the second token only where its head's
+            top-1 probability is at least this value (None: always).
         call_cost: with draft_loop="adaptive", a forward call's fixed cost in loop passes (>= 0;
             0: decode time follows weight passes), the r of spec.adapt's cost model.
         fallback: switch a one-sequence request (every branch b; draft trees are one sequence) to
@@ -152,7 +161,16 @@ def decode(
             raise ValueError(f"branch={branch} (draft trees) does not run under tensor parallelism yet; use branch=1")
         req.stats["branch_unused"] = f"the checkpoint's recommended branch={branch} (draft trees) does not run under tensor parallelism yet"
         branch = 1
-    if branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
+    if draft_tokens == 2:  # options and the pipeline requirement: looplm.options.SpeculativeOptions
+        why = (f"it decodes one sequence per request, got a batch of {B}" if B != 1 else
+               "it does not run under tensor parallelism yet" if getattr(model, "tp", None) is not None else
+               f"no draft map with a second-token head for draft_loop={k} (`python -m spec.fit_draft --next`)"
+               if dmap is None or not dmap.has_next(k) else None)
+        if why is not None:
+            raise ValueError(f"draft_tokens=2: {why}")
+    if draft_tokens == 2:
+        inner = decode_pairs(model, req, k, dmap, None if second_threshold is None else float(second_threshold))
+    elif branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
         if branch > model.config.vocab_size:
             raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")
         if B != 1:

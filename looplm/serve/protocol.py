@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 # files (draft_map, budget, clock, step) stay with the checkpoint's defaults and the server.
 LOOPLM_OPTIONS = frozenset({
     "mode", "kv", "top_k",
-    "draft_loop", "draft_len", "pipeline", "extrapolate", "branch", "branch_threshold", "fallback", "call_cost",
+    "draft_loop", "draft_len", "pipeline", "extrapolate", "branch", "branch_threshold", "draft_tokens", "second_threshold",
+    "fallback", "call_cost",
     "budget_ms", "deadline_ms", "budget_loops", "exit", "threshold", "q", "skip", "finish", "safety",
 })
 MAX_TOP_LOGPROBS = 5  # as the OpenAI completions API

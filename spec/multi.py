@@ -1,0 +1,203 @@
+"""Two drafted tokens per pipeline stage: a draft map's second-token head lets one forward finish two tokens.
+
+spec.pipeline finishes at most one token per call of k loops: the token leaving loop k drafts one
+successor, so drafting at loop k saves at most a factor T/k of weight passes. Here the token n
+leaving loop k drafts token n+1 with the draft map (as the pipeline does) and token n+2 with the
+map's second-token head (spec.drafts.DraftMap.next_state, fitted by `python -m spec.fit_draft
+--next`) when that head is confident (top-1 probability >= `threshold`). Both drafts enter
+loop 1 together as a pair of rows at the same loops of the same Forward (positions of one
+sequence run together at one loop see each other causally, looplm.work.Forward) and advance
+together:
+
+    call c:   pair (n+3, n+4) at loops 1..k  |  ...  |  pair (n+1, n+2) at loops T-k+1..T
+
+When a pair leaves loop T, the first token's exact logits test the second; if it passes, the
+second token's logits (now exact: its prefix is verified) test the next token in flight. One call
+can so emit two tokens, and weight passes per token fall towards k/2 when both drafts pass.
+
+A tested draft passes as in the pipeline (greedy: equal argmax; sampling: the Leviathan/Chen rule
+of spec.accept with the distribution it was drawn from, q1 for a first draft and q2 for a second).
+A rejection voids every token behind it (their cache slots are overwritten before they are read
+again) and the pipeline refills from the target's token. Exactness is the pipeline's: each emitted
+token's logits come from all T loops over the K/V of its verified prefix.
+
+With a threshold no second draft reaches, the decoder makes the pipeline's decisions and, when
+sampling, the pipeline's draws from the request's generator (verdict first, then the draft of the
+token leaving loop k, then the second draft, all before the call's Steps are yielded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from looplm.decoding import Decoder, DecodeRequest, Step
+from looplm.model import LoopLM
+from looplm.sampling import probabilities, sample
+from looplm.work import Forward
+
+from .accept import accept_sampled
+from .drafts import DraftMap
+from .pipeline import pipeline_stats
+from .start import first_step, start_request
+
+
+@dataclass
+class _Token:
+    """A token in flight: its index among the new tokens, the stages it has run, its state."""
+
+    index: int
+    token: int
+    stage: int
+    second: bool = False  # drafted by the second-token head
+    hidden: torch.Tensor | None = None  # (H,) state after loop stage*k (None before stage 0)
+    q: torch.Tensor | None = None  # (V,) the distribution it was drawn from (sampling only)
+    slot: int = -1  # its row in the current forward call
+
+
+def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap, threshold: float | None = None) -> Decoder:
+    """Pipelined self-speculation with second-token drafts (see the module docstring).
+
+    Args:
+        model, req: as spec.decode; one sequence.
+        k: the draft loop; it divides T and `draft_map` has a map with a second-token head for it.
+        draft_map: the checked spec.drafts.DraftMap (model dtype and device).
+        threshold: draft the second token only where the second-token head's top-1 probability
+            (greedy: softmax of its logits; sampling: its distribution q2 after temperature, top-k
+            and top-p) is at least this; None: always.
+    Yields:
+        Forwards and Steps as spec.pipeline.decode_pipelined.
+    Stats (req.stats): spec.pipeline's keys (drafted counts second drafts too), plus draft_tokens = 2,
+        second_threshold, seconds (second drafts proposed), seconds_tested, seconds_accepted, and
+        pairs_emitted (calls that emitted two tokens).
+    """
+    T = model.num_loops
+    D = T // k
+    if not draft_map.has_next(k):
+        raise ValueError(f"draft_tokens=2 needs a draft map with a second-token head for draft_loop={k} "
+                         "(`python -m spec.fit_draft --next`)")
+    params, gen = req.sampling, req.generator
+    timer, first = yield from start_request(model, req)
+    device = model.lm_head.weight.device
+    table = model.model.embed_tokens.weight  # a row of the embedding table is the embedding
+    plen, max_new = len(req.prompts[0]), req.max_new[0]
+    flight: list[_Token] = []  # oldest first
+    produced = emitted = computed = calls = 0
+    n_acc = n_rej = n_prop = run = 0
+    seconds = seconds_tested = seconds_won = pairs = 0
+    hist = [0] * (D + 1)
+
+    def close_run() -> None:
+        nonlocal run
+        hist.extend([0] * (run + 1 - len(hist)))
+        hist[run] += 1
+        run = 0
+
+    def stats() -> None:
+        req.stats.update(pipeline_stats(k, D, 0.0, n_prop, n_acc, n_rej, hist, calls, computed, emitted),
+                         draft_tokens=2, second_threshold=threshold, seconds=seconds, seconds_tested=seconds_tested,
+                         seconds_accepted=seconds_won, pairs_emitted=pairs)
+
+    if req.active(0, 0):
+        yield first_step(0, first[0], T, timer)
+        produced = emitted = 1
+        if req.active(0, 1):
+            flight.append(_Token(0, first[0], 0))
+    stats()
+    try:
+        while flight:
+            # rows by stage (newest first), a pair's two tokens adjacent in position order: one group per loop
+            items = sorted(flight, key=lambda t: (t.stage, t.index))
+            for i, t in enumerate(items):
+                t.slot = i
+            stage_t = torch.tensor([t.stage for t in items], device=device)[:, None]
+            pos = torch.tensor([plen + t.index for t in items], device=device)[:, None]
+            h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])
+            out = yield Forward(h[:, None], pos, start_loop=stage_t * k, num_loops=k, gates=False)
+            calls += 1
+            computed += len(items) * k
+            hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
+            newest = flight[-1] if flight[-1].stage == 0 else None  # leaves loop k now: it drafts
+            heads = [t for t in flight if t.stage == D - 1]  # leave loop T now (oldest first)
+            for t in items:
+                t.stage += 1
+                t.hidden = hidden[t.slot]
+            # logits: the newest token's two drafts (first, second), then the heads' exact loop-T logits
+            states = [hidden[[t.slot for t in heads]]]
+            if newest is not None:
+                per_loop = out.hidden[:, newest.slot : newest.slot + 1, 0]  # (k, 1, H)
+                states = [draft_map.state(per_loop, k), draft_map.next_state(per_loop, k)] + states
+            lg = model.head(torch.cat(states))
+            n_draft = 2 if newest is not None else 0
+            ids = lg.argmax(-1).tolist() if params.greedy else None  # one host transfer
+
+            # -- verify: each head's exact logits test its successor; a rejection voids the rest ------------
+            steps: list[Step] = []
+            for j, head in enumerate(heads):
+                assert flight[0] is head
+                flight.pop(0)
+                succ = flight[0] if flight else None
+                if params.greedy:
+                    tok = ids[n_draft + j]
+                    ok = succ is not None and succ.token == tok
+                else:
+                    p = probabilities(lg[n_draft + j : n_draft + j + 1], params)[:, None]  # (1, 1, V)
+                    q = (succ.q if succ is not None else p[0, 0])[None, None]
+                    drafts = torch.tensor([[succ.token if succ is not None else 0]], device=device)
+                    accepted, tokens = accept_sampled(drafts, q, p, torch.tensor([int(succ is not None)], device=device), gen)
+                    ok, tok = bool(accepted.item()), int(tokens[0, 0])
+                if succ is not None and succ.second:
+                    seconds_tested += 1
+                    seconds_won += ok
+                if ok:
+                    n_acc += 1
+                    run += 1
+                    steps.append(Step(0, produced + j, tok, T, T, 0.0, "draft",
+                                      info={"draft": True, "accepted": run, "proposed": run}))
+                    continue
+                if succ is not None:  # a tested draft failed
+                    n_rej += 1
+                    close_run()
+                steps.append(Step(0, produced + j, tok, T, T, 0.0, "verify",
+                                  info={"draft": False, "accepted": run, "proposed": run + 1}))
+                flight.clear()  # drafts behind a rejection are void; the head after this one was its successor
+                flight.append(_Token(head.index + 1, tok, 0))
+                break
+
+            # -- draft: the newest token, if it survived, drafts its successor and maybe the one after.
+            # Sampled drafts are drawn whether or not it survived (the pipeline's order of draws)
+            if newest is not None:
+                sure = None
+                if params.greedy:
+                    first_tok = ids[0]
+                    sure = torch.softmax(lg[1], -1).amax().item() if threshold is not None else None
+                    second_tok, q1, q2 = ids[1], None, None
+                else:
+                    q12 = probabilities(lg[:2], params)
+                    q1, q2 = q12[0], q12[1]
+                    first_tok = int(sample(q1[None], gen)[0])
+                    sure = q2.amax().item()
+                want_second = newest.index + 2 < max_new and (threshold is None or sure >= threshold)
+                if want_second and not params.greedy:
+                    second_tok = int(sample(q2[None], gen)[0])
+                if flight and flight[-1] is newest and newest.index + 1 < max_new:
+                    flight.append(_Token(newest.index + 1, first_tok, 0, q=q1))
+                    n_prop += 1
+                    if want_second:
+                        flight.append(_Token(newest.index + 2, second_tok, 0, second=True, q=q2))
+                        n_prop += 1
+                        seconds += 1
+            for j, step in enumerate(steps):
+                step.latency_ms = timer.lap(0)
+                yield step
+                pairs += j == 1
+                produced += 1
+                emitted += 1
+                if not req.active(0, produced):
+                    flight.clear()
+                    break
+    finally:  # also when the consumer stops early (Stream.close): the open run counts, then the stats
+        if run:
+            close_run()
+        stats()
