@@ -444,7 +444,12 @@ def trees_lines(others: list[dict]) -> list[str]:
                 by_loop = ", ".join(f"{n} at loop {j}" for j, n in sorted(r.get("tokens_by_loop", {}).items()))
                 k = f"adaptive, call cost {r['call_cost']:g} ({by_loop})"
             depth = " / ".join("–" if a is None else f"{a:.2f}" for a in r.get("acceptance_by_depth") or []) or "–"
-            lines.append(f"| {k} | {r['branch']} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['ratio_to_full'])} | "
+            b = r["branch"]
+            if r.get("draft_tokens", 1) == 2:  # spec.multi: second-token drafts
+                t = r.get("second_threshold")
+                b = (f"{b}, second drafts{'' if t is None else f' at top-1 >= {t:g}'}: {r['seconds_accepted']}/{r['seconds_tested']} "
+                     f"passed, {r['pairs_emitted']} forwards emitted 2")
+            lines.append(f"| {k} | {b} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['ratio_to_full'])} | "
                          f"{_fmt(r['weight_passes_per_token'])} | {_fmt(r['tokens_per_forward'])} | {_fmt(r['rows_per_forward'])} | "
                          f"{_fmt(r['token_acceptance'], 3)} | {depth} | {r.get('won_by_rank', '–')} |")
         lines.append("")

@@ -2,10 +2,11 @@
 
 Bundled default model (skipped when absent), CPU, batch 1, one torch thread, NEW_TOKENS new tokens
 after each of the 16 benchmark prompts (benchmarks/conftest.py TEXT_PROMPTS), each generated alone.
-Greedy: draft loop k in {1, 2} and branch b in {1, 2, 3} (b = 1 is spec.pipeline), and
+Greedy: draft loop k in {1, 2} and branch b in {1, 2, 3} (b = 1 is spec.pipeline),
 draft_loop="adaptive" (spec.adapt: the loop chosen online per request) with the checkpoint's
-calibrated call cost and with call cost 0 (minimising weight passes); every output is checked
-equal to full depth. Sampling (temperature SAMPLED_TEMPERATURE, a fixed seed per call):
+calibrated call cost and with call cost 0 (minimising weight passes), and second-token drafts at
+k = 2 (draft_tokens=2, spec.multi: always, and only where the second head is confident); every
+output is checked equal to full depth. Sampling (temperature SAMPLED_TEMPERATURE, a fixed seed per call):
 the recommended k = 2 and b in {1, 2, 3} against full-depth sampling (lossless by the chi-square
 tests of tests/spec; outputs differ draw by draw). A "call" runs all prompts; every call of a
 setting follows a full-depth call, REPEATS times in turn, and a setting's ratio is its best time
@@ -15,7 +16,8 @@ which it has no map for).
 
 Recorded per setting: tokens/s and its ratio to full depth (wall and process CPU time), weight
 passes per token (loops of every forward, prefill included, per new token), tokens finished per
-forward, rows per forward, acceptance per tested position and per tree depth, wins by candidate rank.
+forward, rows per forward, acceptance per tested position and per tree depth, wins by candidate rank,
+and for second-token drafts their acceptance and the forwards that emitted two tokens.
 
     python -m pytest benchmarks/test_trees.py --benchmark-only -s [-k sampling]
 """
@@ -34,8 +36,10 @@ from benchmarks.conftest import TEXT_PROMPTS, generate_each
 
 NEW_TOKENS = 128
 REPEATS = 2
-SETTINGS = [(k, b) for k in (1, 2) for b in (1, 2, 3)] + [("adaptive", 1), ("adaptive", 1, 0.0)]  # (k, b[, call_cost])
-SAMPLED_SETTINGS = [(2, b) for b in (1, 2, 3)]
+PAIRS = [(2, 1, (("draft_tokens", 2),)), (2, 1, (("draft_tokens", 2), ("second_threshold", 0.5)))]
+# (k, b, more options as (name, value) pairs)
+SETTINGS = [(k, b, ()) for k in (1, 2) for b in (1, 2, 3)] + [("adaptive", 1, ()), ("adaptive", 1, (("call_cost", 0.0),))] + PAIRS
+SAMPLED_SETTINGS = [(2, b, ()) for b in (1, 2, 3)] + PAIRS
 SAMPLED_TEMPERATURE = 0.8
 
 
@@ -55,6 +59,8 @@ def _pooled(gens) -> dict:
         if "rows_per_forward" in st[0] else None,
         "token_acceptance": sum(s["accepted"] for s in st) / max(sum(s["accepted"] + s["rejected"] for s in st), 1),
     }
+    if "seconds" in st[0]:
+        out.update({key: sum(s[key] for s in st) for key in ("seconds", "seconds_tested", "seconds_accepted", "pairs_emitted")})
     if "won_by_rank" in st[0]:
         out["won_by_rank"] = [sum(s["won_by_rank"][r] for s in st) for r in range(len(st[0]["won_by_rank"]))]
         tested = [sum(s["tested_by_depth"][d] for s in st) for d in range(len(st[0]["tested_by_depth"]))]
@@ -85,10 +91,9 @@ def sweep(engine, prompts, repeats: int = REPEATS, settings=SETTINGS, **sampling
     gens_of = {}
     for _ in range(repeats):
         for s in settings:
-            k, b, *cost = s
+            k, b, more = s
             full_t[s].append(_run(engine, prompts, **sampling)[0])
-            dt, gens = _run(engine, prompts, mode="speculative", draft_loop=k, branch=b,
-                            **({"call_cost": cost[0]} if cost else {}), **sampling)
+            dt, gens = _run(engine, prompts, mode="speculative", draft_loop=k, branch=b, **dict(more), **sampling)
             if not sampling:
                 assert [g.tokens for g in gens] == [g.tokens for g in full], f"{s} differs from full depth"
             assert sum(len(g.tokens) for g in gens) == tokens  # stop=[]: every prompt runs to NEW_TOKENS
@@ -96,11 +101,12 @@ def sweep(engine, prompts, repeats: int = REPEATS, settings=SETTINGS, **sampling
             gens_of[s] = gens
     rows = []
     for s in settings:
-        k, b, *cost = s
+        k, b, more = s
         wall, cpu = min(t[0] for t in times[s]), min(t[1] for t in times[s])
         f_wall, f_cpu = min(t[0] for t in full_t[s]), min(t[1] for t in full_t[s])
         st = gens_of[s][0].stats
-        rows.append({"draft_loop": k, "branch": b, "call_cost": cost[0] if cost else st.get("call_cost"),
+        rows.append({"draft_loop": k, "branch": b, "call_cost": dict(more).get("call_cost", st.get("call_cost")),
+                     "draft_tokens": st.get("draft_tokens", 1), "second_threshold": st.get("second_threshold"),
                      "tokens_per_s": tokens / wall, "ratio_to_full": f_wall / wall,
                      "tokens_per_s_cpu": tokens / cpu, "ratio_to_full_cpu": f_cpu / cpu, **_pooled(gens_of[s])})
         if k == "adaptive":  # tokens emitted per draft loop, over the prompts
@@ -124,7 +130,8 @@ def _tokens_by_loop(gens) -> dict[str, int]:
 
 def _tag(r: dict) -> str:
     cost = f"_r{r['call_cost']:g}" if r["draft_loop"] == "adaptive" and r["call_cost"] is not None else ""
-    return f"k{r['draft_loop']}_b{r['branch']}{cost}"
+    pairs = "" if r.get("draft_tokens", 1) == 1 else "_pairs" + ("" if r["second_threshold"] is None else f"{r['second_threshold']:g}")
+    return f"k{r['draft_loop']}_b{r['branch']}{cost}{pairs}"
 
 
 def print_table(result: dict) -> None:
@@ -141,6 +148,9 @@ def print_table(result: dict) -> None:
         print(f" {r['draft_loop']}  {r['branch']}   {r['tokens_per_s']:9.1f}  {r['ratio_to_full']:5.2f}   {r['ratio_to_full_cpu']:8.2f}  "
               f"{r['weight_passes_per_token']:10.2f}  {r['tokens_per_forward']:7.2f}  {rows:>8}  {r['token_acceptance']:6.3f}  "
               f"{depth:<15}  {r.get('won_by_rank', '-')}")
+        if r.get("draft_tokens", 1) == 2:
+            print(f"    second-token drafts (threshold {r['second_threshold']}): {r['seconds']} made, {r['seconds_accepted']} of "
+                  f"{r['seconds_tested']} tested passed, {r['pairs_emitted']} forwards emitted two tokens")
 
 
 def _summary(result: dict) -> dict:
