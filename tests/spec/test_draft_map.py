@@ -1,6 +1,7 @@
 """Fitted draft maps (spec.drafts.DraftMap, spec.fit_draft): exact output, clear errors, a fit that helps."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,21 +11,29 @@ from safetensors.torch import save_file
 import looplm
 from looplm.checkpoint import save_pretrained
 from spec.drafts import DraftMap, draft_state
-from spec.fit_draft import agreement, collect_states, fit_draft_map
+from spec.fit_draft import agreement, collect_states, fit_draft_map, fit_next_map, next_agreement, pair_index
 
 from .conftest import acceptance, ragged_prompts, spec_model
 from .test_accept import chi2_critical
 from .test_sampling_e2e import sampled_chi2
 
 
-def random_map(H: int, loops=(2,), scale: float = 0.3, hidden: int = 0) -> DraftMap:
+def random_map(H: int, loops=(2,), scale: float = 0.3, hidden: int = 0, next_hidden: int | None = None) -> DraftMap:
+    """Random maps per loop; with `next_hidden` (0: affine) also a second-token head."""
     params = {}
     for k in loops:
-        params[k] = {"weight": torch.randn(H, 2 * H) * scale, "bias": torch.randn(H) * scale}
-        if hidden:
-            params[k].update({"up.weight": torch.randn(hidden, 2 * H) * scale, "up.bias": torch.randn(hidden) * scale,
-                              "down.weight": torch.randn(H, hidden) * scale, "down.bias": torch.randn(H) * scale})
+        params[k] = random_params(H, scale, hidden)
+        if next_hidden is not None:
+            params[k].update({"next." + n: t for n, t in random_params(H, scale, next_hidden).items()})
     return DraftMap(params)
+
+
+def random_params(H: int, scale: float, hidden: int) -> dict[str, torch.Tensor]:
+    p = {"weight": torch.randn(H, 2 * H) * scale, "bias": torch.randn(H) * scale}
+    if hidden:
+        p.update({"up.weight": torch.randn(hidden, 2 * H) * scale, "up.bias": torch.randn(hidden) * scale,
+                  "down.weight": torch.randn(H, hidden) * scale, "down.bias": torch.randn(H) * scale})
+    return p
 
 
 def test_the_extrapolation_map_equals_extrapolated_drafts():
@@ -55,6 +64,79 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, hidden):
     for k in (2, 3):
         assert sorted(back.params[k]) == sorted(dmap.params[k])
         assert all(torch.equal(back.params[k][n], dmap.params[k][n]) for n in dmap.params[k])
+
+
+@pytest.mark.parametrize("hidden,next_hidden", [(0, 0), (0, 8), (8, 0), (8, 4)])
+def test_a_second_token_head_round_trips_bit_exact(tmp_path, hidden, next_hidden):
+    dmap = random_map(8, loops=(2, 3), hidden=hidden, next_hidden=next_hidden)
+    dmap.info["next"] = {"hidden": next_hidden}
+    dmap.save(tmp_path / "m.safetensors")
+    back = DraftMap.load(tmp_path / "m.safetensors")
+    assert back.info == {"next": {"hidden": next_hidden}} and back.has_next(2) and back.has_next(3)
+    for k in (2, 3):
+        assert sorted(back.params[k]) == sorted(dmap.params[k])
+        assert sum(n.startswith("next.") for n in back.params[k]) == (6 if next_hidden else 2)
+        assert all(torch.equal(back.params[k][n], dmap.params[k][n]) for n in dmap.params[k])
+    per_loop = torch.randn(3, 5, 8)
+    assert torch.equal(back.next_state(per_loop), dmap.next_state(per_loop))
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_next_state_is_the_next_maps_formula(hidden):
+    dmap = random_map(16, loops=(2, 3), hidden=4, next_hidden=hidden)
+    per_loop = torch.randn(3, 2, 5, 16)  # loops 1..3
+    for k, states in ((3, per_loop), (2, per_loop[:2])):
+        p = dmap.params[k]
+        x = torch.cat([states[-2], states[-1]], -1)
+        expected = x @ p["next.weight"].T + p["next.bias"]
+        if hidden:
+            expected = expected + F.gelu(x @ p["next.up.weight"].T + p["next.up.bias"]) @ p["next.down.weight"].T + p["next.down.bias"]
+        torch.testing.assert_close(dmap.next_state(states), expected)
+        torch.testing.assert_close(dmap.next_state(per_loop[k - 2 : k], loop=k), expected)  # only loops k-1, k given
+        assert not torch.allclose(dmap.state(states), expected)  # the first-token map is another map
+
+
+def test_next_state_without_a_second_token_head_raises():
+    dmap = random_map(8, loops=(2, 3))
+    assert not dmap.has_next(2) and not dmap.has_next(5)
+    with pytest.raises(ValueError, match="the draft map for loop 2 has no second-token head"):
+        dmap.next_state(torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"loops \[2, 3\], not the draft loop 4"):
+        dmap.next_state(torch.randn(4, 8))
+    mixed = DraftMap({**random_map(8, next_hidden=0).params, **random_map(8, loops=(3,)).params})
+    assert mixed.has_next(2) and not mixed.has_next(3)
+    assert mixed.next_state(torch.randn(2, 8)).shape == (8,)
+    with pytest.raises(ValueError, match="loop 3 has no second-token head"):
+        mixed.next_state(torch.randn(2, 8), loop=3)
+
+
+def test_a_half_or_misshapen_second_token_head_is_an_error_naming_the_tensor(tmp_path):
+    meta = {"format": "looplm-draft-map"}
+    first = {"loop2.weight": torch.zeros(4, 8), "loop2.bias": torch.zeros(4)}
+    cases = [
+        ({"loop2.next.weight": torch.zeros(4, 8)}, r"needs next.weight and next.bias"),
+        ({"loop2.next.bias": torch.zeros(4)}, r"needs next.weight and next.bias"),
+        ({"loop2.next.weight": torch.zeros(4, 8), "loop2.next.bias": torch.zeros(4), "loop2.next.up.weight": torch.zeros(3, 8)},
+         r"all or none of \['next.up.weight'"),
+        ({"loop2.next.weight": torch.zeros(4, 4), "loop2.next.bias": torch.zeros(4)},
+         r"next.weight has shape \(4, 4\), expected \(4, 8\)"),
+        ({"loop2.next.weight": torch.zeros(4, 8), "loop2.next.bias": torch.zeros(5)}, r"next.bias has shape \(5,\), expected \(4,\)"),
+        ({"loop2.next.weight": torch.zeros(4, 8), "loop2.next.bias": torch.zeros(4), "loop2.next.up.weight": torch.zeros(3, 8),
+          "loop2.next.up.bias": torch.zeros(3), "loop2.next.down.weight": torch.zeros(4, 2), "loop2.next.down.bias": torch.zeros(4)},
+         r"next.down.weight has shape \(4, 2\), expected \(4, 3\)"),
+        ({"loop2.next.weight": torch.zeros(6, 12), "loop2.next.bias": torch.zeros(6)},  # a head for another hidden size
+         r"next.weight has shape \(6, 12\), expected \(4, 8\)"),
+    ]
+    for i, (extra, msg) in enumerate(cases):
+        tensors = {**first, **extra}
+        with pytest.raises(ValueError, match="draft map loop 2: .*" + msg):
+            DraftMap({2: {name.removeprefix("loop2."): t for name, t in tensors.items()}})
+        save_file(tensors, str(tmp_path / f"next{i}.safetensors"), meta)
+        with pytest.raises(ValueError, match=f"next{i}.safetensors: draft map loop 2: .*" + msg):
+            DraftMap.load(tmp_path / f"next{i}.safetensors")
+    save_file({**first, "loop2.next.head": torch.zeros(1)}, str(tmp_path / "odd.safetensors"), meta)
+    with pytest.raises(ValueError, match="unexpected tensor 'loop2.next.head'"):
+        DraftMap.load(tmp_path / "odd.safetensors")
 
 
 def test_bad_files_get_errors_naming_the_problem(tmp_path):
@@ -195,3 +277,96 @@ def test_generated_batches_are_greedy_continuations_of_training_prefixes(tmp_pat
         prefix = row[:6].tolist()
         assert bytes(torch.tensor(prefix, dtype=torch.int32).numpy().astype("uint16").tobytes()) in windows
         assert engine.generate(prefix, max_new_tokens=14, stop=[]).tokens == row[6:].tolist()
+
+
+def token_chain(perm: torch.Tensor, rows: int, length: int, noise: float = 0.1) -> torch.Tensor:
+    """(rows, length) ids where token n+1 is perm[token n] (or, with probability `noise`, random):
+    token n's states tell what comes after token n+1, so a second-token head has something to learn."""
+    V = perm.shape[0]
+    x = torch.empty(rows, length, dtype=torch.long)
+    x[:, 0] = torch.randint(0, V, (rows,))
+    for s in range(1, length):
+        x[:, s] = torch.where(torch.rand(rows) < noise, torch.randint(0, V, (rows,)), perm[x[:, s - 1]])
+    return x
+
+
+def next_kl(model, states, pairs, dmap: DraftMap, k: int = 2) -> float:
+    head = model.lm_head.weight.float()
+    n = pairs
+    with torch.no_grad():
+        teacher = F.log_softmax(states[4][n + 1] @ head.T, -1)
+        student = F.log_softmax(dmap.next_state(torch.stack([states[k - 1][n], states[k][n]])) @ head.T, -1)
+        return float(F.kl_div(student, teacher, log_target=True, reduction="batchmean"))
+
+
+def test_pairs_stay_within_one_sequence():
+    """States that are (sequence, position) codes: a pair across two rows or two batches would show."""
+    batches = [torch.zeros(3, 5, dtype=torch.long), torch.zeros(1, 7, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
+               torch.zeros(2, 4, dtype=torch.long)]
+    codes, row = [], 0
+    for x in batches:
+        B, S = x.shape
+        codes.append((torch.arange(row, row + B)[:, None] * 100 + torch.arange(S)).float())  # sequence * 100 + position
+        row += B
+    coded = iter(codes)
+    stub = SimpleNamespace(loop_outputs=lambda x: SimpleNamespace(hidden=next(coded)[None, :, :, None].expand(2, -1, -1, 3)))
+    states = collect_states(stub, batches, [1, 2])[2][:, 0]  # the flattening the fit pairs its tokens in
+    pairs = pair_index(batches)
+    assert pairs.shape == (3 * 4 + 6 + 0 + 2 * 3,)
+    assert torch.equal(states[pairs + 1] - states[pairs], torch.ones(pairs.shape[0]))  # same sequence, next position
+    assert torch.equal(pairs, pairs.unique())  # each pair once
+    n = states.shape[0]
+    succ = (states[1:] - states[:-1]) == 1  # every token with a successor in its sequence is paired
+    assert torch.equal(pairs, torch.arange(n - 1)[succ])
+    assert pair_index([]).shape == (0,)
+
+
+def test_fitting_the_second_token_head_lowers_held_out_kl_and_raises_agreement():
+    model = spec_model(loops=4, max_pos=64, std=0.3, step_scale=0.3).float()
+    perm = torch.randperm(model.config.vocab_size)
+    train = [token_chain(perm, 16, 48) for _ in range(2)]
+    held = [token_chain(perm, 32, 48)]
+    states, pairs = collect_states(model, train, [1, 2, 4]), pair_index(train)
+    val, val_pairs = collect_states(model, held, [1, 2, 4]), pair_index(held)
+    first, _ = fit_draft_map(model, states, 2, extrapolate=0.5, steps=50, lr=1e-2, batch_tokens=256, progress=False)
+    h = torch.stack([val[1], val[2]])
+    start, _ = fit_next_map(model, states, pairs, 2, start=first, steps=0, progress=False)
+    torch.testing.assert_close(start.next_state(h), first.state(h), rtol=1e-5, atol=1e-5)  # starts at the first map
+    before = next_agreement(model, val, val_pairs, 2, lambda h0, h1: first.state(torch.stack([h0, h1])))
+    assert next_agreement(model, val, val_pairs, 2, lambda h0, h1: start.next_state(torch.stack([h0, h1]))) == before
+    for hidden in (0, 32):
+        dmap, curve = fit_next_map(model, states, pairs, 2, start=first, hidden=hidden, steps=150, lr=1e-2, batch_tokens=256,
+                                   progress=False)
+        assert all(torch.equal(dmap.params[2][n], first.params[2][n]) for n in first.params[2])  # the first map is kept
+        assert sorted(n for n in dmap.params[2] if n.startswith("next.")) == sorted(
+            "next." + n for n in (DraftMap.NAMES if hidden else DraftMap.NAMES[:2]))
+        after = next_agreement(model, val, val_pairs, 2, lambda h0, h1: dmap.next_state(torch.stack([h0, h1])))
+        assert curve[-1] < curve[0]
+        assert next_kl(model, val, val_pairs, dmap) < 0.8 * next_kl(model, val, val_pairs, start), hidden
+        assert after > before, (hidden, before, after)
+    default, _ = fit_next_map(model, states, pairs, 2, steps=0, progress=False)  # no start: the plain loop-2 state
+    torch.testing.assert_close(default.next_state(h), val[2])
+    with pytest.raises(ValueError, match="2 <= draft loop < T = 4"):
+        fit_next_map(model, states, pairs, 4)
+    with pytest.raises(ValueError, match="pairs must index tokens"):
+        fit_next_map(model, states, torch.tensor([states[4].shape[0] - 1]), 2)
+
+
+def test_next_agreement_counts_pairs_and_can_keep_the_greedy_ones():
+    model = spec_model(loops=4, max_pos=64, std=0.3, step_scale=0.3).float()
+    batches = [torch.randint(0, model.config.vocab_size, (3, 20)), torch.randint(0, model.config.vocab_size, (2, 11))]
+    states, pairs = collect_states(model, batches, [1, 2, 4]), pair_index(batches)
+    tokens = torch.cat([x.reshape(-1) for x in batches])
+    dmap = random_map(model.config.hidden_size, next_hidden=0, scale=0.1)
+    draft = model.head(dmap.next_state(torch.stack([states[1], states[2]]))).argmax(-1)
+    target = model.head(states[4]).argmax(-1)  # loop T's argmax at every token
+    hit = (draft[pairs] == target[pairs + 1]).float()
+    nd = lambda h0, h1: dmap.next_state(torch.stack([h0, h1]))
+    assert next_agreement(model, states, pairs, 2, nd, chunk=7) == pytest.approx(hit.mean().item())
+    assert next_agreement(model, states, pairs, 2) == pytest.approx((model.head(states[2]).argmax(-1)[pairs] == target[pairs + 1]).float().mean().item())
+    tokens[pairs[::2] + 1] = target[pairs[::2]]  # half the pairs (at least) follow loop T's greedy choice
+    greedy = tokens[pairs + 1] == target[pairs]
+    assert 0.5 <= greedy.float().mean() < 1
+    assert next_agreement(model, states, pairs, 2, nd, tokens=tokens, chunk=7) == pytest.approx(hit[greedy].mean().item())
+    tokens[pairs + 1] = (target[pairs] + 1) % model.config.vocab_size
+    assert next_agreement(model, states, pairs, 2, nd, tokens=tokens) == 0.0  # no greedy pair
