@@ -111,6 +111,42 @@ def generated_batches(engine, train, n: int, gen: torch.Generator, prefix: int =
     return out
 
 
+def _new_hidden_layer(H: int, width: int) -> dict[str, torch.Tensor]:
+    """A GELU layer of `width` on [h_{k-1}; h_k]: default (Kaiming-uniform) input projection, output
+    projection at zero (the map starts as its affine part)."""
+    up = torch.nn.Linear(2 * H, width)
+    return {"up.weight": up.weight.detach().clone(), "up.bias": up.bias.detach().clone(),
+            "down.weight": torch.zeros(H, width), "down.bias": torch.zeros(H)}
+
+
+def _distill(model: LoopLM, params: dict[str, torch.Tensor], draw, draft, target, *, steps: int, lr: float, seed: int,
+             desc: str, progress: bool) -> list[float]:
+    """Adam on `params` (cosine decay to 10% of lr), minimising KL(head(target(i)) || head(draft(i)))
+    on minibatches i = draw(generator); returns the KL every 50 steps."""
+    for t in params.values():
+        t.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    head = model.lm_head.weight.detach().float()
+    curve = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        i = draw(gen)
+        with torch.no_grad():
+            teacher = F.log_softmax(target(i) @ head.T, -1)
+        student = F.log_softmax(draft(i) @ head.T, -1)
+        loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            curve.append(round(loss.item(), 5))
+            bar.set_postfix_str(f"KL={loss.item():.4f}")
+    return curve
+
+
 def fit_draft_map(model: LoopLM, states: dict[int, torch.Tensor], k: int, *, extrapolate: float = 0.5, hidden: int = 0,
                   steps: int = 1000, lr: float = 1e-3, batch_tokens: int = 4096, seed: int = 0,
                   progress: bool = True) -> tuple[DraftMap, list[float]]:
@@ -127,36 +163,16 @@ def fit_draft_map(model: LoopLM, states: dict[int, torch.Tensor], k: int, *, ext
     w0 = DraftMap.extrapolation(H, [k], extrapolate).params[k]["weight"]
     params = {"weight": torch.zeros_like(w0), "bias": torch.zeros(H)}  # weight: the change from w0
     if hidden:
-        up = torch.nn.Linear(2 * H, hidden)  # default (Kaiming-uniform) init
-        params.update({"up.weight": up.weight.detach().clone(), "up.bias": up.bias.detach().clone(),
-                       "down.weight": torch.zeros(H, hidden), "down.bias": torch.zeros(H)})
-    for t in params.values():
-        t.requires_grad_(True)
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    head = model.lm_head.weight.detach().float()
+        params.update(_new_hidden_layer(H, hidden))
     prev, cur, last = states[k - 1], states[k], states[T]
     n = cur.shape[0]
 
     def current() -> DraftMap:
         return DraftMap({k: {**params, "weight": w0 + params["weight"]}})
 
-    curve = []
-    bar = tqdm(range(steps), desc=f"draft map k={k}", disable=not progress, mininterval=2)
-    for step in bar:
-        for g in opt.param_groups:  # cosine decay to 10%
-            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        idx = torch.randint(0, n, (min(batch_tokens, n),), generator=gen)
-        with torch.no_grad():
-            teacher = F.log_softmax(last[idx] @ head.T, -1)
-        student = F.log_softmax(current().state(torch.stack([prev[idx], cur[idx]])) @ head.T, -1)
-        loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            curve.append(round(loss.item(), 5))
-            bar.set_postfix_str(f"KL={loss.item():.4f}")
+    curve = _distill(model, params, lambda gen: torch.randint(0, n, (min(batch_tokens, n),), generator=gen),
+                     lambda i: current().state(torch.stack([prev[i], cur[i]])), lambda i: last[i],
+                     steps=steps, lr=lr, seed=seed, desc=f"draft map k={k}", progress=progress)
     fitted = {name: t.detach() for name, t in current().params[k].items()}
     return DraftMap({k: fitted}, {"start_extrapolate": extrapolate, "hidden": hidden, "steps": steps, "lr": lr}), curve
 
@@ -192,35 +208,16 @@ def fit_next_map(model: LoopLM, states: dict[int, torch.Tensor], pairs: torch.Te
     if hidden and "up.weight" in first and first["up.weight"].shape[0] == hidden:
         params.update({n: first[n].float().clone() for n in DraftMap.NAMES[2:]})
     elif hidden:
-        up = torch.nn.Linear(2 * H, hidden)  # default (Kaiming-uniform) init
-        params.update({"up.weight": up.weight.detach().clone(), "up.bias": up.bias.detach().clone(),
-                       "down.weight": torch.zeros(H, hidden), "down.bias": torch.zeros(H)})
-    for t in params.values():
-        t.requires_grad_(True)
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    head = model.lm_head.weight.detach().float()
+        params.update(_new_hidden_layer(H, hidden))
     prev, cur, last = states[k - 1], states[k], states[T]
 
     def current() -> DraftMap:
         return DraftMap({k: {**first, **{"next." + n: t for n, t in params.items()}}})
 
-    curve = []
-    bar = tqdm(range(steps), desc=f"next-token head k={k}", disable=not progress, mininterval=2)
-    for step in bar:
-        for g in opt.param_groups:  # cosine decay to 10%
-            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        n = pairs[torch.randint(0, pairs.shape[0], (min(batch_tokens, pairs.shape[0]),), generator=gen)]
-        with torch.no_grad():
-            teacher = F.log_softmax(last[n + 1] @ head.T, -1)
-        student = F.log_softmax(current().next_state(torch.stack([prev[n], cur[n]])) @ head.T, -1)
-        loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            curve.append(round(loss.item(), 5))
-            bar.set_postfix_str(f"KL={loss.item():.4f}")
+    P = pairs.shape[0]
+    curve = _distill(model, params, lambda gen: pairs[torch.randint(0, P, (min(batch_tokens, P),), generator=gen)],
+                     lambda n: current().next_state(torch.stack([prev[n], cur[n]])), lambda n: last[n + 1],
+                     steps=steps, lr=lr, seed=seed, desc=f"next-token head k={k}", progress=progress)
     fitted = {name: t.detach() for name, t in current().params[k].items()}
     return DraftMap({k: fitted}, {"hidden": hidden, "steps": steps, "lr": lr}), curve
 

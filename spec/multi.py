@@ -39,7 +39,7 @@ from looplm.work import Forward
 
 from .accept import accept_sampled
 from .drafts import DraftMap
-from .pipeline import pipeline_stats
+from .pipeline import count_run, pipeline_stats
 from .start import first_step, start_request
 
 
@@ -90,8 +90,7 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
 
     def close_run() -> None:
         nonlocal run
-        hist.extend([0] * (run + 1 - len(hist)))
-        hist[run] += 1
+        count_run(hist, run)
         run = 0
 
     def stats() -> None:

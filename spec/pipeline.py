@@ -51,6 +51,12 @@ class _Token:
     shadow: dict = field(default_factory=dict)  # draft_loop="adaptive": loop j -> the draft of its successor from loop j (spec.adapt)
 
 
+def count_run(hist: list[int], n: int) -> None:
+    """Counts a run of n consecutive accepted drafts in `hist` (runs by length, grown as needed)."""
+    hist.extend([0] * (n + 1 - len(hist)))
+    hist[n] += 1
+
+
 def pipeline_stats(k: int, D: int, extrapolate: float, drafted: int, accepted: int, rejected: int, hist: list[int],
                    calls: int, computed: int, emitted: int) -> dict:
     """The statistics every pipelined decoder reports (spec.pipeline, spec.trees)."""
@@ -104,8 +110,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
 
     def close_run(row: int) -> None:
         """Counts the row's run of accepted drafts in the histogram and starts a new one."""
-        hist.extend([0] * (run[row] + 1 - len(hist)))
-        hist[run[row]] += 1
+        count_run(hist, run[row])
         run[row] = 0
 
     def stats() -> None:

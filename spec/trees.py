@@ -43,7 +43,7 @@ from looplm.sampling import SamplingParams, probabilities
 
 from .accept import accept_candidates, draw_candidates
 from .drafts import DraftMap, draft_state
-from .pipeline import pipeline_stats
+from .pipeline import count_run, pipeline_stats
 from .start import first_step, start_request
 
 
@@ -142,8 +142,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
 
     def close_run() -> None:
         nonlocal run
-        hist.extend([0] * (run + 1 - len(hist)))
-        hist[run] += 1
+        count_run(hist, run)
         run = 0
 
     def stats() -> None:
