@@ -203,7 +203,7 @@ def test_a_never_forking_sampled_tree_through_the_switch_is_the_sampled_pipeline
     closes both after the triggering Step, their full-depth tails start from the same generator
     state (drawn after the Step, seed by seed the tails differed from the switch on)."""
     for _ in range(5):  # fresh models until one switches
-        model = _useless_drafts_model(draft_loop=k, pipeline=True)
+        model = _useless_drafts_model(draft_loop=k, pipeline=True).double()  # float64: as in test_trees' never-forking test
         engine = looplm.Engine(model)
         prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
         opts = dict(max_new_tokens=40, stop=[], mode="speculative", draft_loop=k, temperature=0.5,

@@ -64,7 +64,7 @@ def test_greedy_trees_equal_full_depth_and_return_every_block(k, b):
 
 
 def test_branch_one_is_the_pipeline_and_a_never_branching_tree_matches_it():
-    model = spec_model(loops=4, max_pos=64, step_scale=0.06)
+    model = spec_model(loops=4, max_pos=64, step_scale=0.06).double()  # float64: see the never-forking sampled test
     engine = looplm.Engine(model)
     prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
     for k in (1, 2):
@@ -227,8 +227,10 @@ def test_sampled_trees_follow_full_depth_distribution(wrong, post, k, b, N, monk
 def test_a_never_forking_sampled_tree_is_the_sampled_pipeline(k):
     """With a threshold no draft is below, a seeded sampled tree draws as spec.pipeline does (the
     verdict's draws, then the drafts', both before the Step): the same tokens, decisions and counts,
-    also after a switch to full depth (spec.fallback closes each decoder after the triggering Step)."""
-    model = spec_model(loops=4, max_pos=64)
+    also after a switch to full depth (spec.fallback closes each decoder after the triggering Step).
+    In float64: the two decoders head different sets of rows, and float32 rounding of those products
+    moved a residual draw across a boundary now and then (seed 270146889)."""
+    model = spec_model(loops=4, max_pos=64).double()
     engine = looplm.Engine(model)
     prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
     post = random.choice([{"temperature": 0.8}, {"temperature": 1.0, "top_p": 0.9}, {"temperature": 0.7, "top_k": 8}])
