@@ -8,6 +8,7 @@ import pytest
 
 import looplm
 from looplm.stats import SHARED_KEYS, Stats
+from spec.drafts import DraftMap
 
 from .conftest import random_prompts, tiny_model
 
@@ -93,6 +94,15 @@ def test_every_mode_carries_the_shared_keys_and_only_declared_keys(sampled):
         for gen in engine.generate(prompts, max_new_tokens=random.randint(2, 6), stop=[], mode=mode, **sampling, **opts):
             check(gen, mode)
             seen |= set(gen.stats)
+    # second-token drafts (spec.multi) need a draft loop >= 2 that divides T: a 4-loop model, a map with the head
+    four = tiny_model(loops=4)
+    first = DraftMap.extrapolation(four.config.hidden_size, [2]).params[2]
+    pairs = DraftMap({2: {**first, "next.weight": first["weight"].clone(), "next.bias": first["bias"].clone()}})
+    for gen in looplm.Engine(four).generate(random_prompts(2, four.config.vocab_size), max_new_tokens=random.randint(2, 6), stop=[],
+                                            mode="speculative", draft_loop=2, draft_tokens=2, draft_map=pairs,
+                                            second_threshold=random.choice([None, 0.1]), **sampling):
+        check(gen, "speculative")
+        seen |= set(gen.stats)
     # together the runs reach every declared key but the notes of an unused recommended draft map or draft tree
     assert set(HINTS) - seen == {"draft_map_unused", "branch_unused"}
 

@@ -60,14 +60,18 @@ def test_drafts_that_do_not_pay_hand_over_to_full_depth_exactly(opts):
         assert g.stats["loops_per_token"] * n >= T * (n - at)
         # the hand-over skips nothing and repeats nothing: per layer and position, the loops run come
         # in runs 0, 1, .. (a rejected draft's run stops early) and the last run is all of 0..T-1
+        # The last token's loops are never needed: only drafts of it run some, when the switch comes at
+        # the last token (seed 1320903478: at token 39 of 40, after a draft of token 39 ran loops 1-2)
+        last = len(prompt) + n - 1
         seen = defaultdict(list)
         for layer, loop, _, pos in log:
             seen[layer, pos].append(loop)
-        for loops in seen.values():
+        for (_, pos), loops in seen.items():
             starts = [i for i, t in enumerate(loops) if t == 0]
             runs = [loops[a:b] for a, b in zip(starts, starts[1:] + [len(loops)])]
-            assert starts[:1] == [0] and all(r == list(range(len(r))) for r in runs) and runs[-1] == list(range(T)), loops
-        assert max(pos for _, pos in seen) == len(prompt) + n - 2  # every token but the last ran its loops
+            assert starts[:1] == [0] and all(r == list(range(len(r))) for r in runs), loops
+            assert pos == last or runs[-1] == list(range(T)), (pos, loops)
+        assert max(pos for _, pos in seen if pos != last) == last - 1  # every token but the last ran its loops
     assert any(switched)
 
 
