@@ -139,29 +139,20 @@ class SpeculativeOptions(ModeOptions):
         if self.branch_threshold is not None:
             if self.branch == 1:
                 raise self._fail("branch_threshold", "branch_threshold needs branch > 1 (draft trees)")
-            try:
-                number_in("branch_threshold", self.branch_threshold, 0, 1)
-            except ValueError as e:
-                raise self._fail("branch_threshold", str(e)) from None
+            self._wrap("branch_threshold", lambda: number_in("branch_threshold", self.branch_threshold, 0, 1))
         if self.draft_tokens not in (1, 2) or not _is_int(self.draft_tokens):
             raise self._fail("draft_tokens", f"draft_tokens must be 1 or 2 (tokens drafted per draft step), got {self.draft_tokens!r}")
         if self.second_threshold is not None:
             if self.draft_tokens == 1:
                 raise self._fail("second_threshold", "second_threshold needs draft_tokens=2")
-            try:
-                number_in("second_threshold", self.second_threshold, 0, 1)
-            except ValueError as e:
-                raise self._fail("second_threshold", str(e)) from None
+            self._wrap("second_threshold", lambda: number_in("second_threshold", self.second_threshold, 0, 1))
         if self.draft_tokens == 2 and self.branch > 1:
             raise self._fail("draft_tokens", f"draft_tokens=2 does not run with branch={self.branch} (draft trees); use branch=1")
         k = self.draft_loop
         if k is not None and k != "adaptive" and not (_is_int(k) and k >= 1):
             raise self._fail("draft_loop", f"draft_loop must be an integer >= 1 (a 1-based loop depth), 'adaptive' or None, "
                                            f"got {k!r}")
-        try:
-            number_in("call_cost", self.call_cost, 0, 1000)
-        except ValueError as e:
-            raise self._fail("call_cost", str(e)) from None
+        self._wrap("call_cost", lambda: number_in("call_cost", self.call_cost, 0, 1000))
         if self.draft_len is not None and self.pipeline is True:
             raise self._fail("draft_len", "draft_len: pipeline=True sets the draft length itself (T/k - 1 drafts in "
                                           f"flight); got draft_len={self.draft_len!r}")
@@ -172,10 +163,7 @@ class SpeculativeOptions(ModeOptions):
             raise self._fail("fallback", f"fallback must be True or False, got {self.fallback!r}")
         if self.pipeline is not None and not isinstance(self.pipeline, bool):
             raise self._fail("pipeline", f"pipeline must be True, False or None, got {self.pipeline!r}")
-        try:
-            number_in("extrapolate", self.extrapolate, 0, 10)
-        except ValueError as e:
-            raise self._fail("extrapolate", str(e)) from None
+        self._wrap("extrapolate", lambda: number_in("extrapolate", self.extrapolate, 0, 10))
 
     def check(self, num_loops, kv="per_loop"):
         from spec.decoder import DEFAULT_DRAFT_LOOP

@@ -62,7 +62,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
     Args:
         model, req: as spec.decode; one sequence.
         k: the draft loop; it divides T and `draft_map` has a map with a second-token head for it.
-        draft_map: the checked spec.drafts.DraftMap (model dtype and device).
+        draft_map: the checked spec.drafts.DraftMap (model dtype and device), with a second-token
+            head for loop k (spec.decode checks it at submit).
         threshold: draft the second token only where the second-token head's top-1 probability
             (greedy: softmax of its logits; sampling: its distribution q2 after temperature, top-k
             and top-p) is at least this; None: always.
@@ -74,9 +75,6 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
     """
     T = model.num_loops
     D = T // k
-    if not draft_map.has_next(k):
-        raise ValueError(f"draft_tokens=2 needs a draft map with a second-token head for draft_loop={k} "
-                         "(`python -m spec.fit_draft --next`)")
     params, gen = req.sampling, req.generator
     timer, first = yield from start_request(model, req)
     device = model.lm_head.weight.device
