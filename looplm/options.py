@@ -311,6 +311,9 @@ def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recom
     A draft tree the checkpoint recommends (branch, branch_threshold) gives way to the caller's
     own options that rule it out (draft_len, pipeline=False, a draft_loop not dividing T; branch=1
     under a recommended branch_threshold): it is dropped and `notes["branch_unused"]` says why.
+    So do recommended second-token drafts (draft_tokens=2, second_threshold) before the caller's
+    draft_loop, draft_len, pipeline or branch (and draft_tokens=1 under a recommended
+    second_threshold), said in `notes["draft_tokens_unused"]`.
     A checkpoint whose own options conflict still raises.
 
     Args:
@@ -338,29 +341,37 @@ def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recom
     except TypeError as e:  # a required option of a registered mode's decoder is missing
         raise ValueError(f"mode {mode!r}: {e}") from None
     except OptionError as e:
-        if e.option not in recommended:
-            raise
         kept = _without_recommended_tree(mode, e.option, values, recommended)
+        if kept is None and e.option not in recommended:
+            raise
         if kept is None:
             raise OptionError(mode, e.option, e.message, "; the value is the checkpoint's, from generation_config.json") from None
         opts = resolve(mode, kept, num_loops, kv, recommended)
         if notes is not None:
-            dropped = ", ".join(f"{k}={values[k]!r}" for k in values if k not in kept)
-            notes["branch_unused"] = f"the checkpoint's recommended {dropped} does not run with this request's options: {e.message}"
+            gone = [k for k in values if k not in kept]
+            key = "draft_tokens_unused" if "draft_tokens" in gone or "second_threshold" in gone else "branch_unused"
+            dropped = ", ".join(f"{k}={values[k]!r}" for k in gone)
+            notes[key] = f"the checkpoint's recommended {dropped} does not run with this request's options: {e.message}"
         return opts
 
 
-_TREE_CAUSES = {"branch": ("draft_loop", "draft_len", "pipeline"), "branch_threshold": ("branch",)}
+# recommended option -> the caller's options that may rule it out (it then gives way, see `resolve`)
+_TREE_CAUSES = {"branch": ("draft_loop", "draft_len", "pipeline", "draft_tokens"), "branch_threshold": ("branch",),
+                "draft_tokens": ("draft_loop", "draft_len", "pipeline", "branch"), "second_threshold": ("draft_tokens",)}
 
 
 def _without_recommended_tree(mode: str, option: str, values: dict, recommended: frozenset) -> dict | None:
-    """`values` less the checkpoint's draft-tree options when the caller's own options caused
-    `option`'s error (see `resolve`); None when the error stands."""
-    if mode != "speculative" or option not in _TREE_CAUSES:
+    """`values` less the checkpoint's draft-tree and second-draft options when the caller's own
+    options caused `option`'s error (see `resolve`); None when the error stands."""
+    if mode != "speculative":
         return None
-    if not any(c in values and c not in recommended for c in _TREE_CAUSES[option]):
-        return None  # the checkpoint's own options conflict
-    return {k: v for k, v in values.items() if not (k in _TREE_CAUSES and k in recommended)}
+    caller = {k for k in values if k not in recommended}
+    if option in recommended:  # a recommended option failed: did one of the caller's options rule it out?
+        caused = any(c in caller for c in _TREE_CAUSES.get(option, ()))
+    else:  # the caller's option failed: does it rule out a recommended one?
+        caused = any(k in recommended and option in _TREE_CAUSES.get(k, ()) for k in values)
+    kept = {k: v for k, v in values.items() if not (k in _TREE_CAUSES and k in recommended)}
+    return kept if caused and len(kept) < len(values) else None
 
 
 def check_object(options: object, mode: str, num_loops: int, kv: str = "per_loop") -> ModeOptions:

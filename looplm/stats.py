@@ -73,6 +73,7 @@ class Stats(TypedDict):
     tested_by_depth: NotRequired[list[int]]  # tested positions per depth 1..D-1
     won_by_rank: NotRequired[list[int]]  # tested positions won by the top-1, top-2, ... candidate
     draft_tokens: NotRequired[int]  # 2: second-token drafts in the pipeline (spec.multi)
+    draft_tokens_unused: NotRequired[str]  # why the checkpoint's recommended second-token drafts did not run (the caller's options, a batch)
     second_threshold: NotRequired[float | None]  # second drafts only at or above this top-1 probability (None: always)
     seconds: NotRequired[int]  # second drafts proposed (counted in drafted too)
     seconds_tested: NotRequired[int]  # second drafts tested at loop T

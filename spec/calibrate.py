@@ -1,25 +1,30 @@
-"""Measures which speculative setting (draft loop k, branch b) decodes fastest for a checkpoint here.
+"""Measures which speculative setting (draft loop k, branch b, second drafts) decodes fastest for a checkpoint here.
 
-    python -m spec.calibrate [--checkpoint DIR] [--loops K,K] [--branches B,B] [--prompts N]
-                             [--new-tokens N] [--repeats R] [--threads N] [--write]
+    python -m spec.calibrate [--checkpoint DIR] [--loops K,K] [--branches B,B] [--draft-tokens 1,2]
+                             [--second-thresholds P,P] [--prompts N] [--new-tokens N] [--repeats R]
+                             [--threads N] [--write]
 
 Candidates: every draft loop k in 1..T-1 that divides T (the pipeline and draft trees need it; or
-those of `--loops`) times every branch b of `--branches` (default 1,2,3). Greedy, batch 1, each
+those of `--loops`) times every branch b of `--branches` (default 1,2,3); and, where the
+checkpoint's draft map has a second-token head for a k >= 2 (`python -m spec.fit_draft --next`),
+draft_tokens=2 at k with each second_threshold of `--second-thresholds` (default none,0.1,0.3;
+"none": always). Greedy, batch 1, each
 built-in prompt (prose and code; token ids drawn from a fixed seed for a checkpoint without a
 tokenizer) generated alone to `--new-tokens` tokens. Each setting's calls alternate with
 full-depth calls, `--repeats` times; its ratio is the median over repeats of its tokens/s over the
 tokens/s of the full-depth call just before it, so a change of machine load between repeats cancels
-out; the best is the simplest setting (fewest branches, then the latest draft loop) within MARGIN
-(5%) of the fastest, as nearly equal ratios differ by noise. Every setting's tokens must equal full depth's (lossless; a difference is a bug and stops the
-run). The checkpoint's other recommended options (draft map, extrapolation) apply to every setting.
+out; the best is the simplest setting (fewest branches, then one drafted token before two, then the
+latest draft loop, then the highest second_threshold) within MARGIN (5%) of the fastest, as nearly
+equal ratios differ by noise. Every setting's tokens must equal full depth's (lossless; a
+difference is a bug and stops the run). The checkpoint's other recommended options (draft map, extrapolation) apply to every setting.
 
 Which setting wins depends on the model (how often its loop-k drafts are accepted) and on the
 device (whether a forward's extra rows are free): run it per checkpoint and per kind of machine.
 `--write` records the best setting in the checkpoint's generation_config.json under
-"looplm": {"speculative": {"draft_loop": k, "branch": b, "calibrated": {...}}} (its other keys
-are kept), so `mode="speculative"` uses it by default (Engine.mode_defaults); when no setting beats
-full depth, draft_loop and branch are left as they were and "calibrated" says
-"speculation_pays": false.
+"looplm": {"speculative": {"draft_loop": k, "branch": b, "calibrated": {...}}}, with
+"draft_tokens": 2 and "second_threshold" when second drafts won (its other keys are kept), so
+`mode="speculative"` uses it by default (Engine.mode_defaults); when no setting beats full depth,
+the options are left as they were and "calibrated" says "speculation_pays": false.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -51,7 +57,25 @@ PROMPTS = [
 ]
 """The built-in prompts, prose and code alternating (`--prompts N` takes the first N)."""
 
-Setting = tuple[int, int]  # (draft loop k, branch b)
+
+class Setting(NamedTuple):
+    """A speculative setting the sweep times: draft loop k, branch b, and second-token drafts (draft_tokens=2)."""
+
+    draft_loop: int
+    branch: int
+    draft_tokens: int = 1
+    second_threshold: float | None = None
+
+    def options(self) -> dict:
+        """Its keyword options for mode "speculative" (every one given, over the checkpoint's recommendation)."""
+        opts = {"mode": "speculative", "draft_loop": self.draft_loop, "branch": self.branch, "draft_tokens": self.draft_tokens}
+        return opts if self.draft_tokens == 1 else {**opts, "second_threshold": self.second_threshold}
+
+    def __str__(self) -> str:
+        pairs = "" if self.draft_tokens == 1 else f" d=2 s={'none' if self.second_threshold is None else f'{self.second_threshold:g}'}"
+        return f"k={self.draft_loop} b={self.branch}{pairs}"
+
+
 Measure = Callable[[Callable[[], list], "Setting | None"], tuple[float, list]]
 """measure(run, setting) -> (seconds, run's result): times one call; setting None is full depth."""
 
@@ -87,11 +111,15 @@ def parse_ints(text: str | Sequence[int] | None, option: str) -> list[int] | Non
     return values
 
 
-def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Sequence[int] = (1, 2, 3)) -> list[Setting]:
-    """Every (k, b): k in `loops` (default: every 1 <= k < T dividing T), b in `branches`.
+def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Sequence[int] = (1, 2, 3),
+               pair_loops: Sequence[int] = (), thresholds: Sequence[float | None] = (None,)) -> list[Setting]:
+    """Every (k, b): k in `loops` (default: every 1 <= k < T dividing T), b in `branches`; then
+    draft_tokens=2 at each of those k that is in `pair_loops` (the draft loops whose map has a
+    second-token head) and >= 2, with each second_threshold of `thresholds`.
 
     Raises ValueError naming --loops or --branches for a k that is not in 1..T-1 or does not divide
-    T, or a branch that is not an integer >= 1.
+    T, or a branch that is not an integer >= 1, and naming --second-thresholds for a threshold
+    outside [0, 1].
     """
     T = num_loops
     if T < 2:
@@ -107,7 +135,34 @@ def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Seq
     for b in branches:
         if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
             raise ValueError(f"--branches: branch {b!r} must be an integer >= 1 (candidates per position)")
-    return [(k, b) for k in dict.fromkeys(ks) for b in dict.fromkeys(branches)]
+    for p in thresholds:
+        if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+            raise ValueError(f"--second-thresholds: {p!r} must be 'none' or a probability in [0, 1]")
+    plain = [Setting(k, b) for k in dict.fromkeys(ks) for b in dict.fromkeys(branches)]
+    pairs = [Setting(k, 1, 2, p) for k in dict.fromkeys(ks) if k >= 2 and k in pair_loops for p in dict.fromkeys(thresholds)]
+    return plain + pairs
+
+
+def parse_thresholds(text: str) -> list[float | None]:
+    """"none,0.1" -> [None, 0.1]; a ValueError naming --second-thresholds otherwise."""
+    try:
+        values = [None if v.strip().lower() == "none" else float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--second-thresholds: expected comma-separated probabilities or 'none', got {text!r}") from None
+    if not values:
+        raise ValueError(f"--second-thresholds: expected comma-separated probabilities or 'none', got {text!r}")
+    return values
+
+
+def pair_loops(engine) -> list[int]:
+    """The draft loops at which the checkpoint's recommended draft map has a second-token head."""
+    from .drafts import DraftMap
+
+    path = engine.mode_defaults("speculative").get("draft_map")
+    if not isinstance(path, str):
+        return []
+    dmap = DraftMap.load(path)
+    return sorted(k for k in dmap.params if dmap.has_next(k))
 
 
 def check_counts(repeats: int, new_tokens: int) -> None:
@@ -144,15 +199,15 @@ def sweep(engine, settings: Sequence[Setting], prompts: Sequence[list[int]], new
           measure: Measure = wall_clock, progress: bool = True, margin: float = MARGIN) -> dict:
     """Times every setting against full depth (the module docstring); returns the table and the best.
 
-    Returns {"rows": [{draft_loop, branch, tokens_per_s, ratio_to_full, ratios, weight_passes_per_token,
-    forwards_per_token, token_acceptance}], "full_tokens_per_s", "full_weight_passes_per_token",
+    Returns {"rows": [{draft_loop, branch, draft_tokens, second_threshold, tokens_per_s, ratio_to_full,
+    ratios, weight_passes_per_token, forwards_per_token, token_acceptance}], "full_tokens_per_s", "full_weight_passes_per_token",
     "full_forwards_per_token", "tokens", "best": see `best_row`, "call_cost": see `fit_call_cost`}.
     Raises NotLossless when a setting's tokens differ from full depth's.
     """
     check_counts(repeats, new_tokens)
 
     def run(setting: Setting | None, which=prompts, n=new_tokens) -> Callable[[], list]:
-        opts = {} if setting is None else {"mode": "speculative", "draft_loop": setting[0], "branch": setting[1]}
+        opts = {} if setting is None else Setting(*setting).options()
         return lambda: [engine.generate(p, max_new_tokens=n, stop=[], **opts) for p in which]
 
     full = run(None)()  # untimed: the reference tokens, and a warm-up
@@ -171,17 +226,17 @@ def sweep(engine, settings: Sequence[Setting], prompts: Sequence[list[int]], new
             dt, gens = measure(run(s), s)
             for i, (g, ref) in enumerate(zip(gens, reference)):
                 if g.tokens != ref:
-                    raise NotLossless(f"draft_loop={s[0]} branch={s[1]}: prompt {i}'s greedy tokens differ from full depth "
+                    raise NotLossless(f"{Setting(*s)}: prompt {i}'s greedy tokens differ from full depth "
                                       f"(first at token {next(j for j, (a, b) in enumerate(zip(g.tokens + [None], ref + [None])) if a != b)})"
                                       " - speculation must be lossless: this is a bug")
             full_seconds.append(f_dt)
             seconds[s].append(dt)
             ratios[s].append(f_dt / dt)  # tokens are equal on both sides: tok/s ratio = time ratio
             gens_of[s] = gens
-            bar.set_postfix_str(f"k={s[0]} b={s[1]} {f_dt / dt:.2f}x", refresh=False)
+            bar.set_postfix_str(f"{Setting(*s)} {f_dt / dt:.2f}x", refresh=False)
             bar.update()
     bar.close()
-    rows = [{"draft_loop": s[0], "branch": s[1], "tokens_per_s": tokens / statistics.median(seconds[s]),
+    rows = [{**Setting(*s)._asdict(), "tokens_per_s": tokens / statistics.median(seconds[s]),
              "ratio_to_full": statistics.median(ratios[s]), "ratios": ratios[s], **_pooled(gens_of[s])} for s in settings]
     pooled = _pooled(full)
     result = {"rows": rows, "tokens": tokens, "full_tokens_per_s": tokens / statistics.median(full_seconds),
@@ -194,12 +249,13 @@ def sweep(engine, settings: Sequence[Setting], prompts: Sequence[list[int]], new
 def fit_call_cost(result: dict) -> float | None:
     """A forward call's fixed cost in loop passes here (the r of draft_loop="adaptive", spec.adapt):
     seconds per token ~ c_call * forwards per token + c_loop * weight passes per token, fitted by
-    least squares over full depth and the branch-1 settings (their rows per call are the tokens in
+    least squares over full depth and the branch-1 settings of one drafted token (their rows per call are the tokens in
     flight, whose loops add up to about T per token in each), r = c_call / c_loop, rounded and
     clipped to [0, 1000]. None with fewer than three points, or when the fit's loop cost is not
     positive (noise swamped the difference between the settings)."""
     pts = [(result["full_forwards_per_token"], result["full_weight_passes_per_token"], 1 / result["full_tokens_per_s"])]
-    pts += [(r["forwards_per_token"], r["weight_passes_per_token"], 1 / r["tokens_per_s"]) for r in result["rows"] if r["branch"] == 1]
+    pts += [(r["forwards_per_token"], r["weight_passes_per_token"], 1 / r["tokens_per_s"]) for r in result["rows"]
+            if r["branch"] == 1 and r.get("draft_tokens", 1) == 1]
     if len(pts) < 3:
         return None
     a = torch.tensor(pts, dtype=torch.float64)
@@ -211,31 +267,43 @@ def fit_call_cost(result: dict) -> float | None:
 
 
 def best_row(rows: list[dict], margin: float = MARGIN) -> dict:
-    """The simplest row whose ratio is within `margin` of the highest: fewest branches, then the
-    latest draft loop (fewest rows per forward). Rows of nearly equal speed differ by noise on a
-    shared machine, and the simpler setting wastes less where they do not."""
+    """The simplest row whose ratio is within `margin` of the highest: fewest branches, then one
+    drafted token before two, then the latest draft loop (fewest rows per forward), then the
+    highest second_threshold (fewest second drafts; none, always, counts as 0). Rows of nearly
+    equal speed differ by noise on a shared machine, and the simpler setting wastes less where
+    they do not."""
     top = max(r["ratio_to_full"] for r in rows)
     close = [r for r in rows if r["ratio_to_full"] >= top * (1 - margin)]
-    return min(close, key=lambda r: (r["branch"], -r["draft_loop"]))
+    return min(close, key=lambda r: (r["branch"], r.get("draft_tokens", 1), -r["draft_loop"], -(r.get("second_threshold") or 0)))
 
 
 def print_table(result: dict, file=None) -> None:
     file = file or sys.stdout
     print(f"full depth: {result['full_tokens_per_s']:.1f} tokens/s, {result['full_weight_passes_per_token']:.2f} weight "
           f"passes/token ({result['tokens']} tokens per call)", file=file)
-    print(" k  b   tokens/s  ratio to full  passes/token  token acceptance", file=file)
+    print(" k  b  d  second   tokens/s  ratio to full  passes/token  token acceptance", file=file)
     for r in result["rows"]:
         acc = "-" if r["token_acceptance"] is None else f"{r['token_acceptance']:.3f}"
-        print(f" {r['draft_loop']}  {r['branch']}  {r['tokens_per_s']:9.1f}  {r['ratio_to_full']:13.2f}  "
+        d = r.get("draft_tokens", 1)
+        second = "-" if d == 1 else "none" if r.get("second_threshold") is None else f"{r['second_threshold']:g}"
+        print(f" {r['draft_loop']}  {r['branch']}  {d}  {second:>6}  {r['tokens_per_s']:9.1f}  {r['ratio_to_full']:13.2f}  "
               f"{r['weight_passes_per_token']:12.2f}  {acc:>16}", file=file)
     if result.get("call_cost") is not None:
         print(f"a forward call costs about {result['call_cost']:.2f} loop passes here (call_cost, for draft_loop='adaptive')", file=file)
     best = result["best"]
+    name = ", ".join(f"{k}={v}" for k, v in _recommended(best).items())
     if best["ratio_to_full"] >= 1:
-        print(f"best: draft_loop={best['draft_loop']} branch={best['branch']} ({best['ratio_to_full']:.2f}x full depth)", file=file)
+        print(f"best: {name} ({best['ratio_to_full']:.2f}x full depth)", file=file)
     else:
-        print(f"full depth is faster here: the best setting, draft_loop={best['draft_loop']} branch={best['branch']}, "
-              f"runs at {best['ratio_to_full']:.2f}x full depth", file=file)
+        print(f"full depth is faster here: the best setting, {name}, runs at {best['ratio_to_full']:.2f}x full depth", file=file)
+
+
+def _recommended(row: dict) -> dict:
+    """A row's setting as the options generation_config.json records (draft_tokens only when 2)."""
+    opts = {"draft_loop": row["draft_loop"], "branch": row["branch"]}
+    if row.get("draft_tokens", 1) == 2:
+        opts.update(draft_tokens=2, second_threshold=row.get("second_threshold"))
+    return opts
 
 
 def check_checkpoint(path: str | Path, write: bool) -> Path:
@@ -257,7 +325,8 @@ def write_recommendation(checkpoint: str | Path, result: dict, *, device: str = 
     """Records `result`'s best setting in the checkpoint's generation_config.json (every other key
     kept); returns the new "looplm.speculative" object.
 
-    Best ratio >= 1: draft_loop and branch are set. Below 1, they are left as they were. A fitted
+    Best ratio >= 1: draft_loop and branch are set, and draft_tokens=2 and second_threshold when
+    second drafts won (else those two are removed). Below 1, they are left as they were. A fitted
     call cost (`fit_call_cost`) is set as call_cost, which draft_loop="adaptive" reads. Either way
     "calibrated" records the measured ratio, whether speculation pays, the device, the torch thread
     count and the date (UTC).
@@ -271,11 +340,13 @@ def write_recommendation(checkpoint: str | Path, result: dict, *, device: str = 
     best = result["best"]
     pays = best["ratio_to_full"] >= 1
     if pays:
-        spec_opts.update(draft_loop=best["draft_loop"], branch=best["branch"])
+        for key in ("draft_tokens", "second_threshold"):
+            spec_opts.pop(key, None)
+        spec_opts.update(_recommended(best))
     if result.get("call_cost") is not None:
         spec_opts["call_cost"] = result["call_cost"]
     spec_opts["calibrated"] = {
-        "draft_loop": best["draft_loop"], "branch": best["branch"], "ratio_to_full": round(best["ratio_to_full"], 4),
+        **_recommended(best), "ratio_to_full": round(best["ratio_to_full"], 4),
         "speculation_pays": pays, "full_tokens_per_s": round(result["full_tokens_per_s"], 2),
         "device": device, "torch_threads": torch.get_num_threads() if threads is None else threads,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -293,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled default model)")
     p.add_argument("--loops", default=None, help="draft loops k to try, e.g. 1,2 (default: every k < T dividing T)")
     p.add_argument("--branches", default="1,2,3", help="branches b to try (default 1,2,3)")
+    p.add_argument("--draft-tokens", default="1,2", help="tokens drafted per draft step to try: 1, 2 or 1,2 (default; 2 "
+                                                          "where the draft map has a second-token head)")
+    p.add_argument("--second-thresholds", default="none,0.1,0.3",
+                   help="second_threshold values to try with draft_tokens=2 (default none,0.1,0.3; none: always)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"the first N built-in prompts (1..{len(PROMPTS)})")
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per setting, each after a full-depth call")
@@ -302,9 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every argument is checked before the model is timed (the loops once T is known)
         ckpt = check_checkpoint(DEFAULT_MODEL if a.checkpoint is None else a.checkpoint, a.write)
         loops, branches = parse_ints(a.loops, "--loops"), parse_ints(a.branches, "--branches")
+        draft_tokens, thresholds = parse_ints(a.draft_tokens, "--draft-tokens"), parse_thresholds(a.second_thresholds)
+        if not set(draft_tokens) <= {1, 2}:
+            raise ValueError(f"--draft-tokens: each must be 1 or 2, got {a.draft_tokens!r}")
         check_counts(a.repeats, a.new_tokens)
         engine = looplm.load(ckpt, threads=a.threads)
-        settings = candidates(engine.model.num_loops, loops, branches)
+        heads = pair_loops(engine) if 2 in draft_tokens else []
+        if draft_tokens == [2] and not heads:
+            raise ValueError(f"--draft-tokens: 2 needs a recommended draft map with a second-token head; {ckpt} has none "
+                             "(`python -m spec.fit_draft --next --recommend`)")
+        settings = candidates(engine.model.num_loops, loops, branches, heads, thresholds)
+        if 1 not in draft_tokens:
+            settings = [s for s in settings if s.draft_tokens == 2]
+            if not settings:
+                raise ValueError(f"--draft-tokens: 2 needs a draft loop >= 2 among --loops with a second-token head (the map has {heads})")
         prompts = default_prompts(engine, a.prompts)
     except ValueError as e:
         p.error(str(e))
@@ -317,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result)
     if a.write:
         spec_opts = write_recommendation(ckpt, result, device=device, settings={
-            "prompts": len(prompts), "new_tokens": a.new_tokens, "repeats": a.repeats, "swept": [f"k={k} b={b}" for k, b in settings]})
+            "prompts": len(prompts), "new_tokens": a.new_tokens, "repeats": a.repeats, "swept": [str(s) for s in settings]})
         print(f"recorded in {ckpt / 'generation_config.json'}: {spec_opts}")
     return 0
 

@@ -108,7 +108,8 @@ def decode(
         draft_tokens: 1, or 2: the token leaving loop k also drafts the token after its successor
             with the draft map's second-token head (spec.multi; one sequence, pipelined, the map
             must have a second-token head for loop k); the two run as a pair, so one forward can
-            finish two tokens. Not in a batch or under tensor parallelism.
+            finish two tokens. Not in a batch (a recommended draft_tokens=2 then gives way to the
+            plain pipeline, and stats["draft_tokens_unused"] says why).
         second_threshold: with draft_tokens=2, draft the second token only where its head's
             top-1 probability is at least this value (None: always).
         call_cost: with draft_loop="adaptive", a forward call's fixed cost in loop passes (>= 0;
@@ -163,11 +164,13 @@ def decode(
         branch = 1
     if draft_tokens == 2:  # options and the pipeline requirement: looplm.options.SpeculativeOptions
         why = (f"it decodes one sequence per request, got a batch of {B}" if B != 1 else
-               "it does not run under tensor parallelism yet" if getattr(model, "tp", None) is not None else
                f"no draft map with a second-token head for draft_loop={k} (`python -m spec.fit_draft --next`)"
                if dmap is None or not dmap.has_next(k) else None)
-        if why is not None:
+        if why is not None and "draft_tokens" not in req.recommended:
             raise ValueError(f"draft_tokens=2: {why}")
+        if why is not None:  # the checkpoint's recommendation gives way: the plain pipeline runs
+            req.stats["draft_tokens_unused"] = f"the checkpoint's recommended draft_tokens=2 does not run here: {why}"
+            draft_tokens = 1
     if draft_tokens == 2:
         inner = decode_pairs(model, req, k, dmap, None if second_threshold is None else float(second_threshold))
     elif branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions

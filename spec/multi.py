@@ -78,7 +78,7 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
     params, gen = req.sampling, req.generator
     timer, first = yield from start_request(model, req)
     device = model.lm_head.weight.device
-    table = model.model.embed_tokens.weight  # a row of the embedding table is the embedding
+    embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
     plen, max_new = len(req.prompts[0]), req.max_new[0]
     flight: list[_Token] = []  # oldest first
     produced = emitted = computed = calls = 0
@@ -110,7 +110,10 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                 t.slot = i
             stage_t = torch.tensor([t.stage for t in items], device=device)[:, None]
             pos = torch.tensor([plen + t.index for t in items], device=device)[:, None]
-            h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])
+            # one lookup of the fresh tokens (under tensor parallelism a collective: no rows read directly)
+            fresh = [t.token for t in items if not t.stage]
+            emb = iter(embed(torch.tensor(fresh, device=device)) if fresh else ())
+            h = torch.stack([t.hidden if t.stage else next(emb) for t in items])
             out = yield Forward(h[:, None], pos, start_loop=stage_t * k, num_loops=k, gates=False)
             calls += 1
             computed += len(items) * k

@@ -181,9 +181,11 @@ RUNS = {
     "full_fixed_step": dict(mode="full", step="fixed"),
     "spec_rounds": dict(mode="speculative", draft_len=2, pipeline=False),
     "spec_pipelined": dict(mode="speculative", pipeline=True),
+    "spec_pairs": dict(mode="speculative", draft_tokens=2, fallback=False),  # second-token drafts: the bundled map's head
     "anytime": dict(mode="anytime"),
     "sampled": dict(mode="full", temperature=0.9, top_k=50, seed=1234),
 }
+NEEDS_HEAD = {"spec_pairs"}  # runs that need a draft map with a second-token head (the bundled model has one)
 NEW = 8
 CACHE_BYTES = 2**22  # per rank (the same budget holds twice the positions at 2 ranks)
 PROMPTS = ["The little cat", "Once upon a time there was"]
@@ -205,6 +207,9 @@ def _engine(rank, world, runs, out):
     except ValueError as e:
         refused = str(e)
     result = _generate_all(engine, runs)
+    if "spec_pairs" in runs:  # long enough that some forward emits two tokens (greedy: the same run every time)
+        g = engine.generate(PROMPTS[1], max_new_tokens=3 * NEW, stop=[], **RUNS["spec_pairs"])
+        result["pairs_long"] = (g.tokens, g.stats["draft_tokens"], g.stats["pairs_emitted"])
     result["refused"] = refused
     result["kv_bytes_per_position"] = engine.scheduler.runners["per_loop"].cache.bytes_per_token()
     try:
@@ -224,6 +229,9 @@ def test_engine_tokens_in_every_mode_equal_one_process(tmp_path):
     for name in RUNS:
         assert got[name] == ref[name], name
         assert all(len(t) == NEW for t in got[name])
+    tokens, draft_tokens, pairs_emitted = got["pairs_long"]
+    assert tokens == single.generate(PROMPTS[1], max_new_tokens=3 * NEW, stop=[]).tokens
+    assert draft_tokens == 2 and pairs_emitted > 0
     assert got["kv_bytes_per_position"] * 2 == ref_bytes  # each rank holds half the KV heads
     assert "already has a tensor-parallel engine" in got["second_load"]
     assert "does not match its inputs" in got["refused"]
@@ -231,7 +239,8 @@ def test_engine_tokens_in_every_mode_equal_one_process(tmp_path):
 
 def _engine_ids(rank, world, path, prompts, out):
     engine = looplm.load(path, dtype="float32", tp=world, cache_bytes=CACHE_BYTES)  # returns on rank 0 only
-    result = {name: [g.tokens for g in engine.generate(prompts, max_new_tokens=NEW, stop=[], **RUNS[name])] for name in RUNS}
+    result = {name: [g.tokens for g in engine.generate(prompts, max_new_tokens=NEW, stop=[], **RUNS[name])]
+              for name in RUNS if name not in NEEDS_HEAD}
     torch.save(result, f"{out}/tokens.pt")
     tp.stop()
 
@@ -249,7 +258,7 @@ def test_engine_tokens_in_every_mode_at_4_ranks_equal_one_process(tmp_path):
     def tokens(m):
         engine = looplm.Engine(m)
         return {name: [g.tokens for g in engine.generate(prompts, max_new_tokens=NEW, stop=[], **RUNS[name])]
-                for name in RUNS if "seed" not in RUNS[name]}
+                for name in RUNS if "seed" not in RUNS[name] and name not in NEEDS_HEAD}
 
     def jittered(m):
         m = copy.deepcopy(m)
@@ -267,10 +276,11 @@ def test_engine_tokens_in_every_mode_at_4_ranks_equal_one_process(tmp_path):
         raise AssertionError("5 drawn models each had a near tie")
     looplm.checkpoint.save_pretrained(model, ckpt)
     single = looplm.load(ckpt, dtype="float32", cache_bytes=CACHE_BYTES)
-    ref = {name: [g.tokens for g in single.generate(prompts, max_new_tokens=NEW, stop=[], **RUNS[name])] for name in RUNS}
+    ref = {name: [g.tokens for g in single.generate(prompts, max_new_tokens=NEW, stop=[], **RUNS[name])]
+           for name in RUNS if name not in NEEDS_HEAD}
     _launch(4, _engine_ids, str(ckpt), prompts, str(tmp_path))
     got = torch.load(tmp_path / "tokens.pt")
-    for name in RUNS:
+    for name in ref:
         assert got[name] == ref[name], name
         assert all(len(t) == NEW for t in got[name])
 

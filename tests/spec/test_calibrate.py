@@ -1,5 +1,6 @@
-"""spec.calibrate: the (draft loop, branch) sweep against full depth, its recommendation in
-generation_config.json, and a checkpoint's recommended draft tree meeting the caller's options."""
+"""spec.calibrate: the (draft loop, branch, second drafts) sweep against full depth, its
+recommendation in generation_config.json, and a checkpoint's recommended draft tree or second
+drafts meeting the caller's options."""
 
 import json
 import random
@@ -8,18 +9,27 @@ import pytest
 
 import looplm
 from looplm.checkpoint import save_pretrained
-from spec.calibrate import (MARGIN, NotLossless, best_row, candidates, default_prompts, fit_call_cost, main, sweep,
+from spec.calibrate import (MARGIN, NotLossless, Setting, best_row, candidates, default_prompts, fit_call_cost, main, sweep,
                             write_recommendation)
 
+from spec.drafts import DraftMap
+
 from .conftest import spec_model
+from .test_multi import pair_map
 
 KEPT = {"bos_token_id": 0, "eos_token_id": 1,
         "looplm": {"speculative": {"extrapolate": 0.5, "draft_loop": 1}, "anytime": {"exit": "q_exit"}}}
 
 
-def checkpoint(tmp_path, loops=4, gc=KEPT):
+def checkpoint(tmp_path, loops=4, gc=KEPT, dmap=None):
+    """A random checkpoint; with `dmap` (a DraftMap) saved as its draft_map.safetensors and recommended."""
     path = tmp_path / "ckpt"
+    if dmap is not None:
+        gc = {**gc, "looplm": {**gc.get("looplm", {}), "speculative": {**gc.get("looplm", {}).get("speculative", {}),
+                                                                       "draft_map": "draft_map.safetensors"}}}
     save_pretrained(spec_model(loops=loops, max_pos=64), path, generation_config=gc)
+    if dmap is not None:
+        dmap.save(path / "draft_map.safetensors")
     return path
 
 
@@ -36,8 +46,8 @@ def test_injected_costs_pick_the_fastest_and_write_records_it(tmp_path):
     path = checkpoint(tmp_path)
     engine = looplm.load(path)
     settings = candidates(engine.model.num_loops)
-    assert settings == [(k, b) for k in (1, 2) for b in (1, 2, 3)]  # T = 4: k divides T
-    table = {None: 1.0, **{s: 1.5 for s in settings}, (2, 3): 0.5}  # k=2 b=3 runs at 2x full depth
+    assert settings == [Setting(k, b) for k in (1, 2) for b in (1, 2, 3)]  # T = 4: k divides T
+    table = {None: 1.0, **{s: 1.5 for s in settings}, Setting(2, 3): 0.5}  # k=2 b=3 runs at 2x full depth
     result = sweep(engine, settings, default_prompts(engine, 2), new_tokens=6, repeats=2, measure=costs(table), progress=False)
     best = result["best"]
     assert (best["draft_loop"], best["branch"]) == (2, 3) and best["ratio_to_full"] == pytest.approx(2.0)
@@ -93,7 +103,7 @@ def test_when_nothing_beats_full_depth_nothing_is_recommended(tmp_path):
     path = checkpoint(tmp_path)
     engine = looplm.load(path)
     settings = candidates(engine.model.num_loops, [2], [1, 2])
-    table = {None: 1.0, (2, 1): 1.25, (2, 2): 2.0}
+    table = {None: 1.0, Setting(2, 1): 1.25, Setting(2, 2): 2.0}
     result = sweep(engine, settings, default_prompts(engine, 1), new_tokens=4, repeats=1, measure=costs(table), progress=False)
     assert (result["best"]["draft_loop"], result["best"]["branch"]) == (2, 1)
     write_recommendation(path, result)
@@ -109,7 +119,7 @@ def test_every_setting_decodes_the_full_depth_tokens():
     model = spec_model(loops=6, max_pos=64)
     engine = looplm.Engine(model)
     settings = candidates(6)
-    assert [k for k, _ in settings[::3]] == [1, 2, 3]
+    assert [s.draft_loop for s in settings[::3]] == [1, 2, 3]
     result = sweep(engine, settings, default_prompts(engine, 3), new_tokens=12, repeats=1, progress=False)
     assert len(result["rows"]) == 9 and all(r["ratio_to_full"] > 0 for r in result["rows"])
 
@@ -125,7 +135,7 @@ def test_a_setting_that_changes_a_token_fails_loudly(monkeypatch):
         return g
 
     monkeypatch.setattr(engine, "generate", broken)
-    with pytest.raises(NotLossless, match="draft_loop=2 branch=2: prompt 0's greedy tokens differ from full depth"):
+    with pytest.raises(NotLossless, match="k=2 b=2: prompt 0's greedy tokens differ from full depth"):
         sweep(engine, [(2, 1), (2, 2)], default_prompts(engine, 1), new_tokens=4, repeats=1, progress=False)
 
 
@@ -142,6 +152,10 @@ def test_bad_arguments_fail_before_any_timing(tmp_path, capsys, monkeypatch):
         (["--branches", "1,-2"], "--branches: branch -2"),
         (["--prompts", "0"], "--prompts: must be in 1..8"),
         (["--repeats", "0"], "--repeats: must be >= 1"),
+        (["--draft-tokens", "3"], "--draft-tokens: each must be 1 or 2"),
+        (["--draft-tokens", "2"], "--draft-tokens: 2 needs a recommended draft map with a second-token head"),
+        (["--second-thresholds", "1.5"], "--second-thresholds: 1.5 must be 'none' or a probability in [0, 1]"),
+        (["--second-thresholds", "high"], "--second-thresholds: expected comma-separated probabilities"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -164,15 +178,17 @@ def test_bad_arguments_fail_before_any_timing(tmp_path, capsys, monkeypatch):
 
 
 def test_the_command_runs_end_to_end_and_writes(tmp_path, capsys):
-    path = checkpoint(tmp_path)
-    assert main(["--checkpoint", str(path), "--loops", "2", "--branches", "1,2", "--prompts", "1", "--new-tokens", "4",
-                 "--repeats", "1", "--threads", "1", "--write"]) == 0
+    path = checkpoint(tmp_path, dmap=pair_map(32))
+    assert main(["--checkpoint", str(path), "--loops", "2", "--branches", "1,2", "--second-thresholds", "0.5", "--prompts", "1",
+                 "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--write"]) == 0
     out = capsys.readouterr().out
-    assert " k  b   tokens/s  ratio to full" in out and f"recorded in {path / 'generation_config.json'}" in out
+    assert " k  b  d  second   tokens/s  ratio to full" in out and f"recorded in {path / 'generation_config.json'}" in out
     assert ("best: draft_loop=2" in out) != ("full depth is faster here" in out)
+    assert "\n 2  1  2     0.5  " in out  # the second-draft row
     spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
     assert spec_opts["extrapolate"] == 0.5 and spec_opts["calibrated"]["settings"]["new_tokens"] == 4
     assert spec_opts["calibrated"]["torch_threads"] == 1
+    assert spec_opts["calibrated"]["settings"]["swept"] == ["k=2 b=1", "k=2 b=2", "k=2 b=1 d=2 s=0.5"]
 
 
 # -- a checkpoint's recommended draft tree and the caller's options ------------------------------------
@@ -241,3 +257,93 @@ def test_a_setting_with_more_rows_must_win_by_more_than_the_margin():
     pick = best_row(rows({(2, 1): base, (1, 1): close}))  # the same branch: the later draft loop
     assert (pick["draft_loop"], pick["branch"]) == (2, 1)
 
+
+
+# -- second-token drafts (draft_tokens=2) in the sweep and as a recommendation ----------------------------
+def test_second_drafts_are_swept_where_the_map_has_a_head_and_recorded_when_they_win(tmp_path):
+    path = checkpoint(tmp_path, dmap=pair_map(32, next_scale=random.uniform(0, 0.05)))
+    engine = looplm.load(path)
+    from spec.calibrate import pair_loops
+
+    assert pair_loops(engine) == [2]
+    settings = candidates(4, None, [1, 2], pair_loops(engine), [None, 0.2])
+    assert settings[:4] == [Setting(k, b) for k in (1, 2) for b in (1, 2)]
+    assert settings[4:] == [Setting(2, 1, 2, None), Setting(2, 1, 2, 0.2)]  # k = 1 has no earlier loop to map from
+    table = {None: 1.0, **{s: 0.8 for s in settings}, Setting(2, 1, 2, 0.2): 0.4}
+    result = sweep(engine, settings, default_prompts(engine, 2), new_tokens=10, repeats=1, measure=costs(table), progress=False)
+    best = result["best"]
+    assert (best["draft_tokens"], best["second_threshold"], best["ratio_to_full"]) == (2, 0.2, pytest.approx(2.5))
+    write_recommendation(path, result)
+    spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
+    assert {k: spec_opts[k] for k in ("draft_loop", "branch", "draft_tokens", "second_threshold")} == \
+        {"draft_loop": 2, "branch": 1, "draft_tokens": 2, "second_threshold": 0.2}
+    assert spec_opts["calibrated"]["draft_tokens"] == 2 and spec_opts["extrapolate"] == 0.5
+
+    engine = looplm.load(path)  # mode="speculative" now drafts pairs by default, and stays exact
+    prompt = torch_prompt(engine)
+    full = engine.generate(prompt, max_new_tokens=24, stop=[])
+    g = engine.generate(prompt, max_new_tokens=24, stop=[], mode="speculative")
+    assert g.stats["draft_tokens"] == 2 and g.stats["second_threshold"] == 0.2 and g.tokens == full.tokens
+
+    # a later calibration where one drafted token wins removes the recommended second drafts
+    table = {None: 1.0, **{s: 0.8 for s in settings}, Setting(2, 2): 0.4}
+    result = sweep(engine, settings, default_prompts(engine, 1), new_tokens=6, repeats=1, measure=costs(table), progress=False)
+    write_recommendation(path, result)
+    spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
+    assert (spec_opts["branch"], "draft_tokens" in spec_opts, "second_threshold" in spec_opts) == (2, False, False)
+
+
+def torch_prompt(engine, n=6):
+    return [random.randrange(engine.config.vocab_size) for _ in range(n)]
+
+
+@pytest.mark.parametrize("own", [{"draft_loop": 1}, {"draft_loop": "adaptive"}, {"pipeline": False}, {"draft_len": 2},
+                                 {"branch": 2}, {"draft_tokens": 1}])
+def test_recommended_second_drafts_give_way_to_the_callers_options(tmp_path, own):
+    gc = {"looplm": {"speculative": {"draft_loop": 2, "draft_tokens": 2, "second_threshold": 0.1}}}
+    engine = looplm.load(checkpoint(tmp_path, gc=gc, dmap=pair_map(32)))
+    prompt = torch_prompt(engine)
+    full = engine.generate(prompt, max_new_tokens=12, stop=[])
+    pairs = engine.generate(prompt, max_new_tokens=12, stop=[], mode="speculative")
+    assert pairs.stats["draft_tokens"] == 2 and "draft_tokens_unused" not in pairs.stats and pairs.tokens == full.tokens
+    g = engine.generate(prompt, max_new_tokens=12, stop=[], mode="speculative", **own)
+    assert g.tokens == full.tokens and "draft_tokens" not in g.stats and "second_threshold" not in g.stats
+    assert g.stats["draft_tokens_unused"].startswith("the checkpoint's recommended ")
+    assert "second_threshold=0.1" in g.stats["draft_tokens_unused"]
+    assert ("branch" in own) == (g.stats.get("branch") == 2)
+
+
+def test_a_recommended_tree_gives_way_to_the_callers_second_drafts(tmp_path):
+    engine = looplm.load(checkpoint(tmp_path, gc={"looplm": {"speculative": {"draft_loop": 2, "branch": 3}}}, dmap=pair_map(32)))
+    prompt = torch_prompt(engine)
+    g = engine.generate(prompt, max_new_tokens=12, stop=[], mode="speculative", draft_tokens=2)
+    assert g.stats["draft_tokens"] == 2 and "branch" not in g.stats and "branch=3" in g.stats["branch_unused"]
+    assert g.tokens == engine.generate(prompt, max_new_tokens=12, stop=[]).tokens
+    with pytest.raises(ValueError, match="draft_tokens=2 does not run with branch=2"):  # the caller's own conflict stands
+        engine.generate(prompt, max_new_tokens=4, mode="speculative", draft_tokens=2, branch=2)
+
+
+def test_recommended_second_drafts_give_way_in_a_batch_or_without_a_head():
+    """The decoder itself (a batch of two rows reaches it only from the decoder API): a recommended
+    draft_tokens=2 runs the plain pipeline and says why; the caller's raises."""
+    import torch
+
+    from looplm.decoding import DecodeRequest
+    from looplm.sampling import SamplingParams
+    from spec.decoder import decode as decode_speculative
+
+    model = spec_model(loops=4, max_pos=64)
+
+    def request(recommended, rows=2):
+        req = DecodeRequest([[1, 2, 3], [4, 5]][:rows], [4] * rows, SamplingParams(), torch.Generator().manual_seed(0),
+                            [False] * rows)
+        req.recommended = frozenset(recommended)
+        return req
+
+    for rows, dmap, why in [(2, pair_map(32), "it decodes one sequence per request, got a batch of 2"),
+                            (1, DraftMap.extrapolation(32, [2]), "no draft map with a second-token head for draft_loop=2")]:
+        req = request({"draft_tokens"}, rows)
+        next(decode_speculative(model, req, draft_loop=2, draft_tokens=2, draft_map=dmap))
+        assert req.stats["draft_tokens_unused"].startswith(f"the checkpoint's recommended draft_tokens=2 does not run here: {why}")
+        with pytest.raises(ValueError, match=f"draft_tokens=2: {why}"):
+            next(decode_speculative(model, request((), rows), draft_loop=2, draft_tokens=2, draft_map=dmap))
