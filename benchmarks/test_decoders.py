@@ -37,7 +37,8 @@ SPEC_CASES = (
 PIPELINE_CASES = (
     [("default", {"draft_loop": k, "pipeline": True, "extrapolate": 0.0, "draft_map": None}, 1) for k in (1, 2)]
     + [("default", {"draft_loop": 2, "pipeline": True, "extrapolate": 0.5, "draft_map": None}, 1)]
-    + [("default", {"draft_loop": 2, "pipeline": True}, b) for b in (1, 4, 16)]
+    # the pipeline with the checkpoint's recommended draft map; draft_tokens=1 whatever else it recommends
+    + [("default", {"draft_loop": 2, "pipeline": True, "draft_tokens": 1}, b) for b in (1, 4, 16)]
     + [("random-100m", {"draft_loop": 2, "pipeline": True, "extrapolate": 0.0}, 1)]
 )
 

@@ -118,9 +118,9 @@ def sweep(spec_bench):
     full_times, rows = [], []
     _, full = _run(engine, prompts)
     tokens = sum(len(g.tokens) for g in full)
-    # extrapolate and draft_map are always passed: a checkpoint's generation_config may recommend
-    # values (Engine.mode_defaults); its recommended draft map is a setting of its own
-    plain = {"extrapolate": 0.0, "draft_map": None}
+    # extrapolate, draft_map and draft_tokens are always passed: a checkpoint's generation_config may
+    # recommend values (Engine.mode_defaults); its recommended draft map is a setting of its own
+    plain = {"extrapolate": 0.0, "draft_map": None, "draft_tokens": 1}
     settings = [{"draft_loop": k, "draft_len": g, **plain} for k in range(1, T) for g in DRAFT_LENS]
     settings += [{"draft_loop": k, "draft_len": 3, **plain, "extrapolate": EXTRAPOLATE} for k in range(2, T)]
     settings += [{"draft_loop": k, "pipeline": True, **plain} for k in range(1, T) if T % k == 0]
@@ -128,8 +128,8 @@ def sweep(spec_bench):
     recommended = engine.mode_defaults("speculative")
     if recommended.get("draft_map"):
         k = recommended.get("draft_loop", 2)
-        settings += [{"draft_loop": k, "pipeline": True, "draft_map": recommended["draft_map"]}] if T % k == 0 else []
-        settings += [{"draft_loop": k, "draft_len": 3, "draft_map": recommended["draft_map"]}]
+        settings += [{"draft_loop": k, "pipeline": True, "draft_map": recommended["draft_map"], "draft_tokens": 1}] if T % k == 0 else []
+        settings += [{"draft_loop": k, "draft_len": 3, "draft_map": recommended["draft_map"], "draft_tokens": 1}]
     for opts in settings:
         times = []
         for _ in range(SWEEP_REPEATS):

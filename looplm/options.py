@@ -360,18 +360,21 @@ _TREE_CAUSES = {"branch": ("draft_loop", "draft_len", "pipeline", "draft_tokens"
                 "draft_tokens": ("draft_loop", "draft_len", "pipeline", "branch"), "second_threshold": ("draft_tokens",)}
 
 
+_GROUPS = ({"branch", "branch_threshold"}, {"draft_tokens", "second_threshold"})  # what gives way together
+
+
 def _without_recommended_tree(mode: str, option: str, values: dict, recommended: frozenset) -> dict | None:
-    """`values` less the checkpoint's draft-tree and second-draft options when the caller's own
+    """`values` less the checkpoint's draft-tree or second-draft options when the caller's own
     options caused `option`'s error (see `resolve`); None when the error stands."""
     if mode != "speculative":
         return None
     caller = {k for k in values if k not in recommended}
     if option in recommended:  # a recommended option failed: did one of the caller's options rule it out?
-        caused = any(c in caller for c in _TREE_CAUSES.get(option, ()))
-    else:  # the caller's option failed: does it rule out a recommended one?
-        caused = any(k in recommended and option in _TREE_CAUSES.get(k, ()) for k in values)
-    kept = {k: v for k, v in values.items() if not (k in _TREE_CAUSES and k in recommended)}
-    return kept if caused and len(kept) < len(values) else None
+        failed = {option} if any(c in caller for c in _TREE_CAUSES.get(option, ())) else set()
+    else:  # the caller's option failed: which recommended options does it rule out?
+        failed = {k for k in values if k in recommended and option in _TREE_CAUSES.get(k, ())}
+    drop = {k for g in _GROUPS if g & failed for k in g if k in recommended and k in values}
+    return {k: v for k, v in values.items() if k not in drop} if drop else None
 
 
 def check_object(options: object, mode: str, num_loops: int, kv: str = "per_loop") -> ModeOptions:

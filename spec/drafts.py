@@ -85,7 +85,10 @@ class DraftMap:
     "up.bias" (M,), "down.weight" (H, M), "down.bias" (H,). A map may also have a second-token
     head: the same names prefixed "next." (its own hidden width), a map of the same two states of
     token n whose head logits draft token n+2 (trained towards loop T's distribution at position
-    n+1; `next_state`). Saved as one safetensors file with tensors "loop{k}.<name>".
+    n+1; `next_state`). A head whose "next.weight" is (H, 3H) (and "next.up.weight" (M, 3H)) is
+    conditioned on token n+1: it maps [h_{k-1}; h_k; e], e the input embedding of the token drafted
+    for n+1 (`next_conditioned`; the sequentially dependent draft heads of Hydra). Saved as one
+    safetensors file with tensors "loop{k}.<name>".
     """
 
     NAMES = ("weight", "bias", "up.weight", "up.bias", "down.weight", "down.bias")
@@ -100,13 +103,14 @@ class DraftMap:
                     raise ValueError(f"draft map loop {k}: unexpected tensor {n!r}")
             self._check(k, p, "")
             if any(n.startswith("next.") for n in p):
-                self._check(k, p, "next.", p["weight"].shape[0])
+                self._check(k, p, "next.", p["weight"].shape[0], widths=(2, 3))
         self.params = {k: dict(p) for k, p in params.items()}
         self.info = dict(info or {})
 
     @classmethod
-    def _check(cls, k: int, p: dict, prefix: str, H: int | None = None) -> None:
-        """The tensors of one map (prefix "" or "next.") are complete and have matching shapes."""
+    def _check(cls, k: int, p: dict, prefix: str, H: int | None = None, widths: tuple[int, ...] = (2,)) -> None:
+        """The tensors of one map (prefix "" or "next.") are complete and have matching shapes; its
+        input is w x H wide for a w of `widths` (2: [h_{k-1}; h_k]; 3: and a token's embedding)."""
         missing = [prefix + n for n in ("weight", "bias") if prefix + n not in p]
         mlp = [n for n in cls.NAMES[2:] if prefix + n in p]
         if missing or mlp and len(mlp) != 4:
@@ -115,7 +119,9 @@ class DraftMap:
                              f"and all or none of {[prefix + n for n in cls.NAMES[2:]]}")
         H = p[prefix + "weight"].shape[0] if H is None else H
         M = p[prefix + "up.weight"].shape[0] if mlp else 0
-        want = {"weight": (H, 2 * H), "bias": (H,), "up.weight": (M, 2 * H), "up.bias": (M,), "down.weight": (H, M), "down.bias": (H,)}
+        w = p[prefix + "weight"]
+        n_in = 3 * H if 3 in widths and tuple(w.shape) == (H, 3 * H) else 2 * H  # a conditioned head reads 3H
+        want = {"weight": (H, n_in), "bias": (H,), "up.weight": (M, n_in), "up.bias": (M,), "down.weight": (H, M), "down.bias": (H,)}
         for n, shape in want.items():
             t = p.get(prefix + n)
             if t is not None and tuple(t.shape) != shape:
@@ -148,19 +154,28 @@ class DraftMap:
         """Whether the map for draft loop `loop` has a second-token head."""
         return "next.weight" in self.params.get(loop, {})
 
-    def next_state(self, per_loop: torch.Tensor, loop: int | None = None) -> torch.Tensor:
-        """The state whose head logits draft token n+2, from token n's states (as `state`)."""
+    def next_conditioned(self, loop: int) -> bool:
+        """Whether the second-token head for draft loop `loop` also reads the embedding of the token drafted for n+1."""
+        w = self.params.get(loop, {}).get("next.weight")
+        return w is not None and w.shape[1] == 3 * w.shape[0]
+
+    def next_state(self, per_loop: torch.Tensor, loop: int | None = None, token_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """The state whose head logits draft token n+2, from token n's states (as `state`) and, for
+        a conditioned head (`next_conditioned`), `token_embedding` (..., H): the input embedding of
+        the token drafted for n+1 (an unconditioned head does not read it)."""
         k = per_loop.shape[0] if loop is None else loop
         if k in self.params and not self.has_next(k):
             raise ValueError(f"the draft map for loop {k} has no second-token head (fit one with `python -m spec.fit_draft --next`)")
-        return self._apply(per_loop, loop, "next.")
+        if k in self.params and self.next_conditioned(k) and token_embedding is None:
+            raise ValueError(f"the second-token head for loop {k} is conditioned on the first draft: pass its token_embedding")
+        return self._apply(per_loop, loop, "next.", token_embedding if self.next_conditioned(k) else None)
 
-    def _apply(self, per_loop: torch.Tensor, loop: int | None, prefix: str) -> torch.Tensor:
+    def _apply(self, per_loop: torch.Tensor, loop: int | None, prefix: str, extra: torch.Tensor | None = None) -> torch.Tensor:
         k = per_loop.shape[0] if loop is None else loop
         if k not in self.params:
             raise ValueError(f"the draft map has loops {self.loops}, not the draft loop {k}")
         p = self.params[k]
-        x = torch.cat([per_loop[-2], per_loop[-1]], -1)
+        x = torch.cat([per_loop[-2], per_loop[-1]] + ([] if extra is None else [extra]), -1)
         out = F.linear(x, p[prefix + "weight"], p[prefix + "bias"])
         if prefix + "up.weight" in p:
             up = F.gelu(F.linear(x, p[prefix + "up.weight"], p[prefix + "up.bias"]))

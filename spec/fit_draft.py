@@ -18,6 +18,9 @@ n+1, on pairs (n, n+1) of consecutive tokens of one sequence (never across two).
 first-token map, whose draft for token n+1 is the naive draft for token n+2, and its held-out
 agreement with loop T's argmax at n+1 is reported before (that naive draft) and after.
 `--base-map PATH` keeps an existing map's first-token maps bit-identical and only fits the head.
+With `--next-token` the head also reads the input embedding of token n+1 (in the decoder: of the
+token drafted for n+1, which is what a second draft is tested after), as Hydra's sequentially
+dependent draft heads do; it starts from the unconditioned start with the embedding's weights at zero.
 """
 
 from __future__ import annotations
@@ -80,13 +83,15 @@ def agreement(model: LoopLM, states: dict[int, torch.Tensor], k: int, draft=None
 
 @torch.no_grad()
 def next_agreement(model: LoopLM, states: dict[int, torch.Tensor], pairs: torch.Tensor, k: int, draft=None,
-                   tokens: torch.Tensor | None = None, chunk: int = 8192) -> float:
+                   tokens: torch.Tensor | None = None, chunk: int = 8192, ids: torch.Tensor | None = None) -> float:
     """Fraction of pairs (n, n+1) (`pairs`: index n, see `pair_index`) whose draft argmax from token n's
-    states (plain loop k, or `draft(prev, cur)`) equals loop T's argmax at n+1: how often a greedy
-    second draft is accepted when the first was.
+    states (plain loop k, or `draft(prev, cur)`; with `ids`, `draft(prev, cur, e)`, e the input
+    embeddings of the tokens n+1) equals loop T's argmax at n+1: how often a greedy second draft
+    is accepted when the first was.
 
     With `tokens` (N,), the ids of the states' tokens in the same order, only the pairs whose token
     n+1 is loop T's argmax at n count: the pairs a greedy decode meets (on text it did not write).
+    `ids` (N,) are those ids too, for a draft conditioned on token n+1.
     """
     T = model.num_loops
     if tokens is not None:
@@ -96,9 +101,15 @@ def next_agreement(model: LoopLM, states: dict[int, torch.Tensor], pairs: torch.
         n = pairs[i : i + chunk]
         target = model.head(states[T][n + 1]).argmax(-1)
         cur = states[k][n]
-        h = cur if draft is None else draft(states[k - 1][n], cur)
+        extra = () if ids is None else (embeddings(model, ids[n + 1]),)
+        h = cur if draft is None else draft(states[k - 1][n], cur, *extra)
         hit += int((model.head(h).argmax(-1) == target).sum())
     return hit / max(pairs.shape[0], 1)
+
+
+def embeddings(model: LoopLM, ids: torch.Tensor) -> torch.Tensor:
+    """(..., H) float32 input embeddings of `ids` (what a conditioned second-token head reads)."""
+    return model.model.embed_tokens.weight.detach()[ids].float()
 
 
 def generated_batches(engine, train, n: int, gen: torch.Generator, prefix: int = 32, total: int = 256, chunk: int = 32):
@@ -111,10 +122,10 @@ def generated_batches(engine, train, n: int, gen: torch.Generator, prefix: int =
     return out
 
 
-def _new_hidden_layer(H: int, width: int) -> dict[str, torch.Tensor]:
-    """A GELU layer of `width` on [h_{k-1}; h_k]: default (Kaiming-uniform) input projection, output
-    projection at zero (the map starts as its affine part)."""
-    up = torch.nn.Linear(2 * H, width)
+def _new_hidden_layer(H: int, width: int, inputs: int = 2) -> dict[str, torch.Tensor]:
+    """A GELU layer of `width` on [h_{k-1}; h_k] (`inputs` = 3: and a token embedding): default
+    (Kaiming-uniform) input projection, output projection at zero (the map starts as its affine part)."""
+    up = torch.nn.Linear(inputs * H, width)
     return {"up.weight": up.weight.detach().clone(), "up.bias": up.bias.detach().clone(),
             "down.weight": torch.zeros(H, width), "down.bias": torch.zeros(H)}
 
@@ -179,7 +190,7 @@ def fit_draft_map(model: LoopLM, states: dict[int, torch.Tensor], k: int, *, ext
 
 def fit_next_map(model: LoopLM, states: dict[int, torch.Tensor], pairs: torch.Tensor, k: int, *, hidden: int = 0,
                  start: DraftMap | None = None, steps: int = 1000, lr: float = 1e-3, batch_tokens: int = 4096, seed: int = 0,
-                 progress: bool = True) -> tuple[DraftMap, list[float]]:
+                 progress: bool = True, ids: torch.Tensor | None = None) -> tuple[DraftMap, list[float]]:
     """Trains the loop-k second-token head on cached float32 states (loops k-1, k, T) to minimise
     KL(loop T at n+1 || head(next map of token n's loops k-1, k)) on minibatches of `pairs` (index n
     of pairs (n, n+1) within one sequence, from `pair_index`); returns (map, KL every 50 steps).
@@ -190,6 +201,11 @@ def fit_next_map(model: LoopLM, states: dict[int, torch.Tensor], pairs: torch.Te
     one of width `hidden`, else a GELU layer of width `hidden` > 0 is added whose output projection
     starts at zero. So training starts from the naive draft "token n+2 = the draft for token n+1"
     (exactly, unless `start` has a hidden layer of another width than `hidden`).
+
+    With `ids` (N,), the token ids of the states in the same order, the head is conditioned on
+    token n+1 (DraftMap.next_conditioned): its input gains that token's embedding, whose weights
+    start at zero (in the copied affine part and hidden layer; a new hidden layer reads it from the
+    start). It starts from `start`'s unconditioned second-token head when it has one, else as above.
     """
     T, H = model.num_loops, model.config.hidden_size
     if not 2 <= k < T:
@@ -204,22 +220,35 @@ def fit_next_map(model: LoopLM, states: dict[int, torch.Tensor], pairs: torch.Te
         raise ValueError(f"pairs must index tokens 0..{n_states - 2} that have a successor, got {pairs.numel()} pairs")
     torch.manual_seed(seed)
     first = {n: t for n, t in start.params[k].items() if not n.startswith("next.")}  # a head `start` has is replaced
-    params = {"weight": first["weight"].float().clone(), "bias": first["bias"].float().clone()}
-    if hidden and "up.weight" in first and first["up.weight"].shape[0] == hidden:
-        params.update({n: first[n].float().clone() for n in DraftMap.NAMES[2:]})
+    cond = ids is not None
+    from_head = cond and start.has_next(k) and not start.next_conditioned(k)
+    base = {n[5:]: t for n, t in start.params[k].items() if n.startswith("next.")} if from_head else first
+    if ids is not None and ids.shape != (n_states,):
+        raise ValueError(f"ids must hold the {n_states} states' token ids, got shape {tuple(ids.shape)}")
+
+    def widen(w: torch.Tensor) -> torch.Tensor:  # zero weights for the token embedding (conditioned head)
+        return torch.cat([w, torch.zeros(w.shape[0], H)], 1) if cond else w
+
+    params = {"weight": widen(base["weight"].float().clone()), "bias": base["bias"].float().clone()}
+    if hidden and "up.weight" in base and base["up.weight"].shape[0] == hidden:
+        params.update({n: base[n].float().clone() for n in DraftMap.NAMES[2:]})
+        params["up.weight"] = widen(params["up.weight"])
     elif hidden:
-        params.update(_new_hidden_layer(H, hidden))
+        params.update(_new_hidden_layer(H, hidden, 3 if cond else 2))
     prev, cur, last = states[k - 1], states[k], states[T]
 
     def current() -> DraftMap:
         return DraftMap({k: {**first, **{"next." + n: t for n, t in params.items()}}})
 
+    def draft(n: torch.Tensor) -> torch.Tensor:
+        return current().next_state(torch.stack([prev[n], cur[n]]), k, embeddings(model, ids[n + 1]) if cond else None)
+
     P = pairs.shape[0]
     curve = _distill(model, params, lambda gen: pairs[torch.randint(0, P, (min(batch_tokens, P),), generator=gen)],
-                     lambda n: current().next_state(torch.stack([prev[n], cur[n]])), lambda n: last[n + 1],
-                     steps=steps, lr=lr, seed=seed, desc=f"next-token head k={k}", progress=progress)
+                     draft, lambda n: last[n + 1], steps=steps, lr=lr, seed=seed, desc=f"next-token head k={k}", progress=progress)
     fitted = {name: t.detach() for name, t in current().params[k].items()}
-    return DraftMap({k: fitted}, {"hidden": hidden, "steps": steps, "lr": lr}), curve
+    return DraftMap({k: fitted}, {"hidden": hidden, "steps": steps, "lr": lr, "conditioned": cond,
+                                  "start": "second-token head" if from_head else "first-token map"}), curve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--next", action="store_true", help="also fit a second-token head (drafts token n+2 from token n's states)")
     p.add_argument("--next-hidden", type=int, default=0, help="width of an optional GELU hidden layer of the second-token head")
+    p.add_argument("--next-token", action="store_true",
+                   help="condition the second-token head on token n+1's embedding (the first draft's token when decoding)")
     p.add_argument("--base-map", default=None,
                    help="keep this saved map's first-token maps bit-identical and only fit the second-token head (with --next)")
     p.add_argument("--out", default=None, help="where to save (default: <checkpoint>/draft_map.safetensors)")
@@ -248,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.base_map and not a.next:
         raise SystemExit("--base-map only adds a second-token head to a map: pass --next")
+    if a.next_token and not a.next:
+        raise SystemExit("--next-token conditions the second-token head: pass --next")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -292,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         dmap = base  # its tensors are saved as they are
     if a.next:
         val_tokens = torch.cat([x.reshape(-1) for x in val_batches])
-        dmap = add_next_head(model, dmap, states, pair_index(batches), val, pair_index(val_batches), val_tokens, k, a)
+        ids = torch.cat([x.reshape(-1) for x in batches]) if a.next_token else None
+        dmap = add_next_head(model, dmap, states, pair_index(batches), val, pair_index(val_batches), val_tokens, k, a, ids)
     out = Path(a.out) if a.out else ckpt / "draft_map.safetensors"
     dmap.save(out)
     print(f"saved {out}")
@@ -306,14 +340,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def add_next_head(model: LoopLM, dmap: DraftMap, states, pairs, val, val_pairs, val_tokens, k: int,
-                  a: argparse.Namespace) -> DraftMap:
+                  a: argparse.Namespace, ids: torch.Tensor | None = None) -> DraftMap:
     """`dmap` with a second-token head for loop k fitted from its first-token map (whose tensors are
-    kept as they are; the head is stored in their dtype), reported before and after on held-out pairs."""
+    kept as they are; the head is stored in their dtype), reported before and after on held-out pairs.
+    With `ids` (the training states' token ids) the head is conditioned on token n+1 and starts from
+    `dmap`'s unconditioned head when it has one (see `fit_next_map`)."""
     T = model.num_loops
     start = dmap.to(dtype=torch.float32)
-    drafts = {"loop": None, "first map": lambda h0, h1: start.state(torch.stack([h0, h1]), k)}
+    drafts = {"loop": None, "first map": lambda h0, h1, *e: start.state(torch.stack([h0, h1]), k)}
+    if ids is not None and start.has_next(k) and not start.next_conditioned(k):
+        drafts["unconditioned head"] = lambda h0, h1, *e: start.next_state(torch.stack([h0, h1]), k)
     t0 = time.time()
-    fitted, curve = fit_next_map(model, states, pairs, k, hidden=a.next_hidden, start=start, steps=a.steps, lr=a.lr, seed=a.seed)
+    fitted, curve = fit_next_map(model, states, pairs, k, hidden=a.next_hidden, start=start, steps=a.steps, lr=a.lr, seed=a.seed,
+                                 ids=ids)
     seconds = time.time() - t0
     params = {j: dict(p) for j, p in dmap.params.items()}
     dtype = params[k]["weight"].dtype
@@ -321,13 +360,14 @@ def add_next_head(model: LoopLM, dmap: DraftMap, states, pairs, val, val_pairs, 
     params[k].update({n: t.to(dtype) for n, t in fitted.params[k].items() if n.startswith("next.")})
     out = DraftMap(params, dmap.info)
     stored = out.to(dtype=torch.float32)  # measured as saved (rounded to the map's dtype)
-    drafts["next head"] = lambda h0, h1: stored.next_state(torch.stack([h0, h1]), k)
-    result = {n: next_agreement(model, val, val_pairs, k, d) for n, d in drafts.items()}
-    greedy = {n: next_agreement(model, val, val_pairs, k, d, tokens=val_tokens) for n, d in drafts.items()}
+    drafts["next head"] = lambda h0, h1, *e: stored.next_state(torch.stack([h0, h1]), k, *e)
+    cond_ids = val_tokens if ids is not None else None
+    result = {n: next_agreement(model, val, val_pairs, k, d, ids=cond_ids) for n, d in drafts.items()}
+    greedy = {n: next_agreement(model, val, val_pairs, k, d, tokens=val_tokens, ids=cond_ids) for n, d in drafts.items()}
     print(f"held-out agreement of loop-{k} drafts of token n+2 with loop {T} at n+1: "
           + ", ".join(f"{n} {v:.2%}" for n, v in result.items()) + f" ({seconds:.0f} s fit); on the pairs whose token n+1 "
           f"is loop {T}'s argmax at n: " + ", ".join(f"{n} {v:.2%}" for n, v in greedy.items()))
-    out.info["next"] = {"start": "first-token map", "hidden": a.next_hidden, "steps": a.steps, "lr": a.lr, "seed": a.seed,
+    out.info["next"] = {"start": fitted.info["start"], "conditioned": ids is not None, "hidden": a.next_hidden, "steps": a.steps, "lr": a.lr, "seed": a.seed,
                         "train_pairs": int(pairs.shape[0]), "generated_sequences": a.generated, "val_pairs": int(val_pairs.shape[0]),
                         "val_agreement": {n: round(v, 4) for n, v in result.items()},
                         "val_agreement_greedy_pairs": {n: round(v, 4) for n, v in greedy.items()}, "kl_every_50": curve}

@@ -4,7 +4,9 @@ spec.pipeline finishes at most one token per call of k loops: the token leaving 
 successor, so drafting at loop k saves at most a factor T/k of weight passes. Here the token n
 leaving loop k drafts token n+1 with the draft map (as the pipeline does) and token n+2 with the
 map's second-token head (spec.drafts.DraftMap.next_state, fitted by `python -m spec.fit_draft
---next`) when that head is confident (top-1 probability >= `threshold`). Both drafts enter
+--next`; a head fitted with `--next-token` also reads the embedding of the token just drafted for
+n+1, so it runs once that token is chosen) when that head is confident (top-1 probability >=
+`threshold`). Both drafts enter
 loop 1 together as a pair of rows at the same loops of the same Forward (positions of one
 sequence run together at one loop see each other causally, looplm.work.Forward) and advance
 together:
@@ -79,6 +81,7 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
     timer, first = yield from start_request(model, req)
     device = model.lm_head.weight.device
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
+    conditioned = draft_map.next_conditioned(k)  # its second-token head reads the first draft's token
     plen, max_new = len(req.prompts[0]), req.max_new[0]
     flight: list[_Token] = []  # oldest first
     produced = emitted = computed = calls = 0
@@ -123,13 +126,16 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             for t in items:
                 t.stage += 1
                 t.hidden = hidden[t.slot]
-            # logits: the newest token's two drafts (first, second), then the heads' exact loop-T logits
+            # logits: the newest token's drafts (first; second unless its head reads the first's token),
+            # then the heads' exact loop-T logits
             states = [hidden[[t.slot for t in heads]]]
+            n_draft = 0
             if newest is not None:
                 per_loop = out.hidden[:, newest.slot : newest.slot + 1, 0]  # (k, 1, H)
-                states = [draft_map.state(per_loop, k), draft_map.next_state(per_loop, k)] + states
+                draft_states = [draft_map.state(per_loop, k)] + ([] if conditioned else [draft_map.next_state(per_loop, k)])
+                states = draft_states + states
+                n_draft = len(draft_states)
             lg = model.head(torch.cat(states))
-            n_draft = 2 if newest is not None else 0
             ids = lg.argmax(-1).tolist() if params.greedy else None  # one host transfer
 
             # -- verify: each head's exact logits test its successor; a rejection voids the rest ------------
@@ -169,7 +175,18 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             # Sampled drafts are drawn whether or not it survived (the pipeline's order of draws)
             if newest is not None:
                 sure = None
-                if params.greedy:
+                if conditioned:  # the second-token head reads the embedding of the token just drafted for n+1
+                    q1 = None if params.greedy else probabilities(lg[:1], params)[0]
+                    first_tok = ids[0] if params.greedy else int(sample(q1[None], gen)[0])
+                    e = embed(torch.tensor([first_tok], device=device))
+                    lg2 = model.head(draft_map.next_state(per_loop, k, e))  # (1, V)
+                    if params.greedy:
+                        second_tok, q2 = int(lg2[0].argmax()), None
+                        sure = torch.softmax(lg2[0], -1).amax().item() if threshold is not None else None
+                    else:
+                        q2 = probabilities(lg2, params)[0]
+                        sure = q2.amax().item()
+                elif params.greedy:
                     first_tok = ids[0]
                     sure = torch.softmax(lg[1], -1).amax().item() if threshold is not None else None
                     second_tok, q1, q2 = ids[1], None, None

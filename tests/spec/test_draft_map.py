@@ -18,20 +18,22 @@ from .test_accept import chi2_critical
 from .test_sampling_e2e import sampled_chi2
 
 
-def random_map(H: int, loops=(2,), scale: float = 0.3, hidden: int = 0, next_hidden: int | None = None) -> DraftMap:
-    """Random maps per loop; with `next_hidden` (0: affine) also a second-token head."""
+def random_map(H: int, loops=(2,), scale: float = 0.3, hidden: int = 0, next_hidden: int | None = None,
+               conditioned: bool = False) -> DraftMap:
+    """Random maps per loop; with `next_hidden` (0: affine) also a second-token head (`conditioned`:
+    one that reads a token embedding too)."""
     params = {}
     for k in loops:
         params[k] = random_params(H, scale, hidden)
         if next_hidden is not None:
-            params[k].update({"next." + n: t for n, t in random_params(H, scale, next_hidden).items()})
+            params[k].update({"next." + n: t for n, t in random_params(H, scale, next_hidden, 3 if conditioned else 2).items()})
     return DraftMap(params)
 
 
-def random_params(H: int, scale: float, hidden: int) -> dict[str, torch.Tensor]:
-    p = {"weight": torch.randn(H, 2 * H) * scale, "bias": torch.randn(H) * scale}
+def random_params(H: int, scale: float, hidden: int, inputs: int = 2) -> dict[str, torch.Tensor]:
+    p = {"weight": torch.randn(H, inputs * H) * scale, "bias": torch.randn(H) * scale}
     if hidden:
-        p.update({"up.weight": torch.randn(hidden, 2 * H) * scale, "up.bias": torch.randn(hidden) * scale,
+        p.update({"up.weight": torch.randn(hidden, inputs * H) * scale, "up.bias": torch.randn(hidden) * scale,
                   "down.weight": torch.randn(H, hidden) * scale, "down.bias": torch.randn(H) * scale})
     return p
 
@@ -94,6 +96,32 @@ def test_next_state_is_the_next_maps_formula(hidden):
         torch.testing.assert_close(dmap.next_state(states), expected)
         torch.testing.assert_close(dmap.next_state(per_loop[k - 2 : k], loop=k), expected)  # only loops k-1, k given
         assert not torch.allclose(dmap.state(states), expected)  # the first-token map is another map
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_a_conditioned_head_reads_the_token_embedding_and_round_trips(tmp_path, hidden):
+    dmap = random_map(16, loops=(2, 3), hidden=4, next_hidden=hidden, conditioned=True)
+    assert dmap.next_conditioned(2) and dmap.next_conditioned(3) and not random_map(16, next_hidden=0).next_conditioned(2)
+    per_loop, e = torch.randn(3, 5, 16), torch.randn(5, 16)
+    p = dmap.params[3]
+    x = torch.cat([per_loop[1], per_loop[2], e], -1)
+    expected = x @ p["next.weight"].T + p["next.bias"]
+    if hidden:
+        expected = expected + F.gelu(x @ p["next.up.weight"].T + p["next.up.bias"]) @ p["next.down.weight"].T + p["next.down.bias"]
+    torch.testing.assert_close(dmap.next_state(per_loop, 3, e), expected)
+    with pytest.raises(ValueError, match="conditioned on the first draft: pass its token_embedding"):
+        dmap.next_state(per_loop, 3)
+    dmap.save(tmp_path / "m.safetensors")
+    back = DraftMap.load(tmp_path / "m.safetensors")
+    assert back.next_conditioned(3) and torch.equal(back.next_state(per_loop, 3, e), dmap.next_state(per_loop, 3, e))
+    # only the second-token head may be 3H wide; its hidden layer must read the same width
+    wide_first = random_params(16, 0.1, 0, inputs=3)
+    with pytest.raises(ValueError, match=r"weight has shape \(16, 48\), expected \(16, 32\)"):
+        DraftMap({2: wide_first})
+    bad = {**random_params(16, 0.1, 0), **{"next." + n: t for n, t in random_params(16, 0.1, 4, inputs=3).items()}}
+    bad["next.up.weight"] = torch.randn(4, 32)
+    with pytest.raises(ValueError, match=r"next.up.weight has shape \(4, 32\), expected \(4, 48\)"):
+        DraftMap({2: bad})
 
 
 def test_next_state_without_a_second_token_head_raises():
@@ -370,3 +398,43 @@ def test_next_agreement_counts_pairs_and_can_keep_the_greedy_ones():
     assert next_agreement(model, states, pairs, 2, nd, tokens=tokens, chunk=7) == pytest.approx(hit[greedy].mean().item())
     tokens[pairs + 1] = (target[pairs] + 1) % model.config.vocab_size
     assert next_agreement(model, states, pairs, 2, nd, tokens=tokens) == 0.0  # no greedy pair
+
+
+def test_a_head_conditioned_on_token_n_plus_1_fits_what_the_unconditioned_one_cannot():
+    """Chains whose token n+1 is random half the time: token n's states cannot tell it, its
+    embedding can. From the same start and steps, the conditioned head's held-out KL is lower and
+    its agreement higher; it starts exactly where the unconditioned head it starts from is, and
+    next_agreement hands the drafts token n+1's embedding."""
+    model = spec_model(loops=4, max_pos=64, std=0.3, step_scale=0.3).float()
+    perm = torch.randperm(model.config.vocab_size)
+    train = [token_chain(perm, 16, 48, noise=0.5) for _ in range(2)]
+    held = [token_chain(perm, 32, 48, noise=0.5)]
+    states, pairs = collect_states(model, train, [1, 2, 4]), pair_index(train)
+    val, val_pairs = collect_states(model, held, [1, 2, 4]), pair_index(held)
+    ids, val_ids = (torch.cat([x.reshape(-1) for x in b]) for b in (train, held))
+    first, _ = fit_draft_map(model, states, 2, extrapolate=0.5, steps=30, lr=1e-2, batch_tokens=256, progress=False)
+    opts = dict(start=first, hidden=0, steps=150, lr=3e-2, batch_tokens=256, progress=False)
+    plain, _ = fit_next_map(model, states, pairs, 2, **opts)
+    cond, curve = fit_next_map(model, states, pairs, 2, ids=ids, **opts)
+    assert cond.next_conditioned(2) and not plain.next_conditioned(2) and curve[-1] < curve[0]
+    assert all(torch.equal(cond.params[2][n], first.params[2][n]) for n in first.params[2])  # the first map is kept
+    e = model.model.embed_tokens.weight[val_ids[val_pairs + 1]].float()
+    h = torch.stack([val[1][val_pairs], val[2][val_pairs]])
+    head = model.lm_head.weight.float()
+
+    def kl(state):
+        teacher = F.log_softmax(val[4][val_pairs + 1] @ head.T, -1)
+        return float(F.kl_div(F.log_softmax(state @ head.T, -1), teacher, log_target=True, reduction="batchmean"))
+
+    with torch.no_grad():
+        assert kl(cond.next_state(h, 2, e)) < 0.95 * kl(plain.next_state(h, 2))
+    agree = {name: next_agreement(model, val, val_pairs, 2, lambda h0, h1, *x, m=m: m.next_state(torch.stack([h0, h1]), 2, *x),
+                                  ids=val_ids) for name, m in (("plain", plain), ("cond", cond))}
+    assert agree["cond"] >= agree["plain"], agree
+    # starting from an unconditioned head (its hidden layer too): the same drafts until it trains
+    wide, _ = fit_next_map(model, states, pairs, 2, **{**opts, "hidden": 16, "steps": 20})
+    again, _ = fit_next_map(model, states, pairs, 2, ids=ids, **{**opts, "start": wide, "hidden": 16, "steps": 0})
+    assert again.info["start"] == "second-token head"
+    torch.testing.assert_close(again.next_state(h, 2, e), wide.next_state(h, 2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="ids must hold the"):
+        fit_next_map(model, states, pairs, 2, ids=ids[:-1], **opts)

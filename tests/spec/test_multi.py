@@ -18,17 +18,21 @@ from .test_accept import chi2_critical
 from .test_sampling_e2e import accept_without_ratio, sampled_chi2
 
 
-def pair_map(H: int, k: int = 2, next_scale: float | None = 0.0, first_scale: float = 0.0) -> DraftMap:
+def pair_map(H: int, k: int = 2, next_scale: float | None = 0.0, first_scale: float = 0.0,
+             token_scale: float | None = None) -> DraftMap:
     """A loop-k map whose first map is [0, I] (the plain loop-k draft) plus `first_scale` noise and
     whose second-token head is the same map plus `next_scale` noise (it drafts token n+2 as what
     token n drafts for n+1: right where the text repeats a token); next_scale None: a zero
-    second-token head (uniform logits, top-1 probability 1/V)."""
+    second-token head (uniform logits, top-1 probability 1/V). With `token_scale` the head is
+    conditioned on the first draft's token: its embedding enters through random weights of that scale."""
     w = torch.cat([torch.zeros(H, H), torch.eye(H)], 1)
     p = {"weight": w + first_scale * torch.randn(H, 2 * H), "bias": first_scale * torch.randn(H)}
     if next_scale is None:
         p.update({"next.weight": torch.zeros(H, 2 * H), "next.bias": torch.zeros(H)})
     else:
         p.update({"next.weight": w + next_scale * torch.randn(H, 2 * H), "next.bias": next_scale * torch.randn(H)})
+    if token_scale is not None:
+        p["next.weight"] = torch.cat([p["next.weight"], token_scale * torch.randn(H, H)], 1)
     return DraftMap({k: p})
 
 
@@ -36,16 +40,20 @@ def _blocks_used(engine) -> int:
     return sum(c["blocks_used"] for c in engine.usage()["caches"].values())
 
 
-def test_greedy_pairs_equal_full_depth_and_return_every_block():
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_greedy_pairs_equal_full_depth_and_return_every_block(conditioned):
     """Fresh models until second drafts both pass and fail and some forward emits two tokens; rows
-    run into the context limit; the pool is empty afterwards."""
+    run into the context limit; the pool is empty afterwards. Also with a second-token head that
+    reads the first draft's token."""
     for _ in range(10):
         model = spec_model(loops=4, max_pos=40)
         engine = looplm.Engine(model, block_size=4)
         prompts = ragged_prompts(4, model.config.vocab_size, 1, 12)
         full = engine.generate(prompts, max_new_tokens=1000, stop=[])
+        dmap = pair_map(32, token_scale=0.1 if conditioned else None)
+        assert dmap.next_conditioned(2) == conditioned
         two = engine.generate(prompts, max_new_tokens=1000, stop=[], mode="speculative", draft_loop=2,
-                              draft_map=pair_map(32), draft_tokens=2, fallback=False)
+                              draft_map=dmap, draft_tokens=2, fallback=False)
         for f, t in zip(full, two):
             assert t.tokens == f.tokens
             assert t.finish_reason == f.finish_reason == "context"
@@ -113,26 +121,30 @@ def _accept_always(drafts, q, p, limit, generator=None):
     return limit.clone(), drafts.clone()
 
 
-SAMPLED_CASES = [  # (wrong rule, post-processing, samples)
-    (None, {"top_k": 4}, 3000),
-    (None, {"top_p": 0.85, "temperature": 0.8}, 2000),
-    (accept_without_ratio, {"top_k": 4}, 1000),
-    (_accept_always, {"top_k": 4}, 1000),
+SAMPLED_CASES = [  # (wrong rule, post-processing, samples, second-token head conditioned on the first draft)
+    (None, {"top_k": 4}, 3000, False),
+    (None, {"top_p": 0.85, "temperature": 0.8}, 2000, False),
+    (accept_without_ratio, {"top_k": 4}, 1000, False),
+    (_accept_always, {"top_k": 4}, 1000, False),
+    (None, {"top_k": 4}, 3000, True),
+    (accept_without_ratio, {"top_k": 4}, 1000, True),
 ]
 
 
-@pytest.mark.parametrize("wrong,post,N", SAMPLED_CASES)
-def test_sampled_pairs_follow_full_depth_distribution(wrong, post, N, monkeypatch):
+@pytest.mark.parametrize("wrong,post,N,conditioned", SAMPLED_CASES)
+def test_sampled_pairs_follow_full_depth_distribution(wrong, post, N, conditioned, monkeypatch):
     """N seeded requests of 3 new tokens (vocab 5): tokens 1 and 2 are drafted together (2 by the
-    second-token head) and tested at loop T; their joint law with token 0 is full depth's. A rule
-    that accepts without the ratio test, or every draft, fails the same test."""
+    second-token head, which may read token 1's draft) and tested at loop T; their joint law with
+    token 0 is full depth's. A rule that accepts without the ratio test, or every draft, fails the
+    same test."""
     torch.manual_seed(7)
     model = spec_model(seed=11, vocab=5, loops=4, std=0.2, step_scale=1.0, max_pos=16)
     prompt, params = [1, 3], SamplingParams(**{"temperature": 1.0, **post})
-    dmap = pair_map(32, next_scale=0.3, first_scale=0.3)
+    dmap = pair_map(32, next_scale=0.3, first_scale=0.3, token_scale=0.5 if conditioned else None)
     with torch.no_grad():  # the second draft must differ from the target for the test to have power
         out = model.loop_outputs(torch.tensor([prompt + [0]]))
-        q2 = probabilities(model.head(dmap.next_state(out.hidden[:2, 0, -2:-1], 2))[0], params)
+        e = model.model.embed_tokens(torch.tensor([0])) if conditioned else None  # token 1 drafted as 0
+        q2 = probabilities(model.head(dmap.next_state(out.hidden[:2, 0, -2:-1], 2, e))[0], params)
         p = probabilities(model.head(out.hidden[-1, 0, -1]), params)
     assert 0.5 * (p - q2).abs().sum() > 0.15
     if wrong is not None:
