@@ -174,26 +174,18 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             # -- draft: the newest token, if it survived, drafts its successor and maybe the one after.
             # Sampled drafts are drawn whether or not it survived (the pipeline's order of draws)
             if newest is not None:
-                sure = None
+                q1 = None if params.greedy else probabilities(lg[:1], params)[0]
+                first_tok = ids[0] if params.greedy else int(sample(q1[None], gen)[0])
                 if conditioned:  # the second-token head reads the embedding of the token just drafted for n+1
-                    q1 = None if params.greedy else probabilities(lg[:1], params)[0]
-                    first_tok = ids[0] if params.greedy else int(sample(q1[None], gen)[0])
                     e = embed(torch.tensor([first_tok], device=device))
                     lg2 = model.head(draft_map.next_state(per_loop, k, e))  # (1, V)
-                    if params.greedy:
-                        second_tok, q2 = int(lg2[0].argmax()), None
-                        sure = torch.softmax(lg2[0], -1).amax().item() if threshold is not None else None
-                    else:
-                        q2 = probabilities(lg2, params)[0]
-                        sure = q2.amax().item()
-                elif params.greedy:
-                    first_tok = ids[0]
-                    sure = torch.softmax(lg[1], -1).amax().item() if threshold is not None else None
-                    second_tok, q1, q2 = ids[1], None, None
                 else:
-                    q12 = probabilities(lg[:2], params)
-                    q1, q2 = q12[0], q12[1]
-                    first_tok = int(sample(q1[None], gen)[0])
+                    lg2 = lg[1:2]
+                if params.greedy:
+                    second_tok, q2 = int(lg2[0].argmax()), None
+                    sure = torch.softmax(lg2[0], -1).amax().item() if threshold is not None else None
+                else:
+                    q2 = probabilities(lg2, params)[0]
                     sure = q2.amax().item()
                 want_second = newest.index + 2 < max_new and (threshold is None or sure >= threshold)
                 if want_second and not params.greedy:

@@ -89,12 +89,14 @@ def test_compiled_loop_graph_matches_eager_for_every_cache_and_never_recompiles(
     assert step.calls - calls == new - 1  # one call per decode round (the prefill runs eagerly)
     # the tokens are exact; the cache entries differ by float32 op order between graph and eager. In
     # a shared cache ("last", "mean") later positions read entries that already carry those rounding
-    # differences, so they compound over the 6 steps x T loops: measured up to ~5e-5 on entries of
-    # size ~1. The per-loop cache has no such feedback and keeps the 1e-5 bound.
-    rtol = 1e-4 if kv in ("last", "mean") else 0
+    # differences, so they compound over the 6 steps x T loops: ~2e-6 on entries of size ~4 for
+    # most seeds, but 2.5e-5 on an entry of size 0.014 for seed 1660909540; the error is absolute
+    # (carried from larger entries), so the bound is too. The per-loop cache has no such feedback
+    # and keeps the 1e-5 bound.
+    rtol, atol = (1e-4, 1e-4) if kv in ("last", "mean") else (0, 1e-5)
     for (k, v), (ek, ev) in zip(cache, eager_cache):
-        torch.testing.assert_close(k, ek, rtol=rtol, atol=1e-5)
-        torch.testing.assert_close(v, ev, rtol=rtol, atol=1e-5)
+        torch.testing.assert_close(k, ek, rtol=rtol, atol=atol)
+        torch.testing.assert_close(v, ev, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("kv", ["per_loop", "mean"])
