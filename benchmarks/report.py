@@ -447,7 +447,8 @@ def trees_lines(others: list[dict]) -> list[str]:
             b = r["branch"]
             if r.get("draft_tokens", 1) == 2:  # spec.multi: second-token drafts
                 t = r.get("second_threshold")
-                b = (f"{b}, second drafts{'' if t is None else f' at top-1 >= {t:g}'}: {r['seconds_accepted']}/{r['seconds_tested']} "
+                at = "" if t is None else " chosen per request" if t == "adaptive" else f" at top-1 >= {t:g}"
+                b = (f"{b}, second drafts{at}: {r['seconds_accepted']}/{r['seconds_tested']} "
                      f"passed, {r['pairs_emitted']} forwards emitted 2")
             lines.append(f"| {k} | {b} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['ratio_to_full'])} | "
                          f"{_fmt(r['weight_passes_per_token'])} | {_fmt(r['tokens_per_forward'])} | {_fmt(r['rows_per_forward'])} | "

@@ -37,7 +37,7 @@ from benchmarks.conftest import TEXT_PROMPTS, generate_each
 
 NEW_TOKENS = 128
 REPEATS = 2
-PAIRS = [(2, 1, (("draft_tokens", 2), ("second_threshold", None))), (2, 1, (("draft_tokens", 2), ("second_threshold", 0.1)))]
+PAIRS = [(2, 1, (("draft_tokens", 2), ("second_threshold", t))) for t in (None, 0.1, 0.3, "adaptive")]
 # (k, b, more options as (name, value) pairs); every setting names draft_tokens (1 unless given), so
 # the checkpoint's recommended second drafts (generation_config.json) never change a row's meaning
 SETTINGS = [(k, b, ()) for k in (1, 2) for b in (1, 2, 3)] + [("adaptive", 1, ()), ("adaptive", 1, (("call_cost", 0.0),))] + PAIRS
@@ -133,7 +133,8 @@ def _tokens_by_loop(gens) -> dict[str, int]:
 
 def _tag(r: dict) -> str:
     cost = f"_r{r['call_cost']:g}" if r["draft_loop"] == "adaptive" and r["call_cost"] is not None else ""
-    pairs = "" if r.get("draft_tokens", 1) == 1 else "_pairs" + ("" if r["second_threshold"] is None else f"{r['second_threshold']:g}")
+    t = r.get("second_threshold")
+    pairs = "" if r.get("draft_tokens", 1) == 1 else "_pairs" + ("" if t is None else t if isinstance(t, str) else f"{t:g}")
     return f"k{r['draft_loop']}_b{r['branch']}{cost}{pairs}"
 
 

@@ -122,9 +122,10 @@ class SpeculativeOptions(ModeOptions):
     also drafts the token after its successor, the two run as a pair and one call can finish two
     tokens (spec.multi; pipelined, branch 1, k must divide T, one sequence, a draft map with a
     second-token head for loop k: `python -m spec.fit_draft --next`)."""
-    second_threshold: float | None = None
+    second_threshold: float | str | None = None
     """With draft_tokens=2: draft the second token only where the second-token head's top-1
-    probability is at least this value in [0, 1]; None: always."""
+    probability is at least this value in [0, 1]; None: always; "adaptive": where second drafts at
+    that confidence have passed often enough in the request so far to pay (spec.seconds)."""
     fallback: bool = True
     """Decode the rest of a one-sequence request at full depth once drafts stop paying (fewer than
     a quarter of the last 12 tokens were accepted drafts; spec.fallback), with any branch (draft
@@ -145,7 +146,9 @@ class SpeculativeOptions(ModeOptions):
         if self.second_threshold is not None:
             if self.draft_tokens == 1:
                 raise self._fail("second_threshold", "second_threshold needs draft_tokens=2")
-            self._wrap("second_threshold", lambda: number_in("second_threshold", self.second_threshold, 0, 1))
+            t = self.second_threshold
+            if t != "adaptive" and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1):
+                raise self._fail("second_threshold", f"second_threshold must be a number in [0, 1] or 'adaptive', got {t!r}")
         if self.draft_tokens == 2 and self.branch > 1:
             raise self._fail("draft_tokens", f"draft_tokens=2 does not run with branch={self.branch} (draft trees); use branch=1")
         k = self.draft_loop

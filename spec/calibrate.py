@@ -7,14 +7,14 @@
 Candidates: every draft loop k in 1..T-1 that divides T (the pipeline and draft trees need it; or
 those of `--loops`) times every branch b of `--branches` (default 1,2,3); and, where the
 checkpoint's draft map has a second-token head for a k >= 2 (`python -m spec.fit_draft --next`),
-draft_tokens=2 at k with each second_threshold of `--second-thresholds` (default none,0.1,0.3;
-"none": always). Greedy, batch 1, each
+draft_tokens=2 at k with each second_threshold of `--second-thresholds` (default
+none,0.1,0.3,adaptive; "none": always; "adaptive": chosen online per request, spec.seconds). Greedy, batch 1, each
 built-in prompt (prose and code; token ids drawn from a fixed seed for a checkpoint without a
 tokenizer) generated alone to `--new-tokens` tokens. Each setting's calls alternate with
 full-depth calls, `--repeats` times; its ratio is the median over repeats of its tokens/s over the
 tokens/s of the full-depth call just before it, so a change of machine load between repeats cancels
 out; the best is the simplest setting (fewest branches, then one drafted token before two, then the
-latest draft loop, then the highest second_threshold) within MARGIN (5%) of the fastest, as nearly
+latest draft loop, then the highest fixed second_threshold, "adaptive" last) within MARGIN (5%) of the fastest, as nearly
 equal ratios differ by noise. Every setting's tokens must equal full depth's (lossless; a
 difference is a bug and stops the run). The checkpoint's other recommended options (draft map, extrapolation) apply to every setting.
 
@@ -64,7 +64,7 @@ class Setting(NamedTuple):
     draft_loop: int
     branch: int
     draft_tokens: int = 1
-    second_threshold: float | None = None
+    second_threshold: float | str | None = None
 
     def options(self) -> dict:
         """Its keyword options for mode "speculative" (every one given, over the checkpoint's recommendation)."""
@@ -72,8 +72,13 @@ class Setting(NamedTuple):
         return opts if self.draft_tokens == 1 else {**opts, "second_threshold": self.second_threshold}
 
     def __str__(self) -> str:
-        pairs = "" if self.draft_tokens == 1 else f" d=2 s={'none' if self.second_threshold is None else f'{self.second_threshold:g}'}"
+        pairs = "" if self.draft_tokens == 1 else f" d=2 s={threshold_name(self.second_threshold)}"
         return f"k={self.draft_loop} b={self.branch}{pairs}"
+
+
+def threshold_name(p: float | str | None) -> str:
+    """A second_threshold as the command line writes it: none, adaptive or the number."""
+    return "none" if p is None else p if isinstance(p, str) else f"{p:g}"
 
 
 Measure = Callable[[Callable[[], list], "Setting | None"], tuple[float, list]]
@@ -112,7 +117,7 @@ def parse_ints(text: str | Sequence[int] | None, option: str) -> list[int] | Non
 
 
 def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Sequence[int] = (1, 2, 3),
-               pair_loops: Sequence[int] = (), thresholds: Sequence[float | None] = (None,)) -> list[Setting]:
+               pair_loops: Sequence[int] = (), thresholds: Sequence[float | str | None] = (None,)) -> list[Setting]:
     """Every (k, b): k in `loops` (default: every 1 <= k < T dividing T), b in `branches`; then
     draft_tokens=2 at each of those k that is in `pair_loops` (the draft loops whose map has a
     second-token head) and >= 2, with each second_threshold of `thresholds`.
@@ -136,21 +141,23 @@ def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Seq
         if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
             raise ValueError(f"--branches: branch {b!r} must be an integer >= 1 (candidates per position)")
     for p in thresholds:
-        if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
-            raise ValueError(f"--second-thresholds: {p!r} must be 'none' or a probability in [0, 1]")
+        if p not in (None, "adaptive") and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+            raise ValueError(f"--second-thresholds: {p!r} must be 'none', 'adaptive' or a probability in [0, 1]")
     plain = [Setting(k, b) for k in dict.fromkeys(ks) for b in dict.fromkeys(branches)]
     pairs = [Setting(k, 1, 2, p) for k in dict.fromkeys(ks) if k >= 2 and k in pair_loops for p in dict.fromkeys(thresholds)]
     return plain + pairs
 
 
-def parse_thresholds(text: str) -> list[float | None]:
-    """"none,0.1" -> [None, 0.1]; a ValueError naming --second-thresholds otherwise."""
+def parse_thresholds(text: str) -> list[float | str | None]:
+    """"none,0.1,adaptive" -> [None, 0.1, "adaptive"]; a ValueError naming --second-thresholds otherwise."""
+    words = {"none": None, "adaptive": "adaptive"}
+    why = f"--second-thresholds: expected comma-separated probabilities, 'none' or 'adaptive', got {text!r}"
     try:
-        values = [None if v.strip().lower() == "none" else float(v) for v in text.split(",") if v.strip()]
+        values = [words[v.strip().lower()] if v.strip().lower() in words else float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--second-thresholds: expected comma-separated probabilities or 'none', got {text!r}") from None
+        raise ValueError(why) from None
     if not values:
-        raise ValueError(f"--second-thresholds: expected comma-separated probabilities or 'none', got {text!r}")
+        raise ValueError(why)
     return values
 
 
@@ -269,12 +276,16 @@ def fit_call_cost(result: dict) -> float | None:
 def best_row(rows: list[dict], margin: float = MARGIN) -> dict:
     """The simplest row whose ratio is within `margin` of the highest: fewest branches, then one
     drafted token before two, then the latest draft loop (fewest rows per forward), then the
-    highest second_threshold (fewest second drafts; none, always, counts as 0). Rows of nearly
+    highest fixed second_threshold (fewest second drafts; none, always, counts as 0), "adaptive"
+    after every fixed one (it decides per request). Rows of nearly
     equal speed differ by noise on a shared machine, and the simpler setting wastes less where
     they do not."""
     top = max(r["ratio_to_full"] for r in rows)
     close = [r for r in rows if r["ratio_to_full"] >= top * (1 - margin)]
-    return min(close, key=lambda r: (r["branch"], r.get("draft_tokens", 1), -r["draft_loop"], -(r.get("second_threshold") or 0)))
+    def second(p) -> float:
+        return 1.0 if p == "adaptive" else -(p or 0)
+
+    return min(close, key=lambda r: (r["branch"], r.get("draft_tokens", 1), -r["draft_loop"], second(r.get("second_threshold"))))
 
 
 def print_table(result: dict, file=None) -> None:
@@ -285,7 +296,7 @@ def print_table(result: dict, file=None) -> None:
     for r in result["rows"]:
         acc = "-" if r["token_acceptance"] is None else f"{r['token_acceptance']:.3f}"
         d = r.get("draft_tokens", 1)
-        second = "-" if d == 1 else "none" if r.get("second_threshold") is None else f"{r['second_threshold']:g}"
+        second = "-" if d == 1 else threshold_name(r.get("second_threshold"))
         print(f" {r['draft_loop']}  {r['branch']}  {d}  {second:>6}  {r['tokens_per_s']:9.1f}  {r['ratio_to_full']:13.2f}  "
               f"{r['weight_passes_per_token']:12.2f}  {acc:>16}", file=file)
     if result.get("call_cost") is not None:
@@ -366,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--branches", default="1,2,3", help="branches b to try (default 1,2,3)")
     p.add_argument("--draft-tokens", default="1,2", help="tokens drafted per draft step to try: 1, 2 or 1,2 (default; 2 "
                                                           "where the draft map has a second-token head)")
-    p.add_argument("--second-thresholds", default="none,0.1,0.3",
-                   help="second_threshold values to try with draft_tokens=2 (default none,0.1,0.3; none: always)")
+    p.add_argument("--second-thresholds", default="none,0.1,0.3,adaptive",
+                   help="second_threshold values to try with draft_tokens=2 (default none,0.1,0.3,adaptive; none: "
+                        "always; adaptive: chosen per request from observed acceptance)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"the first N built-in prompts (1..{len(PROMPTS)})")
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per setting, each after a full-depth call")

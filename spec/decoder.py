@@ -70,7 +70,7 @@ def decode(
     branch: int = 1,
     branch_threshold: float | None = None,
     draft_tokens: int = 1,
-    second_threshold: float | None = None,
+    second_threshold: float | str | None = None,
     fallback: bool = True,
     call_cost: float = 0.0,
 ) -> Decoder:
@@ -111,7 +111,8 @@ def decode(
             finish two tokens. Not in a batch (a recommended draft_tokens=2 then gives way to the
             plain pipeline, and stats["draft_tokens_unused"] says why).
         second_threshold: with draft_tokens=2, draft the second token only where its head's
-            top-1 probability is at least this value (None: always).
+            top-1 probability is at least this value (None: always; "adaptive": where second
+            drafts at that confidence have paid in this request so far, spec.seconds).
         call_cost: with draft_loop="adaptive", a forward call's fixed cost in loop passes (>= 0;
             0: decode time follows weight passes), the r of spec.adapt's cost model.
         fallback: switch a one-sequence request (every branch b; draft trees are one sequence) to
@@ -172,7 +173,8 @@ def decode(
             req.stats["draft_tokens_unused"] = f"the checkpoint's recommended draft_tokens=2 does not run here: {why}"
             draft_tokens = 1
     if draft_tokens == 2:
-        inner = decode_pairs(model, req, k, dmap, None if second_threshold is None else float(second_threshold))
+        threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
+        inner = decode_pairs(model, req, k, dmap, threshold)
     elif branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
         if branch > model.config.vocab_size:
             raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")

@@ -42,6 +42,7 @@ from looplm.work import Forward
 from .accept import accept_sampled
 from .drafts import DraftMap
 from .pipeline import count_run, pipeline_stats
+from .seconds import SecondChooser
 from .start import first_step, start_request
 
 
@@ -56,9 +57,11 @@ class _Token:
     hidden: torch.Tensor | None = None  # (H,) state after loop stage*k (None before stage 0)
     q: torch.Tensor | None = None  # (V,) the distribution it was drawn from (sampling only)
     slot: int = -1  # its row in the current forward call
+    shadow: tuple | None = None  # a first draft's (confidence, second draft or q2) beside it, for SecondChooser
 
 
-def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap, threshold: float | None = None) -> Decoder:
+def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
+                 threshold: float | str | None = None) -> Decoder:
     """Pipelined self-speculation with second-token drafts (see the module docstring).
 
     Args:
@@ -68,7 +71,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             head for loop k (spec.decode checks it at submit).
         threshold: draft the second token only where the second-token head's top-1 probability
             (greedy: softmax of its logits; sampling: its distribution q2 after temperature, top-k
-            and top-p) is at least this; None: always.
+            and top-p) is at least this; None: always; "adaptive": where second drafts at that
+            confidence have passed often enough in this request to pay (spec.seconds).
     Yields:
         Forwards and Steps as spec.pipeline.decode_pipelined.
     Stats (req.stats): spec.pipeline's keys (drafted counts second drafts too), plus draft_tokens = 2,
@@ -82,6 +86,7 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
     device = model.lm_head.weight.device
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
     conditioned = draft_map.next_conditioned(k)  # its second-token head reads the first draft's token
+    chooser = SecondChooser(D) if threshold == "adaptive" else None
     plen, max_new = len(req.prompts[0]), req.max_new[0]
     flight: list[_Token] = []  # oldest first
     produced = emitted = computed = calls = 0
@@ -153,6 +158,12 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                     drafts = torch.tensor([[succ.token if succ is not None else 0]], device=device)
                     accepted, tokens = accept_sampled(drafts, q, p, torch.tensor([int(succ is not None)], device=device), gen)
                     ok, tok = bool(accepted.item()), int(tokens[0, 0])
+                if chooser is not None:  # head is verified: its logits are the target at its successor's position
+                    if head.shadow is not None:  # the second draft made (or not) beside head as a first draft
+                        conf, second = head.shadow
+                        chooser.score_second(conf, second == tok if params.greedy else _pass_chance(p, second))
+                    if succ is not None and not succ.second:
+                        chooser.score_first(ok if params.greedy else _pass_chance(p, succ.q))
                 if succ is not None and succ.second:
                     seconds_tested += 1
                     seconds_won += ok
@@ -187,11 +198,15 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                 else:
                     q2 = probabilities(lg2, params)[0]
                     sure = q2.amax().item()
-                want_second = newest.index + 2 < max_new and (threshold is None or sure >= threshold)
+                if chooser is not None:
+                    want_second = newest.index + 2 < max_new and chooser.wants(sure)
+                else:
+                    want_second = newest.index + 2 < max_new and (threshold is None or sure >= threshold)
                 if want_second and not params.greedy:
                     second_tok = int(sample(q2[None], gen)[0])
                 if flight and flight[-1] is newest and newest.index + 1 < max_new:
-                    flight.append(_Token(newest.index + 1, first_tok, 0, q=q1))
+                    shadow = (sure, second_tok if params.greedy else q2) if chooser is not None else None
+                    flight.append(_Token(newest.index + 1, first_tok, 0, q=q1, shadow=shadow))
                     n_prop += 1
                     if want_second:
                         flight.append(_Token(newest.index + 2, second_tok, 0, second=True, q=q2))
@@ -210,3 +225,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
         if run:
             close_run()
         stats()
+
+
+def _pass_chance(p: torch.Tensor, q: torch.Tensor) -> float:
+    """The chance that a draw from q passes the Leviathan/Chen test against the target p: sum min(p, q)."""
+    return torch.minimum(p.reshape(-1), q).sum().item()

@@ -154,8 +154,9 @@ def test_bad_arguments_fail_before_any_timing(tmp_path, capsys, monkeypatch):
         (["--repeats", "0"], "--repeats: must be >= 1"),
         (["--draft-tokens", "3"], "--draft-tokens: each must be 1 or 2"),
         (["--draft-tokens", "2"], "--draft-tokens: 2 needs a recommended draft map with a second-token head"),
-        (["--second-thresholds", "1.5"], "--second-thresholds: 1.5 must be 'none' or a probability in [0, 1]"),
-        (["--second-thresholds", "high"], "--second-thresholds: expected comma-separated probabilities"),
+        (["--second-thresholds", "1.5"], "--second-thresholds: 1.5 must be 'none', 'adaptive' or a probability in [0, 1]"),
+        (["--second-thresholds", "high"], "--second-thresholds: expected comma-separated probabilities, 'none' or 'adaptive'"),
+        (["--second-thresholds", "adapt"], "--second-thresholds: expected comma-separated probabilities, 'none' or 'adaptive'"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -291,6 +292,32 @@ def test_second_drafts_are_swept_where_the_map_has_a_head_and_recorded_when_they
     write_recommendation(path, result)
     spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
     assert (spec_opts["branch"], "draft_tokens" in spec_opts, "second_threshold" in spec_opts) == (2, False, False)
+
+
+def test_the_adaptive_second_threshold_is_swept_ranked_after_fixed_ones_and_recorded(tmp_path):
+    """"adaptive" parses, sweeps (exact tokens), loses a tie to a fixed threshold (the simpler
+    setting), wins when clearly faster, and a checkpoint that records it decodes with it."""
+    from spec.calibrate import pair_loops, parse_thresholds
+
+    assert parse_thresholds("none, 0.25,ADAPTIVE") == [None, 0.25, "adaptive"]
+    path = checkpoint(tmp_path, dmap=pair_map(32, next_scale=random.uniform(0, 0.05)))
+    engine = looplm.load(path)
+    settings = candidates(4, [2], [1], pair_loops(engine), [0.3, "adaptive"])
+    assert settings == [Setting(2, 1), Setting(2, 1, 2, 0.3), Setting(2, 1, 2, "adaptive")]
+    assert str(settings[2]) == "k=2 b=1 d=2 s=adaptive"
+    tie = {None: 1.0, Setting(2, 1): 0.8, Setting(2, 1, 2, 0.3): 0.5, Setting(2, 1, 2, "adaptive"): 0.5}
+    result = sweep(engine, settings, default_prompts(engine, 1), new_tokens=8, repeats=1, measure=costs(tie), progress=False)
+    assert result["best"]["second_threshold"] == 0.3
+    faster = {**tie, Setting(2, 1, 2, "adaptive"): 0.4}
+    result = sweep(engine, settings, default_prompts(engine, 1), new_tokens=8, repeats=1, measure=costs(faster), progress=False)
+    assert result["best"]["second_threshold"] == "adaptive"
+    write_recommendation(path, result)
+    spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
+    assert (spec_opts["draft_tokens"], spec_opts["second_threshold"]) == (2, "adaptive")
+    engine = looplm.load(path)
+    prompt = torch_prompt(engine)
+    g = engine.generate(prompt, max_new_tokens=24, stop=[], mode="speculative")
+    assert g.stats["second_threshold"] == "adaptive" and g.tokens == engine.generate(prompt, max_new_tokens=24, stop=[]).tokens
 
 
 def torch_prompt(engine, n=6):
