@@ -198,10 +198,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                 else:
                     q2 = probabilities(lg2, params)[0]
                     sure = q2.amax().item()
-                if chooser is not None:
-                    want_second = newest.index + 2 < max_new and chooser.wants(sure)
-                else:
-                    want_second = newest.index + 2 < max_new and (threshold is None or sure >= threshold)
+                sure_enough = chooser.wants(sure) if chooser is not None else threshold is None or sure >= threshold
+                want_second = newest.index + 2 < max_new and sure_enough
                 if want_second and not params.greedy:
                     second_tok = int(sample(q2[None], gen)[0])
                 if flight and flight[-1] is newest and newest.index + 1 < max_new:
