@@ -20,8 +20,10 @@ scores the second draft made beside it, proposed or not (a shadow draft, as spec
 other draft loops): once that first draft is verified, its exact logits give the target at n+2.
 The score is greedy 1 when the second draft is the target's argmax, else 0; sampling the chance
 sum_v min(p(v), q2(v)) that a draw from q2 passes the Leviathan/Chen test. First drafts are scored
-the same way when they are tested. A bin with fewer than MIN_SEEN scores decides by PRIOR: draft
-where the head's top-1 probability reaches it.
+the same way when they are tested. A bin's estimate is its mean score shrunk towards the request's
+mean over all bins by PRIOR_WEIGHT pseudo-scores, and that mean towards PRIOR by as many: a bin
+with few scores follows the request, and a request with few scores starts out making second
+drafts (shadow scores cost nothing, so the estimates learn as fast whether drafts are made or not).
 
 Lossless either way: whether a second draft is made depends only on tokens already verified and on
 the head's own distribution, and a made draft is tested against the distribution it was drawn
@@ -36,9 +38,8 @@ from collections import deque
 
 EDGES = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # confidence bins: [0, 0.1), [0.1, 0.2), ..., [0.9, 1]
 WINDOW = 32  # scores per bin (and first-draft scores) the estimates look back over
-MIN_SEEN = 8  # scores a bin needs before its own estimate decides
-PRIOR = 0.3  # before that, draft where the head's top-1 probability reaches this
-PRIOR_FIRST = 0.9  # first-draft pass rate assumed before any is scored
+PRIOR_WEIGHT = 4  # pseudo-scores of each shrinkage (bin -> request, request -> PRIOR)
+PRIOR = 0.9  # pass rate assumed, first and second drafts alike, before any is scored
 
 
 class SecondChooser:
@@ -56,15 +57,19 @@ class SecondChooser:
 
     def bar(self) -> float:
         """The break-even second-draft pass rate, (D - 1) a1 / D."""
-        a1 = sum(self.firsts) / len(self.firsts) if self.firsts else PRIOR_FIRST
+        a1 = sum(self.firsts) / len(self.firsts) if self.firsts else PRIOR
         return (self.stages - 1) * a1 / self.stages
+
+    def estimate(self, sure: float) -> float:
+        """The pass rate of a second draft at confidence `sure`: its bin's scores shrunk towards the request's."""
+        n_all = sum(len(b) for b in self.bins)
+        pooled = (sum(sum(b) for b in self.bins) + PRIOR_WEIGHT * PRIOR) / (n_all + PRIOR_WEIGHT)
+        scores = self._bin(sure)
+        return (sum(scores) + PRIOR_WEIGHT * pooled) / (len(scores) + PRIOR_WEIGHT)
 
     def wants(self, sure: float) -> bool:
         """Whether to make a second draft whose head puts top-1 probability `sure` on its token."""
-        scores = self._bin(sure)
-        if len(scores) < MIN_SEEN:
-            return sure >= PRIOR
-        return sum(scores) / len(scores) >= self.bar()
+        return self.estimate(sure) >= self.bar()
 
     def score_first(self, score: float) -> None:
         self.firsts.append(float(score))
