@@ -14,7 +14,7 @@ tokenizer) generated alone to `--new-tokens` tokens. Each setting's calls altern
 full-depth calls, `--repeats` times; its ratio is the median over repeats of its tokens/s over the
 tokens/s of the full-depth call just before it, so a change of machine load between repeats cancels
 out; the best is the simplest setting (fewest branches, then one drafted token before two, then the
-latest draft loop, then the highest fixed second_threshold, "adaptive" last) within MARGIN (5%) of the fastest, as nearly
+latest draft loop; among thresholds the fewest weight passes per token) within MARGIN (5%) of the fastest, as nearly
 equal ratios differ by noise. Every setting's tokens must equal full depth's (lossless; a
 difference is a bug and stops the run). The checkpoint's other recommended options (draft map, extrapolation) apply to every setting.
 
@@ -275,17 +275,14 @@ def fit_call_cost(result: dict) -> float | None:
 
 def best_row(rows: list[dict], margin: float = MARGIN) -> dict:
     """The simplest row whose ratio is within `margin` of the highest: fewest branches, then one
-    drafted token before two, then the latest draft loop (fewest rows per forward), then the
-    highest fixed second_threshold (fewest second drafts; none, always, counts as 0), "adaptive"
-    after every fixed one (it decides per request). Rows of nearly
-    equal speed differ by noise on a shared machine, and the simpler setting wastes less where
-    they do not."""
+    drafted token before two, then the latest draft loop (fewest rows per forward); among second-draft
+    settings of one draft loop (thresholds), the fewest weight passes per token. Rows of nearly
+    equal speed differ by noise on a shared machine, the simpler setting wastes less where they do
+    not, and weight passes are what decode time follows at batch 1 on an accelerator or for a model
+    larger than the CPU's caches."""
     top = max(r["ratio_to_full"] for r in rows)
     close = [r for r in rows if r["ratio_to_full"] >= top * (1 - margin)]
-    def second(p) -> float:
-        return 1.0 if p == "adaptive" else -(p or 0)
-
-    return min(close, key=lambda r: (r["branch"], r.get("draft_tokens", 1), -r["draft_loop"], second(r.get("second_threshold"))))
+    return min(close, key=lambda r: (r["branch"], r.get("draft_tokens", 1), -r["draft_loop"], r["weight_passes_per_token"]))
 
 
 def print_table(result: dict, file=None) -> None:

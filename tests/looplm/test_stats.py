@@ -100,7 +100,7 @@ def test_every_mode_carries_the_shared_keys_and_only_declared_keys(sampled):
     pairs = DraftMap({2: {**first, "next.weight": first["weight"].clone(), "next.bias": first["bias"].clone()}})
     for gen in looplm.Engine(four).generate(random_prompts(2, four.config.vocab_size), max_new_tokens=random.randint(2, 6), stop=[],
                                             mode="speculative", draft_loop=2, draft_tokens=2, draft_map=pairs,
-                                            second_threshold=random.choice([None, 0.1]), **sampling):
+                                            second_threshold=random.choice([None, 0.1, "adaptive"]), **sampling):
         check(gen, "speculative")
         seen |= set(gen.stats)
     # together the runs reach every declared key but the notes of an unused recommended draft map, draft tree or second draft

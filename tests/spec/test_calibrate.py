@@ -249,7 +249,8 @@ def test_a_setting_with_more_rows_must_win_by_more_than_the_margin():
     close, clear = base * (1 + MARGIN / 2), base * (1 + 2 * MARGIN)
 
     def rows(ratios):
-        return [{"draft_loop": k, "branch": b, "ratio_to_full": r} for (k, b), r in ratios.items()]
+        return [{"draft_loop": k, "branch": b, "ratio_to_full": r, "weight_passes_per_token": random.uniform(1, 4)}
+                for (k, b), r in ratios.items()]
 
     pick = best_row(rows({(2, 1): base, (2, 2): close, (1, 1): base * (1 - 2 * MARGIN), (1, 3): close}))
     assert (pick["draft_loop"], pick["branch"]) == (2, 1)
@@ -257,6 +258,13 @@ def test_a_setting_with_more_rows_must_win_by_more_than_the_margin():
     assert (pick["draft_loop"], pick["branch"]) == (2, 2)
     pick = best_row(rows({(2, 1): base, (1, 1): close}))  # the same branch: the later draft loop
     assert (pick["draft_loop"], pick["branch"]) == (2, 1)
+    # second-draft thresholds within the margin: the fewest weight passes per token, whatever the threshold
+    pairs = [{"draft_loop": 2, "branch": 1, "draft_tokens": 2, "second_threshold": t, "ratio_to_full": base * random.uniform(1, 1 + MARGIN / 2),
+              "weight_passes_per_token": random.uniform(1, 4)} for t in (None, 0.1, 0.3, "adaptive")]
+    plain = rows({(2, 1): base * (1 - 2 * MARGIN)})
+    assert best_row(plain + pairs) is min(pairs, key=lambda r: r["weight_passes_per_token"])
+    pairs[0]["ratio_to_full"] = base * (1 + 3 * MARGIN)  # a clear win
+    assert best_row(plain + pairs) is pairs[0]
 
 
 
@@ -295,8 +303,9 @@ def test_second_drafts_are_swept_where_the_map_has_a_head_and_recorded_when_they
 
 
 def test_the_adaptive_second_threshold_is_swept_ranked_after_fixed_ones_and_recorded(tmp_path):
-    """"adaptive" parses, sweeps (exact tokens), loses a tie to a fixed threshold (the simpler
-    setting), wins when clearly faster, and a checkpoint that records it decodes with it."""
+    """"adaptive" parses and sweeps (exact tokens); a tie in speed between thresholds goes to the
+    fewest weight passes per token; adaptive wins when clearly faster, and a checkpoint that
+    records it decodes with it."""
     from spec.calibrate import pair_loops, parse_thresholds
 
     assert parse_thresholds("none, 0.25,ADAPTIVE") == [None, 0.25, "adaptive"]
@@ -307,7 +316,8 @@ def test_the_adaptive_second_threshold_is_swept_ranked_after_fixed_ones_and_reco
     assert str(settings[2]) == "k=2 b=1 d=2 s=adaptive"
     tie = {None: 1.0, Setting(2, 1): 0.8, Setting(2, 1, 2, 0.3): 0.5, Setting(2, 1, 2, "adaptive"): 0.5}
     result = sweep(engine, settings, default_prompts(engine, 1), new_tokens=8, repeats=1, measure=costs(tie), progress=False)
-    assert result["best"]["second_threshold"] == 0.3
+    tied = [r for r in result["rows"] if r.get("draft_tokens") == 2]
+    assert result["best"] == min(tied, key=lambda r: r["weight_passes_per_token"])
     faster = {**tie, Setting(2, 1, 2, "adaptive"): 0.4}
     result = sweep(engine, settings, default_prompts(engine, 1), new_tokens=8, repeats=1, measure=costs(faster), progress=False)
     assert result["best"]["second_threshold"] == "adaptive"
