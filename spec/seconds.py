@@ -10,7 +10,9 @@ token n whose first draft (n+1) passes. Without a second draft, token n+1 drafts
 later, and that draft passes with the first drafts' rate a1. A second draft made now passes with
 rate a2 (its pass rate given that the first passed). If it passes, n+2 finishes one call earlier
 and so does everything behind it: one call saved. If it fails where the later first draft would
-have passed, the pipeline refills behind n+2: D - 1 calls lost. So the expected calls saved are
+have passed, the pipeline refills behind n+2: D - 1 calls lost. Taking the second draft to fail
+wherever the later first draft would (both fail on the hard tokens), that case has probability
+a1 - a2, and the expected calls saved are
 
     a2 - (D - 1) (a1 - a2) = D a2 - (D - 1) a1,   worth it when a2 >= (D - 1) a1 / D.
 
