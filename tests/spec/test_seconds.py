@@ -88,27 +88,32 @@ def test_second_drafts_that_pass_are_made_below_the_prior_threshold():
 
 
 def test_second_drafts_that_fail_are_dropped():
-    """A second-token head that is wrong (large random weights): threshold 0 makes every second
-    draft, and they fail and refill; the adaptive rule stops after a few per confidence bin. Output
-    exact either way."""
-    for _ in range(10):
+    """A second-token head that is wrong (large random weights) beside good first drafts: threshold 0
+    makes a second draft at every draft step, and they fail and refill; the adaptive rule makes far
+    fewer (the break-even, half the first drafts' recent pass rate, is mostly far above theirs).
+    Output exact either way."""
+    for _ in range(20):
         model = spec_model(loops=4, max_pos=200)
         engine = looplm.Engine(model)
         prompts = ragged_prompts(2, model.config.vocab_size, 1, 12)
         dmap = pair_map(32, next_scale=30.0)
+        pipe = engine.generate(prompts, max_new_tokens=150, stop=[], mode="speculative", draft_loop=2, draft_map=dmap,
+                               draft_tokens=1, fallback=False)
         always = _speculative(engine, prompts, 0.0, dmap, new=150)
-        st = [g.stats for g in always]
-        if sum(s["seconds_tested"] for s in st) > 60 and sum(s["seconds_accepted"] for s in st) < 0.1 * sum(s["seconds_tested"] for s in st):
+        if all(p.stats["token_acceptance"] >= 0.6 and x.stats["seconds_tested"] > 30
+               and x.stats["seconds_accepted"] < 0.1 * x.stats["seconds_tested"] for p, x in zip(pipe, always)):
             break
     else:
-        pytest.fail("no drawn model made failing second drafts")
+        pytest.fail("no drawn model had good first drafts and failing second drafts")
     full = engine.generate(prompts, max_new_tokens=150, stop=[])
     adaptive = _speculative(engine, prompts, "adaptive", dmap, new=150)
     for f, x, a in zip(full, always, adaptive):
         assert a.tokens == x.tokens == f.tokens
-        assert a.stats["seconds"] <= 12  # a few before its scores pull the request's estimate under the bar
-        assert a.stats["seconds"] < x.stats["seconds"] / 2
-        assert a.stats["rejected"] < x.stats["rejected"]
+    # far fewer (where the text makes first drafts fail for a while, the bar drops with them and
+    # some second drafts come back: 44 of 147 in the worst request of 12 seeds measured)
+    made, made_always = (sum(g.stats["seconds"] for g in gens) for gens in (adaptive, always))
+    assert made < made_always / 2
+    assert sum(g.stats["rejected"] for g in adaptive) < sum(g.stats["rejected"] for g in always)
 
 
 def test_sampled_adaptive_pairs_follow_full_depth_distribution(monkeypatch):
