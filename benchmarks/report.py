@@ -461,6 +461,36 @@ def trees_lines(others: list[dict]) -> list[str]:
     return lines
 
 
+def row_cost_lines(others: list[dict]) -> list[str]:
+    """benchmarks/test_row_cost.py: where batch-1 decode time goes, full depth against speculation."""
+    runs = [b["extra_info"] for b in others if b.get("name", "").startswith("test_row_cost") and (b.get("extra_info") or {}).get("modes")]
+    if not runs:
+        return []
+    e = runs[0]
+    o = e.get("speculative_options") or {}
+    spec = "speculative (" + ", ".join(f"{k}={v}" for k, v in o.items()) + ")"
+    lines = ["### Where decode time goes (`test_row_cost.py`)", "",
+             f"Bundled model, batch 1, {e['threads']} thread, the first {e['prompts']} benchmark prompts x {e['new_tokens']} "
+             f"new tokens, decode steps only (each prompt's prefill timed alone and taken out), best of {e['repeats']} "
+             "repeats; every `loop_body` and `head` call timed and binned by its rows. Load average "
+             + " -> ".join("/".join(f"{x:.1f}" for x in la) for la in (e["load_average_before"], e["load_average_after"])) + ".", "",
+             "| mode | decode tok/s | loop-body calls/token | row-loops/token | loop-body ms/token | head rows/token | head ms/token | rest ms/token |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, m in e["modes"].items():
+        lines.append(f"| {spec if mode == 'speculative' else mode} | {_fmt(m['decode_tokens_per_s'], 1)} | {_fmt(m['loop_calls_per_token'])} | "
+                     f"{_fmt(m['row_loops_per_token'])} | {_fmt(m['loop_ms_per_token'])} | {_fmt(m['head_rows_per_token'])} | "
+                     f"{_fmt(m['head_ms_per_token'])} | {_fmt(m['other_ms_per_token'])} |")
+    cost = ", ".join(f"{R} rows {_fmt(ms)} ms ({_fmt(e['cost_ratio_by_rows'].get(R))}x)" for R, ms in e["loop_ms_by_rows"].items())
+    bound = e.get("row_bound")
+    lines += ["", f"A loop-body call (one loop of the 2 layers over R rows) costs {cost}. Speculation here ran "
+              f"{_fmt(e['ratio_to_full'])}x full depth's decode tokens/s. It saves loop-body calls, not row-loops: every token "
+              f"still runs its T loops on some row. Calls of {e['common_rows']} rows, its most common size, "
+              + (f"bound its speed-up at {e['common_rows']} x c(1) / c({e['common_rows']}) = {_fmt(bound)}x, if drafts were "
+                 "never rejected and heads, draft maps and bookkeeping cost nothing." if bound else "could not be timed apart.")
+              + " Weight passes per token track decode time only where an extra row is nearly free.", ""]
+    return lines
+
+
 # -- markdown ----------------------------------------------------------------------------------
 def machine_line(data: dict) -> tuple[str, dict]:
     mi = (data.get("machine_info") or {}).get("looplm") or {}
@@ -705,6 +735,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     serve_plot = f"serve_load{suffix}.png"
     lines += serve_lines(others, serve_plot if plot_serve(others, out_dir / serve_plot) else None)
     lines += trees_lines(others)
+    lines += row_cost_lines(others)
     lines += ["### All decoder measurements", ""] + table(rows) + [""]
     lines += [
         "Columns: *tok/s* = new tokens (all rows) / wall time of one greedy `Engine.generate` call, fastest of "
@@ -727,7 +758,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     tables = concurrency_tables(conc)
     if tables:
         lines += ["### Engine concurrency", ""] + tables
-    other = other_table([b for b in others if "bandwidth" not in (b.get("extra_info") or {})])
+    other = other_table([b for b in others if not {"bandwidth", "modes"} & set(b.get("extra_info") or {})])
     if other:
         lines += ["### Other benchmarks in this run", ""] + other
     bad = not_passed(outcomes)
