@@ -480,7 +480,7 @@ def row_cost_lines(others: list[dict]) -> list[str]:
         lines.append(f"| {spec if mode == 'speculative' else mode} | {_fmt(m['decode_tokens_per_s'], 1)} | {_fmt(m['loop_calls_per_token'])} | "
                      f"{_fmt(m['row_loops_per_token'])} | {_fmt(m['loop_ms_per_token'])} | {_fmt(m['head_rows_per_token'])} | "
                      f"{_fmt(m['head_ms_per_token'])} | {_fmt(m['other_ms_per_token'])} |")
-    cost = ", ".join(f"{R} rows {_fmt(ms)} ms ({_fmt(e['cost_ratio_by_rows'].get(R))}x)" for R, ms in e["loop_ms_by_rows"].items())
+    cost = ", ".join(f"{R} row{'' if R == '1' else 's'} {_fmt(ms)} ms ({_fmt(e['cost_ratio_by_rows'].get(R))}x)" for R, ms in e["loop_ms_by_rows"].items())
     bound = e.get("row_bound")
     lines += ["", f"A loop-body call (one loop of the 2 layers over R rows) costs {cost}. Speculation here ran "
               f"{_fmt(e['ratio_to_full'])}x full depth's decode tokens/s. It saves loop-body calls, not row-loops: every token "
