@@ -44,6 +44,11 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def second_threshold_ok(t: object) -> bool:
+    """Whether `t` is a second_threshold value: None, "adaptive" or a number in [0, 1] (not a bool)."""
+    return t is None or t == "adaptive" or isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1
+
+
 @dataclass(frozen=True)
 class ModeOptions:
     """Base of the per-mode options; `mode` names the mode a subclass belongs to."""
@@ -146,9 +151,8 @@ class SpeculativeOptions(ModeOptions):
         if self.second_threshold is not None:
             if self.draft_tokens == 1:
                 raise self._fail("second_threshold", "second_threshold needs draft_tokens=2")
-            t = self.second_threshold
-            if t != "adaptive" and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1):
-                raise self._fail("second_threshold", f"second_threshold must be a number in [0, 1] or 'adaptive', got {t!r}")
+            if not second_threshold_ok(self.second_threshold):
+                raise self._fail("second_threshold", f"second_threshold must be a number in [0, 1] or 'adaptive', got {self.second_threshold!r}")
         if self.draft_tokens == 2 and self.branch > 1:
             raise self._fail("draft_tokens", f"draft_tokens=2 does not run with branch={self.branch} (draft trees); use branch=1")
         k = self.draft_loop

@@ -43,6 +43,8 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+from looplm.options import second_threshold_ok
+
 from .adapt import divisors_below
 
 PROMPTS = [
@@ -141,7 +143,7 @@ def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Seq
         if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
             raise ValueError(f"--branches: branch {b!r} must be an integer >= 1 (candidates per position)")
     for p in thresholds:
-        if p not in (None, "adaptive") and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+        if not second_threshold_ok(p):
             raise ValueError(f"--second-thresholds: {p!r} must be 'none', 'adaptive' or a probability in [0, 1]")
     plain = [Setting(k, b) for k in dict.fromkeys(ks) for b in dict.fromkeys(branches)]
     pairs = [Setting(k, 1, 2, p) for k in dict.fromkeys(ks) if k >= 2 and k in pair_loops for p in dict.fromkeys(thresholds)]

@@ -41,7 +41,7 @@ from looplm.work import Forward
 
 from .accept import accept_sampled
 from .drafts import DraftMap
-from .pipeline import count_run, pipeline_stats
+from .pipeline import call_inputs, count_run, pipeline_stats
 from .seconds import SecondChooser
 from .start import first_step, start_request
 
@@ -118,10 +118,7 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                 t.slot = i
             stage_t = torch.tensor([t.stage for t in items], device=device)[:, None]
             pos = torch.tensor([plen + t.index for t in items], device=device)[:, None]
-            # one lookup of the fresh tokens (under tensor parallelism a collective: no rows read directly)
-            fresh = [t.token for t in items if not t.stage]
-            emb = iter(embed(torch.tensor(fresh, device=device)) if fresh else ())
-            h = torch.stack([t.hidden if t.stage else next(emb) for t in items])
+            h = call_inputs(embed, items, device)
             out = yield Forward(h[:, None], pos, start_loop=stage_t * k, num_loops=k, gates=False)
             calls += 1
             computed += len(items) * k
@@ -192,8 +189,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                     lg2 = model.head(draft_map.next_state(per_loop, k, e))  # (1, V)
                 else:
                     lg2 = lg[1:2]
-                if params.greedy:
-                    second_tok, q2 = int(lg2[0].argmax()), None
+                if params.greedy:  # an unconditioned second draft's argmax came with the first's (row 1 of lg)
+                    second_tok, q2 = int(lg2[0].argmax()) if conditioned else ids[1], None
                     sure = torch.softmax(lg2[0], -1).amax().item() if threshold is not None else None
                 else:
                     q2 = probabilities(lg2, params)[0]

@@ -152,10 +152,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                 layouts[k, rows, stages] = (torch.tensor(rows, device=device), stage_t * k, fresh_, stage_t == 0)
             rows_t, start, fresh, is_fresh = layouts[k, rows, stages]
             pos_list = [plen[r] + t.index for (_, r), t in pairs]
-            # one lookup of the fresh tokens (under tensor parallelism a collective: no rows read directly)
-            fresh_ids = [t.token for t in items if not t.stage]
-            emb = iter(embed(torch.tensor(fresh_ids, device=device)) if fresh_ids else ())
-            h = torch.stack([t.hidden if t.stage else next(emb) for t in items])  # (N, H) in call order
+            h = call_inputs(embed, items, device)
             out = yield Forward(h[:, None], torch.tensor(pos_list, device=device)[:, None], start_loop=start, num_loops=k, gates=False)
             calls += 1
             computed += len(items) * k
@@ -244,3 +241,12 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
             if run[r]:
                 close_run(r)
         stats()
+
+
+def call_inputs(embed, items, device) -> torch.Tensor:
+    """(N, H) inputs of a call's rows in order: the saved state of a token that has run stages, the
+    embedding of a fresh one (stage 0). One lookup for all fresh tokens: under tensor parallelism
+    the lookup is a collective, so no row is read from the table directly."""
+    fresh = [t.token for t in items if not t.stage]
+    emb = iter(embed(torch.tensor(fresh, device=device)) if fresh else ())
+    return torch.stack([t.hidden if t.stage else next(emb) for t in items])
