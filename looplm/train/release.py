@@ -5,7 +5,9 @@
 Steps: (1) Stage II on the run's final checkpoint (LM frozen) -> <run>/gate; (2) evaluation of
 per-loop quality, p-hop and Q-exit (untrained vs Stage-II gate) -> <run>/eval; (3) copies the
 Stage-II checkpoint (bf16 safetensors, config.json, tokenizer.json, generation_config.json),
-exit_curve.png and MODEL_CARD.md into --dest.
+exit_curve.png and MODEL_CARD.md into --dest. A card already at --dest keeps the sections this
+template does not write (looplm.train.card: the draft map's recipe, calibration, other tables,
+notes), each where it was.
 
 `python -m looplm.train release --export-only` just converts <run>/ckpt.pt (a training checkpoint,
 e.g. of a run still in progress) into a published-format directory at --dest.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .card import keep_sections
 from .evaluate import evaluate
 from .trainer import TrainConfig, build_model
 
@@ -204,7 +207,12 @@ def release(run: Path, data: Path, dest: Path, gate_steps: int = 1000, feature_b
     shutil.copyfile(eval_dir / "exit_curve.png", dest / "exit_curve.png")
     stage2 = json.loads((gate_dir / "stage2_stats.json").read_text())
     card = model_card(run, data, result, (eval_dir / "eval.md").read_text(), stage2, dest)
-    (dest / "MODEL_CARD.md").write_text(card)
+    card_path = dest / "MODEL_CARD.md"
+    if card_path.is_file():  # sections the template does not write (hand-written, or by later steps) stay
+        card, kept = keep_sections(card, card_path.read_text())
+        if kept:
+            print(f"[release] kept from the previous {card_path}: {'; '.join(kept)} (they describe the previous model until redone)")
+    card_path.write_text(card)
     for target, measured, ok in acceptance(result):
         print(f"[{'ok' if ok else 'NOT MET'}] {target}: {measured}")
     return result

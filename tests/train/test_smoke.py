@@ -2,6 +2,7 @@
 evaluation run end to end on the saved checkpoint."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -118,10 +119,13 @@ def test_release_ships_the_checkpoint_and_keeps_recommended_options(data_dir, tr
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "generation_config.json").write_text(json.dumps({"looplm": {"speculative": {"draft_loop": 2}}}))
+    notes, stale = (f"note {random.random()}" for _ in range(2))  # a previous card: a hand-written section is kept
+    (dest / "MODEL_CARD.md").write_text(f"# looplm default model\n\n### Reproduce\n\n{stale}\n\n## Notes\n\n{notes}\n")
     release(run, data, dest, gate_steps=3, feature_batches=2, eval_batches=2)
     assert all((dest / name).is_file() for name in SHIPPED + ("exit_curve.png", "MODEL_CARD.md"))
     card = (dest / "MODEL_CARD.md").read_text()  # the reproduce commands name this run's directories
     assert f"release --run {run} --data {data} --dest {dest}" in card and f"--checkpoint {run}/final" in card
+    assert f"## Notes\n\n{notes}\n\n## Evaluation\n" in card and stale not in card  # kept after Reproduce, as before
     gen = json.loads((dest / "generation_config.json").read_text())
     assert gen["looplm"] == {"speculative": {"draft_loop": 2}} and "eos_token_id" in gen
     import looplm
