@@ -654,3 +654,15 @@ def mode_available(bm: BenchModel, mode: str, **options) -> str | None:
             return f"mode={mode!r} with {opts} is not available yet ({type(e).__name__}: {e})"
         raise
     return None
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The bundled default model's engine on one torch thread (skipped when the model is absent);
+    the thread count is restored afterwards."""
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip(f"default model not present in {DEFAULT_MODEL}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield looplm.load()
+    torch.set_num_threads(threads)

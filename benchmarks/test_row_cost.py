@@ -32,9 +32,6 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import looplm
-from looplm.api import DEFAULT_MODEL
-
 from benchmarks.conftest import TEXT_PROMPTS
 
 PROMPTS = 8
@@ -111,16 +108,6 @@ def _measure(engine, prompts, **opts) -> dict:
         "loop_calls_by_rows": {r: body.n[r] for r in sorted(body.n)},
         "steps": steps,
     }
-
-
-@pytest.fixture(scope="module")
-def engine():
-    if not (DEFAULT_MODEL / "config.json").is_file():
-        pytest.skip(f"default model not present in {DEFAULT_MODEL}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield looplm.load()
-    torch.set_num_threads(threads)
 
 
 def test_row_cost(benchmark, engine, bench_device, bench_quick):

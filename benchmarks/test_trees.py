@@ -30,7 +30,6 @@ import os
 import pytest
 import torch
 
-import looplm
 from looplm.api import DEFAULT_MODEL
 
 from benchmarks.conftest import TEXT_PROMPTS, generate_each
@@ -69,16 +68,6 @@ def _pooled(gens) -> dict:
         won = [sum(round((s["acceptance_by_depth"][d] or 0) * s["tested_by_depth"][d]) for s in st) for d in range(len(tested))]
         out["acceptance_by_depth"] = [w / t if t else None for w, t in zip(won, tested)]
     return out
-
-
-@pytest.fixture(scope="module")
-def engine():
-    if not (DEFAULT_MODEL / "config.json").is_file():
-        pytest.skip(f"default model not present in {DEFAULT_MODEL}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield looplm.load()
-    torch.set_num_threads(threads)
 
 
 def sweep(engine, prompts, repeats: int = REPEATS, settings=SETTINGS, **sampling) -> dict:
