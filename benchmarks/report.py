@@ -461,6 +461,17 @@ def trees_lines(others: list[dict]) -> list[str]:
     return lines
 
 
+def row_cost_headline(others: list[dict]) -> str | None:
+    """One line for the headlines: what a row costs and the bound it puts on speculation."""
+    e = next((b["extra_info"] for b in others if b.get("name", "").startswith("test_row_cost") and (b.get("extra_info") or {}).get("modes")), None)
+    if not e or not e.get("row_bound"):
+        return None
+    R = e["common_rows"]
+    return (f"a loop over {R} rows costs **{_fmt(e['cost_ratio_by_rows'][str(R)])}x** one row, which bounds speculation in "
+            f"{R}-row calls at **{_fmt(e['row_bound'])}x** full depth with perfect drafts; the recommended setting ran "
+            f"{_fmt(e['ratio_to_full'])}x (decode tokens/s, batch 1, {e['threads']} thread)")
+
+
 def row_cost_lines(others: list[dict]) -> list[str]:
     """benchmarks/test_row_cost.py: where batch-1 decode time goes, full depth against speculation."""
     runs = [b["extra_info"] for b in others if b.get("name", "").startswith("test_row_cost") and (b.get("extra_info") or {}).get("modes")]
@@ -709,6 +720,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         "### Headlines",
         "",
         *([f"- **Self-speculation speed target** (`test_spec_speedup.py`): {spec_target(others)}"] if spec_target(others) else []),
+        *([f"- **What a row costs** (`test_row_cost.py`): {row_cost_headline(others)}"] if row_cost_headline(others) else []),
         *([f"- **Speculation with useless drafts** (`test_spec_fallback.py`, random-100m): {spec_fallback(others)}"] if spec_fallback(others) else []),
         *([f"- **Under CPU load** (`test_cpu_load.py`, loaded / quiet tokens/s, median of paired rounds): {cpu_load(others)}"] if cpu_load(others) else []),
         *([f"- **Concurrent requests** (`test_concurrency.py`): {concurrency_headline(conc)}"] if concurrency_headline(conc) else []),

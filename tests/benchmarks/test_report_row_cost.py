@@ -2,7 +2,7 @@
 
 import random
 
-from benchmarks.report import row_cost_lines
+from benchmarks.report import row_cost_headline, row_cost_lines
 
 
 def _mode():
@@ -29,3 +29,6 @@ def test_each_mode_is_a_row_and_the_bound_is_stated():
     assert f"4 rows {c4:.2f} ms ({c4 / c1:.2f}x)" in text and f"= {4 * c1 / c4:.2f}x" in text
     assert "0.5/0.6/0.7 -> 0.9/0.8/0.7" in text
     assert row_cost_lines([{"name": "test_other", "extra_info": {}}]) == []
+    head = row_cost_headline([bench])
+    assert f"costs **{c4 / c1:.2f}x** one row" in head and f"at **{4 * c1 / c4:.2f}x** full depth" in head
+    assert row_cost_headline([{"name": "test_other", "extra_info": {}}]) is None
