@@ -472,14 +472,21 @@ def row_cost_headline(others: list[dict]) -> str | None:
             f"{_fmt(e['ratio_to_full'])}x (decode tokens/s, batch 1, {e['threads']} thread)")
 
 
+def _cheapest(e: dict) -> str:
+    R = e.get("cheapest_rows")
+    if R is None or str(R) not in e.get("cost_ratio_by_rows", {}):
+        return ""
+    return (f" The cheapest row-loop timed is at {R} rows: a decoder whose every call held {R} tokens that all "
+            f"pass would be bounded at {_fmt(R / e['cost_ratio_by_rows'][str(R)])}x.")
+
+
 def row_cost_lines(others: list[dict]) -> list[str]:
     """benchmarks/test_row_cost.py: where batch-1 decode time goes, full depth against speculation."""
     runs = [b["extra_info"] for b in others if b.get("name", "").startswith("test_row_cost") and (b.get("extra_info") or {}).get("modes")]
     if not runs:
         return []
     e = runs[0]
-    o = e.get("speculative_options") or {}
-    spec = "speculative (" + ", ".join(f"{k}={v}" for k, v in o.items()) + ")"
+    opts = e.get("mode_options") or {}
     lines = ["### Where decode time goes (`test_row_cost.py`)", "",
              f"Bundled model, batch 1, {e['threads']} thread, the first {e['prompts']} benchmark prompts x {e['new_tokens']} "
              f"new tokens, decode steps only (each prompt's prefill timed alone and taken out), best of {e['repeats']} "
@@ -488,7 +495,9 @@ def row_cost_lines(others: list[dict]) -> list[str]:
              "| mode | decode tok/s | loop-body calls/token | row-loops/token | loop-body ms/token | head rows/token | head ms/token | rest ms/token |",
              "|---|---|---|---|---|---|---|---|"]
     for mode, m in e["modes"].items():
-        lines.append(f"| {spec if mode == 'speculative' else mode} | {_fmt(m['decode_tokens_per_s'], 1)} | {_fmt(m['loop_calls_per_token'])} | "
+        o = opts.get(mode)
+        name = mode if o is None else f"{mode} (" + ", ".join(f"{k}={v}" for k, v in o.items()) + ")"
+        lines.append(f"| {name} | {_fmt(m['decode_tokens_per_s'], 1)} | {_fmt(m['loop_calls_per_token'])} | "
                      f"{_fmt(m['row_loops_per_token'])} | {_fmt(m['loop_ms_per_token'])} | {_fmt(m['head_rows_per_token'])} | "
                      f"{_fmt(m['head_ms_per_token'])} | {_fmt(m['other_ms_per_token'])} |")
     cost = ", ".join(f"{R} row{'' if R == '1' else 's'} {_fmt(ms)} ms ({_fmt(e['cost_ratio_by_rows'].get(R))}x)" for R, ms in e["loop_ms_by_rows"].items())
@@ -498,6 +507,7 @@ def row_cost_lines(others: list[dict]) -> list[str]:
               f"still runs its T loops on some row. Calls of {e['common_rows']} rows, its most common size, "
               + (f"bound its speed-up at {e['common_rows']} x c(1) / c({e['common_rows']}) = {_fmt(bound)}x, if drafts were "
                  "never rejected and heads, draft maps and bookkeeping cost nothing." if bound else "could not be timed apart.")
+              + _cheapest(e)
               + " Weight passes per token track decode time only where an extra row is nearly free.", ""]
     return lines
 

@@ -5,8 +5,9 @@ token still runs its T loops on some row, and a pipelined forward runs rows at d
 through one loop body. So the speed-up follows weight passes only where an extra row costs little
 next to reading the weights (a GPU at batch 1, a CPU on a model larger than its caches). This
 measures what a row costs here, inside real decodes: the bundled default model, CPU, batch 1, one
-torch thread, NEW_TOKENS new tokens after each of the first PROMPTS benchmark prompts, full depth
-and then the checkpoint's recommended speculative setting, in turn, REPEATS times. Every
+torch thread, NEW_TOKENS new tokens after each of the first PROMPTS benchmark prompts, full depth,
+the checkpoint's recommended speculative setting and draft trees from loop 1 with three candidates
+(up to 16 rows per call), in turn, REPEATS times. Every
 `LoopLM.loop_body` and `LoopLM.head` call is timed (an instance attribute wraps the method for the
 duration of the test; nothing else changes) and binned by its rows.
 
@@ -16,7 +17,7 @@ milliseconds per token; head calls, rows and milliseconds per token; the rest (r
 decoder) per token; and the mean milliseconds of a loop-body call by its rows. From those, the
 row-cost bound: a decoder that runs its row-loops in calls of R rows spends at least
 T * c(R) / R per token in loop bodies, against full depth's T * c(1), so its speed-up is at most
-R * c(1) / c(R) before heads and bookkeeping. Asserts only what was timed: speculative output equal
+R * c(1) / c(R) before heads and bookkeeping. Asserts only what was timed: speculative outputs equal
 to full depth, T loops per full-depth token.
 
     python -m pytest benchmarks/test_row_cost.py --benchmark-only -s
@@ -37,6 +38,10 @@ from benchmarks.conftest import TEXT_PROMPTS
 PROMPTS = 8
 NEW_TOKENS = 128
 REPEATS = 3
+# the decoders timed: full depth, the checkpoint's recommended speculative setting, and draft trees
+# from loop 1 with three candidates, whose many rows per call extend the cost curve to larger R
+MODES = {"full": {"mode": "full"}, "speculative": {"mode": "speculative"},
+         "trees": {"mode": "speculative", "draft_loop": 1, "branch": 3, "draft_tokens": 1}}
 
 
 class _Calls:
@@ -117,17 +122,18 @@ def test_row_cost(benchmark, engine, bench_device, bench_quick):
     repeats = 1 if bench_quick else REPEATS
     T = engine.model.num_loops
     load_before = os.getloadavg()
-    _measure(engine, prompts[:2])  # warm-up
-    _measure(engine, prompts[:2], mode="speculative")
-    runs = {"full": [], "speculative": []}
+    for opts in MODES.values():  # warm-up
+        _measure(engine, prompts[:2], **opts)
+    runs = {name: [] for name in MODES}
     for _ in range(repeats):
-        for mode in runs:
-            runs[mode].append(_measure(engine, prompts, mode=mode))
-    best = {mode: min(rs, key=lambda r: r["decode_s"]) for mode, rs in runs.items()}
+        for name, opts in MODES.items():
+            runs[name].append(_measure(engine, prompts, **opts))
+    best = {name: min(rs, key=lambda r: r["decode_s"]) for name, rs in runs.items()}
     full, spec = best["full"], best["speculative"]
-    assert spec["tokens"] == full["tokens"], "speculative output differs from full depth"
+    for name, r in best.items():
+        assert r["tokens"] == full["tokens"], f"{name} output differs from full depth"
     assert full["row_loops_per_token"] == T  # every decode step runs one row through T loops
-    # pooled over every repeat of both modes: the mean ms of a loop-body call of R rows
+    # pooled over every repeat of every mode: the mean ms of a loop-body call of R rows
     by_rows = defaultdict(lambda: [0.0, 0])
     for rs in runs.values():
         for r in rs:
@@ -142,12 +148,15 @@ def test_row_cost(benchmark, engine, bench_device, bench_quick):
         del r["tokens"]
     info = {
         "modes": best,
-        "speculative_options": {k: v for k, v in engine.generate(prompts[0], max_new_tokens=2, mode="speculative").stats.items()
-                                if k in ("draft_loop", "draft_tokens", "second_threshold", "branch")},
+        "mode_options": {name: {k: v for k, v in engine.generate(prompts[0], max_new_tokens=2, **opts).stats.items()
+                                if k in ("draft_loop", "branch", "draft_tokens", "second_threshold")}
+                         for name, opts in MODES.items() if opts["mode"] == "speculative"},
         "loop_ms_by_rows": {str(R): ms for R, ms in cost.items()},
         "cost_ratio_by_rows": {str(R): ms / one for R, ms in cost.items()} if one else {},
         "common_rows": common,
         "row_bound": common * one / cost[common] if one and common in cost else None,
+        # the cheapest row-loop timed, and the bound for a decoder whose every call held that many rows
+        "cheapest_rows": min(cost, key=lambda R: cost[R] / R) if cost else None,
         "ratio_to_full": spec["decode_tokens_per_s"] / full["decode_tokens_per_s"],
         "prompts": len(prompts), "new_tokens": NEW_TOKENS, "repeats": repeats, "threads": torch.get_num_threads(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
