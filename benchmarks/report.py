@@ -502,9 +502,9 @@ def row_cost_lines(others: list[dict]) -> list[str]:
                      f"{_fmt(m['head_ms_per_token'])} | {_fmt(m['other_ms_per_token'])} |")
     cost = ", ".join(f"{R} row{'' if R == '1' else 's'} {_fmt(ms)} ms ({_fmt(e['cost_ratio_by_rows'].get(R))}x)" for R, ms in e["loop_ms_by_rows"].items())
     bound = e.get("row_bound")
-    lines += ["", f"A loop-body call (one loop of the 2 layers over R rows) costs {cost}. Speculation here ran "
-              f"{_fmt(e['ratio_to_full'])}x full depth's decode tokens/s. It saves loop-body calls, not row-loops: every token "
-              f"still runs its T loops on some row. Calls of {e['common_rows']} rows, its most common size, "
+    lines += ["", f"A loop-body call (one loop of the 2 layers over R rows) costs {cost}. The recommended speculative setting ran "
+              f"{_fmt(e['ratio_to_full'])}x full depth's decode tokens/s. Speculation saves loop-body calls, not row-loops: every "
+              f"token still runs its T loops on some row. The recommended setting's calls of {e['common_rows']} rows, its most common size, "
               + (f"bound its speed-up at {e['common_rows']} x c(1) / c({e['common_rows']}) = {_fmt(bound)}x, if drafts were "
                  "never rejected and heads, draft maps and bookkeeping cost nothing." if bound else "could not be timed apart.")
               + _cheapest(e)
