@@ -461,9 +461,14 @@ def trees_lines(others: list[dict]) -> list[str]:
     return lines
 
 
+def _row_cost(others: list[dict]) -> dict | None:
+    """The extra_info of benchmarks/test_row_cost.py's run, if this run has one."""
+    return next((b["extra_info"] for b in others if b.get("name", "").startswith("test_row_cost") and (b.get("extra_info") or {}).get("modes")), None)
+
+
 def row_cost_headline(others: list[dict]) -> str | None:
     """One line for the headlines: what a row costs and the bound it puts on speculation."""
-    e = next((b["extra_info"] for b in others if b.get("name", "").startswith("test_row_cost") and (b.get("extra_info") or {}).get("modes")), None)
+    e = _row_cost(others)
     if not e or not e.get("row_bound"):
         return None
     R = e["common_rows"]
@@ -482,10 +487,9 @@ def _cheapest(e: dict) -> str:
 
 def row_cost_lines(others: list[dict]) -> list[str]:
     """benchmarks/test_row_cost.py: where batch-1 decode time goes, full depth against speculation."""
-    runs = [b["extra_info"] for b in others if b.get("name", "").startswith("test_row_cost") and (b.get("extra_info") or {}).get("modes")]
-    if not runs:
+    e = _row_cost(others)
+    if not e:
         return []
-    e = runs[0]
     opts = e.get("mode_options") or {}
     lines = ["### Where decode time goes (`test_row_cost.py`)", "",
              f"Bundled model, batch 1, {e['threads']} thread, the first {e['prompts']} benchmark prompts x {e['new_tokens']} "

@@ -55,8 +55,9 @@ class _Calls:
         def timed(h, *args):
             t = time.perf_counter()
             out = fn(h, *args)
-            self.s[h.shape[:-1].numel()] += time.perf_counter() - t
-            self.n[h.shape[:-1].numel()] += 1
+            rows = h.shape[:-1].numel()
+            self.s[rows] += time.perf_counter() - t
+            self.n[rows] += 1
             return out
         return timed
 
