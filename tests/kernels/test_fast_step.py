@@ -91,9 +91,10 @@ def test_compiled_loop_graph_matches_eager_for_every_cache_and_never_recompiles(
     # a shared cache ("last", "mean") later positions read entries that already carry those rounding
     # differences, so they compound over the 6 steps x T loops: ~2e-6 on entries of size ~4 for
     # most seeds, but 2.5e-5 on an entry of size 0.014 for seed 1660909540; the error is absolute
-    # (carried from larger entries), so the bound is too. The per-loop cache has no such feedback
-    # and keeps the 1e-5 bound.
-    rtol, atol = (1e-4, 1e-4) if kv in ("last", "mean") else (0, 1e-5)
+    # (carried from larger entries), so the bound is too. The per-loop cache compounds less (a loop's
+    # entries read only the same loop's), but not nothing: 1.04e-5 on an entry of size 0.78 for seed
+    # 1578722811, so it is bounded relative to the entry as well.
+    rtol, atol = (1e-4, 1e-4) if kv in ("last", "mean") else (1e-4, 1e-5)
     for (k, v), (ek, ev) in zip(cache, eager_cache):
         torch.testing.assert_close(k, ek, rtol=rtol, atol=atol)
         torch.testing.assert_close(v, ev, rtol=rtol, atol=atol)
