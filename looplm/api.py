@@ -193,7 +193,7 @@ class Engine:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         kv = check_kv_mode(options.pop("kv", "per_loop"))
-        req = DecodeRequest([ids], [max_new], sampling, gen, [False], kv=kv)
+        req = DecodeRequest([ids], [max_new], sampling, gen, [False], kv=kv, seeded=seed is not None)
         if max_new < max_new_tokens:
             req.stats["_context_limited"] = True
         return req, stop_ids, stop_strs, options

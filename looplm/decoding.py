@@ -59,6 +59,9 @@ class DecodeRequest:
     timed: bool = False  # the decoder keeps a time budget: the scheduler runs its work first in a step
     token_ms: float = math.inf  # a timed decoder's budget for its current token (ms): the scheduler sizes steps by it
     recommended: frozenset = frozenset()  # option names whose values are the checkpoint's recommendation, not the caller's
+    seeded: bool = False  # the caller gave a seed: its samples must not depend on what runs beside it
+    # the engine's load: requests running and waiting (set by the scheduler on submit; None outside an engine)
+    load: Callable[[], int] | None = None
 
     @property
     def batch_size(self) -> int:

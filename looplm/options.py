@@ -135,6 +135,13 @@ class SpeculativeOptions(ModeOptions):
     """Decode the rest of a one-sequence request at full depth once drafts stop paying (fewer than
     a quarter of the last 12 tokens were accepted drafts; spec.fallback), with any branch (draft
     trees too: their side lanes are dropped at the switch). Lossless either way."""
+    full_depth_above: int | None = None
+    """While more than this many requests (>= 1) are in the engine (running or waiting), a
+    speculative request decodes the rest of its tokens at full depth (spec.fallback): in a step
+    shared by many requests a call's fixed cost is spread over their rows, and the rows that drafts
+    add cost more than the calls they save. Checked at every emitted token; the switch is for good.
+    A sampled request with a seed never switches (its samples must not depend on what runs beside
+    it). None: never. The bundled model recommends 3 (measured on a 2-core CPU)."""
     call_cost: float = 0.0
     """With draft_loop="adaptive": a forward call's fixed cost in loop passes, in [0, 1000] (0:
     decode time follows weight passes; `python -m spec.calibrate` measures it per model)."""
@@ -166,6 +173,10 @@ class SpeculativeOptions(ModeOptions):
         n = self.draft_len
         if n is not None and n != "adaptive" and not (_is_int(n) and n >= 1):
             raise self._fail("draft_len", f"draft_len must be an integer >= 1, 'adaptive' or None, got {n!r}")
+        n = self.full_depth_above
+        if n is not None and not (_is_int(n) and n >= 1):
+            raise self._fail("full_depth_above", f"full_depth_above must be an integer >= 1 (requests in the engine) or None, "
+                                                 f"got {n!r}")
         if not isinstance(self.fallback, bool):
             raise self._fail("fallback", f"fallback must be True or False, got {self.fallback!r}")
         if self.pipeline is not None and not isinstance(self.pipeline, bool):

@@ -156,6 +156,10 @@ class Scheduler:
             self.runners[kv] = self.runner_class(self.model, cache)
         return self.runners[kv]
 
+    def load(self) -> int:
+        """Requests running and waiting (what a decoder may adapt to: spec.fallback)."""
+        return len(self.running) + len(self.waiting)
+
     def usage(self) -> dict:
         """Blocks used / free / total per KV mode, and the requests running and waiting."""
         with self._lock:
@@ -176,6 +180,7 @@ class Scheduler:
         with self._lock:
             for request in requests:
                 request.id = next(self._ids)
+                request.req.load = self.load
                 self.waiting.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="looplm-engine", daemon=True)

@@ -62,7 +62,8 @@ class Stats(TypedDict):
     accepted_len_hist: NotRequired[list[int]]  # rounds (runs) by number of accepted drafts 0, 1, ...
     rounds: NotRequired[int]  # draft rounds (pipelined: forwards)
     loops_per_token: NotRequired[float]  # (token, loop) pairs computed after the prefill per emitted token
-    fallback_at: NotRequired[int | None]  # tokens emitted when drafts stopped paying and full depth took over (None: never)
+    fallback_at: NotRequired[int | None]  # tokens emitted when full depth took over for good (None: never)
+    fallback_reason: NotRequired[str | None]  # why: "drafts" (they stopped paying) or "load" (a busy engine; spec.fallback)
     branch: NotRequired[int]  # draft trees (spec.trees): candidates per position
     branch_unused: NotRequired[str]  # why the checkpoint's recommended draft tree did not run (the caller's options, tensor parallelism)
     branch_threshold: NotRequired[float | None]  # branch only below this top-1 draft probability (None: always)

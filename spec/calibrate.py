@@ -2,7 +2,7 @@
 
     python -m spec.calibrate [--checkpoint DIR] [--loops K,K] [--branches B,B] [--draft-tokens 1,2]
                              [--second-thresholds P,P] [--prompts N] [--new-tokens N] [--repeats R]
-                             [--threads N] [--write]
+                             [--loads N,N|none] [--threads N] [--write]
 
 Candidates: every draft loop k in 1..T-1 that divides T (the pipeline and draft trees need it; or
 those of `--loops`) times every branch b of `--branches` (default 1,2,3); and, where the
@@ -25,6 +25,11 @@ device (whether a forward's extra rows are free): run it per checkpoint and per 
 "draft_tokens": 2 and "second_threshold" when second drafts won (its other keys are kept), so
 `mode="speculative"` uses it by default (Engine.mode_defaults); when no setting beats full depth,
 the options are left as they were and "calibrated" says "speculation_pays": false.
+
+Then the best setting is timed beside other requests (`--loads`, default 1,2,3,4,6,8: that many
+requests submitted together, drafting whatever the load, against full depth), and `--write` also
+records `full_depth_above`: the most requests at once up to which speculation paid at every load
+swept (None when it paid at all of them), above which a request switches to full depth.
 """
 
 from __future__ import annotations
@@ -255,6 +260,50 @@ def sweep(engine, settings: Sequence[Setting], prompts: Sequence[list[int]], new
     return result
 
 
+def load_sweep(engine, setting: Setting, prompts: Sequence[list[int]], loads: Sequence[int], new_tokens: int = 64,
+               repeats: int = 3, measure: Measure = wall_clock, progress: bool = True) -> dict:
+    """Times `setting` (drafting whatever the load: full_depth_above=None) against full depth on n
+    requests submitted together (one generate call of n prompts, the built-in ones in turn: they
+    share every engine step), for each n in `loads`, alternating `repeats` times; each ratio is
+    the median of full depth's seconds over the setting's.
+
+    Returns {"loads": [{"requests": n, "ratio_to_full": r, "ratios": [...]}], "full_depth_above":
+    `load_limit` of them}. Raises NotLossless when the setting's tokens differ from full depth's.
+    """
+    check_counts(repeats, new_tokens)
+    opts = {**Setting(*setting).options(), "full_depth_above": None}
+    rows = []
+    bar = tqdm(total=repeats * len(loads), desc="loads", disable=not progress, mininterval=2)
+    for n in loads:
+        batch = [prompts[i % len(prompts)] for i in range(n)]
+        ratios = []
+        for _ in range(repeats):
+            f_dt, full = measure(lambda: engine.generate(batch, max_new_tokens=new_tokens, stop=[]), None)
+            dt, gens = measure(lambda: engine.generate(batch, max_new_tokens=new_tokens, stop=[], **opts), setting)
+            if [g.tokens for g in gens] != [g.tokens for g in full]:
+                raise NotLossless(f"{Setting(*setting)} beside {n - 1} other requests: greedy tokens differ from full depth "
+                                  "- speculation must be lossless: this is a bug")
+            ratios.append(f_dt / dt)
+            bar.set_postfix_str(f"{n} requests {f_dt / dt:.2f}x", refresh=False)
+            bar.update()
+        rows.append({"requests": n, "ratio_to_full": statistics.median(ratios), "ratios": ratios})
+    bar.close()
+    return {"loads": rows, "full_depth_above": load_limit(rows)}
+
+
+def load_limit(rows: list[dict]) -> int | None:
+    """The full_depth_above these load rows recommend: the most requests n such that speculation
+    paid (ratio >= 1) at every swept load up to n; 1 when it did not pay at the fewest; None
+    (never switch) when it paid at every load swept."""
+    rows = sorted(rows, key=lambda r: r["requests"])
+    paid = 0
+    for r in rows:
+        if r["ratio_to_full"] < 1:
+            return max(paid, 1)
+        paid = r["requests"]
+    return None
+
+
 def fit_call_cost(result: dict) -> float | None:
     """A forward call's fixed cost in loop passes here (the r of draft_loop="adaptive", spec.adapt):
     seconds per token ~ c_call * forwards per token + c_loop * weight passes per token, fitted by
@@ -308,6 +357,16 @@ def print_table(result: dict, file=None) -> None:
         print(f"full depth is faster here: the best setting, {name}, runs at {best['ratio_to_full']:.2f}x full depth", file=file)
 
 
+def print_loads(loads: dict, file=None) -> None:
+    file = file or sys.stdout
+    print("requests at once  ratio to full (drafting whatever the load)", file=file)
+    for r in loads["loads"]:
+        print(f"{r['requests']:16d}  {r['ratio_to_full']:.2f}", file=file)
+    limit = loads["full_depth_above"]
+    print("full_depth_above: None (speculation paid at every load swept)" if limit is None else
+          f"full_depth_above: {limit} (above it a request switches to full depth)", file=file)
+
+
 def _recommended(row: dict) -> dict:
     """A row's setting as the options generation_config.json records (draft_tokens only when 2)."""
     opts = {"draft_loop": row["draft_loop"], "branch": row["branch"]}
@@ -336,7 +395,8 @@ def write_recommendation(checkpoint: str | Path, result: dict, *, device: str = 
     kept); returns the new "looplm.speculative" object.
 
     Best ratio >= 1: draft_loop and branch are set, and draft_tokens=2 and second_threshold when
-    second drafts won (else those two are removed). Below 1, they are left as they were. A fitted
+    second drafts won (else those two are removed), and full_depth_above when `result` has a
+    load sweep ("loads", `load_sweep` of the best setting; its ratios go into "calibrated"). Below 1, they are left as they were. A fitted
     call cost (`fit_call_cost`) is set as call_cost, which draft_loop="adaptive" reads. Either way
     "calibrated" records the measured ratio, whether speculation pays, the device, the torch thread
     count and the date (UTC).
@@ -355,11 +415,15 @@ def write_recommendation(checkpoint: str | Path, result: dict, *, device: str = 
         spec_opts.update(_recommended(best))
     if result.get("call_cost") is not None:
         spec_opts["call_cost"] = result["call_cost"]
+    loads = result.get("loads")
+    if pays and loads is not None:
+        spec_opts["full_depth_above"] = loads["full_depth_above"]
     spec_opts["calibrated"] = {
         **_recommended(best), "ratio_to_full": round(best["ratio_to_full"], 4),
         "speculation_pays": pays, "full_tokens_per_s": round(result["full_tokens_per_s"], 2),
         "device": device, "torch_threads": torch.get_num_threads() if threads is None else threads,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **({"loads": [[r["requests"], round(r["ratio_to_full"], 3)] for r in loads["loads"]]} if pays and loads else {}),
         **({"settings": settings} if settings else {}),
     }
     path.write_text(json.dumps(gc, indent=2) + "\n")
@@ -383,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per setting, each after a full-depth call")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (looplm.load's threads)")
+    p.add_argument("--loads", default="1,2,3,4,6,8",
+                   help="requests at once to time the best setting at, against full depth, for full_depth_above "
+                        "(default 1,2,3,4,6,8; none: skip)")
     p.add_argument("--write", action="store_true", help="record the best setting in the checkpoint's generation_config.json")
     a = p.parse_args(argv)
     try:  # every argument is checked before the model is timed (the loops once T is known)
@@ -392,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         if not set(draft_tokens) <= {1, 2}:
             raise ValueError(f"--draft-tokens: each must be 1 or 2, got {a.draft_tokens!r}")
         check_counts(a.repeats, a.new_tokens)
+        loads = None if a.loads.strip().lower() == "none" else parse_ints(a.loads, "--loads")
+        if loads is not None and min(loads) < 1:
+            raise ValueError(f"--loads: each must be an integer >= 1 (requests at once), got {a.loads!r}")
         engine = looplm.load(ckpt, threads=a.threads)
         heads = pair_loops(engine) if 2 in draft_tokens else []
         if draft_tokens == [2] and not heads:
@@ -412,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(settings)} settings x {a.repeats} repeats, {len(prompts)} prompts x {a.new_tokens} tokens", flush=True)
     result = sweep(engine, settings, prompts, a.new_tokens, a.repeats)
     print_table(result)
+    best = result["best"]
+    if loads and best["ratio_to_full"] >= 1:
+        setting = Setting(best["draft_loop"], best["branch"], best.get("draft_tokens", 1), best.get("second_threshold"))
+        result["loads"] = load_sweep(engine, setting, prompts, sorted(set(loads)), a.new_tokens, a.repeats)
+        print_loads(result["loads"])
     if a.write:
         spec_opts = write_recommendation(ckpt, result, device=device, settings={
             "prompts": len(prompts), "new_tokens": a.new_tokens, "repeats": a.repeats, "swept": [str(s) for s in settings]})

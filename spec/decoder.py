@@ -72,6 +72,7 @@ def decode(
     draft_tokens: int = 1,
     second_threshold: float | str | None = None,
     fallback: bool = True,
+    full_depth_above: int | None = None,
     call_cost: float = 0.0,
 ) -> Decoder:
     """Self-speculative decoder (mode "speculative"): lossless, drafts from loop `draft_loop`.
@@ -120,6 +121,10 @@ def decode(
             of the last 12 tokens were accepted drafts; spec.fallback); stats["fallback_at"] says
             when (None: never). A tree's side lanes still alive at the switch are dropped by the
             first full-depth Forward (looplm.lanes.end_lanes).
+        full_depth_above: switch a one-sequence request to full depth for the rest of the request
+            while more than this many requests are in the engine (req.load; a sampled request with
+            a seed never switches; spec.fallback); stats["fallback_reason"] says which rule
+            switched ("drafts" or "load"). None: never.
     Yields:
         Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
@@ -142,9 +147,10 @@ def decode(
                 for j in chooser.loops}
         drafters = {j: (0.0 if j < 2 or m is not None else float(extrapolate), m) for j, m in maps.items()}
         k = start_loop(T, DEFAULT_DRAFT_LOOP)
-        req.stats.update(draft=_draft_kind(*drafters[k]), fallback_at=None, call_cost=float(call_cost))  # draft: at the start loop
+        req.stats.update(draft=_draft_kind(*drafters[k]), fallback_at=None, fallback_reason=None, call_cost=float(call_cost))  # draft: at the start loop
         inner = decode_pipelined(model, req, k, chooser=chooser, drafters=drafters)
-        yield from (with_fallback(model, req, inner) if fallback and B == 1 else inner)
+        yield from (with_fallback(model, req, inner, drafts=fallback, load_above=full_depth_above)
+                    if (fallback or full_depth_above is not None) and B == 1 else inner)
         return
     k = min(DEFAULT_DRAFT_LOOP, T - 1) if draft_loop is None else draft_loop
     if k < 2:
@@ -155,7 +161,7 @@ def decode(
     if dmap is not None:
         extrapolate = 0.0
     req.stats["draft"] = _draft_kind(extrapolate, dmap)
-    req.stats["fallback_at"] = None
+    req.stats.update(fallback_at=None, fallback_reason=None)
     if pipeline is None:
         pipeline = draft_len is None and T % k == 0
     if branch > 1 and getattr(model, "tp", None) is not None:  # lanes copy cache positions outside the runner step rank 0 broadcasts
@@ -185,7 +191,8 @@ def decode(
     else:
         inner = (decode_pipelined(model, req, k, float(extrapolate), dmap) if pipeline
                  else _decode_rounds(model, req, k, draft_len, extrapolate, dmap))
-    yield from (with_fallback(model, req, inner) if fallback and B == 1 else inner)
+    yield from (with_fallback(model, req, inner, drafts=fallback, load_above=full_depth_above)
+                    if (fallback or full_depth_above is not None) and B == 1 else inner)
 
 
 def _draft_kind(extrapolate: float, dmap: DraftMap | None) -> str:
@@ -206,13 +213,8 @@ def _decode_rounds(model: LoopLM, req: DecodeRequest, k: int, draft_len: int | s
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
     computed = 0  # (token, loop) pairs this request ran after prefill
     produced, pos = [0] * B, [len(p) for p in req.prompts]  # pos: position of the row's last token
-    for row in range(B):
-        if req.active(row, 0):
-            yield first_step(row, last[row], T, timer)
-            produced[row] = 1
     hist = [0] * (schedule.max + 1)
-    n_acc = n_prop = n_rej = n_rounds = 0
-    emitted = sum(produced)
+    n_acc = n_prop = n_rej = n_rounds = emitted = 0
 
     def stats():
         req.stats.update(
@@ -230,7 +232,12 @@ def _decode_rounds(model: LoopLM, req: DecodeRequest, k: int, draft_len: int | s
             loops_per_token=computed / max(emitted, 1),
         )
 
-    stats()
+    stats()  # complete from the start: spec.fallback may close the decoder at its first Step
+    for row in range(B):
+        if req.active(row, 0):
+            yield first_step(row, last[row], T, timer)
+            produced[row] = 1
+    emitted = sum(produced)
     # On a CPU a small model is bound by per-op dispatch, not arithmetic: a round builds its index
     # tensors once, keeps the drafted ids on the device, and moves data to the host once.
     while True:

@@ -1,4 +1,4 @@
-"""Falling back to full depth when drafts stop paying.
+"""Falling back to full depth when drafts stop paying, or when the engine is busy.
 
 A speculative decoder whose drafts are mostly rejected computes more per token than full depth: at
 acceptance 0 the bundled shapes' pipeline ran 0.6x full depth's tokens/s. `with_fallback` runs a
@@ -20,6 +20,17 @@ its side lanes (and any drop or adoption it had decided) in the block pool; the 
 Forward, a plain one, drops them before it runs (looplm.lanes.end_lanes), and the sequence's own
 table is the one that holds every loop of the positions before the last emitted token.
 
+A busy engine is the other reason (`load_above`): in a step shared by many requests a forward
+call's fixed cost is spread over all their rows, so what speculation saves (calls) shrinks while
+what it adds (the rows of drafts, rejected ones wasted) does not. On the bundled model on a 2-core
+CPU, speculative requests beat full depth up to 3 at once and fell behind from 4 (0.8x; 0.55x at
+16). So while more than `load_above` requests are in the engine (req.load(): running and waiting),
+the request switches at its next emitted token, the first (from the prefill) included, so a request
+that arrives at a busy engine never drafts. The switch is the same one, for good. The load does
+depend on what runs beside the request, so a seeded sampled request never switches for it: its
+samples must equal those of the same request run alone. A greedy one's tokens are full depth's
+either way, and an unseeded one's law is the target's given the past whichever decoder runs.
+
 The break-even acceptance on the bundled model is about 0.4 (pipelined k=2 ran 0.6x full depth at
 acceptance 0 and 1.5x at 0.9); BAR = 0.25 falls back only where speculation clearly loses, and a
 12-token window costs a model whose drafts never pass about 7% of a 128-token request.
@@ -40,19 +51,24 @@ WINDOW = 12  # emitted tokens the decision looks back over
 BAR = 0.25  # fall back when fewer than this share of them were accepted drafts
 
 
-def with_fallback(model: LoopLM, req: DecodeRequest, inner: Decoder, window: int = WINDOW, bar: float = BAR) -> Decoder:
+def with_fallback(model: LoopLM, req: DecodeRequest, inner: Decoder, window: int = WINDOW, bar: float = BAR, *,
+                  drafts: bool = True, load_above: int | None = None) -> Decoder:
     """Runs the speculative decoder `inner` of a one-sequence request, switching to full depth for
-    the rest of the request when its drafts stop paying (see the module docstring).
+    the rest of the request when its drafts stop paying (`drafts`) or when more than `load_above`
+    requests are in the engine (see the module docstring).
 
     Yields what `inner` yields, then Steps with reason "verify" (a full-depth token) and their
     Forwards. Stats (req.stats): fallback_at, the number of tokens emitted when the switch
-    happened (None: it never did); after a switch loops_per_token counts both parts.
+    happened (None: it never did), and fallback_reason, "drafts" or "load" (None); after a switch
+    loops_per_token counts both parts.
     """
     T = model.num_loops
     last: deque[bool] = deque(maxlen=window)  # was each of the last emitted tokens an accepted draft
     emitted, computed, token, value = 0, 0, None, None
     first_forward = True
-    req.stats["fallback_at"] = None
+    req.stats.update(fallback_at=None, fallback_reason=None)
+    watch_load = load_above is not None and (req.sampling.greedy or not req.seeded)  # req.load: set when submitted
+    reason = None
     while True:
         try:
             item = inner.send(value)
@@ -67,7 +83,11 @@ def with_fallback(model: LoopLM, req: DecodeRequest, inner: Decoder, window: int
             yield item
             if not req.active(0, emitted):
                 continue  # the inner decoder ends the request itself
-            if len(last) == window and sum(last) < bar * window:
+            if drafts and len(last) == window and sum(last) < bar * window:
+                reason = "drafts"
+            elif watch_load and req.load is not None and req.load() > load_above:
+                reason = "load"
+            if reason is not None:
                 break
         else:
             if not first_forward:
@@ -75,7 +95,7 @@ def with_fallback(model: LoopLM, req: DecodeRequest, inner: Decoder, window: int
             first_forward = False
             value = yield item
     inner.close()
-    req.stats["fallback_at"] = emitted
+    req.stats.update(fallback_at=emitted, fallback_reason=reason)
     pos = len(req.prompts[0]) + emitted - 1  # the last emitted token's position: its loops are not computed yet
     switched = emitted
 

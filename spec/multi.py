@@ -104,12 +104,12 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                          draft_tokens=2, second_threshold=threshold, seconds=seconds, seconds_tested=seconds_tested,
                          seconds_accepted=seconds_won, pairs_emitted=pairs)
 
+    stats()  # complete from the start: spec.fallback may close the decoder at its first Step
     if req.active(0, 0):
         yield first_step(0, first[0], T, timer)
         produced = emitted = 1
         if req.active(0, 1):
             flight.append(_Token(0, first[0], 0))
-    stats()
     try:
         while flight:
             # rows by stage (newest first), a pair's two tokens adjacent in position order: one group per loop

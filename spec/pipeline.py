@@ -118,6 +118,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
         if chooser is not None:
             req.stats.update(loop_switches=[list(x) for x in switches], loop_acceptance=chooser.acceptance())
 
+    stats()  # complete from the start: spec.fallback may close the decoder at its first Step
     for row in range(B):
         if req.active(row, 0):
             yield first_step(row, first[row], T, timer)
@@ -125,7 +126,6 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
             emitted += 1
             if req.active(row, 1):
                 flight[row].append(_Token(0, first[row], 0))
-    stats()
     try:
         while True:
             if chooser is not None and len(flight[0]) == 1 and flight[0][0].stage == 0:  # an exact switch point

@@ -154,12 +154,12 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             won_by_rank=list(won_rank),
         )
 
+    stats()  # complete from the start: spec.fallback may close the decoder at its first Step
     if req.active(0, 0):
         yield first_step(0, first[0], T, timer)
         produced = emitted = 1
         if req.active(0, 1):
             lanes[0].append(_Token(0, first[0], 0, 0))
-    stats()
     try:
         while lanes[0]:
             # rows: lane by lane (lane 0 first), newest token first within a lane

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 LOOPLM_OPTIONS = frozenset({
     "mode", "kv", "top_k",
     "draft_loop", "draft_len", "pipeline", "extrapolate", "branch", "branch_threshold", "draft_tokens", "second_threshold",
-    "fallback", "call_cost",
+    "fallback", "full_depth_above", "call_cost",
     "budget_ms", "deadline_ms", "budget_loops", "exit", "threshold", "q", "skip", "finish", "safety",
 })
 MAX_TOP_LOGPROBS = 5  # as the OpenAI completions API

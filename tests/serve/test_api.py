@@ -19,6 +19,7 @@ from .conftest import MODEL, PROMPTS, metric
 
 MODES = [("full", {}), ("speculative", {}), ("speculative", {"draft_loop": 1, "draft_len": 3}),
          ("speculative", {"draft_loop": "adaptive", "call_cost": 0.0}), ("speculative", {"branch": 2, "fallback": False}),
+         ("speculative", {"full_depth_above": None}),
          ("anytime", {"budget_loops": 2}), ("anytime", {"exit": "q_exit", "q": 0.5})]
 
 

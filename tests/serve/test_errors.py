@@ -39,6 +39,7 @@ def test_400_carries_the_engines_message(client, stream):
         ({"mode": "anytime", "exit": "never"}, "never", None),
         ({"step": "compiled"}, "looplm.step is not a per-request option", "looplm.step"),
         ({"mode": "anytime", "budget_ms": -random.random()}, "must be a positive number of milliseconds", "looplm.budget_ms"),
+        ({"mode": "speculative", "full_depth_above": 0}, "full_depth_above must be an integer >= 1", "looplm.full_depth_above"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt=random.choice(PROMPTS), max_tokens=4, stream=stream,

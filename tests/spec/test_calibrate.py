@@ -9,8 +9,8 @@ import pytest
 
 import looplm
 from looplm.checkpoint import save_pretrained
-from spec.calibrate import (MARGIN, NotLossless, Setting, best_row, candidates, default_prompts, fit_call_cost, main, sweep,
-                            write_recommendation)
+from spec.calibrate import (MARGIN, NotLossless, Setting, best_row, candidates, default_prompts, fit_call_cost, load_limit,
+                            load_sweep, main, sweep, write_recommendation)
 
 from spec.drafts import DraftMap
 
@@ -157,6 +157,8 @@ def test_bad_arguments_fail_before_any_timing(tmp_path, capsys, monkeypatch):
         (["--second-thresholds", "1.5"], "--second-thresholds: 1.5 must be 'none', 'adaptive' or a probability in [0, 1]"),
         (["--second-thresholds", "high"], "--second-thresholds: expected comma-separated probabilities, 'none' or 'adaptive'"),
         (["--second-thresholds", "adapt"], "--second-thresholds: expected comma-separated probabilities, 'none' or 'adaptive'"),
+        (["--loads", "0,2"], "--loads: each must be an integer >= 1"),
+        (["--loads", "many"], "--loads: expected comma-separated integers"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -190,6 +192,63 @@ def test_the_command_runs_end_to_end_and_writes(tmp_path, capsys):
     assert spec_opts["extrapolate"] == 0.5 and spec_opts["calibrated"]["settings"]["new_tokens"] == 4
     assert spec_opts["calibrated"]["torch_threads"] == 1
     assert spec_opts["calibrated"]["settings"]["swept"] == ["k=2 b=1", "k=2 b=2", "k=2 b=1 d=2 s=0.5"]
+    if spec_opts["calibrated"]["speculation_pays"]:  # then the best setting was timed beside other requests
+        assert "requests at once  ratio to full" in out and "full_depth_above" in spec_opts
+        assert [n for n, _ in spec_opts["calibrated"]["loads"]] == [1, 2, 3, 4, 6, 8]
+    else:
+        assert "requests at once" not in out and "full_depth_above" not in spec_opts
+
+
+# -- beside other requests: full_depth_above -----------------------------------------------------------
+def test_the_load_limit_is_the_last_load_before_speculation_stops_paying():
+    loads = sorted(random.sample(range(1, 40), 6))
+    m = random.randrange(1, 6)  # speculation pays at the first m loads, not at the next
+    rows = [{"requests": n, "ratio_to_full": random.uniform(1.0, 2.0) if i < m else random.uniform(0.3, 2.0)} for i, n in enumerate(loads)]
+    rows[m]["ratio_to_full"] = random.uniform(0.3, 0.99)
+    random.shuffle(rows)
+    assert load_limit(rows) == loads[m - 1]
+    assert load_limit([{**r, "ratio_to_full": 1.0 + random.random()} for r in rows]) is None  # paid everywhere: never switch
+    assert load_limit([{"requests": loads[0], "ratio_to_full": 0.9}, *rows]) == 1  # not even at the fewest
+
+
+def test_injected_load_costs_set_full_depth_above_and_write_records_it(tmp_path):
+    """Seconds per call from its request count: speculation at 0.8 of full depth's time up to m
+    requests at once, 1.3 above; the sweep finds m, --write records it, the reloaded checkpoint
+    switches a crowd of m + 1 requests to full depth."""
+    path = checkpoint(tmp_path)
+    engine = looplm.load(path)
+    m = random.randint(1, 4)
+
+    def measure(run, setting):
+        gens = run()
+        n = len(gens)
+        return n * (1.0 if setting is None else 0.8 if n <= m else 1.3), gens
+
+    loads = load_sweep(engine, Setting(2, 1), default_prompts(engine, 3), [1, 2, 3, 4, 5, 6], new_tokens=5, repeats=2,
+                       measure=measure, progress=False)
+    assert loads["full_depth_above"] == m
+    assert [r["ratio_to_full"] for r in loads["loads"]] == pytest.approx([1.25] * m + [1 / 1.3] * (6 - m))
+    table = {None: 1.0, Setting(2, 1): 0.5}
+    result = sweep(engine, [Setting(2, 1)], default_prompts(engine, 1), new_tokens=4, repeats=1, measure=costs(table), progress=False)
+    write_recommendation(path, {**result, "loads": loads})
+    spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
+    assert spec_opts["full_depth_above"] == m
+    assert [n for n, _ in spec_opts["calibrated"]["loads"]] == [1, 2, 3, 4, 5, 6]
+    reloaded = looplm.load(path)
+    crowd = reloaded.generate([[3, 1, 4]] * (m + 1), max_new_tokens=6, stop=[], mode="speculative")
+    assert [g.stats["fallback_reason"] for g in crowd] == ["load"] * (m + 1)
+    # where the best setting does not beat full depth, no limit is written
+    slow = sweep(engine, [Setting(2, 1)], default_prompts(engine, 1), new_tokens=4, repeats=1,
+                 measure=costs({None: 1.0, Setting(2, 1): 2.0}), progress=False)
+    write_recommendation(path, {**slow, "loads": {**loads, "full_depth_above": m + 7}})
+    assert json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]["full_depth_above"] == m
+
+
+def test_the_command_skips_the_load_sweep_when_asked(tmp_path, capsys):
+    path = checkpoint(tmp_path)
+    assert main(["--checkpoint", str(path), "--loops", "2", "--branches", "1", "--prompts", "1", "--new-tokens", "4",
+                 "--repeats", "1", "--loads", "none"]) == 0
+    assert "requests at once" not in capsys.readouterr().out
 
 
 # -- a checkpoint's recommended draft tree and the caller's options ------------------------------------

@@ -95,7 +95,7 @@ def test_the_bundled_model_keeps_drafting(b):
     texts = ["def fibonacci(n):", "It is a truth universally acknowledged", "class Stack:\n    def __init__(self):",
              "The os.path module implements"]
     prompts = [engine.encode(t) for t in texts]
-    gens = engine.generate(prompts, max_new_tokens=48, stop=[], mode="speculative", branch=b)
+    gens = engine.generate(prompts, max_new_tokens=48, stop=[], mode="speculative", branch=b, full_depth_above=None)
     assert [g.stats["fallback_at"] for g in gens] == [None] * len(prompts)
     assert [g.tokens for g in gens] == [g.tokens for g in engine.generate(prompts, max_new_tokens=48, stop=[])]
 
@@ -241,3 +241,94 @@ def test_fallback_must_be_a_bool():
     engine = looplm.Engine(spec_model())
     with pytest.raises(ValueError, match="fallback"):
         engine.generate([1, 2, 3], max_new_tokens=4, mode="speculative", fallback="yes")
+
+
+# -- a busy engine (full_depth_above): the same switch, when more requests are in the engine -----------
+LOAD_CASES = ({"draft_loop": 2}, {"draft_loop": 1, "branch": 2}, {"draft_loop": 1, "draft_len": 3})
+
+
+@pytest.mark.parametrize("opts", LOAD_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_a_busy_engine_decodes_at_full_depth_from_the_first_token(opts):
+    """Requests submitted together see each other: above the limit each switches at its first
+    token (from the prefill), so it never drafts; at the limit none does. Tokens are full depth's."""
+    model = spec_model(max_pos=64)
+    engine = looplm.Engine(model, block_size=4)
+    n = random.randint(3, 5)
+    prompts = ragged_prompts(n, model.config.vocab_size, 1, 12)
+    want = [g.tokens for g in engine.generate(prompts, max_new_tokens=24, stop=[])]
+    base = dict(max_new_tokens=24, stop=[], mode="speculative", fallback=False, **opts)
+    busy = engine.generate(prompts, **base, full_depth_above=n - 1)
+    assert [g.tokens for g in busy] == want
+    assert [(g.stats["fallback_at"], g.stats["fallback_reason"], g.stats["drafted"]) for g in busy] == [(1, "load", 0)] * n
+    assert all(s.reason == "verify" and not s.info["draft"] for g in busy for s in g.steps)
+    calm = engine.generate(prompts, **base, full_depth_above=n)
+    assert [g.tokens for g in calm] == want
+    assert [(g.stats["fallback_at"], g.stats["fallback_reason"]) for g in calm] == [(None, None)] * n
+    assert sum(g.stats["drafted"] for g in calm) > 0
+    pool = engine.scheduler.runners["per_loop"].cache.pool
+    assert pool.used == 0 and pool.tables == {}
+
+
+@pytest.mark.parametrize("opts", LOAD_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_load_that_rises_mid_request_switches_at_the_next_token(opts):
+    """The load is read after every emitted token: the request switches right after the first
+    token at which it exceeds the limit, and full depth finishes it exactly."""
+    model = spec_model(max_pos=64)
+    engine = looplm.Engine(model, block_size=4)
+    prompt = ragged_prompts(1, model.config.vocab_size, 1, 12)[0]
+    want = engine.generate(prompt, max_new_tokens=30, stop=[]).tokens
+    quiet = random.randint(1, 20)  # tokens emitted before the engine gets busy
+    reads = []
+
+    def load() -> int:
+        reads.append(1)
+        return 1 if len(reads) < quiet else 5
+
+    engine.scheduler.load = load
+    g = engine.generate(prompt, max_new_tokens=30, stop=[], mode="speculative", fallback=False, full_depth_above=2, **opts)
+    assert g.tokens == want
+    assert (g.stats["fallback_at"], g.stats["fallback_reason"], len(reads)) == (quiet, "load", quiet)
+    assert all(s.reason == "verify" for s in g.steps[quiet:])
+    T = model.num_loops
+    assert g.stats["loops_per_token"] * 30 >= T * (30 - quiet)
+
+
+def test_seeded_samples_never_depend_on_the_load():
+    """Sampled requests above the limit: with a seed they keep drafting (their samples equal the
+    same requests run alone); without one they switch at their first token like greedy ones."""
+    model = spec_model(max_pos=64)
+    engine = looplm.Engine(model)
+    prompts = ragged_prompts(3, model.config.vocab_size, 1, 12)
+    opts = dict(max_new_tokens=20, stop=[], mode="speculative", fallback=False, full_depth_above=1, temperature=0.8)
+    seed = random.randrange(2**32)
+    together = engine.generate(prompts, **opts, seed=seed)
+    alone = [engine.generate(p, **opts, seed=seed + i) for i, p in enumerate(prompts)]
+    assert [g.tokens for g in together] == [g.tokens for g in alone]
+    assert [g.stats["fallback_reason"] for g in together] == [None] * 3
+    assert sum(g.stats["drafted"] for g in together) > 0
+    unseeded = engine.generate(prompts, **opts)
+    assert [(g.stats["fallback_at"], g.stats["fallback_reason"], g.stats["drafted"]) for g in unseeded] == [(1, "load", 0)] * 3
+    assert all(0 <= t < model.config.vocab_size and len(g.tokens) == 20 for g in unseeded for t in g.tokens)
+
+
+def test_the_bundled_model_speculates_alone_and_not_in_a_crowd():
+    """Its generation_config recommends full_depth_above (measured: its speculative requests fell
+    behind full depth from 4 at once): one request drafts, four submitted together do not."""
+    engine = looplm.load()
+    above = engine.mode_defaults("speculative")["full_depth_above"]
+    prompts = [engine.encode(t) for t in ["def fibonacci(n):", "It is a truth", "class Stack:", "import os", "x = 1"]]
+    crowd = prompts[: above + 1]
+    gens = engine.generate(crowd, max_new_tokens=16, stop=[], mode="speculative")
+    assert [g.tokens for g in gens] == [g.tokens for g in engine.generate(crowd, max_new_tokens=16, stop=[])]
+    assert [(g.stats["fallback_at"], g.stats["fallback_reason"]) for g in gens] == [(1, "load")] * len(crowd)
+    alone = engine.generate(prompts[0], max_new_tokens=16, stop=[], mode="speculative")
+    assert alone.stats["fallback_reason"] is None and alone.stats["accepted"] > 0
+    assert alone.tokens == gens[0].tokens
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
+def test_full_depth_above_must_be_a_positive_integer(bad):
+    engine = looplm.Engine(spec_model())
+    with pytest.raises(ValueError, match="full_depth_above"):
+        engine.generate([1, 2, 3], max_new_tokens=4, mode="speculative", full_depth_above=bad)
+    assert engine.usage()["running"] == 0 and engine.usage()["waiting"] == 0
