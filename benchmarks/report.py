@@ -516,6 +516,43 @@ def row_cost_lines(others: list[dict]) -> list[str]:
     return lines
 
 
+def _spec_load(others: list[dict]) -> dict | None:
+    """The extra_info of benchmarks/test_spec_load.py's run, if this run has one."""
+    return next((b["extra_info"] for b in others if (b.get("extra_info") or {}).get("load_sweep")), None)
+
+
+def spec_load_headline(others: list[dict]) -> str | None:
+    """One line for the headlines: speculation at the most requests timed, drafting always and as recommended."""
+    e = _spec_load(others)
+    if not e:
+        return None
+    top = e["load_sweep"][-1]
+    return (f"at {top['requests']} requests at once, speculative requests that always draft ran **{_fmt(top['always_ratio_to_full'])}x** "
+            f"full depth's tokens/s, and **{_fmt(top['recommended_ratio_to_full'])}x** as recommended "
+            f"(`full_depth_above={e['full_depth_above']}`: above it they switch to full depth)")
+
+
+def spec_load_lines(others: list[dict]) -> list[str]:
+    """benchmarks/test_spec_load.py: speculative against full depth by requests sharing the engine's steps."""
+    e = _spec_load(others)
+    if not e:
+        return []
+    lines = ["### Speculation beside other requests (`test_spec_load.py`)", "",
+             f"Bundled model, {e['threads']} thread, greedy, n requests submitted together (they share every step), "
+             f"{e['new_tokens']} new tokens each; tokens/s over the call (prefill included), median of {e['repeats']} "
+             "alternating rounds; every output equal to full depth. *always*: speculative with `full_depth_above=None`; "
+             f"*recommended*: the checkpoint's `full_depth_above={e['full_depth_above']}` (above it a request switches to "
+             "full depth at its first token). Load average "
+             + " -> ".join("/".join(f"{x:.1f}" for x in la) for la in (e["load_average_before"], e["load_average_after"])) + ".", "",
+             "| requests | full tok/s | always tok/s | always x full | recommended tok/s | recommended x full | switched for load |",
+             "|---|---|---|---|---|---|---|"]
+    for r in e["load_sweep"]:
+        lines.append(f"| {r['requests']} | {_fmt(r['full_tokens_per_s'], 1)} | {_fmt(r['always_tokens_per_s'], 1)} | "
+                     f"{_fmt(r['always_ratio_to_full'])} | {_fmt(r['recommended_tokens_per_s'], 1)} | "
+                     f"{_fmt(r['recommended_ratio_to_full'])} | {r['switched_for_load']} of {r['requests']} |")
+    return lines + [""]
+
+
 # -- markdown ----------------------------------------------------------------------------------
 def machine_line(data: dict) -> tuple[str, dict]:
     mi = (data.get("machine_info") or {}).get("looplm") or {}
@@ -735,6 +772,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         "",
         *([f"- **Self-speculation speed target** (`test_spec_speedup.py`): {spec_target(others)}"] if spec_target(others) else []),
         *([f"- **What a row costs** (`test_row_cost.py`): {row_cost_headline(others)}"] if row_cost_headline(others) else []),
+        *([f"- **Speculation beside other requests** (`test_spec_load.py`): {spec_load_headline(others)}"] if spec_load_headline(others) else []),
         *([f"- **Speculation with useless drafts** (`test_spec_fallback.py`, random-100m): {spec_fallback(others)}"] if spec_fallback(others) else []),
         *([f"- **Under CPU load** (`test_cpu_load.py`, loaded / quiet tokens/s, median of paired rounds): {cpu_load(others)}"] if cpu_load(others) else []),
         *([f"- **Concurrent requests** (`test_concurrency.py`): {concurrency_headline(conc)}"] if concurrency_headline(conc) else []),
@@ -762,6 +800,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     lines += serve_lines(others, serve_plot if plot_serve(others, out_dir / serve_plot) else None)
     lines += trees_lines(others)
     lines += row_cost_lines(others)
+    lines += spec_load_lines(others)
     lines += ["### All decoder measurements", ""] + table(rows) + [""]
     lines += [
         "Columns: *tok/s* = new tokens (all rows) / wall time of one greedy `Engine.generate` call, fastest of "
@@ -784,7 +823,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     tables = concurrency_tables(conc)
     if tables:
         lines += ["### Engine concurrency", ""] + tables
-    other = other_table([b for b in others if not {"bandwidth", "modes"} & set(b.get("extra_info") or {})])
+    other = other_table([b for b in others if not {"bandwidth", "modes", "load_sweep"} & set(b.get("extra_info") or {})])
     if other:
         lines += ["### Other benchmarks in this run", ""] + other
     bad = not_passed(outcomes)
