@@ -1,6 +1,7 @@
 """Fitted draft maps (spec.drafts.DraftMap, spec.fit_draft): exact output, clear errors, a fit that helps."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 
 import looplm
 from looplm.checkpoint import save_pretrained
-from spec.drafts import DraftMap, draft_state
+from spec.drafts import DraftMap, draft_state, resolve_draft_map
 from spec.fit_draft import agreement, collect_states, fit_draft_map, fit_next_map, next_agreement, pair_index
 
 from .conftest import acceptance, ragged_prompts, spec_model
@@ -66,6 +67,27 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, hidden):
     for k in (2, 3):
         assert sorted(back.params[k]) == sorted(dmap.params[k])
         assert all(torch.equal(back.params[k][n], dmap.params[k][n]) for n in dmap.params[k])
+
+
+def test_a_saved_map_is_converted_once_per_dtype_and_file_version(tmp_path):
+    """Requests naming the same file share one converted map (bfloat16 on disk, the model's float32);
+    a rewritten file is read and converted again."""
+    path = tmp_path / "m.safetensors"
+    dmap = random_map(8, loops=(2,), hidden=4)
+    DraftMap({k: {n: t.bfloat16() for n, t in p.items()} for k, p in dmap.params.items()}).save(path)
+    cpu = torch.device("cpu")
+    first = resolve_draft_map(str(path), 8, 2, torch.float32, cpu)
+    assert resolve_draft_map(path, 8, 2, torch.float32, cpu) is first
+    assert all(t.dtype == torch.float32 and torch.equal(t, dmap.params[2][n].bfloat16().float()) for n, t in first.params[2].items())
+    double = resolve_draft_map(path, 8, 2, torch.float64, cpu)
+    assert double is not first and all(t.dtype == torch.float64 for t in double.params[2].values())
+    other = random_map(8, loops=(2,))
+    other.save(path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new version even within the clock's resolution
+    again = resolve_draft_map(path, 8, 2, torch.float32, cpu)
+    assert again is not first and all(torch.equal(t, other.params[2][n]) for n, t in again.params[2].items())
+    assert resolve_draft_map(dmap, 8, 2, torch.float32, cpu) is not resolve_draft_map(dmap, 8, 2, torch.float32, cpu)
 
 
 @pytest.mark.parametrize("hidden,next_hidden", [(0, 0), (0, 8), (8, 0), (8, 4)])
