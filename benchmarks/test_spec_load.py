@@ -29,7 +29,7 @@ from benchmarks.conftest import TEXT_PROMPTS
 
 LOADS = (1, 2, 3, 4, 6, 8, 16)
 NEW_TOKENS = 64
-REPEATS = 3
+REPEATS = 5
 WAYS = {"full": {"mode": "full"}, "always": {"mode": "speculative", "full_depth_above": None},
         "recommended": {"mode": "speculative"}}
 
