@@ -141,7 +141,7 @@ class SpeculativeOptions(ModeOptions):
     shared by many requests a call's fixed cost is spread over their rows, and the rows that drafts
     add cost more than the calls they save. Checked at every emitted token; the switch is for good.
     A sampled request with a seed never switches (its samples must not depend on what runs beside
-    it). None: never. The bundled model recommends 3 (measured on a 2-core CPU)."""
+    it). None: never. The bundled model recommends 4 (measured on a 2-core CPU)."""
     call_cost: float = 0.0
     """With draft_loop="adaptive": a forward call's fixed cost in loop passes, in [0, 1000] (0:
     decode time follows weight passes; `python -m spec.calibrate` measures it per model)."""

@@ -28,8 +28,9 @@ the options are left as they were and "calibrated" says "speculation_pays": fals
 
 Then the best setting is timed beside other requests (`--loads`, default 1,2,3,4,6,8: that many
 requests submitted together, drafting whatever the load, against full depth), and `--write` also
-records `full_depth_above`: the most requests at once up to which speculation paid at every load
-swept (None when it paid at all of them), above which a request switches to full depth.
+records `full_depth_above`: the most requests at once up to which speculation paid (by more than
+MARGIN) at every load swept (None when it paid at all of them), above which a request switches to
+full depth.
 """
 
 from __future__ import annotations
@@ -291,14 +292,15 @@ def load_sweep(engine, setting: Setting, prompts: Sequence[list[int]], loads: Se
     return {"loads": rows, "full_depth_above": load_limit(rows)}
 
 
-def load_limit(rows: list[dict]) -> int | None:
+def load_limit(rows: list[dict], margin: float = MARGIN) -> int | None:
     """The full_depth_above these load rows recommend: the most requests n such that speculation
-    paid (ratio >= 1) at every swept load up to n; 1 when it did not pay at the fewest; None
-    (never switch) when it paid at every load swept."""
+    paid (ratio >= 1 + margin: a ratio within the margin of 1 is noise on a shared machine, and
+    switching there costs nothing) at every swept load up to n; 1 when it did not pay at the
+    fewest; None (never switch) when it paid at every load swept."""
     rows = sorted(rows, key=lambda r: r["requests"])
     paid = 0
     for r in rows:
-        if r["ratio_to_full"] < 1:
+        if r["ratio_to_full"] < 1 + margin:
             return max(paid, 1)
         paid = r["requests"]
     return None

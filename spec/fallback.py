@@ -23,8 +23,8 @@ table is the one that holds every loop of the positions before the last emitted 
 A busy engine is the other reason (`load_above`): in a step shared by many requests a forward
 call's fixed cost is spread over all their rows, so what speculation saves (calls) shrinks while
 what it adds (the rows of drafts, rejected ones wasted) does not. On the bundled model on a 2-core
-CPU, speculative requests beat full depth up to 3 at once and fell behind from 4 (0.8x; 0.55x at
-16). So while more than `load_above` requests are in the engine (req.load(): running and waiting),
+CPU, speculative requests ran 1.3-1.6x full depth with 1-3 at once, about even from 4 to 8 (0.8-1.4x
+between runs) and 0.55-0.78x at 16. So while more than `load_above` requests are in the engine (req.load(): running and waiting),
 the request switches at its next emitted token, the first (from the prefill) included, so a request
 that arrives at a busy engine never drafts. The switch is the same one, for good. The load does
 depend on what runs beside the request, so a seeded sampled request never switches for it: its

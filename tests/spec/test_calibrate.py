@@ -203,11 +203,14 @@ def test_the_command_runs_end_to_end_and_writes(tmp_path, capsys):
 def test_the_load_limit_is_the_last_load_before_speculation_stops_paying():
     loads = sorted(random.sample(range(1, 40), 6))
     m = random.randrange(1, 6)  # speculation pays at the first m loads, not at the next
-    rows = [{"requests": n, "ratio_to_full": random.uniform(1.0, 2.0) if i < m else random.uniform(0.3, 2.0)} for i, n in enumerate(loads)]
-    rows[m]["ratio_to_full"] = random.uniform(0.3, 0.99)
+    rows = [{"requests": n, "ratio_to_full": random.uniform(1 + MARGIN, 2.0) if i < m else random.uniform(0.3, 2.0)}
+            for i, n in enumerate(loads)]
+    rows[m]["ratio_to_full"] = random.uniform(1.0, 1 + MARGIN - 1e-3)  # within the margin of 1: noise, not a gain
     random.shuffle(rows)
     assert load_limit(rows) == loads[m - 1]
-    assert load_limit([{**r, "ratio_to_full": 1.0 + random.random()} for r in rows]) is None  # paid everywhere: never switch
+    no_margin = load_limit(rows, margin=0.0)  # then that load counts as paid
+    assert no_margin is None or no_margin >= loads[m]
+    assert load_limit([{**r, "ratio_to_full": 1 + MARGIN + random.random()} for r in rows]) is None  # paid everywhere: never switch
     assert load_limit([{"requests": loads[0], "ratio_to_full": 0.9}, *rows]) == 1  # not even at the fewest
 
 
