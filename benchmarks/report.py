@@ -529,7 +529,9 @@ def spec_load_headline(others: list[dict]) -> str | None:
     top = e["load_sweep"][-1]
     return (f"at {top['requests']} requests at once, speculative requests that always draft ran **{_fmt(top['always_ratio_to_full'])}x** "
             f"full depth's tokens/s, and **{_fmt(top['recommended_ratio_to_full'])}x** as recommended "
-            f"(`full_depth_above={e['full_depth_above']}`: above it they switch to full depth)")
+            f"(`full_depth_above={e['full_depth_above']}`: above it they switch to full depth"
+            + ("; every one did, so that is full depth against itself, within the machine's noise)"
+               if top["switched_for_load"] == top["requests"] else ")"))
 
 
 def spec_load_lines(others: list[dict]) -> list[str]:

@@ -29,6 +29,9 @@ def test_each_load_is_a_row_and_the_headline_takes_the_most_requests():
     head = spec_load_headline(others)
     assert head.startswith(f"at {loads[-1]} requests at once")
     assert f"**{top['always_ratio_to_full']:.2f}x**" in head and f"**{top['recommended_ratio_to_full']:.2f}x**" in head
+    assert "full depth against itself" in head  # _row: every request above 3 switched
+    few = {**bench, "extra_info": {**info, "load_sweep": [_row(1), _row(random.randint(2, 3))]}}
+    assert "full depth against itself" not in spec_load_headline([few])
     assert spec_load_lines(others[:1]) == [] and spec_load_headline(others[:1]) is None
 
 
