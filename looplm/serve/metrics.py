@@ -30,6 +30,9 @@ class Metrics:
         self.loops = Counter("looplm_loops_computed", "Loops computed for generated tokens (rejected drafts included)", ["mode"], registry=r)
         self.drafted = Counter("looplm_speculative_drafted", "Draft tokens proposed by self-speculation", registry=r)
         self.accepted = Counter("looplm_speculative_accepted", "Draft tokens accepted by full-depth verification", registry=r)
+        self.fallbacks = Counter("looplm_speculative_fallbacks", "Speculative requests that switched to full depth, by "
+                                 "reason: drafts (they stopped paying) or load (more than full_depth_above requests)",
+                                 ["reason"], registry=r)
         self.budget_misses = Counter("looplm_budget_misses", "Tokens that took longer than their time budget", registry=r)
         self.ttft = Histogram("looplm_time_to_first_token_seconds", "Time from admission to the first token", registry=r,
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -64,6 +67,8 @@ class Metrics:
             if stats.get("drafted") is not None:
                 self.drafted.inc(stats["drafted"])
                 self.accepted.inc(stats.get("accepted") or 0)
+            if stats.get("fallback_reason") is not None:
+                self.fallbacks.labels(stats["fallback_reason"]).inc()
             if stats.get("budget_miss_rate") is not None:  # over the decode tokens: the first came from the prefill
                 self.budget_misses.inc(round(stats["budget_miss_rate"] * max(n - 1, 0)))
 

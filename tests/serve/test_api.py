@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 
 import httpx
 import pytest
@@ -142,6 +143,22 @@ def test_logprobs_are_the_exit_loops_distribution(client, engine):
     entries = chat.choices[0].logprobs.content
     assert "".join(e.token for e in entries) == chat.choices[0].message.content
     assert all(e.top_logprobs[0].logprob == e.logprob for e in entries)
+
+
+def test_speculative_requests_switched_for_load_are_counted(client, server):
+    """n copies decode as n requests at once: above full_depth_above each switches to full depth
+    (the same text as drafting), and the metric counts them by reason."""
+    name = "looplm_speculative_fallbacks_total"
+    before = metric(server, name, {"reason": "load"}, default=0.0)
+    n, prompt = random.randint(2, 4), random.choice(PROMPTS)
+    opts = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, n=n)
+    r = client.completions.create(**opts, extra_body={"looplm": {"mode": "speculative", "full_depth_above": 1}})
+    alone = client.completions.create(**{**opts, "n": 1}, extra_body={"looplm": {"mode": "speculative", "full_depth_above": None}})
+    assert [c.text for c in r.choices] == [alone.choices[0].text] * n
+    deadline = time.monotonic() + 10
+    while metric(server, name, {"reason": "load"}, default=0.0) < before + n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, name, {"reason": "load"}) == before + n
 
 
 def test_models_health_and_metrics(client, server):
