@@ -139,7 +139,8 @@ class SpeculativeOptions(ModeOptions):
     """While more than this many requests (>= 1) are in the engine (running or waiting), a
     speculative request decodes the rest of its tokens at full depth (spec.fallback): in a step
     shared by many requests a call's fixed cost is spread over their rows, and the rows that drafts
-    add cost more than the calls they save. Checked at every emitted token; the switch is for good.
+    add cost more than the calls they save. Checked at every emitted token; once the load is at
+    most this again, the request speculates again (stats["load_spans"]).
     A sampled request with a seed never switches (its samples must not depend on what runs beside
     it). None: never. The bundled model recommends 4 (measured on a 2-core CPU)."""
     call_cost: float = 0.0

@@ -62,8 +62,9 @@ class Stats(TypedDict):
     accepted_len_hist: NotRequired[list[int]]  # rounds (runs) by number of accepted drafts 0, 1, ...
     rounds: NotRequired[int]  # draft rounds (pipelined: forwards)
     loops_per_token: NotRequired[float]  # (token, loop) pairs computed after the prefill per emitted token
-    fallback_at: NotRequired[int | None]  # tokens emitted when full depth took over for good (None: never)
-    fallback_reason: NotRequired[str | None]  # why: "drafts" (they stopped paying) or "load" (a busy engine; spec.fallback)
+    fallback_at: NotRequired[int | None]  # tokens emitted when full depth first took over (None: never)
+    fallback_reason: NotRequired[str | None]  # why: "drafts" (they stopped paying, for good) or "load" (a busy engine; spec.fallback)
+    load_spans: NotRequired[list[list[int]]]  # [first, end) token indices decoded at full depth for load (speculation resumed after each but an open last)
     branch: NotRequired[int]  # draft trees (spec.trees): candidates per position
     branch_unused: NotRequired[str]  # why the checkpoint's recommended draft tree did not run (the caller's options, tensor parallelism)
     branch_threshold: NotRequired[float | None]  # branch only below this top-1 draft probability (None: always)

@@ -30,6 +30,8 @@ cache positions it reserved (prompt plus new tokens).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from looplm.decoding import Decoder, DecodeRequest, Step
@@ -121,10 +123,11 @@ def decode(
             of the last 12 tokens were accepted drafts; spec.fallback); stats["fallback_at"] says
             when (None: never). A tree's side lanes still alive at the switch are dropped by the
             first full-depth Forward (looplm.lanes.end_lanes).
-        full_depth_above: switch a one-sequence request to full depth for the rest of the request
-            while more than this many requests are in the engine (req.load; a sampled request with
-            a seed never switches; spec.fallback); stats["fallback_reason"] says which rule
-            switched ("drafts" or "load"). None: never.
+        full_depth_above: decode a one-sequence request at full depth while more than this many
+            requests are in the engine (req.load, read after every emitted token; a sampled request
+            with a seed never switches), speculating again once the load falls (spec.fallback);
+            stats["fallback_reason"] says which rule switched first ("drafts" or "load"),
+            stats["load_spans"] which tokens ran at full depth for load. None: never.
     Yields:
         Steps with loops = exit_loop = T (every token is exact); reason "draft" for an accepted
         draft, "verify" for a token chosen by full-depth logits (after a rejection, or the first
@@ -148,9 +151,8 @@ def decode(
         drafters = {j: (0.0 if j < 2 or m is not None else float(extrapolate), m) for j, m in maps.items()}
         k = start_loop(T, DEFAULT_DRAFT_LOOP)
         req.stats.update(draft=_draft_kind(*drafters[k]), fallback_at=None, fallback_reason=None, call_cost=float(call_cost))  # draft: at the start loop
-        inner = decode_pipelined(model, req, k, chooser=chooser, drafters=drafters)
-        yield from (with_fallback(model, req, inner, drafts=fallback, load_above=full_depth_above)
-                    if (fallback or full_depth_above is not None) and B == 1 else inner)
+        build = functools.partial(decode_pipelined, model, k=k, chooser=chooser, drafters=drafters)  # one chooser throughout
+        yield from _watched(model, req, build, fallback, full_depth_above)
         return
     k = min(DEFAULT_DRAFT_LOOP, T - 1) if draft_loop is None else draft_loop
     if k < 2:
@@ -180,19 +182,28 @@ def decode(
             draft_tokens = 1
     if draft_tokens == 2:
         threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
-        inner = decode_pairs(model, req, k, dmap, threshold)
+        build = functools.partial(decode_pairs, model, k=k, draft_map=dmap, threshold=threshold)
     elif branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
         if branch > model.config.vocab_size:
             raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")
         if B != 1:
             raise ValueError(f"branch={branch} (draft trees) decodes one sequence per request, got a batch of {B}")
-        inner = decode_tree(model, req, k, branch, None if branch_threshold is None else float(branch_threshold),
-                            float(extrapolate), dmap)
+        build = functools.partial(decode_tree, model, k=k, branch=branch, extrapolate=float(extrapolate), draft_map=dmap,
+                                  threshold=None if branch_threshold is None else float(branch_threshold))
+    elif pipeline:
+        build = functools.partial(decode_pipelined, model, k=k, extrapolate=float(extrapolate), draft_map=dmap)
     else:
-        inner = (decode_pipelined(model, req, k, float(extrapolate), dmap) if pipeline
-                 else _decode_rounds(model, req, k, draft_len, extrapolate, dmap))
-    yield from (with_fallback(model, req, inner, drafts=fallback, load_above=full_depth_above)
-                    if (fallback or full_depth_above is not None) and B == 1 else inner)
+        build = functools.partial(_decode_rounds, model, k=k, draft_len=draft_len, extrapolate=extrapolate, dmap=dmap)
+    yield from _watched(model, req, build, fallback, full_depth_above)
+
+
+def _watched(model: LoopLM, req: DecodeRequest, build, fallback: bool, full_depth_above: int | None) -> Decoder:
+    """The speculative decoder `build(req)`, watched by spec.fallback where a rule applies (one
+    sequence); a load switch restarts `build` on the rest of the request once the load falls."""
+    inner = build(req)
+    if req.batch_size != 1 or not (fallback or full_depth_above is not None):
+        return (yield from inner)
+    return (yield from with_fallback(model, req, inner, drafts=fallback, load_above=full_depth_above, restart=build))
 
 
 def _draft_kind(extrapolate: float, dmap: DraftMap | None) -> str:
@@ -225,6 +236,7 @@ def _decode_rounds(model: LoopLM, req: DecodeRequest, k: int, draft_len: int | s
             drafted=n_prop,
             accepted=n_acc,
             acceptance_rate=n_acc / max(n_prop, 1),
+            rejected=n_rej,
             token_acceptance=n_acc / max(n_acc + n_rej, 1),
             mean_accepted_len=n_acc / max(sum(hist), 1),
             accepted_len_hist=list(hist),
@@ -240,62 +252,66 @@ def _decode_rounds(model: LoopLM, req: DecodeRequest, k: int, draft_len: int | s
     emitted = sum(produced)
     # On a CPU a small model is bound by per-op dispatch, not arithmetic: a round builds its index
     # tensors once, keeps the drafted ids on the device, and moves data to the host once.
-    while True:
-        g = schedule.current
-        g_rows = [min(g, req.max_new[r] - produced[r]) if req.active(r, produced[r]) else 0 for r in range(B)]
-        G = max(g_rows)
-        if G == 0:
-            break
-        state = torch.tensor([last, pos, g_rows], device=device)  # (3, B): one transfer per round
-        inp, limit = state[0, :, None], state[2]  # inp (B, 1): the token each draft call embeds
-        v_pos = state[1, :, None] + steps_ar[:G]  # (B, G) positions of the round
+    try:
+        while True:
+            g = schedule.current
+            g_rows = [min(g, req.max_new[r] - produced[r]) if req.active(r, produced[r]) else 0 for r in range(B)]
+            G = max(g_rows)
+            if G == 0:
+                break
+            state = torch.tensor([last, pos, g_rows], device=device)  # (3, B): one transfer per round
+            inp, limit = state[0, :, None], state[2]  # inp (B, 1): the token each draft call embeds
+            v_pos = state[1, :, None] + steps_ar[:G]  # (B, G) positions of the round
 
-        # -- draft: one k-loop call per draft token, keeping loop-k hidden states -----------
-        hs, drafts, qs = [], [], []
-        for i in range(G):
-            out = yield Forward(embed(inp), v_pos[:, i : i + 1], num_loops=k, gates=False)
-            hs.append(out.hidden[-1])  # (B, 1, H) loop-k state of token i
-            computed += B * k
-            z = model.head(draft_state(out.hidden, extrapolate, dmap))  # (B, 1, V) draft logits
+            # -- draft: one k-loop call per draft token, keeping loop-k hidden states -----------
+            hs, drafts, qs = [], [], []
+            for i in range(G):
+                out = yield Forward(embed(inp), v_pos[:, i : i + 1], num_loops=k, gates=False)
+                hs.append(out.hidden[-1])  # (B, 1, H) loop-k state of token i
+                computed += B * k
+                z = model.head(draft_state(out.hidden, extrapolate, dmap))  # (B, 1, V) draft logits
+                if params.greedy:
+                    inp = z.argmax(-1)  # (B, 1)
+                else:
+                    q = probabilities(z[:, 0], params)  # (B, V)
+                    qs.append(q)
+                    inp = sample(q, gen)[:, None]
+                drafts.append(inp)
+            drafts_t = torch.cat(drafts, 1)  # (B, G)
+
+            # -- verify: loops k+1..T over all G positions in one call --------------------------
+            target = (yield Forward(torch.cat(hs, 1), v_pos, start_loop=k, logits="all", gates=False)).logits[-1]  # (B, G, V)
+            computed += B * G * (T - k)
             if params.greedy:
-                inp = z.argmax(-1)  # (B, 1)
+                accepted, tokens = accept_greedy(drafts_t, target.argmax(-1), limit)
             else:
-                q = probabilities(z[:, 0], params)  # (B, V)
-                qs.append(q)
-                inp = sample(q, gen)[:, None]
-            drafts.append(inp)
-        drafts_t = torch.cat(drafts, 1)  # (B, G)
+                accepted, tokens = accept_sampled(drafts_t, torch.stack(qs, 1), probabilities(target, params), limit, gen)
 
-        # -- verify: loops k+1..T over all G positions in one call --------------------------
-        target = (yield Forward(torch.cat(hs, 1), v_pos, start_loop=k, logits="all", gates=False)).logits[-1]  # (B, G, V)
-        computed += B * G * (T - k)
-        if params.greedy:
-            accepted, tokens = accept_greedy(drafts_t, target.argmax(-1), limit)
-        else:
-            accepted, tokens = accept_sampled(drafts_t, torch.stack(qs, 1), probabilities(target, params), limit, gen)
-
-        # -- emit: one host transfer per round ----------------------------------------------
-        host = torch.cat([tokens, accepted[:, None]], 1).tolist()
-        n_rounds += 1
-        for row in range(B):
-            if g_rows[row] == 0:
-                continue
-            *toks, a = host[row]
-            m = a + (a < g_rows[row])  # accepted drafts, plus the target's token after a rejection
-            pos[row] += m
-            last[row] = toks[m - 1]
-            hist[a] += 1
-            n_acc, n_prop = n_acc + a, n_prop + g_rows[row]
-            info = {"draft": True, "accepted": a, "proposed": g_rows[row]}
-            for j in range(m):
-                if not req.active(row, produced[row]):
-                    break
-                is_draft = j < a
-                yield Step(row, produced[row], toks[j], T, T, timer.lap(row), "draft" if is_draft else "verify",
-                           info=info if is_draft else {**info, "draft": False})
-                produced[row] += 1
-                emitted += 1
-        rejections = sum(1 for r in range(B) if g_rows[r] and host[r][-1] < g_rows[r])
-        n_rej += rejections
-        schedule.update(sum(host[r][-1] for r in range(B) if g_rows[r]), rejections)
+            # -- emit: one host transfer per round ----------------------------------------------
+            host = torch.cat([tokens, accepted[:, None]], 1).tolist()
+            n_rounds += 1
+            # the round's verdicts count before its Steps: spec.fallback may close the decoder at any of them
+            rejections = sum(1 for r in range(B) if g_rows[r] and host[r][-1] < g_rows[r])
+            n_rej += rejections
+            schedule.update(sum(host[r][-1] for r in range(B) if g_rows[r]), rejections)
+            for row in range(B):
+                if g_rows[row] == 0:
+                    continue
+                *toks, a = host[row]
+                m = a + (a < g_rows[row])  # accepted drafts, plus the target's token after a rejection
+                pos[row] += m
+                last[row] = toks[m - 1]
+                hist[a] += 1
+                n_acc, n_prop = n_acc + a, n_prop + g_rows[row]
+                info = {"draft": True, "accepted": a, "proposed": g_rows[row]}
+                for j in range(m):
+                    if not req.active(row, produced[row]):
+                        break
+                    is_draft = j < a
+                    yield Step(row, produced[row], toks[j], T, T, timer.lap(row), "draft" if is_draft else "verify",
+                               info=info if is_draft else {**info, "draft": False})
+                    produced[row] += 1
+                    emitted += 1
+            stats()
+    finally:  # also when closed mid-round (spec.fallback): the verified rounds count
         stats()

@@ -9,7 +9,7 @@ import torch
 
 import looplm
 import spec.decoder
-from spec.fallback import BAR, WINDOW, with_fallback
+from spec.fallback import BAR, WINDOW, merge_stats, with_fallback
 
 from .conftest import ragged_prompts, spec_model
 from .test_accept import chi2_critical
@@ -58,21 +58,25 @@ def test_drafts_that_do_not_pay_hand_over_to_full_depth_exactly(opts):
         assert all(s.reason == "verify" and not s.info["draft"] for s in g.steps[at:])
         # full depth after the switch: T loops per token; the decoder's own count covers both parts
         assert g.stats["loops_per_token"] * n >= T * (n - at)
-        # the hand-over skips nothing and repeats nothing: per layer and position, the loops run come
-        # in runs 0, 1, .. (a rejected draft's run stops early) and the last run is all of 0..T-1
-        # The last token's loops are never needed: only drafts of it run some, when the switch comes at
-        # the last token (seed 1320903478: at token 39 of 40, after a draft of token 39 ran loops 1-2)
-        last = len(prompt) + n - 1
-        seen = defaultdict(list)
-        for layer, loop, _, pos in log:
-            seen[layer, pos].append(loop)
-        for (_, pos), loops in seen.items():
-            starts = [i for i, t in enumerate(loops) if t == 0]
-            runs = [loops[a:b] for a, b in zip(starts, starts[1:] + [len(loops)])]
-            assert starts[:1] == [0] and all(r == list(range(len(r))) for r in runs), loops
-            assert pos == last or runs[-1] == list(range(T)), (pos, loops)
-        assert max(pos for _, pos in seen if pos != last) == last - 1  # every token but the last ran its loops
+        # only drafts of the last token run some of its loops, when the switch comes at the last token
+        # (seed 1320903478: at token 39 of 40, after a draft of token 39 ran loops 1-2)
+        _assert_every_position_ran_its_loops(log, len(prompt) + n - 1, T)
     assert any(switched)
+
+
+def _assert_every_position_ran_its_loops(log, last: int, T: int) -> None:
+    """The hand-overs skip nothing and repeat nothing: per layer and position, the loops run come in
+    runs 0, 1, .. (a rejected draft's run stops early) and the last run is all of 0..T-1, for every
+    position but the request's last token's, whose loops are never needed."""
+    seen = defaultdict(list)
+    for layer, loop, _, pos in log:
+        seen[layer, pos].append(loop)
+    for (_, pos), loops in seen.items():
+        starts = [i for i, t in enumerate(loops) if t == 0]
+        runs = [loops[a:b] for a, b in zip(starts, starts[1:] + [len(loops)])]
+        assert starts[:1] == [0] and all(r == list(range(len(r))) for r in runs), loops
+        assert pos == last or runs[-1] == list(range(T)), (pos, loops)
+    assert max(pos for _, pos in seen if pos != last) == last - 1  # every token but the last ran its loops
 
 
 def test_seeded_sampling_through_the_switch_is_reproducible_and_batch_independent():
@@ -287,10 +291,83 @@ def test_load_that_rises_mid_request_switches_at_the_next_token(opts):
     engine.scheduler.load = load
     g = engine.generate(prompt, max_new_tokens=30, stop=[], mode="speculative", fallback=False, full_depth_above=2, **opts)
     assert g.tokens == want
-    assert (g.stats["fallback_at"], g.stats["fallback_reason"], len(reads)) == (quiet, "load", quiet)
+    # read after every emitted token but the last: busy from the quiet-th on, so full depth to the end
+    assert (g.stats["fallback_at"], g.stats["fallback_reason"], len(reads)) == (quiet, "load", 29)
+    assert g.stats["load_spans"] == [[quiet, 30]]
     assert all(s.reason == "verify" for s in g.steps[quiet:])
     T = model.num_loops
     assert g.stats["loops_per_token"] * 30 >= T * (30 - quiet)
+
+
+@pytest.mark.parametrize("opts", LOAD_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_speculation_resumes_when_the_load_falls(opts):
+    """Busy from token q for w tokens: those run at full depth, then a new speculative decoder
+    finishes the request from the last token (its prefill replaced by that token's T loops), exactly:
+    full depth's tokens, every position's loops run once and in order, statistics that add up."""
+    model = spec_model(max_pos=80)
+    engine = looplm.Engine(model, block_size=4)
+    prompt = ragged_prompts(1, model.config.vocab_size, 1, 12)[0]
+    n = 40
+    want = engine.generate(prompt, max_new_tokens=n, stop=[]).tokens
+    q, w = random.randint(1, 12), random.randint(1, 10)
+    reads = []
+
+    def load() -> int:
+        reads.append(1)
+        return 5 if q <= len(reads) < q + w else 1
+
+    engine.scheduler.load = load
+    log, handles = record_layer_calls(model)
+    g = engine.generate(prompt, max_new_tokens=n, stop=[], mode="speculative", fallback=False, full_depth_above=2, **opts)
+    for h in handles:
+        h.remove()
+    assert g.tokens == want
+    assert [s.index for s in g.steps] == list(range(n)) and len(reads) == n - 1
+    assert (g.stats["fallback_at"], g.stats["fallback_reason"], g.stats["load_spans"]) == (q, "load", [[q, q + w]])
+    assert all(s.reason == "verify" and s.info["proposed"] == 0 for s in g.steps[q : q + w + 1])
+    assert any(s.info["proposed"] > 0 for s in g.steps[q + w + 1 :])  # drafting again
+    st = g.stats
+    # every accepted verdict is a Step, except in rounds, where a switch inside a round drops the
+    # round's verdicts not yet emitted (full depth finds the same tokens again)
+    drafted_steps = sum(s.reason == "draft" for s in g.steps)
+    assert drafted_steps <= st["accepted"] <= st["drafted"] and (drafted_steps == st["accepted"] or "draft_len" in opts)
+    assert sum(i * c for i, c in enumerate(st["accepted_len_hist"])) == st["accepted"]
+    assert st["acceptance_rate"] == st["accepted"] / max(st["drafted"], 1)
+    if opts.get("branch", 1) == 1:  # (a tree runs sibling candidates of one position side by side)
+        _assert_every_position_ran_its_loops(log, len(prompt) + n - 1, model.num_loops)
+    pool = engine.scheduler.runners["per_loop"].cache.pool
+    assert pool.used == 0 and pool.tables == {} and pool._holders == {}
+
+
+def test_merged_statistics_add_up_over_the_parts():
+    def part():
+        hist = [random.randint(0, 9) for _ in range(random.randint(2, 4))]
+        acc = sum(i * c for i, c in enumerate(hist))
+        tested = [random.randint(0, 9) for _ in range(3)]
+        return {"drafted": acc + random.randint(0, 9), "accepted": acc, "rejected": random.randint(0, 9), "rounds": random.randint(1, 50),
+                "accepted_len_hist": hist, "rows_per_forward": random.uniform(1, 8), "max_rows": random.randint(1, 16),
+                "tested_by_depth": tested, "acceptance_by_depth": [random.random() if t else None for t in tested],
+                "won_by_rank": [random.randint(0, 9) for _ in range(2)], "forks": random.randint(0, 9)}
+
+    first, rest = part(), [part() for _ in range(random.randint(1, 3))]
+    merged = {k: (list(v) if isinstance(v, list) else v) for k, v in first.items()}
+    merge_stats(merged, [(random.randint(1, 30), p) for p in rest])
+    every = [first] + rest
+    for key in ("drafted", "accepted", "rejected", "rounds", "forks"):
+        assert merged[key] == sum(p[key] for p in every), key
+    width = max(len(p["accepted_len_hist"]) for p in every)
+    assert merged["accepted_len_hist"] == [sum(p["accepted_len_hist"][i] for p in every if i < len(p["accepted_len_hist"]))
+                                           for i in range(width)]
+    assert merged["max_rows"] == max(p["max_rows"] for p in every)
+    assert merged["rows_per_forward"] == pytest.approx(sum(p["rows_per_forward"] * p["rounds"] for p in every) / merged["rounds"])
+    for d in range(3):
+        tested = sum(p["tested_by_depth"][d] for p in every)
+        won = sum((p["acceptance_by_depth"][d] or 0) * p["tested_by_depth"][d] for p in every)
+        assert merged["tested_by_depth"][d] == tested
+        assert merged["acceptance_by_depth"][d] == (pytest.approx(won / tested) if tested else None)
+    acc = merged["accepted"]
+    assert merged["token_acceptance"] == acc / max(acc + merged["rejected"], 1)
+    assert merged["mean_accepted_len"] == acc / max(sum(merged["accepted_len_hist"]), 1)
 
 
 def test_seeded_samples_never_depend_on_the_load():
