@@ -96,67 +96,66 @@ def with_fallback(model: LoopLM, req: DecodeRequest, inner: Decoder, window: int
         """The last emitted token's T loops at its position (every earlier position holds all of them)."""
         return Forward(torch.tensor([[tokens[-1]]], device=device), [[plen + len(tokens) - 1]], logits="last", gates=False)
 
-    def finish() -> None:
+    start, first, value = 0, True, None  # start: tokens emitted when the running speculative part began
+    try:
+        while True:
+            last: deque[bool] = deque(maxlen=window)  # was each of the part's last emitted tokens an accepted draft
+            reason, fresh = None, start > 0  # fresh: a restarted part's next Forward is its prefill
+            while reason is None:
+                try:
+                    item = inner.send(value)
+                except StopIteration:
+                    return
+                value = None
+                if isinstance(item, Step):
+                    if start:
+                        item = dataclasses.replace(item, index=item.index + start)
+                    tokens.append(item.token)
+                    if item.index > start:  # a part's first token comes from full-depth logits, not a draft
+                        last.append(item.reason == "draft")
+                    yield item
+                    if not req.active(0, len(tokens)):
+                        continue  # the inner decoder ends the request itself
+                    if drafts and len(last) == window and sum(last) < bar * window:
+                        reason = "drafts"
+                    elif busy():
+                        reason = "load"
+                else:
+                    if fresh:
+                        item, fresh = last_token(), False
+                    if first:
+                        first = False  # the request's prefill
+                    else:
+                        computed += item.inputs.shape[0] * item.inputs.shape[1] * (
+                            item.num_loops if item.num_loops is not None else T - _min_start(item))
+                    value = yield item
+            inner.close()
+            if req.stats["fallback_at"] is None:
+                req.stats.update(fallback_at=len(tokens), fallback_reason=reason)
+            if reason == "load":
+                spans.append([len(tokens), len(tokens)])
+            timer = Timer(1)
+            while req.active(0, len(tokens)):  # full depth: one Forward of T loops per token
+                out = yield last_token()
+                computed += T
+                token = int(choose(out.logits[-1, :, 0], req.sampling, req.generator))
+                yield Step(0, len(tokens), token, T, T, timer.lap(0), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
+                tokens.append(token)
+                if reason == "load":
+                    spans[-1][1] = len(tokens)
+                    if restart is not None and req.active(0, len(tokens)) and not busy():
+                        break
+            if not req.active(0, len(tokens)):
+                return
+            start = len(tokens)  # the load fell: speculate again on the rest of the request
+            sub = dataclasses.replace(req, prompts=[req.prompts[0] + tokens], max_new=[req.max_new[0] - start], stats={})
+            parts.append((start, sub.stats))
+            inner = restart(sub)
+    finally:  # also when the consumer stops early: the running part writes its statistics, then they add up
+        inner.close()
         merge_stats(req.stats, parts)
         if req.stats["fallback_at"] is not None:
             req.stats["loops_per_token"] = computed / max(len(tokens), 1)
-
-    start, first, value = 0, True, None  # start: tokens emitted when the running speculative part began
-    while True:
-        last: deque[bool] = deque(maxlen=window)  # was each of the part's last emitted tokens an accepted draft
-        reason, fresh = None, start > 0  # fresh: a restarted part's next Forward is its prefill
-        while reason is None:
-            try:
-                item = inner.send(value)
-            except StopIteration:
-                finish()
-                return
-            value = None
-            if isinstance(item, Step):
-                if start:
-                    item = dataclasses.replace(item, index=item.index + start)
-                tokens.append(item.token)
-                if item.index > start:  # a part's first token comes from full-depth logits, not a draft
-                    last.append(item.reason == "draft")
-                yield item
-                if not req.active(0, len(tokens)):
-                    continue  # the inner decoder ends the request itself
-                if drafts and len(last) == window and sum(last) < bar * window:
-                    reason = "drafts"
-                elif busy():
-                    reason = "load"
-            else:
-                if fresh:
-                    item, fresh = last_token(), False
-                if first:
-                    first = False  # the request's prefill
-                else:
-                    computed += item.inputs.shape[0] * item.inputs.shape[1] * (
-                        item.num_loops if item.num_loops is not None else T - _min_start(item))
-                value = yield item
-        inner.close()
-        if req.stats["fallback_at"] is None:
-            req.stats.update(fallback_at=len(tokens), fallback_reason=reason)
-        if reason == "load":
-            spans.append([len(tokens), len(tokens)])
-        timer = Timer(1)
-        while req.active(0, len(tokens)):  # full depth: one Forward of T loops per token
-            out = yield last_token()
-            computed += T
-            token = int(choose(out.logits[-1, :, 0], req.sampling, req.generator))
-            yield Step(0, len(tokens), token, T, T, timer.lap(0), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
-            tokens.append(token)
-            if reason == "load":
-                spans[-1][1] = len(tokens)
-                if restart is not None and req.active(0, len(tokens)) and not busy():
-                    break
-        if not req.active(0, len(tokens)):
-            finish()
-            return
-        start = len(tokens)  # the load fell: speculate again on the rest of the request
-        sub = dataclasses.replace(req, prompts=[req.prompts[0] + tokens], max_new=[req.max_new[0] - start], stats={})
-        parts.append((start, sub.stats))
-        inner = restart(sub)
 
 
 SUMMED = ("drafted", "accepted", "rejected", "rounds", "forks", "seconds", "seconds_tested", "seconds_accepted", "pairs_emitted")
