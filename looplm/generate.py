@@ -48,9 +48,9 @@ def full_depth_tail(model: LoopLM, req: DecodeRequest, token: int, pos: int, pro
     """The rest of a one-sequence request at full depth, from its last emitted token `token` at
     position `pos` (not run yet; every position before it holds all T loops of K/V) after `produced`
     tokens: one Forward of T loops per token, then its Step (`reason`, a copy of `info`), until the
-    request ends. `on_token(produced)` is called after each Step with the tokens emitted so far (a
-    caller's statistics). Used by decode_full after the prefill and by decoders that switch to full
-    depth (spec.fallback).
+    request ends, or until `on_token(token)`, called after each Step with its token, returns True
+    (a caller handing the request back to another decoder: spec.fallback). Used by decode_full
+    after the prefill and by decoders that switch to full depth.
     """
     T = model.num_loops
     device = model.lm_head.weight.device
@@ -60,5 +60,5 @@ def full_depth_tail(model: LoopLM, req: DecodeRequest, token: int, pos: int, pro
         yield Step(0, produced, token, T, T, timer.lap(0), reason, info=dict(info) if info else {})
         produced += 1
         pos += 1
-        if on_token is not None:
-            on_token(produced)
+        if on_token is not None and on_token(token):
+            return

@@ -57,8 +57,8 @@ from itertools import zip_longest
 import torch
 
 from looplm.decoding import Decoder, DecodeRequest, Step, Timer
+from looplm.generate import full_depth_tail
 from looplm.model import LoopLM
-from looplm.sampling import choose
 from looplm.work import Forward
 
 WINDOW = 12  # emitted tokens the decision looks back over
@@ -134,17 +134,19 @@ def with_fallback(model: LoopLM, req: DecodeRequest, inner: Decoder, window: int
                 req.stats.update(fallback_at=len(tokens), fallback_reason=reason)
             if reason == "load":
                 spans.append([len(tokens), len(tokens)])
-            timer = Timer(1)
-            while req.active(0, len(tokens)):  # full depth: one Forward of T loops per token
-                out = yield last_token()
-                computed += T
-                token = int(choose(out.logits[-1, :, 0], req.sampling, req.generator))
-                yield Step(0, len(tokens), token, T, T, timer.lap(0), "verify", info={"draft": False, "accepted": 0, "proposed": 0})
+
+            def full_depth_token(token: int) -> bool:
+                """Counts a full-depth token; True hands the rest back to a new speculative decoder."""
+                nonlocal computed
                 tokens.append(token)
-                if reason == "load":
-                    spans[-1][1] = len(tokens)
-                    if restart is not None and req.active(0, len(tokens)) and not busy():
-                        break
+                computed += T  # its Forward: one position through T loops
+                if reason != "load":
+                    return False
+                spans[-1][1] = len(tokens)
+                return restart is not None and req.active(0, len(tokens)) and not busy()
+
+            yield from full_depth_tail(model, req, tokens[-1], plen + len(tokens) - 1, len(tokens), Timer(1), reason="verify",
+                                       info={"draft": False, "accepted": 0, "proposed": 0}, on_token=full_depth_token)
             if not req.active(0, len(tokens)):
                 return
             start = len(tokens)  # the load fell: speculate again on the rest of the request
