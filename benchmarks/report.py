@@ -80,6 +80,11 @@ def _fmt(x, digits: int = 2, unit: str = "") -> str:
     return f"{x}{unit}"
 
 
+def _load_change(averages) -> str:
+    """Load averages (1/5/15 min) in turn, e.g. before and after a run: "0.5/0.6/0.7 -> 0.9/0.8/0.7"."""
+    return " -> ".join("/".join(f"{x:.1f}" for x in la) for la in averages)
+
+
 def _bytes(x) -> str:
     if x is None:
         return "–"
@@ -495,7 +500,7 @@ def row_cost_lines(others: list[dict]) -> list[str]:
              f"Bundled model, batch 1, {e['threads']} thread, the first {e['prompts']} benchmark prompts x {e['new_tokens']} "
              f"new tokens, decode steps only (each prompt's prefill timed alone and taken out), best of {e['repeats']} "
              "repeats; every `loop_body` and `head` call timed and binned by its rows. Load average "
-             + " -> ".join("/".join(f"{x:.1f}" for x in la) for la in (e["load_average_before"], e["load_average_after"])) + ".", "",
+             + _load_change((e["load_average_before"], e["load_average_after"])) + ".", "",
              "| mode | decode tok/s | loop-body calls/token | row-loops/token | loop-body ms/token | head rows/token | head ms/token | rest ms/token |",
              "|---|---|---|---|---|---|---|---|"]
     for mode, m in e["modes"].items():
@@ -545,7 +550,7 @@ def spec_load_lines(others: list[dict]) -> list[str]:
              "alternating rounds; every output equal to full depth. *always*: speculative with `full_depth_above=None`; "
              f"*recommended*: the checkpoint's `full_depth_above={e['full_depth_above']}` (above it a request switches to "
              "full depth at its first token). Load average "
-             + " -> ".join("/".join(f"{x:.1f}" for x in la) for la in (e["load_average_before"], e["load_average_after"])) + ".", "",
+             + _load_change((e["load_average_before"], e["load_average_after"])) + ".", "",
              "| requests | full tok/s | always tok/s | always x full | recommended tok/s | recommended x full | switched for load |",
              "|---|---|---|---|---|---|---|"]
     for r in e["load_sweep"]:
@@ -637,7 +642,7 @@ def bandwidth_table(others: list[dict]) -> list[str]:
         return []
     out = [
         f"CPU bf16: {runs[0]['cpu_bf16']}. Load average (1/5/15 min) before and after each model: "
-        + "; ".join(f"`{r['model']}` " + " -> ".join("/".join(f"{x:.1f}" for x in la) for la in r["load_average"]) for r in runs) + ".",
+        + "; ".join(f"`{r['model']}` " + _load_change(r["load_average"]) for r in runs) + ".",
         "",
         "| model | dtype (loader default) | threads | bytes/token: weights/loop x loops + head + KV | matvec GB/s | bound tok/s | decode tok/s | of bound | bf16 / f32 | = f32 tokens |",
         "|---|---|---|---|---|---|---|---|---|---|",

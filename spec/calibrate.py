@@ -101,6 +101,16 @@ class NotLossless(AssertionError):
     """A speculative setting's greedy tokens differ from full depth's (a bug in the decoder)."""
 
 
+def check_lossless(what: str, gens, reference: list[list[int]]) -> None:
+    """Raises NotLossless, naming `what`, the prompt and the first differing token, where a
+    speculative generation's greedy tokens differ from full depth's `reference`."""
+    for i, (g, ref) in enumerate(zip(gens, reference)):
+        if g.tokens != ref:
+            first = next(j for j, (a, b) in enumerate(zip(g.tokens + [None], ref + [None])) if a != b)
+            raise NotLossless(f"{what}: prompt {i}'s greedy tokens differ from full depth (first at token {first})"
+                              " - speculation must be lossless: this is a bug")
+
+
 def wall_clock(run: Callable[[], list], setting: Setting | None = None) -> tuple[float, list]:
     """The default measure: wall seconds of `run()` (the device synchronised on both sides)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -239,11 +249,7 @@ def sweep(engine, settings: Sequence[Setting], prompts: Sequence[list[int]], new
         for s in settings:
             f_dt, _ = measure(run(None), None)
             dt, gens = measure(run(s), s)
-            for i, (g, ref) in enumerate(zip(gens, reference)):
-                if g.tokens != ref:
-                    raise NotLossless(f"{Setting(*s)}: prompt {i}'s greedy tokens differ from full depth "
-                                      f"(first at token {next(j for j, (a, b) in enumerate(zip(g.tokens + [None], ref + [None])) if a != b)})"
-                                      " - speculation must be lossless: this is a bug")
+            check_lossless(str(Setting(*s)), gens, reference)
             full_seconds.append(f_dt)
             seconds[s].append(dt)
             ratios[s].append(f_dt / dt)  # tokens are equal on both sides: tok/s ratio = time ratio
@@ -281,9 +287,7 @@ def load_sweep(engine, setting: Setting, prompts: Sequence[list[int]], loads: Se
         for _ in range(repeats):
             f_dt, full = measure(lambda: engine.generate(batch, max_new_tokens=new_tokens, stop=[]), None)
             dt, gens = measure(lambda: engine.generate(batch, max_new_tokens=new_tokens, stop=[], **opts), setting)
-            if [g.tokens for g in gens] != [g.tokens for g in full]:
-                raise NotLossless(f"{Setting(*setting)} beside {n - 1} other requests: greedy tokens differ from full depth "
-                                  "- speculation must be lossless: this is a bug")
+            check_lossless(f"{Setting(*setting)} beside {n - 1} other requests", gens, [g.tokens for g in full])
             ratios.append(f_dt / dt)
             bar.set_postfix_str(f"{n} requests {f_dt / dt:.2f}x", refresh=False)
             bar.update()
