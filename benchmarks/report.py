@@ -461,8 +461,9 @@ def trees_lines(others: list[dict]) -> list[str]:
         lines.append("")
     lines += ["x full: best time of the setting against the best of its paired full-depth calls (16 prompts x "
               f"{sweeps[0]['extra_info'].get('new_tokens')} tokens, batch 1, 1 thread); acceptance: accepted over tested "
-              "positions; by tree depth: positions 1..D-1 past the last emitted token with a winning candidate; wins by "
-              "rank: tested positions won by the top-1, top-2, ... candidate.", ""]
+              "positions; by tree depth: positions 1..D-1 past the last emitted token with a winning candidate (1..2D-1 "
+              "with second drafts, which sit one position past their pair's first); wins by rank: tested positions won "
+              "by the top-1, top-2, ... candidate.", ""]
     return lines
 
 

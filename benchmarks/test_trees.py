@@ -6,9 +6,10 @@ Greedy: draft loop k in {1, 2} and branch b in {1, 2, 3} (b = 1 is spec.pipeline
 draft_loop="adaptive" (spec.adapt: the loop chosen online per request) with the checkpoint's
 calibrated call cost and with call cost 0 (minimising weight passes), and second-token drafts
 at k = 2 (draft_tokens=2, spec.multi: always, and only where the second head's top-1 probability
-is at least 0.1); every output is checked equal to full depth. Sampling (temperature
-SAMPLED_TEMPERATURE, a fixed seed per call): the recommended k = 2 with b in {1, 2, 3} and the
-second-token drafts against full-depth sampling (lossless by the chi-square
+is at least 0.1), and trees at k = 2 whose top-1 candidate carries a second draft (b = 2, 3;
+draft_tokens=2 with branch > 1, spec.trees); every output is checked equal to full depth.
+Sampling (temperature SAMPLED_TEMPERATURE, a fixed seed per call): the recommended k = 2 with b in
+{1, 2, 3}, the second-token drafts and the trees with second drafts against full-depth sampling (lossless by the chi-square
 tests of tests/spec; outputs differ draw by draw). A "call" runs all prompts; every call of a
 setting follows a full-depth call, REPEATS times in turn, and a setting's ratio is its best time
 against the best of its own full-depth calls (the same number of samples on both sides, under the
@@ -37,10 +38,12 @@ from benchmarks.conftest import TEXT_PROMPTS, generate_each
 NEW_TOKENS = 128
 REPEATS = 2
 PAIRS = [(2, 1, (("draft_tokens", 2), ("second_threshold", t))) for t in (None, 0.1, 0.3, "adaptive")]
+# trees whose top-1 candidate carries a second draft (spec.trees with draft_tokens=2)
+TREE_PAIRS = [(2, b, (("draft_tokens", 2), ("second_threshold", t))) for b, t in ((2, None), (3, None), (2, "adaptive"))]
 # (k, b, more options as (name, value) pairs); every setting names draft_tokens (1 unless given), so
 # the checkpoint's recommended second drafts (generation_config.json) never change a row's meaning
-SETTINGS = [(k, b, ()) for k in (1, 2) for b in (1, 2, 3)] + [("adaptive", 1, ()), ("adaptive", 1, (("call_cost", 0.0),))] + PAIRS
-SAMPLED_SETTINGS = [(2, b, ()) for b in (1, 2, 3)] + PAIRS
+SETTINGS = [(k, b, ()) for k in (1, 2) for b in (1, 2, 3)] + [("adaptive", 1, ()), ("adaptive", 1, (("call_cost", 0.0),))] + PAIRS + TREE_PAIRS
+SAMPLED_SETTINGS = [(2, b, ()) for b in (1, 2, 3)] + PAIRS + TREE_PAIRS
 SAMPLED_TEMPERATURE = 0.8
 
 

@@ -125,8 +125,9 @@ class SpeculativeOptions(ModeOptions):
     draft_tokens: int = 1
     """1 or 2 tokens drafted by a token leaving loop k: with 2 the draft map's second-token head
     also drafts the token after its successor, the two run as a pair and one call can finish two
-    tokens (spec.multi; pipelined, branch 1, k must divide T, one sequence, a draft map with a
-    second-token head for loop k: `python -m spec.fit_draft --next`)."""
+    tokens (spec.multi; pipelined, k must divide T, one sequence, a draft map with a second-token
+    head for loop k: `python -m spec.fit_draft --next`). With branch > 1 the draft tree's top-1
+    candidate carries the second draft (spec.trees)."""
     second_threshold: float | str | None = None
     """With draft_tokens=2: draft the second token only where the second-token head's top-1
     probability is at least this value in [0, 1]; None: always; "adaptive": where second drafts at
@@ -161,8 +162,6 @@ class SpeculativeOptions(ModeOptions):
                 raise self._fail("second_threshold", "second_threshold needs draft_tokens=2")
             if not second_threshold_ok(self.second_threshold):
                 raise self._fail("second_threshold", f"second_threshold must be a number in [0, 1] or 'adaptive', got {self.second_threshold!r}")
-        if self.draft_tokens == 2 and self.branch > 1:
-            raise self._fail("draft_tokens", f"draft_tokens=2 does not run with branch={self.branch} (draft trees); use branch=1")
         k = self.draft_loop
         if k is not None and k != "adaptive" and not (_is_int(k) and k >= 1):
             raise self._fail("draft_loop", f"draft_loop must be an integer >= 1 (a 1-based loop depth), 'adaptive' or None, "
@@ -331,7 +330,7 @@ def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recom
     own options that rule it out (draft_len, pipeline=False, a draft_loop not dividing T; branch=1
     under a recommended branch_threshold): it is dropped and `notes["branch_unused"]` says why.
     So do recommended second-token drafts (draft_tokens=2, second_threshold) before the caller's
-    draft_loop, draft_len, pipeline or branch (and draft_tokens=1 under a recommended
+    draft_loop, draft_len or pipeline (and draft_tokens=1 under a recommended
     second_threshold), said in `notes["draft_tokens_unused"]`.
     A checkpoint whose own options conflict still raises.
 
@@ -375,8 +374,8 @@ def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recom
 
 
 # recommended option -> the caller's options that may rule it out (it then gives way, see `resolve`)
-_TREE_CAUSES = {"branch": ("draft_loop", "draft_len", "pipeline", "draft_tokens"), "branch_threshold": ("branch",),
-                "draft_tokens": ("draft_loop", "draft_len", "pipeline", "branch"), "second_threshold": ("draft_tokens",)}
+_TREE_CAUSES = {"branch": ("draft_loop", "draft_len", "pipeline"), "branch_threshold": ("branch",),
+                "draft_tokens": ("draft_loop", "draft_len", "pipeline"), "second_threshold": ("draft_tokens",)}
 
 
 _GROUPS = ({"branch", "branch_threshold"}, {"draft_tokens", "second_threshold"})  # what gives way together

@@ -111,7 +111,8 @@ def decode(
         draft_tokens: 1, or 2: the token leaving loop k also drafts the token after its successor
             with the draft map's second-token head (spec.multi; one sequence, pipelined, the map
             must have a second-token head for loop k); the two run as a pair, so one forward can
-            finish two tokens. Not in a batch (a recommended draft_tokens=2 then gives way to the
+            finish two tokens. With branch > 1 the top-1 candidate of the tree's sequence lane
+            carries the pair (spec.trees). Not in a batch (a recommended draft_tokens=2 then gives way to the
             plain pipeline, and stats["draft_tokens_unused"] says why).
         second_threshold: with draft_tokens=2, draft the second token only where its head's
             top-1 probability is at least this value (None: always; "adaptive": where second
@@ -180,16 +181,17 @@ def decode(
         if why is not None:  # the checkpoint's recommendation gives way: the plain pipeline runs
             req.stats["draft_tokens_unused"] = f"the checkpoint's recommended draft_tokens=2 does not run here: {why}"
             draft_tokens = 1
-    if draft_tokens == 2:
-        threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
-        build = functools.partial(decode_pairs, model, k=k, draft_map=dmap, threshold=threshold)
-    elif branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
+    threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
+    if branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
         if branch > model.config.vocab_size:
             raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")
         if B != 1:
             raise ValueError(f"branch={branch} (draft trees) decodes one sequence per request, got a batch of {B}")
         build = functools.partial(decode_tree, model, k=k, branch=branch, extrapolate=float(extrapolate), draft_map=dmap,
-                                  threshold=None if branch_threshold is None else float(branch_threshold))
+                                  threshold=None if branch_threshold is None else float(branch_threshold),
+                                  seconds=draft_tokens == 2, second_threshold=threshold)
+    elif draft_tokens == 2:
+        build = functools.partial(decode_pairs, model, k=k, draft_map=dmap, threshold=threshold)
     elif pipeline:
         build = functools.partial(decode_pipelined, model, k=k, extrapolate=float(extrapolate), draft_map=dmap)
     else:

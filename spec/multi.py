@@ -42,7 +42,7 @@ from looplm.work import Forward
 from .accept import accept_sampled
 from .drafts import DraftMap
 from .pipeline import call_inputs, count_run, pipeline_stats
-from .seconds import SecondChooser
+from .seconds import SecondChooser, pass_chance
 from .start import first_step, start_request
 
 
@@ -158,9 +158,9 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                 if chooser is not None:  # head is verified: its logits are the target at its successor's position
                     if head.shadow is not None:  # the second draft made (or not) beside head as a first draft
                         conf, second = head.shadow
-                        chooser.score_second(conf, second == tok if params.greedy else _pass_chance(p, second))
+                        chooser.score_second(conf, second == tok if params.greedy else pass_chance(p, second))
                     if succ is not None and not succ.second:
-                        chooser.score_first(ok if params.greedy else _pass_chance(p, succ.q))
+                        chooser.score_first(ok if params.greedy else pass_chance(p, succ.q))
                 if succ is not None and succ.second:
                     seconds_tested += 1
                     seconds_won += ok
@@ -221,7 +221,3 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             close_run()
         stats()
 
-
-def _pass_chance(p: torch.Tensor, q: torch.Tensor) -> float:
-    """The chance that a draw from q passes the Leviathan/Chen test against the target p: sum min(p, q)."""
-    return torch.minimum(p.reshape(-1), q).sum().item()

@@ -28,6 +28,22 @@ emitted token's logits come from all T loops over the exact K/V of the emitted p
 Sampled drafts are drawn from the request's generator after the verdict's draws and before its
 Step, in the pipeline's order, so a tree that never forks emits the sampled pipeline's tokens for a
 seed, also through a switch to full depth (spec.fallback closes the decoder after a Step).
+
+Second drafts in the tree (draft_tokens=2, a draft map with a second-token head for loop k): when
+lane 0's newest token n leaves loop k, its top-1 candidate for n+1 (the one that continues lane 0)
+also gets a second draft for n+2 from the head, as in spec.multi (conditioned on that candidate's
+token where the head reads it; made where `second_threshold` or spec.seconds says so). The two run
+as a pair in lane 0, adjacent rows at the same loops, so the second reads the first's same-loop
+K/V. The side candidates for n+1 carry none: a second draft conditioned on each would cost a head
+call per candidate for the less likely winners. When n leaves loop T its logits choose among the
+candidates for n+1 as above; if the top-1 wins, one call later the pair leaves loop T together:
+the first's logits test the second (one candidate: the Leviathan/Chen test with q2 when sampling),
+and if it passes, the second's logits choose among the candidates for n+3 (lane 0's next and the
+side lanes forked there). So one call can emit two tokens. A side lane that wins drops the pair with
+the rest of lane 0; a failed second draft voids everything behind it, side lanes included. Second
+drafts are drawn after the candidates (a seeded tree whose head never makes one draws as the plain
+tree). Side lanes write at most D - 1 positions as before; the second drafts write lane 0's
+positions, which the request reserved.
 """
 
 from __future__ import annotations
@@ -39,11 +55,12 @@ import torch
 from looplm.decoding import Decoder, DecodeRequest, Step
 from looplm.lanes import LaneForward
 from looplm.model import LoopLM
-from looplm.sampling import SamplingParams, probabilities
+from looplm.sampling import SamplingParams, probabilities, sample
 
 from .accept import accept_candidates, draw_candidates
 from .drafts import DraftMap, draft_state
 from .pipeline import count_run, pipeline_stats
+from .seconds import SecondChooser, pass_chance
 from .start import first_step, start_request
 
 
@@ -59,6 +76,8 @@ class _Token:
     hidden: torch.Tensor | None = None  # (H,) state after loop stage*k (None before stage 0)
     q: torch.Tensor | None = None  # (V,) the draft distribution it was drawn from (sampling only; shared by siblings)
     slot: int = -1  # its row in the current forward call
+    second: bool = False  # drafted by the second-token head (the second of lane 0's pair)
+    shadow: tuple | None = None  # lane 0's top-1 candidate: (confidence, second draft or q2) beside it, for SecondChooser
 
 
 def _propose(lg: torch.Tensor, rows: list[int], ids: dict[int, int], branch: int, threshold: float | None,
@@ -95,8 +114,33 @@ def _propose(lg: torch.Tensor, rows: list[int], ids: dict[int, int], branch: int
     return draft_tok, draft_q, alts
 
 
+def _second_draft(model: LoopLM, draft_map: DraftMap, per_loop: torch.Tensor, k: int, first_tok: int,
+                  params: SamplingParams, gen: torch.Generator, threshold: float | str | None,
+                  chooser: SecondChooser | None) -> tuple[int | None, torch.Tensor | None, tuple | None]:
+    """Lane 0's second draft, after its top-1 candidate `first_tok`, from the drafting token's
+    states `per_loop` (k, 1, H), as spec.multi drafts one.
+
+    Returns (the second draft, or None where the threshold or chooser declines it; q2 when
+    sampling, else None; the shadow (confidence, second draft or q2) for the chooser, else None).
+    A sampled second draft is drawn only when it is made."""
+    e = model.model.embed_tokens(torch.tensor([first_tok], device=per_loop.device)) if draft_map.next_conditioned(k) else None
+    lg2 = model.head(draft_map.next_state(per_loop, k, e))  # (1, V)
+    if params.greedy:
+        tok, q2 = int(lg2[0].argmax()), None
+        sure = torch.softmax(lg2[0], -1).amax().item() if threshold is not None else None
+    else:
+        q2 = probabilities(lg2, params)[0]
+        sure = q2.amax().item()
+    made = chooser.wants(sure) if chooser is not None else threshold is None or sure >= threshold
+    if made and not params.greedy:
+        tok = int(sample(q2[None], gen)[0])
+    shadow = (sure, tok if params.greedy else q2) if chooser is not None else None
+    return (tok if made else None), q2, shadow
+
+
 def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshold: float | None = None,
-                extrapolate: float = 0.0, draft_map: DraftMap | None = None) -> Decoder:
+                extrapolate: float = 0.0, draft_map: DraftMap | None = None, seconds: bool = False,
+                second_threshold: float | str | None = None) -> Decoder:
     """Pipelined self-speculation with draft trees (see the module docstring).
 
     Args:
@@ -107,6 +151,10 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             is below it (greedy: softmax of the draft logits; sampling: the draft distribution q
             after temperature, top-k and top-p).
         extrapolate, draft_map: what drafts are computed from (spec.drafts).
+        seconds: lane 0's top-1 candidate carries a second draft (draft_tokens=2, "Second drafts in
+            the tree" in the module docstring); `draft_map` has a second-token head for loop k.
+        second_threshold: with seconds, as spec.multi.decode_pairs' threshold (None: always; a
+            number: where the head's top-1 probability is at least it; "adaptive": spec.seconds).
     Yields:
         LaneForwards and Steps as spec.pipeline.decode_pipelined.
     Stats (req.stats): spec.pipeline's keys (drafted counts every candidate, so acceptance_rate
@@ -115,7 +163,9 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
         candidate), rows_per_forward (mean rows of the decode calls) and max_rows,
         acceptance_by_depth (per depth d = 1.. of the tested position past the last emitted token
         when it was drafted: the fraction with a winning candidate; tested_by_depth: how many were
-        tested) and won_by_rank (tested positions won by the top-1, top-2, ... candidate).
+        tested) and won_by_rank (tested positions won by the top-1, top-2, ... candidate). With
+        seconds also spec.multi's draft_tokens = 2, second_threshold, seconds, seconds_tested,
+        seconds_accepted and pairs_emitted.
     """
     T = model.num_loops
     D = T // k
@@ -127,6 +177,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
     table = model.model.embed_tokens.weight  # a row of the embedding table is the embedding
     plen = len(req.prompts[0])
     max_new = req.max_new[0]
+    chooser = SecondChooser(D) if seconds and second_threshold == "adaptive" else None
     lanes: dict[int, list[_Token]] = {0: []}  # lane -> its tokens in flight, oldest first; 0 is the sequence
     fork_at: dict[int, int] = {}  # side lane -> index of its first token
     next_lane = 1
@@ -135,9 +186,11 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
     forks: list[tuple[int, int]] = []
     produced = emitted = computed = calls = rows_total = max_rows = 0
     n_acc = n_rej = n_prop = n_forks = run = 0
+    n_seconds = seconds_tested = seconds_won = pairs = 0
     hist = [0] * (D + 1)
-    tested_at = [0] * D  # by depth 1..D-1 (index 0 unused: a target token is never tested)
-    won_at = [0] * D
+    depths = 2 * D - 1 if seconds else D - 1  # a second draft sits one position past its pair's first
+    tested_at = [0] * (depths + 1)  # by depth 1..depths (index 0 unused: a target token is never tested)
+    won_at = [0] * (depths + 1)
     won_rank = [0] * branch
 
     def close_run() -> None:
@@ -153,6 +206,9 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             acceptance_by_depth=[w / t if t else None for w, t in zip(won_at[1:], tested_at[1:])], tested_by_depth=tested_at[1:],
             won_by_rank=list(won_rank),
         )
+        if seconds:
+            req.stats.update(draft_tokens=2, second_threshold=second_threshold, seconds=n_seconds,
+                             seconds_tested=seconds_tested, seconds_accepted=seconds_won, pairs_emitted=pairs)
 
     stats()  # complete from the start: spec.fallback may close the decoder at its first Step
     if req.active(0, 0):
@@ -162,15 +218,17 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             lanes[0].append(_Token(0, first[0], 0, 0))
     try:
         while lanes[0]:
-            # rows: lane by lane (lane 0 first), newest token first within a lane
-            items = [t for lane in lanes.values() for t in reversed(lane)]
+            # rows: lane by lane (lane 0 first), newest stage first within a lane; a pair's two tokens
+            # (one stage) adjacent in position order, so the runner runs them as one causal group
+            items = [t for lane in lanes.values() for t in sorted(lane, key=lambda t: (t.stage, t.index))]
             lane_of = [lane for lane, toks in lanes.items() for _ in toks]
             for i, t in enumerate(items):
                 t.slot = i
             stages = torch.tensor([t.stage for t in items], device=device)[:, None]
             pos = torch.tensor([plen + t.index for t in items], device=device)[:, None]
             h = torch.stack([t.hidden if t.stage else table[t.token] for t in items])  # (N, H)
-            fresh = [i for i, t in enumerate(items) if t.stage == 0]
+            newest = {id(toks[-1]) for toks in lanes.values() if toks and toks[-1].stage == 0}
+            fresh = [i for i, t in enumerate(items) if id(t) in newest]  # they draft (a pair's first does not)
             out = yield LaneForward(h[:, None], pos, start_loop=stages * k, num_loops=k, lanes=lane_of,
                                     drop=drop, adopt=adopt, forks=forks, gates=False)
             drop, adopt, forks = [], None, []
@@ -179,39 +237,50 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             rows_total += len(items)
             max_rows = max(max_rows, len(items))
             hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
-            # logits only where needed: drafts of the fresh rows (first), loop T of lane 0's head (last)
-            head_row = [lanes[0][0].slot] if lanes[0][0].stage == D - 1 else []
+            # logits only where needed: drafts of the fresh rows (first), loop T of lane 0's heads (last)
+            head_rows = [t.slot for t in lanes[0] if t.stage == D - 1]  # oldest first; two for a pair
             fresh_t = torch.tensor(fresh, device=device)
             drafts = draft_state(out.hidden[:, fresh_t, 0], extrapolate, draft_map) if fresh else hidden[:0]
-            lg = model.head(torch.cat([drafts, hidden[head_row]]))  # (len(fresh) + len(head_row), V)
+            lg = model.head(torch.cat([drafts, hidden[head_rows]]))  # (len(fresh) + len(head_rows), V)
             # full depth's tie rule; one host transfer
-            ids = dict(zip(fresh + head_row, lg.argmax(-1).tolist())) if params.greedy else {}
+            ids = dict(zip(fresh + head_rows, lg.argmax(-1).tolist())) if params.greedy else {}
             for toks in lanes.values():
                 for t in toks:
                     t.stage += 1
                     t.hidden = hidden[t.slot]
 
-            # -- verify: lane 0's head left loop T; its logits choose among the next position's candidates
-            step = None
+            # -- verify: lane 0's heads left loop T (two for a pair, oldest first); each one's logits choose
+            # among the next position's candidates, until one has no winner or a side lane wins
+            steps: list[Step] = []
             toks = lanes[0]
-            if toks[0].stage == D:
+            for j in range(len(head_rows)):
                 head = toks.pop(0)
+                row = len(fresh) + j
                 cands = ([(0, toks[0])] if toks else []) + [(lane, lanes[lane][0]) for lane, at in fork_at.items() if at == head.index + 1]
                 cands.sort(key=lambda c: c[1].rank)  # draw order: the rule tests them in turn
                 if params.greedy:  # the candidate equal to the argmax
                     tok = ids[head.slot]
                     winner = next((lane for lane, t in cands if t.token == tok), None)
                 else:  # multi-candidate rejection (spec.accept.accept_candidates): the token follows p exactly
-                    p = probabilities(lg[-1:], params)  # (1, V)
+                    p = probabilities(lg[row : row + 1], params)  # (1, V)
                     q = cands[0][1].q[None] if cands else p
                     ids_t = torch.tensor([[t.token for _, t in cands] or [0]], device=device)
                     won, tok_t = accept_candidates(ids_t, q, p, torch.tensor([len(cands)], device=device), gen)
                     w, tok = torch.cat([won, tok_t]).tolist()  # one host transfer
                     winner = cands[w][0] if w < len(cands) else None
+                if chooser is not None:  # head is verified: its logits are the target at the next position
+                    if head.shadow is not None:  # the second draft made (or not) beside head as lane 0's top-1
+                        conf, second = head.shadow
+                        chooser.score_second(conf, second == tok if params.greedy else pass_chance(p, second))
+                    if toks and not toks[0].second:
+                        chooser.score_first(toks[0].token == tok if params.greedy else pass_chance(p, toks[0].q))
                 if cands:
                     depth = cands[0][1].depth
                     tested_at[depth] += 1
                     won_at[depth] += winner is not None
+                    if toks and toks[0].second:
+                        seconds_tested += 1
+                        seconds_won += winner == 0
                 if winner is not None:
                     n_acc += 1
                     run += 1
@@ -230,33 +299,49 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
                     gone = [lane for lane, at in fork_at.items() if at == head.index + 1]
                 else:  # a side lane won: it becomes the sequence; lane 0 and its later forks are void
                     gone = [lane for lane in fork_at if lane != winner]
-                    lanes[0] = lanes.pop(winner)
+                    lanes[0] = toks = lanes.pop(winner)
                     del fork_at[winner]
                     adopt = winner
                 for lane in gone:
                     del lanes[lane], fork_at[lane]
                 drop += gone
-                step = Step(0, produced, tok, T, T, timer.lap(0), reason, info=info)
+                steps.append(Step(0, produced + j, tok, T, T, 0.0, reason, info=info))
+                if winner != 0:  # the next head, if any, was lane 0's: void
+                    break
 
             # -- draft: each lane's newest token that just left loop k proposes its successor(s). Sampled
-            # drafts are drawn after the verdict's draws and before its Step, in spec.pipeline's order: a
+            # drafts are drawn after the verdicts' draws and before their Steps, in spec.pipeline's order: a
             # tree that never forks consumes the request's generator as the pipeline does, also when the
-            # consumer closes it after that Step (spec.fallback)
+            # consumer closes it after a Step (spec.fallback)
             draft_tok, draft_q, alts = _propose(lg[: len(fresh)], fresh, ids, branch, threshold, params, gen)
-            if step is not None:
+            n0 = lanes[0][-1] if lanes[0] and lanes[0][-1].stage == 1 else None  # lane 0's newest, if it drafts now
+            second = None  # (its second draft or None, q2, shadow): lane 0's top-1 candidate carries it
+            if seconds and n0 is not None and n0.index + 2 < max_new:
+                second = _second_draft(model, draft_map, out.hidden[:, n0.slot : n0.slot + 1, 0], k, draft_tok[n0.slot],
+                                       params, gen, second_threshold, chooser)
+            for j, step in enumerate(steps):
+                step.latency_ms = timer.lap(0)
                 yield step
+                pairs += j == 1
                 produced += 1
                 emitted += 1
                 if not req.active(0, produced):
                     break
+            if not req.active(0, produced):
+                break
             for lane in list(lanes):
                 newest = lanes[lane][-1] if lanes[lane] else None
                 if newest is None or newest.stage != 1 or newest.index + 1 >= max_new:
                     continue
                 depth = newest.index + 1 - produced + 1
                 q = draft_q.get(newest.slot)
-                lanes[lane].append(_Token(newest.index + 1, draft_tok[newest.slot], 0, depth, q=q))
+                shadow = second[2] if lane == 0 and second is not None else None
+                lanes[lane].append(_Token(newest.index + 1, draft_tok[newest.slot], 0, depth, q=q, shadow=shadow))
                 n_prop += 1
+                if lane == 0 and second is not None and second[0] is not None:
+                    lanes[0].append(_Token(newest.index + 2, second[0], 0, depth + 1, q=second[1], second=True))
+                    n_prop += 1
+                    n_seconds += 1
                 for rank, c in enumerate(alts.get(newest.slot, []) if lane == 0 else [], 1):
                     lanes[next_lane] = [_Token(newest.index + 1, c, 0, depth, rank, q=q)]
                     fork_at[next_lane] = newest.index + 1

@@ -397,7 +397,7 @@ def torch_prompt(engine, n=6):
 
 
 @pytest.mark.parametrize("own", [{"draft_loop": 1}, {"draft_loop": "adaptive"}, {"pipeline": False}, {"draft_len": 2},
-                                 {"branch": 2}, {"draft_tokens": 1}])
+                                 {"draft_tokens": 1}])
 def test_recommended_second_drafts_give_way_to_the_callers_options(tmp_path, own):
     gc = {"looplm": {"speculative": {"draft_loop": 2, "draft_tokens": 2, "second_threshold": 0.1}}}
     engine = looplm.load(checkpoint(tmp_path, gc=gc, dmap=pair_map(32)))
@@ -409,17 +409,23 @@ def test_recommended_second_drafts_give_way_to_the_callers_options(tmp_path, own
     assert g.tokens == full.tokens and "draft_tokens" not in g.stats and "second_threshold" not in g.stats
     assert g.stats["draft_tokens_unused"].startswith("the checkpoint's recommended ")
     assert "second_threshold=0.1" in g.stats["draft_tokens_unused"]
-    assert ("branch" in own) == (g.stats.get("branch") == 2)
 
 
-def test_a_recommended_tree_gives_way_to_the_callers_second_drafts(tmp_path):
-    engine = looplm.load(checkpoint(tmp_path, gc={"looplm": {"speculative": {"draft_loop": 2, "branch": 3}}}, dmap=pair_map(32)))
+def test_recommended_second_drafts_and_trees_combine(tmp_path):
+    """A caller's tree under recommended second drafts, and a caller's second drafts under a
+    recommended tree: the tree's top-1 candidate carries the second draft (spec.trees)."""
+    gc = {"looplm": {"speculative": {"draft_loop": 2, "draft_tokens": 2, "second_threshold": 0.1}}}
+    engine = looplm.load(checkpoint(tmp_path / "pairs", gc=gc, dmap=pair_map(32)))
     prompt = torch_prompt(engine)
+    full = engine.generate(prompt, max_new_tokens=12, stop=[]).tokens
+    g = engine.generate(prompt, max_new_tokens=12, stop=[], mode="speculative", branch=2)
+    assert (g.stats["branch"], g.stats["draft_tokens"], g.stats["second_threshold"]) == (2, 2, 0.1) and g.tokens == full
+    assert "draft_tokens_unused" not in g.stats and "branch_unused" not in g.stats
+    engine = looplm.load(checkpoint(tmp_path / "tree", gc={"looplm": {"speculative": {"draft_loop": 2, "branch": 3}}},
+                                    dmap=pair_map(32)))
     g = engine.generate(prompt, max_new_tokens=12, stop=[], mode="speculative", draft_tokens=2)
-    assert g.stats["draft_tokens"] == 2 and "branch" not in g.stats and "branch=3" in g.stats["branch_unused"]
+    assert (g.stats["branch"], g.stats["draft_tokens"]) == (3, 2) and "branch_unused" not in g.stats
     assert g.tokens == engine.generate(prompt, max_new_tokens=12, stop=[]).tokens
-    with pytest.raises(ValueError, match="draft_tokens=2 does not run with branch=2"):  # the caller's own conflict stands
-        engine.generate(prompt, max_new_tokens=4, mode="speculative", draft_tokens=2, branch=2)
 
 
 def test_recommended_second_drafts_give_way_in_a_batch_or_without_a_head():

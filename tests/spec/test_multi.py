@@ -169,7 +169,6 @@ def test_bad_options_get_errors_naming_them():
         (dict(draft_tokens=2.0), "draft_tokens", "1 or 2"),
         (dict(second_threshold=0.5), "second_threshold", "needs draft_tokens=2"),
         (dict(draft_tokens=2, second_threshold=1.5, draft_map=dmap), "second_threshold", "second_threshold"),
-        (dict(draft_tokens=2, branch=2, draft_map=dmap), "draft_tokens", "branch=2"),
         (dict(draft_tokens=2, draft_loop="adaptive", draft_map=dmap), "draft_tokens", "adaptive"),
         (dict(draft_tokens=2, draft_loop=1, draft_map=dmap), "draft_tokens", "draft_loop must be >= 2"),
         (dict(draft_tokens=2, draft_loop=3, draft_map=dmap), "draft_tokens", "divide T = 4"),
