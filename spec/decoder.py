@@ -46,6 +46,7 @@ from .fallback import with_fallback
 from .multi import decode_pairs
 from .pipeline import decode_pipelined
 from .schedule import DraftLength
+from .seconds import SecondChooser
 from .start import first_step, start_request
 from .trees import decode_tree
 
@@ -182,6 +183,8 @@ def decode(
             req.stats["draft_tokens_unused"] = f"the checkpoint's recommended draft_tokens=2 does not run here: {why}"
             draft_tokens = 1
     threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
+    # one chooser for every part of the request: a decoder restarted after a load switch keeps its history
+    seconds = SecondChooser(model.num_loops // k) if draft_tokens == 2 and threshold == "adaptive" else None
     if branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
         if branch > model.config.vocab_size:
             raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")
@@ -189,9 +192,9 @@ def decode(
             raise ValueError(f"branch={branch} (draft trees) decodes one sequence per request, got a batch of {B}")
         build = functools.partial(decode_tree, model, k=k, branch=branch, extrapolate=float(extrapolate), draft_map=dmap,
                                   threshold=None if branch_threshold is None else float(branch_threshold),
-                                  seconds=draft_tokens == 2, second_threshold=threshold)
+                                  seconds=draft_tokens == 2, second_threshold=threshold, chooser=seconds)
     elif draft_tokens == 2:
-        build = functools.partial(decode_pairs, model, k=k, draft_map=dmap, threshold=threshold)
+        build = functools.partial(decode_pairs, model, k=k, draft_map=dmap, threshold=threshold, chooser=seconds)
     elif pipeline:
         build = functools.partial(decode_pipelined, model, k=k, extrapolate=float(extrapolate), draft_map=dmap)
     else:

@@ -61,7 +61,7 @@ class _Token:
 
 
 def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
-                 threshold: float | str | None = None) -> Decoder:
+                 threshold: float | str | None = None, chooser: SecondChooser | None = None) -> Decoder:
     """Pipelined self-speculation with second-token drafts (see the module docstring).
 
     Args:
@@ -73,6 +73,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             (greedy: softmax of its logits; sampling: its distribution q2 after temperature, top-k
             and top-p) is at least this; None: always; "adaptive": where second drafts at that
             confidence have passed often enough in this request to pay (spec.seconds).
+        chooser: with "adaptive", the request's spec.seconds.SecondChooser (a new one when None;
+            spec.decode passes one that outlives a switch to full depth and back).
     Yields:
         Forwards and Steps as spec.pipeline.decode_pipelined.
     Stats (req.stats): spec.pipeline's keys (drafted counts second drafts too), plus draft_tokens = 2,
@@ -86,7 +88,7 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
     device = model.lm_head.weight.device
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
     conditioned = draft_map.next_conditioned(k)  # its second-token head reads the first draft's token
-    chooser = SecondChooser(D) if threshold == "adaptive" else None
+    chooser = (chooser if chooser is not None else SecondChooser(D)) if threshold == "adaptive" else None
     plen, max_new = len(req.prompts[0]), req.max_new[0]
     flight: list[_Token] = []  # oldest first
     produced = emitted = computed = calls = 0

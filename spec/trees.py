@@ -140,7 +140,7 @@ def _second_draft(model: LoopLM, draft_map: DraftMap, per_loop: torch.Tensor, k:
 
 def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshold: float | None = None,
                 extrapolate: float = 0.0, draft_map: DraftMap | None = None, seconds: bool = False,
-                second_threshold: float | str | None = None) -> Decoder:
+                second_threshold: float | str | None = None, chooser: SecondChooser | None = None) -> Decoder:
     """Pipelined self-speculation with draft trees (see the module docstring).
 
     Args:
@@ -155,6 +155,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             the tree" in the module docstring); `draft_map` has a second-token head for loop k.
         second_threshold: with seconds, as spec.multi.decode_pairs' threshold (None: always; a
             number: where the head's top-1 probability is at least it; "adaptive": spec.seconds).
+        chooser: with "adaptive", the request's spec.seconds.SecondChooser (as spec.multi.decode_pairs').
     Yields:
         LaneForwards and Steps as spec.pipeline.decode_pipelined.
     Stats (req.stats): spec.pipeline's keys (drafted counts every candidate, so acceptance_rate
@@ -177,7 +178,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
     table = model.model.embed_tokens.weight  # a row of the embedding table is the embedding
     plen = len(req.prompts[0])
     max_new = req.max_new[0]
-    chooser = SecondChooser(D) if seconds and second_threshold == "adaptive" else None
+    chooser = (chooser if chooser is not None else SecondChooser(D)) if seconds and second_threshold == "adaptive" else None
     lanes: dict[int, list[_Token]] = {0: []}  # lane -> its tokens in flight, oldest first; 0 is the sequence
     fork_at: dict[int, int] = {}  # side lane -> index of its first token
     next_lane = 1

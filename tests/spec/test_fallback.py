@@ -339,6 +339,50 @@ def test_speculation_resumes_when_the_load_falls(opts):
     assert pool.used == 0 and pool.tables == {} and pool._holders == {}
 
 
+@pytest.mark.parametrize("branch", [1, 2])
+def test_adaptive_second_drafts_keep_their_history_through_a_load_switch(branch, monkeypatch):
+    """second_threshold="adaptive" (spec.seconds): the decoder that resumes after a busy spell goes on
+    with the request's one chooser, which has scores from before and after the spell; exact tokens."""
+    import spec.multi
+    import spec.seconds
+    import spec.trees
+
+    from .test_multi import pair_map
+
+    made, scored_at = [], []
+
+    class Recorded(spec.seconds.SecondChooser):
+        def __init__(self, stages):
+            super().__init__(stages)
+            made.append(self)
+
+        def score_first(self, score):
+            scored_at.append(len(reads))
+            super().score_first(score)
+
+    for module in (spec.decoder, spec.multi, spec.trees):
+        monkeypatch.setattr(module, "SecondChooser", Recorded)
+    model = spec_model(max_pos=80, step_scale=0.05)
+    engine = looplm.Engine(model, block_size=4)
+    prompt = ragged_prompts(1, model.config.vocab_size, 1, 12)[0]
+    n = 40
+    want = engine.generate(prompt, max_new_tokens=n, stop=[]).tokens
+    q, w = random.randint(8, 14), random.randint(1, 6)
+    reads = []
+
+    def load() -> int:
+        reads.append(1)
+        return 5 if q <= len(reads) < q + w else 1
+
+    engine.scheduler.load = load
+    g = engine.generate(prompt, max_new_tokens=n, stop=[], mode="speculative", fallback=False, full_depth_above=2,
+                        draft_loop=2, branch=branch, draft_map=pair_map(32), draft_tokens=2, second_threshold="adaptive")
+    assert g.tokens == want
+    assert g.stats["load_spans"] == [[q, q + w]] and g.stats["second_threshold"] == "adaptive"
+    assert len(made) == 1  # one chooser for both speculative parts
+    assert min(scored_at) < q and max(scored_at) >= q + w  # it scored drafts before the spell and after it
+
+
 def test_merged_statistics_add_up_over_the_parts():
     def part():
         hist = [random.randint(0, 9) for _ in range(random.randint(2, 4))]
