@@ -299,17 +299,12 @@ def test_load_that_rises_mid_request_switches_at_the_next_token(opts):
     assert g.stats["loops_per_token"] * 30 >= T * (30 - quiet)
 
 
-@pytest.mark.parametrize("opts", LOAD_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_speculation_resumes_when_the_load_falls(opts):
-    """Busy from token q for w tokens: those run at full depth, then a new speculative decoder
-    finishes the request from the last token (its prefill replaced by that token's T loops), exactly:
-    full depth's tokens, every position's loops run once and in order, statistics that add up."""
-    model = spec_model(max_pos=80)
+def _busy_spell(model, q: int, w: int, n: int = 40):
+    """An engine whose scheduler reports 5 requests from the q-th load read for w reads, else 1;
+    a prompt and full depth's n tokens for it. Returns (engine, prompt, tokens, the reads so far)."""
     engine = looplm.Engine(model, block_size=4)
     prompt = ragged_prompts(1, model.config.vocab_size, 1, 12)[0]
-    n = 40
     want = engine.generate(prompt, max_new_tokens=n, stop=[]).tokens
-    q, w = random.randint(1, 12), random.randint(1, 10)
     reads = []
 
     def load() -> int:
@@ -317,6 +312,17 @@ def test_speculation_resumes_when_the_load_falls(opts):
         return 5 if q <= len(reads) < q + w else 1
 
     engine.scheduler.load = load
+    return engine, prompt, want, reads
+
+
+@pytest.mark.parametrize("opts", LOAD_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_speculation_resumes_when_the_load_falls(opts):
+    """Busy from token q for w tokens: those run at full depth, then a new speculative decoder
+    finishes the request from the last token (its prefill replaced by that token's T loops), exactly:
+    full depth's tokens, every position's loops run once and in order, statistics that add up."""
+    model = spec_model(max_pos=80)
+    engine, prompt, want, reads = _busy_spell(model, q := random.randint(1, 12), w := random.randint(1, 10))
+    n = len(want)
     log, handles = record_layer_calls(model)
     g = engine.generate(prompt, max_new_tokens=n, stop=[], mode="speculative", fallback=False, full_depth_above=2, **opts)
     for h in handles:
@@ -363,19 +369,8 @@ def test_adaptive_second_drafts_keep_their_history_through_a_load_switch(branch,
     for module in (spec.decoder, spec.multi, spec.trees):
         monkeypatch.setattr(module, "SecondChooser", Recorded)
     model = spec_model(max_pos=80, step_scale=0.05)
-    engine = looplm.Engine(model, block_size=4)
-    prompt = ragged_prompts(1, model.config.vocab_size, 1, 12)[0]
-    n = 40
-    want = engine.generate(prompt, max_new_tokens=n, stop=[]).tokens
-    q, w = random.randint(8, 14), random.randint(1, 6)
-    reads = []
-
-    def load() -> int:
-        reads.append(1)
-        return 5 if q <= len(reads) < q + w else 1
-
-    engine.scheduler.load = load
-    g = engine.generate(prompt, max_new_tokens=n, stop=[], mode="speculative", fallback=False, full_depth_above=2,
+    engine, prompt, want, reads = _busy_spell(model, q := random.randint(8, 14), w := random.randint(1, 6))
+    g = engine.generate(prompt, max_new_tokens=len(want), stop=[], mode="speculative", fallback=False, full_depth_above=2,
                         draft_loop=2, branch=branch, draft_map=pair_map(32), draft_tokens=2, second_threshold="adaptive")
     assert g.tokens == want
     assert g.stats["load_spans"] == [[q, q + w]] and g.stats["second_threshold"] == "adaptive"

@@ -74,14 +74,16 @@ def test_greedy_pairs_equal_full_depth_and_return_every_block(conditioned):
         assert len(g.tokens) - 1 <= st["rounds"] - 1 + st["pairs_emitted"]
 
 
-def test_stops_and_limits_inside_a_pair_are_full_depth_s():
-    """max_new and stop tokens that fall on the first token of a pair: the same tokens and finish."""
+@pytest.mark.parametrize("branch", [1, 2])
+def test_stops_and_limits_inside_a_pair_are_full_depth_s(branch):
+    """max_new and stop tokens that fall on either token of a pair: the same tokens and finish; also
+    for a draft tree whose top-1 candidate carries the pair (spec.trees)."""
     for _ in range(10):
         model = spec_model(loops=4, max_pos=64)
         engine = looplm.Engine(model)
         prompt = ragged_prompts(1, model.config.vocab_size, 2, 8)
         ref = engine.generate(prompt, max_new_tokens=30, stop=[])[0].tokens
-        opts = dict(mode="speculative", draft_loop=2, draft_map=pair_map(32), draft_tokens=2, fallback=False)
+        opts = dict(mode="speculative", draft_loop=2, branch=branch, draft_map=pair_map(32), draft_tokens=2, fallback=False)
         if engine.generate(prompt, max_new_tokens=30, stop=[], **opts)[0].stats["pairs_emitted"]:
             break
     for n in range(1, 12):

@@ -65,25 +65,6 @@ def test_greedy_tree_pairs_equal_full_depth_and_return_every_block(T, k, b, thre
         assert len(g.tokens) - 1 <= st["rounds"] - 1 + st["pairs_emitted"]  # two tokens in a forward: more tokens than calls
 
 
-def test_stops_and_limits_inside_a_tree_pair_are_full_depth_s():
-    """max_new and stop tokens that fall on either token of a pair: the same tokens and finish."""
-    for _ in range(10):
-        model = spec_model(loops=4, max_pos=64)
-        engine = looplm.Engine(model)
-        prompt = ragged_prompts(1, model.config.vocab_size, 2, 8)
-        ref = engine.generate(prompt, max_new_tokens=30, stop=[])[0].tokens
-        opts = dict(mode="speculative", draft_loop=2, branch=2, draft_map=pair_map(32), draft_tokens=2, fallback=False)
-        if engine.generate(prompt, max_new_tokens=30, stop=[], **opts)[0].stats["pairs_emitted"]:
-            break
-    for n in range(1, 12):
-        assert engine.generate(prompt, max_new_tokens=n, stop=[], **opts)[0].tokens == ref[:n]
-    for i in random.sample(range(1, 30), 6):
-        full = engine.generate(prompt, max_new_tokens=30, stop=[ref[i]])[0]
-        two = engine.generate(prompt, max_new_tokens=30, stop=[ref[i]], **opts)[0]
-        assert two.tokens == full.tokens and two.finish_reason == full.finish_reason == "stop"
-    assert _blocks_used(engine) == 0
-
-
 @pytest.mark.parametrize("sampled", [False, True])
 def test_a_tree_without_second_drafts_is_the_plain_tree(sampled):
     """A second-token head never confident enough (zero head: top-1 probability 1/V, threshold
