@@ -7,8 +7,10 @@
 Candidates: every draft loop k in 1..T-1 that divides T (the pipeline and draft trees need it; or
 those of `--loops`) times every branch b of `--branches` (default 1,2,3); and, where the
 checkpoint's draft map has a second-token head for a k >= 2 (`python -m spec.fit_draft --next`),
-draft_tokens=2 at k with each second_threshold of `--second-thresholds` (default
-none,0.1,0.3,adaptive; "none": always; "adaptive": chosen online per request, spec.seconds). Greedy, batch 1, each
+draft_tokens=2 at k with each branch (b > 1: draft trees whose top-1 candidate carries the second
+draft) and each second_threshold of `--second-thresholds` (default none,0.1,0.3,adaptive; "none":
+always; "adaptive": chosen online per request, spec.seconds); `--branches 1` keeps the sweep
+short where trees cannot pay (a CPU, where a call's extra rows cost). Greedy, batch 1, each
 built-in prompt (prose and code; token ids drawn from a fixed seed for a checkpoint without a
 tokenizer) generated alone to `--new-tokens` tokens. Each setting's calls alternate with
 full-depth calls, `--repeats` times; its ratio is the median over repeats of its tokens/s over the
@@ -138,7 +140,8 @@ def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Seq
                pair_loops: Sequence[int] = (), thresholds: Sequence[float | str | None] = (None,)) -> list[Setting]:
     """Every (k, b): k in `loops` (default: every 1 <= k < T dividing T), b in `branches`; then
     draft_tokens=2 at each of those k that is in `pair_loops` (the draft loops whose map has a
-    second-token head) and >= 2, with each second_threshold of `thresholds`.
+    second-token head) and >= 2, with each b (b > 1: the tree's top-1 candidate carries the second
+    draft, spec.trees) and each second_threshold of `thresholds`.
 
     Raises ValueError naming --loops or --branches for a k that is not in 1..T-1 or does not divide
     T, or a branch that is not an integer >= 1, and naming --second-thresholds for a threshold
@@ -162,7 +165,8 @@ def candidates(num_loops: int, loops: Sequence[int] | None = None, branches: Seq
         if not second_threshold_ok(p):
             raise ValueError(f"--second-thresholds: {p!r} must be 'none', 'adaptive' or a probability in [0, 1]")
     plain = [Setting(k, b) for k in dict.fromkeys(ks) for b in dict.fromkeys(branches)]
-    pairs = [Setting(k, 1, 2, p) for k in dict.fromkeys(ks) if k >= 2 and k in pair_loops for p in dict.fromkeys(thresholds)]
+    pairs = [Setting(k, b, 2, p) for k in dict.fromkeys(ks) if k >= 2 and k in pair_loops
+             for b in dict.fromkeys(branches) for p in dict.fromkeys(thresholds)]
     return plain + pairs
 
 

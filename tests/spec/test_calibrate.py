@@ -191,7 +191,7 @@ def test_the_command_runs_end_to_end_and_writes(tmp_path, capsys):
     spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
     assert spec_opts["extrapolate"] == 0.5 and spec_opts["calibrated"]["settings"]["new_tokens"] == 4
     assert spec_opts["calibrated"]["torch_threads"] == 1
-    assert spec_opts["calibrated"]["settings"]["swept"] == ["k=2 b=1", "k=2 b=2", "k=2 b=1 d=2 s=0.5"]
+    assert spec_opts["calibrated"]["settings"]["swept"] == ["k=2 b=1", "k=2 b=2", "k=2 b=1 d=2 s=0.5", "k=2 b=2 d=2 s=0.5"]
     if spec_opts["calibrated"]["speculation_pays"]:  # then the best setting was timed beside other requests
         assert "requests at once  ratio to full" in out and "full_depth_above" in spec_opts
         assert [n for n, _ in spec_opts["calibrated"]["loads"]] == [1, 2, 3, 4, 6, 8]
@@ -339,7 +339,8 @@ def test_second_drafts_are_swept_where_the_map_has_a_head_and_recorded_when_they
     assert pair_loops(engine) == [2]
     settings = candidates(4, None, [1, 2], pair_loops(engine), [None, 0.2])
     assert settings[:4] == [Setting(k, b) for k in (1, 2) for b in (1, 2)]
-    assert settings[4:] == [Setting(2, 1, 2, None), Setting(2, 1, 2, 0.2)]  # k = 1 has no earlier loop to map from
+    # k = 1 has no earlier loop to map from; trees carry second drafts too
+    assert settings[4:] == [Setting(2, b, 2, p) for b in (1, 2) for p in (None, 0.2)]
     table = {None: 1.0, **{s: 0.8 for s in settings}, Setting(2, 1, 2, 0.2): 0.4}
     result = sweep(engine, settings, default_prompts(engine, 2), new_tokens=10, repeats=1, measure=costs(table), progress=False)
     best = result["best"]
@@ -362,6 +363,16 @@ def test_second_drafts_are_swept_where_the_map_has_a_head_and_recorded_when_they
     write_recommendation(path, result)
     spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
     assert (spec_opts["branch"], "draft_tokens" in spec_opts, "second_threshold" in spec_opts) == (2, False, False)
+
+    # and one where a tree with second drafts wins records both, and runs exactly
+    table = {None: 1.0, **{s: 0.8 for s in settings}, Setting(2, 2, 2, None): 0.4}
+    result = sweep(engine, settings, default_prompts(engine, 1), new_tokens=6, repeats=1, measure=costs(table), progress=False)
+    write_recommendation(path, result)
+    spec_opts = json.loads((path / "generation_config.json").read_text())["looplm"]["speculative"]
+    assert (spec_opts["branch"], spec_opts["draft_tokens"], spec_opts["second_threshold"]) == (2, 2, None)
+    engine = looplm.load(path)
+    g = engine.generate(prompt, max_new_tokens=24, stop=[], mode="speculative")
+    assert (g.stats["branch"], g.stats["draft_tokens"]) == (2, 2) and g.tokens == full.tokens
 
 
 def test_the_adaptive_second_threshold_is_swept_ranked_after_fixed_ones_and_recorded(tmp_path):
