@@ -127,7 +127,8 @@ class SpeculativeOptions(ModeOptions):
     also drafts the token after its successor, the two run as a pair and one call can finish two
     tokens (spec.multi; pipelined, k must divide T, one sequence, a draft map with a second-token
     head for loop k: `python -m spec.fit_draft --next`). With branch > 1 the draft tree's top-1
-    candidate carries the second draft (spec.trees)."""
+    candidate carries the second draft (spec.trees); with draft_loop="adaptive", pairs run at the
+    loops whose map has the head, first drafts alone at the others."""
     second_threshold: float | str | None = None
     """With draft_tokens=2: draft the second token only where the second-token head's top-1
     probability is at least this value in [0, 1]; None: always; "adaptive": where second drafts at
@@ -196,8 +197,6 @@ class SpeculativeOptions(ModeOptions):
             if self.branch > 1:
                 raise self._fail("branch", f"branch={self.branch} (draft trees) does not run with draft_loop='adaptive'; "
                                            "use branch=1")
-            if self.draft_tokens == 2:
-                raise self._fail("draft_tokens", "draft_tokens=2 does not run with draft_loop='adaptive'; give a draft_loop")
             return self
         k = min(DEFAULT_DRAFT_LOOP, T - 1) if self.draft_loop is None else self.draft_loop
         if k > T - 1:

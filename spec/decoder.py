@@ -113,7 +113,8 @@ def decode(
             with the draft map's second-token head (spec.multi; one sequence, pipelined, the map
             must have a second-token head for loop k); the two run as a pair, so one forward can
             finish two tokens. With branch > 1 the top-1 candidate of the tree's sequence lane
-            carries the pair (spec.trees). Not in a batch (a recommended draft_tokens=2 then gives way to the
+            carries the pair (spec.trees); with draft_loop="adaptive" pairs run at the loops whose
+            map has the head (spec.multi). Not in a batch (a recommended draft_tokens=2 then gives way to the
             plain pipeline, and stats["draft_tokens_unused"] says why).
         second_threshold: with draft_tokens=2, draft the second token only where its head's
             top-1 probability is at least this value (None: always; "adaptive": where second
@@ -153,7 +154,18 @@ def decode(
         drafters = {j: (0.0 if j < 2 or m is not None else float(extrapolate), m) for j, m in maps.items()}
         k = start_loop(T, DEFAULT_DRAFT_LOOP)
         req.stats.update(draft=_draft_kind(*drafters[k]), fallback_at=None, fallback_reason=None, call_cost=float(call_cost))  # draft: at the start loop
-        build = functools.partial(decode_pipelined, model, k=k, chooser=chooser, drafters=drafters)  # one chooser throughout
+        if draft_tokens == 2:  # second drafts at the loops whose map has a second-token head
+            why = (f"it decodes one sequence per request, got a batch of {B}" if B != 1 else
+                   "no draft map with a second-token head for any draft loop (`python -m spec.fit_draft --next`)"
+                   if not any(m is not None and m.has_next(j) for j, m in maps.items()) else None)
+            draft_tokens = _pairs_or_why(req, why)
+        if draft_tokens == 2:
+            threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
+            seconds = SecondChooser(T // k) if threshold == "adaptive" else None
+            build = functools.partial(decode_pairs, model, k=k, draft_map=None, threshold=threshold, chooser=seconds,
+                                      loops=chooser, drafters=drafters)  # one chooser of each kind throughout
+        else:
+            build = functools.partial(decode_pipelined, model, k=k, chooser=chooser, drafters=drafters)  # one chooser throughout
         yield from _watched(model, req, build, fallback, full_depth_above)
         return
     k = min(DEFAULT_DRAFT_LOOP, T - 1) if draft_loop is None else draft_loop
@@ -177,11 +189,7 @@ def decode(
         why = (f"it decodes one sequence per request, got a batch of {B}" if B != 1 else
                f"no draft map with a second-token head for draft_loop={k} (`python -m spec.fit_draft --next`)"
                if dmap is None or not dmap.has_next(k) else None)
-        if why is not None and "draft_tokens" not in req.recommended:
-            raise ValueError(f"draft_tokens=2: {why}")
-        if why is not None:  # the checkpoint's recommendation gives way: the plain pipeline runs
-            req.stats["draft_tokens_unused"] = f"the checkpoint's recommended draft_tokens=2 does not run here: {why}"
-            draft_tokens = 1
+        draft_tokens = _pairs_or_why(req, why)
     threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
     # one chooser for every part of the request: a decoder restarted after a load switch keeps its history
     seconds = SecondChooser(model.num_loops // k) if draft_tokens == 2 and threshold == "adaptive" else None
@@ -200,6 +208,17 @@ def decode(
     else:
         build = functools.partial(_decode_rounds, model, k=k, draft_len=draft_len, extrapolate=extrapolate, dmap=dmap)
     yield from _watched(model, req, build, fallback, full_depth_above)
+
+
+def _pairs_or_why(req: DecodeRequest, why: str | None) -> int:
+    """draft_tokens for a request that asked for 2: 2 unless `why` (what rules pairs out here) is
+    given; then a caller's request raises and the checkpoint's recommendation gives way (1)."""
+    if why is not None and "draft_tokens" not in req.recommended:
+        raise ValueError(f"draft_tokens=2: {why}")
+    if why is not None:  # the checkpoint's recommendation gives way: first drafts only
+        req.stats["draft_tokens_unused"] = f"the checkpoint's recommended draft_tokens=2 does not run here: {why}"
+        return 1
+    return 2
 
 
 def _watched(model: LoopLM, req: DecodeRequest, build, fallback: bool, full_depth_above: int | None) -> Decoder:

@@ -30,7 +30,7 @@ token leaving loop k, then the second draft, all before the call's Steps are yie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,7 +40,8 @@ from looplm.sampling import probabilities, sample
 from looplm.work import Forward
 
 from .accept import accept_sampled
-from .drafts import DraftMap
+from .adapt import LoopChooser, shadow_drafts
+from .drafts import DraftMap, draft_state
 from .pipeline import call_inputs, count_run, pipeline_stats
 from .seconds import SecondChooser, pass_chance
 from .start import first_step, start_request
@@ -58,10 +59,13 @@ class _Token:
     q: torch.Tensor | None = None  # (V,) the distribution it was drawn from (sampling only)
     slot: int = -1  # its row in the current forward call
     shadow: tuple | None = None  # a first draft's (confidence, second draft or q2) beside it, for SecondChooser
+    loop_shadow: dict = field(default_factory=dict)  # draft_loop="adaptive": loop j -> its draft of the successor (spec.adapt)
 
 
-def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
-                 threshold: float | str | None = None, chooser: SecondChooser | None = None) -> Decoder:
+def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap | None,
+                 threshold: float | str | None = None, chooser: SecondChooser | None = None,
+                 loops: LoopChooser | None = None,
+                 drafters: dict[int, tuple[float, DraftMap | None]] | None = None) -> Decoder:
     """Pipelined self-speculation with second-token drafts (see the module docstring).
 
     Args:
@@ -75,19 +79,27 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             confidence have passed often enough in this request to pay (spec.seconds).
         chooser: with "adaptive", the request's spec.seconds.SecondChooser (a new one when None;
             spec.decode passes one that outlives a switch to full depth and back).
+        loops, drafters: draft_loop="adaptive" (spec.adapt): the request's LoopChooser, with k the
+            loop drafting starts at, and each candidate loop's (extrapolate, draft map). The loop
+            moves as in spec.pipeline.decode_pipelined (where one token that has run no loop is in
+            flight, draining first when that pays); at a loop whose map has a second-token head
+            the decoder drafts pairs, at the others first drafts only. `draft_map` is then unused.
     Yields:
         Forwards and Steps as spec.pipeline.decode_pipelined.
     Stats (req.stats): spec.pipeline's keys (drafted counts second drafts too), plus draft_tokens = 2,
         second_threshold, seconds (second drafts proposed), seconds_tested, seconds_accepted, and
-        pairs_emitted (calls that emitted two tokens).
+        pairs_emitted (calls that emitted two tokens); with `loops` also loop_switches and
+        loop_acceptance as spec.pipeline.decode_pipelined.
     """
     T = model.num_loops
     D = T // k
+    drafters = drafters if drafters is not None else {k: (0.0, draft_map)}
+    switches = [[0, k]]  # draft_loop="adaptive": [tokens emitted, the draft loop from then on]
+    draining = False  # stop drafting, to change the draft loop once the pipeline is empty
     params, gen = req.sampling, req.generator
     timer, first = yield from start_request(model, req)
     device = model.lm_head.weight.device
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
-    conditioned = draft_map.next_conditioned(k)  # its second-token head reads the first draft's token
     chooser = (chooser if chooser is not None else SecondChooser(D)) if threshold == "adaptive" else None
     plen, max_new = len(req.prompts[0]), req.max_new[0]
     flight: list[_Token] = []  # oldest first
@@ -102,9 +114,11 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
         run = 0
 
     def stats() -> None:
-        req.stats.update(pipeline_stats(k, D, 0.0, n_prop, n_acc, n_rej, hist, calls, computed, emitted),
+        req.stats.update(pipeline_stats(k, D, drafters[k][0], n_prop, n_acc, n_rej, hist, calls, computed, emitted),
                          draft_tokens=2, second_threshold=threshold, seconds=seconds, seconds_tested=seconds_tested,
                          seconds_accepted=seconds_won, pairs_emitted=pairs)
+        if loops is not None:
+            req.stats.update(loop_switches=[list(x) for x in switches], loop_acceptance=loops.acceptance())
 
     stats()  # complete from the start: spec.fallback may close the decoder at its first Step
     if req.active(0, 0):
@@ -114,6 +128,17 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             flight.append(_Token(0, first[0], 0))
     try:
         while flight:
+            if loops is not None and len(flight) == 1 and flight[0].stage == 0:  # an exact switch point
+                draining = False
+                j = loops.best(k)
+                if j != k:
+                    k, D = j, T // j
+                    switches.append([emitted, k])
+                    if chooser is not None:
+                        chooser.stages = D
+            extrapolate, dmap = drafters[k]
+            two = dmap is not None and dmap.has_next(k)  # second drafts at this loop
+            conditioned = two and dmap.next_conditioned(k)  # its second-token head reads the first draft's token
             # rows by stage (newest first), a pair's two tokens adjacent in position order: one group per loop
             items = sorted(flight, key=lambda t: (t.stage, t.index))
             for i, t in enumerate(items):
@@ -125,6 +150,10 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             calls += 1
             computed += len(items) * k
             hidden = out.hidden[-1, :, 0]  # (N, H) each row's state after its last loop of the call
+            if loops is not None:  # the other loops' drafts of each token's successor, from this call's states
+                for t, sh in zip(items, shadow_drafts(model, out.hidden[:, :, 0], [t.hidden for t in items],
+                                                      tuple(t.stage for t in items), k, loops.loops, drafters, params)):
+                    t.loop_shadow.update(sh)
             newest = flight[-1] if flight[-1].stage == 0 else None  # leaves loop k now: it drafts
             heads = [t for t in flight if t.stage == D - 1]  # leave loop T now (oldest first)
             for t in items:
@@ -136,7 +165,7 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             n_draft = 0
             if newest is not None:
                 per_loop = out.hidden[:, newest.slot : newest.slot + 1, 0]  # (k, 1, H)
-                draft_states = [draft_map.state(per_loop, k)] + ([] if conditioned else [draft_map.next_state(per_loop, k)])
+                draft_states = [draft_state(per_loop, extrapolate, dmap)] + ([dmap.next_state(per_loop, k)] if two and not conditioned else [])
                 states = draft_states + states
                 n_draft = len(draft_states)
             lg = model.head(torch.cat(states))
@@ -157,6 +186,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                     drafts = torch.tensor([[succ.token if succ is not None else 0]], device=device)
                     accepted, tokens = accept_sampled(drafts, q, p, torch.tensor([int(succ is not None)], device=device), gen)
                     ok, tok = bool(accepted.item()), int(tokens[0, 0])
+                if loops is not None and head.loop_shadow:  # each loop's draft of this successor, scored
+                    loops.record({j_: float(d == tok) if params.greedy else pass_chance(p, d) for j_, d in head.loop_shadow.items()})
                 if chooser is not None:  # head is verified: its logits are the target at its successor's position
                     if head.shadow is not None:  # the second draft made (or not) beside head as a first draft
                         conf, second = head.shadow
@@ -186,23 +217,26 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
             if newest is not None:
                 q1 = None if params.greedy else probabilities(lg[:1], params)[0]
                 first_tok = ids[0] if params.greedy else int(sample(q1[None], gen)[0])
-                if conditioned:  # the second-token head reads the embedding of the token just drafted for n+1
+                if loops is not None:  # loop k's own draft of the successor
+                    newest.loop_shadow[k] = first_tok if params.greedy else q1
+                second_tok = q2 = sure = None
+                if two and conditioned:  # the second-token head reads the embedding of the token just drafted for n+1
                     e = embed(torch.tensor([first_tok], device=device))
-                    lg2 = model.head(draft_map.next_state(per_loop, k, e))  # (1, V)
-                else:
+                    lg2 = model.head(dmap.next_state(per_loop, k, e))  # (1, V)
+                elif two:
                     lg2 = lg[1:2]
-                if params.greedy:  # an unconditioned second draft's argmax came with the first's (row 1 of lg)
-                    second_tok, q2 = int(lg2[0].argmax()) if conditioned else ids[1], None
+                if two and params.greedy:  # an unconditioned second draft's argmax came with the first's (row 1 of lg)
+                    second_tok = int(lg2[0].argmax()) if conditioned else ids[1]
                     sure = torch.softmax(lg2[0], -1).amax().item() if threshold is not None else None
-                else:
+                elif two:
                     q2 = probabilities(lg2, params)[0]
                     sure = q2.amax().item()
-                sure_enough = chooser.wants(sure) if chooser is not None else threshold is None or sure >= threshold
-                want_second = newest.index + 2 < max_new and sure_enough
+                sure_enough = two and (chooser.wants(sure) if chooser is not None else threshold is None or sure >= threshold)
+                want_second = newest.index + 2 < max_new and sure_enough and not draining
                 if want_second and not params.greedy:
                     second_tok = int(sample(q2[None], gen)[0])
-                if flight and flight[-1] is newest and newest.index + 1 < max_new:
-                    shadow = (sure, second_tok if params.greedy else q2) if chooser is not None else None
+                if flight and flight[-1] is newest and newest.index + 1 < max_new and not draining:
+                    shadow = (sure, second_tok if params.greedy else q2) if chooser is not None and two else None
                     flight.append(_Token(newest.index + 1, first_tok, 0, q=q1, shadow=shadow))
                     n_prop += 1
                     if want_second:
@@ -218,6 +252,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap,
                 if not req.active(0, produced):
                     flight.clear()
                     break
+            if loops is not None and not draining and flight:
+                draining = loops.drain(k, max_new - produced)
     finally:  # also when the consumer stops early (Stream.close): the open run counts, then the stats
         if run:
             close_run()

@@ -8,13 +8,21 @@ import torch
 
 import looplm
 import spec.adapt
+import spec.multi
 import spec.pipeline
 from spec.adapt import LoopChooser
 
 from .conftest import acceptance, spec_model
 from .test_accept import chi2_critical
+from .test_multi import pair_map
 from .test_no_recompute import record_layer_calls
 from .test_sampling_e2e import WRONG_RULES, sampled_chi2
+
+
+def _pairs(on: bool) -> dict:
+    """Options for second drafts at loop 2 (a map with a second-token head there, which may read the
+    first draft's token; loop 1 has no map, so first drafts alone run there), or none."""
+    return {"draft_map": pair_map(32, token_scale=random.choice([None, 0.1])), "draft_tokens": 2} if on else {}
 
 
 @pytest.fixture
@@ -44,15 +52,17 @@ def test_the_cost_model_and_the_choice():
     assert LoopChooser(6).loops == [1, 2, 3] and spec.adapt.start_loop(6, 2) == 2 and spec.adapt.start_loop(3, 2) == 1
 
 
-@pytest.mark.parametrize("loops", [4, 6])
-def test_greedy_equals_full_depth_through_switches(loops, restless):
-    switched = 0
+@pytest.mark.parametrize("loops,pairs", [(4, False), (6, False), (4, True), (6, True)])
+def test_greedy_equals_full_depth_through_switches(loops, pairs, restless):
+    """Also with second drafts (draft_tokens=2): pairs at loop 2, first drafts alone elsewhere."""
+    switched = paired = 0
     for _ in range(4):
         model = spec_model(loops=loops, max_pos=64)
         engine = looplm.Engine(model)
         prompts = [torch.randint(0, 64, (random.randint(1, 10),)).tolist() for _ in range(3)]
         full = engine.generate(prompts, max_new_tokens=40, stop=[])
-        got = engine.generate(prompts, max_new_tokens=40, stop=[], mode="speculative", draft_loop="adaptive", fallback=False)
+        got = engine.generate(prompts, max_new_tokens=40, stop=[], mode="speculative", draft_loop="adaptive", fallback=False,
+                              **_pairs(pairs))
         for f, g in zip(full, got):
             assert g.tokens == f.tokens
             assert g.loops == [loops] * len(g.tokens)
@@ -63,10 +73,13 @@ def test_greedy_equals_full_depth_through_switches(loops, restless):
             assert g.stats["draft_loop"] == sw[-1][1]
             assert set(g.stats["loop_acceptance"]) == {str(j) for j in range(1, loops) if loops % j == 0}
             switched += len(sw) > 1
-    assert switched
+            paired += g.stats.get("pairs_emitted", 0)
+            assert g.stats.get("draft_tokens", 1) == (2 if pairs else 1)
+    assert switched and (paired > 0) == pairs
 
 
-def test_no_loop_is_computed_twice_across_switches(restless):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_no_loop_is_computed_twice_across_switches(pairs, restless):
     """Per layer and position, the loops run are whole runs 0..j (a flushed draft stops early, a
     corrected token starts again at 0), never a repeat, whatever the draft loop was."""
     T, prompt = 4, [5, 9, 2, 7]
@@ -74,7 +87,7 @@ def test_no_loop_is_computed_twice_across_switches(restless):
         model = spec_model(loops=T, step_scale=0.08)
         log, handles = record_layer_calls(model)
         gen = looplm.Engine(model).generate(prompt, max_new_tokens=30, stop=[], mode="speculative", draft_loop="adaptive",
-                                            fallback=False)
+                                            fallback=False, **_pairs(pairs))
         for h in handles:
             h.remove()
         if len(gen.stats["loop_switches"]) > 1:
@@ -113,15 +126,21 @@ def test_a_model_whose_first_loop_decides_moves_to_loop_one_unless_calls_cost_mo
     assert heavy.stats["weight_passes_per_token"] == fixed.stats["weight_passes_per_token"]
 
 
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("wrong_rule,post", WRONG_RULES[:1] + WRONG_RULES[2:3])
-def test_sampled_tokens_follow_full_depth_through_switches(wrong_rule, post, restless, monkeypatch):
+def test_sampled_tokens_follow_full_depth_through_switches(wrong_rule, post, pairs, restless, monkeypatch):
+    """Also with second drafts at loop 2 (spec.multi), which then decides every draft."""
     torch.manual_seed(7)
     model = spec_model(seed=11, vocab=5, loops=4, std=0.2, step_scale=1.0, max_pos=16)
     if wrong_rule is not None:
-        monkeypatch.setattr(spec.pipeline, "accept_sampled", wrong_rule)
-    stat, df, gens = sampled_chi2(model, [1, 3], post, n=3, draft_loop="adaptive", fallback=False)
+        monkeypatch.setattr(spec.multi if pairs else spec.pipeline, "accept_sampled", wrong_rule)
+    opts = {"draft_map": pair_map(32, next_scale=0.3, first_scale=0.3, token_scale=0.5), "draft_tokens": 2} if pairs else {}
+    stat, df, gens = sampled_chi2(model, [1, 3], post, n=3, draft_loop="adaptive", fallback=False, **opts)
     if wrong_rule is None:
         assert 0 < acceptance(gens) < 1
+        if pairs:
+            tested, won = (sum(g.stats[key] for g in gens) for key in ("seconds_tested", "seconds_accepted"))
+            assert 0 < won < tested
         assert sum(len(g.stats["loop_switches"]) > 1 for g in gens) > len(gens) // 10  # many samples switched
         assert stat < chi2_critical(df), (stat, df)
     else:

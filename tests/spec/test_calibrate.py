@@ -407,8 +407,7 @@ def torch_prompt(engine, n=6):
     return [random.randrange(engine.config.vocab_size) for _ in range(n)]
 
 
-@pytest.mark.parametrize("own", [{"draft_loop": 1}, {"draft_loop": "adaptive"}, {"pipeline": False}, {"draft_len": 2},
-                                 {"draft_tokens": 1}])
+@pytest.mark.parametrize("own", [{"draft_loop": 1}, {"pipeline": False}, {"draft_len": 2}, {"draft_tokens": 1}])
 def test_recommended_second_drafts_give_way_to_the_callers_options(tmp_path, own):
     gc = {"looplm": {"speculative": {"draft_loop": 2, "draft_tokens": 2, "second_threshold": 0.1}}}
     engine = looplm.load(checkpoint(tmp_path, gc=gc, dmap=pair_map(32)))
@@ -423,8 +422,9 @@ def test_recommended_second_drafts_give_way_to_the_callers_options(tmp_path, own
 
 
 def test_recommended_second_drafts_and_trees_combine(tmp_path):
-    """A caller's tree under recommended second drafts, and a caller's second drafts under a
-    recommended tree: the tree's top-1 candidate carries the second draft (spec.trees)."""
+    """A caller's tree or adaptive draft loop under recommended second drafts, and a caller's second
+    drafts under a recommended tree: the tree's top-1 candidate carries the second draft
+    (spec.trees), and the adaptive loop drafts pairs at loop 2 (spec.multi)."""
     gc = {"looplm": {"speculative": {"draft_loop": 2, "draft_tokens": 2, "second_threshold": 0.1}}}
     engine = looplm.load(checkpoint(tmp_path / "pairs", gc=gc, dmap=pair_map(32)))
     prompt = torch_prompt(engine)
@@ -432,6 +432,9 @@ def test_recommended_second_drafts_and_trees_combine(tmp_path):
     g = engine.generate(prompt, max_new_tokens=12, stop=[], mode="speculative", branch=2)
     assert (g.stats["branch"], g.stats["draft_tokens"], g.stats["second_threshold"]) == (2, 2, 0.1) and g.tokens == full
     assert "draft_tokens_unused" not in g.stats and "branch_unused" not in g.stats
+    g = engine.generate(prompt, max_new_tokens=12, stop=[], mode="speculative", draft_loop="adaptive")
+    assert (g.stats["draft_tokens"], g.stats["second_threshold"], g.stats["loop_switches"][0]) == (2, 0.1, [0, 2])
+    assert g.tokens == full and "draft_tokens_unused" not in g.stats
     engine = looplm.load(checkpoint(tmp_path / "tree", gc={"looplm": {"speculative": {"draft_loop": 2, "branch": 3}}},
                                     dmap=pair_map(32)))
     g = engine.generate(prompt, max_new_tokens=12, stop=[], mode="speculative", draft_tokens=2)

@@ -171,7 +171,6 @@ def test_bad_options_get_errors_naming_them():
         (dict(draft_tokens=2.0), "draft_tokens", "1 or 2"),
         (dict(second_threshold=0.5), "second_threshold", "needs draft_tokens=2"),
         (dict(draft_tokens=2, second_threshold=1.5, draft_map=dmap), "second_threshold", "second_threshold"),
-        (dict(draft_tokens=2, draft_loop="adaptive", draft_map=dmap), "draft_tokens", "adaptive"),
         (dict(draft_tokens=2, draft_loop=1, draft_map=dmap), "draft_tokens", "draft_loop must be >= 2"),
         (dict(draft_tokens=2, draft_loop=3, draft_map=dmap), "draft_tokens", "divide T = 4"),
         (dict(draft_tokens=2, pipeline=False, draft_map=dmap), "draft_tokens", "pipeline"),
@@ -183,6 +182,7 @@ def test_bad_options_get_errors_naming_them():
     plain = DraftMap({2: {n: t for n, t in dmap.params[2].items() if not n.startswith("next.")}})
     for opts, words in [(dict(draft_map=plain), "no draft map with a second-token head for draft_loop=2"),
                         (dict(draft_map=None), "no draft map with a second-token head"),
+                        (dict(draft_map=plain, draft_loop="adaptive"), "no draft map with a second-token head for any draft loop"),
                         (dict(draft_map=dmap, extrapolate=0.5), None)]:
         if words is None:  # a map with the head: runs (the extrapolation is unused, as with any map)
             assert engine.generate(prompt, **base, draft_tokens=2, **opts)[0].stats["draft_tokens"] == 2
