@@ -26,6 +26,12 @@ token's logits come from all T loops over the K/V of its verified prefix.
 With a threshold no second draft reaches, the decoder makes the pipeline's decisions and, when
 sampling, the pipeline's draws from the request's generator (verdict first, then the draft of the
 token leaving loop k, then the second draft, all before the call's Steps are yielded).
+
+With draft_loop="adaptive" (spec.adapt) the loop moves as in spec.pipeline: every token's states
+at the candidate loops are headed as shadow drafts and scored when its successor is verified, and
+the loop changes where one token that has run no loop is in flight (so a pair never straddles two
+loops). Pairs are drafted at the loops whose draft map has a second-token head, first drafts alone
+at the others. Loop k's own score comes from the tokens that draft at it (not a pair's first).
 """
 
 from __future__ import annotations
