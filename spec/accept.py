@@ -91,6 +91,12 @@ def accept_sampled(
     return accepted, tokens
 
 
+def pass_chance(p: torch.Tensor, q: torch.Tensor) -> float:
+    """The chance that a draw from q (V,) passes the Leviathan/Chen test against the target p (any
+    shape holding V entries): sum_v min(p(v), q(v))."""
+    return torch.minimum(p.reshape(-1), q).sum().item()
+
+
 def draw_candidates(q: torch.Tensor, m: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draws m tokens per row from (B, V) distributions q without replacement, in draw order.
 

@@ -34,6 +34,7 @@ import torch
 
 from looplm.sampling import SamplingParams, probabilities
 
+from .accept import pass_chance
 from .drafts import DraftMap, draft_state
 
 WINDOW = 32  # scores per loop the estimate looks back over
@@ -66,6 +67,12 @@ class LoopChooser:
             self.scores[j].append(s)
             self.totals[j][0] += s
             self.totals[j][1] += 1
+
+    def score(self, shadow: dict, target: int, p: torch.Tensor | None = None) -> None:
+        """Records a verified token's shadow drafts of its successor (loop j -> the draft, greedy;
+        or its distribution q_j, sampling) against the successor: greedy (p None) 1 where the draft
+        is `target`, else 0; sampling the chance sum(min(p, q_j)) that a draft from q_j passes."""
+        self.record({j: float(d == target) if p is None else pass_chance(p, d) for j, d in shadow.items()})
 
     def cost(self, j: int) -> float:
         """Expected loop passes per emitted token at draft loop j (module docstring)."""

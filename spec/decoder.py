@@ -147,6 +147,7 @@ def decode(
     T, B = model.num_loops, req.batch_size
     p = model.lm_head.weight
     recommended = "draft_map" in req.recommended
+    threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
     if draft_loop == "adaptive":  # options checked: pipelined, one candidate per position
         chooser = LoopChooser(T, call_cost)
         maps = {j: resolve_draft_map(draft_map, model.config.hidden_size, j, p.dtype, p.device, recommended=True)
@@ -160,7 +161,6 @@ def decode(
                    if not any(m is not None and m.has_next(j) for j, m in maps.items()) else None)
             draft_tokens = _pairs_or_why(req, why)
         if draft_tokens == 2:
-            threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
             seconds = SecondChooser(T // k) if threshold == "adaptive" else None
             build = functools.partial(decode_pairs, model, k=k, draft_map=None, threshold=threshold, chooser=seconds,
                                       loops=chooser, drafters=drafters)  # one chooser of each kind throughout
@@ -190,9 +190,8 @@ def decode(
                f"no draft map with a second-token head for draft_loop={k} (`python -m spec.fit_draft --next`)"
                if dmap is None or not dmap.has_next(k) else None)
         draft_tokens = _pairs_or_why(req, why)
-    threshold = second_threshold if second_threshold in (None, "adaptive") else float(second_threshold)
     # one chooser for every part of the request: a decoder restarted after a load switch keeps its history
-    seconds = SecondChooser(model.num_loops // k) if draft_tokens == 2 and threshold == "adaptive" else None
+    seconds = SecondChooser(T // k) if draft_tokens == 2 and threshold == "adaptive" else None
     if branch > 1:  # options, ranges and the pipeline requirement: looplm.options.SpeculativeOptions
         if branch > model.config.vocab_size:
             raise ValueError(f"branch must be at most the vocabulary size {model.config.vocab_size}, got {branch}")

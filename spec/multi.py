@@ -42,14 +42,14 @@ import torch
 
 from looplm.decoding import Decoder, DecodeRequest, Step
 from looplm.model import LoopLM
-from looplm.sampling import probabilities, sample
+from looplm.sampling import SamplingParams, probabilities, sample
 from looplm.work import Forward
 
-from .accept import accept_sampled
+from .accept import accept_sampled, pass_chance
 from .adapt import LoopChooser, shadow_drafts
 from .drafts import DraftMap, draft_state
 from .pipeline import call_inputs, count_run, pipeline_stats
-from .seconds import SecondChooser, pass_chance
+from .seconds import SecondChooser
 from .start import first_step, start_request
 
 
@@ -66,6 +66,39 @@ class _Token:
     slot: int = -1  # its row in the current forward call
     shadow: tuple | None = None  # a first draft's (confidence, second draft or q2) beside it, for SecondChooser
     loop_shadow: dict = field(default_factory=dict)  # draft_loop="adaptive": loop j -> its draft of the successor (spec.adapt)
+
+
+def second_draft(model: LoopLM, draft_map: DraftMap, per_loop: torch.Tensor, k: int, first_tok: int,
+                 params: SamplingParams, gen: torch.Generator, threshold: float | str | None,
+                 chooser: SecondChooser | None, lg2: torch.Tensor | None = None,
+                 top: int | None = None) -> tuple[int | None, torch.Tensor | None, tuple | None]:
+    """The second draft (token n+2) of token n, whose states at loops 1..k are `per_loop` (k, 1, H),
+    after its first draft `first_tok` (read by a conditioned head), where `threshold` (or the
+    spec.seconds `chooser`, for "adaptive") wants one. Shared by spec.multi and spec.trees.
+
+    Args:
+        lg2: (1, V) the second-token head's logits, when the caller computed them with its other
+            rows (an unconditioned head); top: their argmax, when already on the host (greedy).
+    Returns:
+        (the second draft, or None where it is not made; q2 when sampling, else None; the shadow
+        (confidence, second draft or q2) for the chooser, else None). A sampled second draft is
+        drawn from the request's generator only when it is made.
+    """
+    if lg2 is None:
+        e = model.model.embed_tokens(torch.tensor([first_tok], device=per_loop.device)) if draft_map.next_conditioned(k) else None
+        lg2 = model.head(draft_map.next_state(per_loop, k, e))  # (1, V)
+    q2 = None
+    if params.greedy:
+        tok = int(lg2[0].argmax()) if top is None else top
+        sure = torch.softmax(lg2[0], -1).amax().item() if threshold is not None else None
+    else:
+        q2 = probabilities(lg2, params)[0]
+        sure = q2.amax().item()
+    made = chooser.wants(sure) if chooser is not None else threshold is None or sure >= threshold
+    if made and not params.greedy:
+        tok = int(sample(q2[None], gen)[0])
+    shadow = (sure, tok if params.greedy else q2) if chooser is not None else None
+    return (tok if made else None), q2, shadow
 
 
 def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap | None,
@@ -192,8 +225,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap 
                     drafts = torch.tensor([[succ.token if succ is not None else 0]], device=device)
                     accepted, tokens = accept_sampled(drafts, q, p, torch.tensor([int(succ is not None)], device=device), gen)
                     ok, tok = bool(accepted.item()), int(tokens[0, 0])
-                if loops is not None and head.loop_shadow:  # each loop's draft of this successor, scored
-                    loops.record({j_: float(d == tok) if params.greedy else pass_chance(p, d) for j_, d in head.loop_shadow.items()})
+                if loops is not None:  # each loop's draft of this successor, scored
+                    loops.score(head.loop_shadow, tok, None if params.greedy else p)
                 if chooser is not None:  # head is verified: its logits are the target at its successor's position
                     if head.shadow is not None:  # the second draft made (or not) beside head as a first draft
                         conf, second = head.shadow
@@ -225,27 +258,15 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap 
                 first_tok = ids[0] if params.greedy else int(sample(q1[None], gen)[0])
                 if loops is not None:  # loop k's own draft of the successor
                     newest.loop_shadow[k] = first_tok if params.greedy else q1
-                second_tok = q2 = sure = None
-                if two and conditioned:  # the second-token head reads the embedding of the token just drafted for n+1
-                    e = embed(torch.tensor([first_tok], device=device))
-                    lg2 = model.head(dmap.next_state(per_loop, k, e))  # (1, V)
-                elif two:
-                    lg2 = lg[1:2]
-                if two and params.greedy:  # an unconditioned second draft's argmax came with the first's (row 1 of lg)
-                    second_tok = int(lg2[0].argmax()) if conditioned else ids[1]
-                    sure = torch.softmax(lg2[0], -1).amax().item() if threshold is not None else None
-                elif two:
-                    q2 = probabilities(lg2, params)[0]
-                    sure = q2.amax().item()
-                sure_enough = two and (chooser.wants(sure) if chooser is not None else threshold is None or sure >= threshold)
-                want_second = newest.index + 2 < max_new and sure_enough and not draining
-                if want_second and not params.greedy:
-                    second_tok = int(sample(q2[None], gen)[0])
+                second_tok = q2 = shadow = None
+                if two and newest.index + 2 < max_new and not draining:  # an unconditioned head's logits came with the first's (row 1)
+                    second_tok, q2, shadow = second_draft(model, dmap, per_loop, k, first_tok, params, gen, threshold, chooser,
+                                                          lg2=None if conditioned else lg[1:2],
+                                                          top=ids[1] if params.greedy and not conditioned else None)
                 if flight and flight[-1] is newest and newest.index + 1 < max_new and not draining:
-                    shadow = (sure, second_tok if params.greedy else q2) if chooser is not None and two else None
                     flight.append(_Token(newest.index + 1, first_tok, 0, q=q1, shadow=shadow))
                     n_prop += 1
-                    if want_second:
+                    if second_tok is not None:
                         flight.append(_Token(newest.index + 2, second_tok, 0, second=True, q=q2))
                         n_prop += 1
                         seconds += 1

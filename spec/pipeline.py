@@ -175,8 +175,8 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                 for r in heads:
                     tok = ids[flight[r][0].slot]
                     verdict[r] = (tok, len(flight[r]) > 1 and flight[r][1].token == tok)
-                    if chooser is not None and flight[r][0].shadow:
-                        chooser.record({j: float(d == tok) for j, d in flight[r][0].shadow.items()})
+                    if chooser is not None:
+                        chooser.score(flight[r][0].shadow, tok)
                 draft_tok = {i: ids[i] for i in fresh}
             else:
                 # -- verify: a token leaving loop T tests its successor's draft (Leviathan/Chen) --------
@@ -189,10 +189,9 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                     accepted, tokens = accept_sampled(drafts, q, p, limit, gen)
                     for r, a, tok in zip(heads, accepted.tolist(), tokens[:, 0].tolist()):
                         verdict[r] = (tok, bool(a))
-                    if chooser is not None:  # a draft from q_j passes with probability sum(min(p, q_j))
+                    if chooser is not None:
                         for n, r in enumerate(heads):
-                            if flight[r][0].shadow:
-                                chooser.record({j: float(torch.minimum(p[n, 0], qj).sum()) for j, qj in flight[r][0].shadow.items()})
+                            chooser.score(flight[r][0].shadow, verdict[r][0], p[n, 0])
                 # -- draft: a token leaving loop k samples its successor from its loop-k head ----------
                 if fresh:
                     qd = probabilities(lg[fresh], params)

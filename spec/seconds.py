@@ -38,8 +38,6 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import deque
 
-import torch
-
 EDGES = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # confidence bins: [0, 0.1), [0.1, 0.2), ..., [0.9, 1]
 WINDOW = 32  # scores per bin (and first-draft scores) the estimates look back over
 PRIOR_WEIGHT = 4  # pseudo-scores of each shrinkage (bin -> request, request -> PRIOR)
@@ -80,8 +78,3 @@ class SecondChooser:
 
     def score_second(self, sure: float, score: float) -> None:
         self._bin(sure).append(float(score))
-
-
-def pass_chance(p: torch.Tensor, q: torch.Tensor) -> float:
-    """The chance that a draw from q passes the Leviathan/Chen test against the target p: sum min(p, q)."""
-    return torch.minimum(p.reshape(-1), q).sum().item()

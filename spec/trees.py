@@ -55,12 +55,13 @@ import torch
 from looplm.decoding import Decoder, DecodeRequest, Step
 from looplm.lanes import LaneForward
 from looplm.model import LoopLM
-from looplm.sampling import SamplingParams, probabilities, sample
+from looplm.sampling import SamplingParams, probabilities
 
-from .accept import accept_candidates, draw_candidates
+from .accept import accept_candidates, draw_candidates, pass_chance
 from .drafts import DraftMap, draft_state
 from .pipeline import count_run, pipeline_stats
-from .seconds import SecondChooser, pass_chance
+from .multi import second_draft
+from .seconds import SecondChooser
 from .start import first_step, start_request
 
 
@@ -112,30 +113,6 @@ def _propose(lg: torch.Tensor, rows: list[int], ids: dict[int, int], branch: int
         if go and more:
             alts[s] = more
     return draft_tok, draft_q, alts
-
-
-def _second_draft(model: LoopLM, draft_map: DraftMap, per_loop: torch.Tensor, k: int, first_tok: int,
-                  params: SamplingParams, gen: torch.Generator, threshold: float | str | None,
-                  chooser: SecondChooser | None) -> tuple[int | None, torch.Tensor | None, tuple | None]:
-    """Lane 0's second draft, after its top-1 candidate `first_tok`, from the drafting token's
-    states `per_loop` (k, 1, H), as spec.multi drafts one.
-
-    Returns (the second draft, or None where the threshold or chooser declines it; q2 when
-    sampling, else None; the shadow (confidence, second draft or q2) for the chooser, else None).
-    A sampled second draft is drawn only when it is made."""
-    e = model.model.embed_tokens(torch.tensor([first_tok], device=per_loop.device)) if draft_map.next_conditioned(k) else None
-    lg2 = model.head(draft_map.next_state(per_loop, k, e))  # (1, V)
-    if params.greedy:
-        tok, q2 = int(lg2[0].argmax()), None
-        sure = torch.softmax(lg2[0], -1).amax().item() if threshold is not None else None
-    else:
-        q2 = probabilities(lg2, params)[0]
-        sure = q2.amax().item()
-    made = chooser.wants(sure) if chooser is not None else threshold is None or sure >= threshold
-    if made and not params.greedy:
-        tok = int(sample(q2[None], gen)[0])
-    shadow = (sure, tok if params.greedy else q2) if chooser is not None else None
-    return (tok if made else None), q2, shadow
 
 
 def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshold: float | None = None,
@@ -318,7 +295,7 @@ def decode_tree(model: LoopLM, req: DecodeRequest, k: int, branch: int, threshol
             n0 = lanes[0][-1] if lanes[0] and lanes[0][-1].stage == 1 else None  # lane 0's newest, if it drafts now
             second = None  # (its second draft or None, q2, shadow): lane 0's top-1 candidate carries it
             if seconds and n0 is not None and n0.index + 2 < max_new:
-                second = _second_draft(model, draft_map, out.hidden[:, n0.slot : n0.slot + 1, 0], k, draft_tok[n0.slot],
+                second = second_draft(model, draft_map, out.hidden[:, n0.slot : n0.slot + 1, 0], k, draft_tok[n0.slot],
                                        params, gen, second_threshold, chooser)
             for j, step in enumerate(steps):
                 step.latency_ms = timer.lap(0)

@@ -115,7 +115,7 @@ def test_sampled_tree_pairs_follow_full_depth_distribution(wrong, N, monkeypatch
         p = probabilities(model.head(out.hidden[-1, 0, -1]), params)
     assert 0.5 * (p - q2).abs().sum() > 0.15
     if wrong:
-        monkeypatch.setattr(spec.trees, "_second_draft", _flat_q2(spec.trees._second_draft))
+        monkeypatch.setattr(spec.trees, "second_draft", _flat_q2(spec.trees.second_draft))
     stat, df, gens = sampled_chi2(model, prompt, post, N=N, draft_loop=2, branch=2, draft_map=dmap, draft_tokens=2,
                                   fallback=False)
     if wrong:
