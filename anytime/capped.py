@@ -9,11 +9,13 @@ loop-cost model, which only a time budget reads, is not fed.
 
 Skipped loops: "copy" fills slots (t >= k) of the token's position from loop k-1's K/V before the
 next Forward; "shared" needs nothing (one slot per layer); "exact" with finish="lazy" never runs
-them (no later token of a capped request reaches loop k). "exact" with finish="eager" (k dividing
-T) finishes them alongside later tokens: a token's loops [k, T) run k at a time in the Forwards of
-the next T/k - 1 tokens, one row each at its own start loop (the pipeline's diagonal), which is
-what the general decoder does one loop per Forward. Tokens never read loops >= k, so only the cache
-and the loop counts show the difference between skip modes.
+them (no later token of a capped request reaches loop k). "exact" with finish="eager" finishes
+them alongside later tokens: a token's loops [k, T) run up to k at a time in the Forwards of the
+next tokens, each at its own start loop and with its own count (a Forward's per-position
+num_loops: with k = 3 of T = 4, the new token runs loops 1-3 while the one before runs loop 4 in the
+same Forward), which is what the general decoder does one loop per Forward. A newer token at loop
+t < k reads an older one's loop-t K/V, written k loops earlier. Tokens never read loops >= k, so
+only the cache and the loop counts show the difference between skip modes.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from looplm.work import Forward
 def decode_capped(model: LoopLM, req: DecodeRequest, cap: int, skip: str, eager: bool, log: dict, counts: dict,
                   clock: Callable[[], float]) -> Decoder:
     """One row, every token exits at loop `cap` (1-based; T = full depth); `eager`: skip="exact" with
-    finish="eager" (then cap must divide T).
+    finish="eager".
 
     Fills `log` (exit_loops, reasons, latency_ms, budget_ms) and `counts` (decode_loops,
     copied_slots) for anytime.decoder's statistics.
@@ -57,11 +59,13 @@ def decode_capped(model: LoopLM, req: DecodeRequest, cap: int, skip: str, eager:
         if flight:  # earlier tokens' next k loops first, the new token last (its logits are the row's last)
             states = torch.stack([x[2] for x in flight] + [model.embed(token[:, None])[0, 0]])[None]
             start_loops = torch.tensor([[x[1] for x in flight] + [0]], device=states.device)
-            res = yield Forward(states, [[x[0] for x in flight] + [pos]], start_loop=start_loops, num_loops=cap, logits="last", gates=False)
-            for j, x in enumerate(flight):
-                x[1], x[2] = x[1] + cap, res.hidden[-1, 0, j]
-            counts["finish_loops"] += len(flight) * cap
-            counts["decode_loops"] += len(flight) * cap
+            runs = [min(cap, T - x[1]) for x in flight]  # the new token's cap loops, at most as many for the others
+            loops = cap if all(n == cap for n in runs) else torch.tensor([runs + [cap]], device=states.device)
+            res = yield Forward(states, [[x[0] for x in flight] + [pos]], start_loop=start_loops, num_loops=loops, logits="last", gates=False)
+            for j, x in enumerate(flight):  # hidden[-1]: each position's state after its own last loop
+                x[1], x[2] = x[1] + runs[j], res.hidden[-1, 0, j]
+            counts["finish_loops"] += sum(runs)
+            counts["decode_loops"] += sum(runs)
             flight = [x for x in flight if x[1] < T]
         else:
             res = yield Forward(token[:, None], [[pos]], num_loops=cap, logits="last", copy_slots=copies, gates=False)

@@ -112,32 +112,49 @@ class _Plan:
 
     def __init__(self, cache: PagedKVCache, items: list[tuple[list[int], Forward]], device):
         self.cache = cache
-        order = sorted(range(len(items)), key=lambda i: -items[i][1].num_loops)
+        order = sorted(range(len(items)), key=lambda i: -items[i][1].most_loops())
         self.order = order
-        pos, loops, flat, steps, groups, self.spans = [], [], [], [], [], {}
+        # every position of every Forward (in `order`, each in its layout order): item, position,
+        # start loop, loops to run
+        tokens = []
         for i in order:
-            table, fwd = items[i]
+            fwd = items[i][1]
             p = fwd.pos.reshape(-1).tolist()
             st = fwd.start_loop.reshape(-1).tolist() if isinstance(fwd.start_loop, torch.Tensor) else [fwd.start_loop] * len(p)
-            first = len(pos)
-            self.spans[i] = slice(first, first + len(p))
-            # tokens of one start loop form a group; a Forward's groups are contiguous runs of tokens
-            j = 0
-            while j < len(p):
-                e = j
-                while e + 1 < len(p) and st[e + 1] == st[j]:
-                    e += 1
-                groups.append(_Group(slice(first + j, first + e + 1), st[j], table, max(p[j : e + 1]) + 1))
-                j = e + 1
-            pos += p
-            loops += st
-            flat += [cache.flat(table, q) for q in p]
-            steps += [fwd.num_loops] * len(p)
-        self.pos, self.loops, self.flat, self.steps = pos, loops, flat, steps
-        self.n_tokens = len(pos)
-        self.pos_t = torch.tensor(pos, device=device)
+            n = fwd.num_loops.reshape(-1).tolist() if isinstance(fwd.num_loops, torch.Tensor) else [fwd.num_loops] * len(p)
+            tokens += zip([i] * len(p), p, st, n)
+        # most loops first (stable), so that at loop step i the tokens still running are a prefix;
+        # this moves tokens only within Forwards of per-position loop counts
+        rank = sorted(range(len(tokens)), key=lambda t: -tokens[t][3])
+        self.input_order = None if rank == list(range(len(tokens))) else torch.tensor(rank, device=device)
+        where = [0] * len(tokens)  # layout index -> index in the step's order
+        for j, t in enumerate(rank):
+            where[t] = j
+        self.spans, first = {}, 0
+        for i in order:  # each Forward's tokens in its layout order: a slice, or their indices when moved
+            b, s = items[i][1].inputs.shape[:2]
+            idx = where[first : first + b * s]
+            self.spans[i] = slice(idx[0], idx[0] + len(idx)) if idx == list(range(idx[0], idx[0] + len(idx))) else idx
+            first += b * s
+        tokens = [tokens[t] for t in rank]
+        self.pos = [t[1] for t in tokens]
+        self.loops = [t[2] for t in tokens]
+        self.steps = [t[3] for t in tokens]
+        self.flat = [cache.flat(items[t[0]][0], t[1]) for t in tokens]
+        # a group: a run of tokens of one Forward at one start loop running as many loops (tokens
+        # that run none join no group)
+        groups, j = [], 0
+        while j < len(tokens):
+            e = j
+            while e + 1 < len(tokens) and tokens[e + 1][0] == tokens[j][0] and tokens[e + 1][2:] == tokens[j][2:]:
+                e += 1
+            if tokens[j][3]:
+                groups.append(_Group(slice(j, e + 1), tokens[j][2], items[tokens[j][0]][0], max(self.pos[j : e + 1]) + 1))
+            j = e + 1
+        self.n_tokens = len(tokens)
+        self.pos_t = torch.tensor(self.pos, device=device)
         self.device = device
-        self.max_steps = max(steps)
+        self.max_steps = max(self.steps)
         # decode rows (one query) of every request in one batch, prompt chunks in another
         singles = [g for g in groups if g.tokens.stop - g.tokens.start == 1]
         multis = [g for g in groups if g.tokens.stop - g.tokens.start > 1]
@@ -146,6 +163,11 @@ class _Plan:
     def active(self, step: int) -> int:
         """Tokens still running at loop step `step` (a prefix)."""
         return sum(1 for s in self.steps if s > step)
+
+    def layout(self, item: int, j: int) -> int:
+        """Index in the step's order of position j (flattened) of Forward `item`."""
+        sp = self.spans[item]
+        return sp.start + j if isinstance(sp, slice) else sp[j]
 
     @functools.cached_property
     def loops_t(self) -> torch.Tensor:
@@ -263,8 +285,8 @@ class Runner:
         return self.run(items)
 
     def _fixed_ok(self, fwd: Forward) -> bool:
-        return (fwd.step in ("fixed", "compiled") and not fwd.copy_slots and fwd.start_loop == 0
-                and fwd.num_loops == self.model.num_loops and fwd.logits == "last" and fwd.logits_loops == "last"
+        return (fwd.step in ("fixed", "compiled") and not fwd.copy_slots and isinstance(fwd.start_loop, int)
+                and fwd.start_loop == 0 and fwd.num_loops == self.model.num_loops and fwd.logits == "last" and fwd.logits_loops == "last"
                 and fwd.inputs.shape[:2] == (1, 1) and fwd.inputs.dtype in (torch.int32, torch.int64))
 
     @torch.inference_mode()
@@ -287,13 +309,23 @@ class Runner:
                 if fwd.num_loops is None:
                     raise ValueError("num_loops is required when start_loop is a tensor")
                 fwd.start_loop = fwd.start_loop.expand(B, S)
-                lo, hi = int(fwd.start_loop.min()), int(fwd.start_loop.max())
+                lo = int(fwd.start_loop.min())
             else:
-                lo = hi = fwd.start_loop
+                lo = fwd.start_loop
             if fwd.num_loops is None:
                 fwd.num_loops = T - lo
-            if lo < 0 or fwd.num_loops < 1 or hi + fwd.num_loops > T:
-                raise ValueError(f"loops [{lo}, {hi + fwd.num_loops}) are outside the model's {T} loops")
+            if isinstance(fwd.num_loops, torch.Tensor):  # per-position counts
+                fwd.num_loops = fwd.num_loops.expand(B, S)
+                n, hi = fwd.num_loops, int((fwd.start_loop + fwd.num_loops).max())
+                if int(n.min()) < 0 or int(n.max()) < 1:
+                    raise ValueError(f"per-position num_loops must be >= 0 with one > 0, got {n.tolist()}")
+                lo = int(torch.as_tensor(fwd.start_loop).expand(B, S)[n > 0].min())
+            else:
+                n, hi = fwd.num_loops, int(torch.as_tensor(fwd.start_loop).max()) + fwd.num_loops
+                if n < 1:
+                    raise ValueError(f"num_loops must be >= 1, got {n}")
+            if lo < 0 or hi > T:
+                raise ValueError(f"loops [{lo}, {hi}) are outside the model's {T} loops")
             shapes.append((B, S))
             for p, src in fwd.copy_slots:
                 copies.setdefault(src, []).append(cache.flat(table, p))
@@ -343,6 +375,8 @@ class Runner:
         device = cache.k.device
         plan = _Plan(cache, items, device)
         h = self._inputs([items[i][1] for i in plan.order])  # (N, H)
+        if plan.input_order is not None:
+            h = h[plan.input_order]
         cos, sin = m.rotary(plan.pos_t[:, None], h.dtype)  # (N, 1, D)
         ctx = _Attend(plan, m.attention)
         want_gates = any(fwd.gates for _, fwd in items)
@@ -356,7 +390,11 @@ class Runner:
             if want_gates:
                 gates.append(m.gate(x[:, 0]))
         cache.end_step()
-        return self._outputs(items, plan, shapes, hiddens, gates)
+        gates_in = None
+        if want_gates and plan.active(0) < plan.n_tokens:  # tokens that ran no loop show their input's gate
+            gates_in = torch.zeros(plan.n_tokens, dtype=torch.float32, device=device)
+            gates_in[plan.active(0):] = m.gate(h[plan.active(0):])
+        return self._outputs(items, plan, shapes, _stack(hiddens, h), _stack(gates, gates_in) if gates else None)
 
     def _inputs(self, fwds: list[Forward]) -> torch.Tensor:
         """(N, H) inputs of the step's tokens in the given Forward order: token ids of every Forward
@@ -369,11 +407,12 @@ class Runner:
         return torch.cat([embed(f.inputs.reshape(-1)) if i else f.inputs.reshape(-1, f.inputs.shape[-1])
                           for f, i in zip(fwds, ids)])
 
-    def _outputs(self, items, plan: _Plan, shapes, hiddens, gates) -> list[LoopOutput]:
+    def _outputs(self, items, plan: _Plan, shapes, all_h, all_g) -> list[LoopOutput]:
+        """all_h (steps, N, H), all_g (steps, N) or None: every loop step's states and gates of the
+        step's tokens, a token that stopped repeating its last; a Forward's outputs are views of
+        them (copies when its tokens were reordered)."""
         m = self.model
         outs: list[LoopOutput] = []
-        # every loop's states in one (loops, N, H) tensor: a Forward's outputs are views of it
-        all_h, all_g = _stack(hiddens, plan.n_tokens), _stack(gates, plan.n_tokens) if gates else None
         H = all_h.shape[-1]
         # the states the head reads after a Forward's last loop, for one batched head call:
         # (loop, token) pairs of every Forward asking for "last" or per-row positions
@@ -382,7 +421,7 @@ class Runner:
         heads: list[tuple[int, int, tuple]] = []  # (item, rows selected, logits shape without V)
         for idx, ((_, fwd), (B, S)) in enumerate(zip(items, shapes)):
             sp = plan.spans[idx]
-            n = fwd.num_loops
+            n = fwd.most_loops()
             hid = all_h[:n, sp].view(n, B, S, H)
             gat = all_g[:n, sp].view(n, B, S) if fwd.gates else None
             out = LoopOutput(hid, gat, None)
@@ -394,11 +433,11 @@ class Runner:
                 out.logits = m.head(_select(hid, where))
                 continue
             if where == "all":
-                toks, shape = range(sp.start, sp.stop), (1, B, S)
+                toks, shape = [plan.layout(idx, j) for j in range(B * S)], (1, B, S)
             elif where == "last":
-                toks, shape = range(sp.start + S - 1, sp.stop, S), (1, B, 1)
+                toks, shape = [plan.layout(idx, b * S + S - 1) for b in range(B)], (1, B, 1)
             elif isinstance(where, torch.Tensor):
-                toks, shape = [sp.start + b * S + j for b, j in enumerate(where.view(-1).tolist())], (1, B, 1)
+                toks, shape = [plan.layout(idx, b * S + j) for b, j in enumerate(where.view(-1).tolist())], (1, B, 1)
             else:
                 raise ValueError(f"logits must be None, 'all', 'last' or a (B,) index tensor, got {where!r}")
             head_tok.extend(toks)
@@ -413,14 +452,19 @@ class Runner:
         return outs
 
 
-def _stack(rows: list[torch.Tensor], N: int) -> torch.Tensor:
-    """Per loop step (n_i, ...) values of the running prefix of N tokens -> (steps, N, ...), zeros
-    where a token had stopped."""
+def _stack(rows: list[torch.Tensor], init: torch.Tensor | None) -> torch.Tensor:
+    """Per loop step (n_i, ...) values of the running prefix of N tokens -> (steps, N, ...): a token
+    that stopped repeats its last value, one that never ran shows `init` (N, ...) (zeros if None)."""
+    N = rows[0].shape[0] if init is None else init.shape[0]
     if all(x.shape[0] == N for x in rows):
         return torch.stack(rows)
-    out = rows[0].new_zeros(len(rows), N, *rows[0].shape[1:])
+    out = rows[0].new_empty(len(rows), N, *rows[0].shape[1:])
+    prev = init if init is not None else rows[0].new_zeros(N, *rows[0].shape[1:])
     for i, x in enumerate(rows):
-        out[i, : x.shape[0]] = x
+        n = x.shape[0]
+        out[i, :n] = x
+        out[i, n:] = prev[n:]
+        prev = out[i]
     return out
 
 

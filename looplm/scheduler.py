@@ -287,11 +287,11 @@ class Scheduler:
                 items = [(pool.ensure(r.id, int(fwd.pos.max()) + 1), fwd) for r, fwd in pairs]
                 outs = runner.run(items)
             for (r, fwd), out in zip(pairs, outs):
-                n = fwd.inputs.shape[0] * fwd.inputs.shape[1] * fwd.num_loops
+                n = fwd.position_loops()
                 r.token_loops += n
                 if r.forwards == 0:
                     r.prefill_loops += n
-                r.weight_passes += fwd.num_loops
+                r.weight_passes += fwd.most_loops()
                 r.runner_steps += 1
                 out = self._collect(r, out)
                 if out is not None:
@@ -348,23 +348,29 @@ class Scheduler:
         their prefill attends with per-loop K/V only within one step."""
         return (r.req.kv == "per_loop" and fwd.inputs.dtype in (torch.int32, torch.int64) and fwd.inputs.shape[0] == 1
                 and isinstance(fwd.start_loop, int) and fwd.start_loop == 0
-                and fwd.num_loops in (None, self.model.num_loops) and not fwd.copy_slots
+                and (fwd.num_loops is None or fwd.num_loops == self.model.num_loops) and not fwd.copy_slots
                 and fwd.logits in (None, "last", "all"))
 
     def _loops(self, fwd: Forward) -> int:
+        if isinstance(fwd.num_loops, torch.Tensor):
+            return int(fwd.num_loops.max())
         if fwd.num_loops is not None:
             return fwd.num_loops
         return self.model.num_loops - (fwd.start_loop if isinstance(fwd.start_loop, int) else 0)
 
     def _loop_piece(self, r: Request) -> Forward:
         """Loop i of r's pending Forward as a Forward of its own (exact: a loop range resumes from
-        the saved state of the loop before it)."""
+        the saved state of the loop before it; with per-position counts, a position past its own
+        count runs no loop and carries its last state)."""
         fwd, i = r.pending, len(r.slices)
         n = self._loops(fwd)
         last = i == n - 1
         inputs = fwd.inputs if i == 0 else r.slices[-1].hidden[-1]
         logits = fwd.logits if last or fwd.logits_loops == "all" else None
-        return Forward(inputs, fwd.pos, start_loop=fwd.start_loop + i, num_loops=1, logits=logits,
+        start, loops = fwd.start_loop + i, 1
+        if isinstance(fwd.num_loops, torch.Tensor):
+            start, loops = fwd.start_loop + fwd.num_loops.clamp(max=i), (fwd.num_loops > i).long()
+        return Forward(inputs, fwd.pos, start_loop=start, num_loops=loops, logits=logits,
                        copy_slots=fwd.copy_slots if i == 0 else [], gates=fwd.gates)
 
     def _collect(self, r: Request, out):
@@ -376,7 +382,8 @@ class Scheduler:
                 return None
             outs, r.slices = r.slices, None
             logits = torch.cat([o.logits for o in outs]) if r.pending.logits_loops == "all" else outs[-1].logits
-            r.pending.num_loops = len(outs)
+            if not isinstance(r.pending.num_loops, torch.Tensor):
+                r.pending.num_loops = len(outs)
             return type(out)(torch.cat([o.hidden for o in outs]), _cat([o.gates for o in outs], 0), logits)
         if r.chunks is None:
             return out

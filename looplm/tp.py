@@ -253,7 +253,7 @@ def _to(fwd: Forward, device) -> Forward:
     """A copy of the Forward with its tensors on `device` (pickled tensors keep their device)."""
     move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
     return dataclasses.replace(fwd, inputs=move(fwd.inputs), pos=move(fwd.pos), start_loop=move(fwd.start_loop),
-                               logits=move(fwd.logits), copy_slots=list(fwd.copy_slots))
+                               num_loops=move(fwd.num_loops), logits=move(fwd.logits), copy_slots=list(fwd.copy_slots))
 
 
 def start(engine) -> None:

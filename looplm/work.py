@@ -28,7 +28,12 @@ class Forward:
             states (input of loop `start_loop`: the normed state after the previous loop).
         pos: (B, S) absolute positions (a tensor or nested lists).
         start_loop: 0-based first loop, an int or a (B, S) tensor of per-position start loops.
-        num_loops: loops to run (default: up to the last loop; required for a tensor start).
+        num_loops: loops to run (default: up to the last loop; required for a tensor start), an
+            int or a (B, S) tensor of per-position counts (>= 0, at least one > 0): position
+            (b, s) runs loops [start, start + num_loops[b, s]). The outputs then hold n = the
+            largest count of loops; a position that ran fewer repeats its last state (and gate)
+            in the later ones, and one that ran none shows its input, so hidden[-1] is every
+            position's state after its own last loop.
         logits: where to apply the LM head: None, "all" positions, the "last" position of each
             row, or a (B,) tensor of per-row indices into S.
         logits_loops: after the "last" loop run only, or after "all" of them.
@@ -55,3 +60,15 @@ class Forward:
     copy_slots: list[tuple[int, int]] = field(default_factory=list)
     step: str | None = None
     gates: bool = True
+
+    def most_loops(self) -> int:
+        """Loops of the longest-running position (num_loops resolved, as the runner leaves it)."""
+        n = self.num_loops
+        return int(n.max()) if isinstance(n, torch.Tensor) else n
+
+    def position_loops(self) -> int:
+        """(position, loop) pairs this Forward computes (num_loops resolved)."""
+        n = self.num_loops
+        if isinstance(n, torch.Tensor):
+            return int(n.expand(self.inputs.shape[:2]).sum())
+        return self.inputs.shape[0] * self.inputs.shape[1] * n

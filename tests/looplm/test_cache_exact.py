@@ -119,6 +119,58 @@ def test_tokens_at_different_loops_in_one_step(layout):
     torch.testing.assert_close(last.logits[:, 0, 0], full[2:, 0, 7], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["positions", "rows"])
+def test_per_position_loop_counts_in_one_step(layout):
+    """A Forward whose positions run different numbers of loops (token 6 finishes its loop 4 while
+    token 7 runs loops 1-3, and a position that runs none), beside another sequence's plain
+    Forward in the same step: every position's states equal the no-cache forward's, a position
+    that stopped repeats its last state and gate, one that ran none shows its input, and the cache
+    stays exact (the next step finishes token 7 from it)."""
+    model = tiny_model(loops=4)
+    seq = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        full = model.loop_outputs(seq)  # hidden (T, B, S, H), logits (T, B, S, V)
+    runner = make_runner(model, block_size=2, fragment=True)
+    step(runner, {b: prompt_forward(model, seq[b, :6].tolist()) for b in range(2)})
+    at3 = step(runner, {0: Forward(seq[:1, 6:7], [[6]], num_loops=3), 1: Forward(seq[1:, 6:7], [[6]], num_loops=1)})
+    carried = torch.randn(model.config.hidden_size)  # the state of a position that runs no loop
+    h = torch.stack([at3[0].hidden[-1, 0, 0], model.embed(seq[:1, 7:8])[0, 0], carried])  # tokens 6, 7, a carried state
+    pos, start, loops = [6, 7, 8], [3, 0, 1], [1, 3, 0]
+    plain = Forward(at3[1].hidden[-1], [[6]], start_loop=1, num_loops=2, logits="all", logits_loops="all")
+    if layout == "positions":
+        fwd = Forward(h[None], [pos], start_loop=torch.tensor([start]), num_loops=torch.tensor([loops]),
+                      logits="all", logits_loops="all")
+        out, side = step(runner, {0: fwd, 1: plain})
+        hid, lg, g = out.hidden[:, 0], out.logits[:, 0], out.gates[:, 0]  # (3, positions, ...)
+    else:  # one row per token
+        fwd = Forward(h[:, None], [[p] for p in pos], start_loop=torch.tensor(start)[:, None],
+                      num_loops=torch.tensor(loops)[:, None], logits="all", logits_loops="all")
+        out, side = step(runner, {0: fwd, 1: plain})
+        hid, lg, g = out.hidden[:, :, 0], out.logits[:, :, 0], out.gates[:, :, 0]
+    assert hid.shape[0] == 3 and lg.shape[0] == 3
+    with torch.inference_mode():
+        torch.testing.assert_close(hid[:, 0], full.hidden[3, 0, 6].expand(3, -1), rtol=0, atol=1e-5)  # loop 4, repeated
+        torch.testing.assert_close(hid[:, 1], full.hidden[:3, 0, 7], rtol=0, atol=1e-5)  # loops 1-3
+        assert torch.equal(hid[:, 2], carried.expand(3, -1))
+        torch.testing.assert_close(lg[:, 0], full.logits[3, 0, 6].expand(3, -1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(lg[:, 1], full.logits[:3, 0, 7], rtol=0, atol=1e-5)
+        torch.testing.assert_close(g, model.gate(hid), rtol=0, atol=1e-6)
+        torch.testing.assert_close(side.logits[:, 0, 0], full.logits[1:3, 1, 6], rtol=0, atol=1e-5)
+    last = step(runner, {0: Forward(hid[-1, 1][None, None], [[7]], start_loop=3, logits="all")})[0]
+    torch.testing.assert_close(last.logits[0, 0, 0], full.logits[3, 0, 7], rtol=0, atol=1e-5)
+
+
+def test_per_position_loop_counts_are_checked():
+    model = tiny_model(loops=4)
+    runner = make_runner(model)
+    step(runner, {0: prompt_forward(model, [1, 2, 3])})
+    h = torch.randn(1, 2, model.config.hidden_size)
+    for start, loops, msg in (([[0, 3]], [[2, 2]], r"loops \[0, 5\) are outside"), ([[0, 0]], [[0, 0]], "one > 0"),
+                              ([[0, 0]], [[1, -1]], ">= 0")):
+        with pytest.raises(ValueError, match=msg):
+            step(runner, {0: Forward(h, [[3, 4]], start_loop=torch.tensor(start), num_loops=torch.tensor(loops))})
+
+
 def test_cache_reports_its_size_and_shared_modes_are_T_times_smaller():
     model = tiny_model(loops=3, layers=2)
     cfg = model.config
