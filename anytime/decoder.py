@@ -252,9 +252,11 @@ def decode(
             # loops in this call: the cap at once when nothing else rides along (every pending loop of a
             # capped run sits at the cap, so none falls due before it)
             n = max_loops if whole and width == 1 and all(rows[r].loop == 0 for r in running) else 1
-            # the head at the current item (the last position of each row; padding repeats it): the
-            # engine applies it batched over every request of the step
-            res = yield Forward(h, pos, start_loop=start, num_loops=n, logits="last", copy_slots=list(copies))
+            # the head at the current item (the last position of each row; padding repeats it), applied
+            # by the engine batched over every request of the step, when the policy reads it after every
+            # loop; else emit applies it to the rows that leave, and loops that decide nothing skip it
+            res = yield Forward(h, pos, start_loop=start, num_loops=n, logits="last" if need_probs else None,
+                                copy_slots=list(copies))
             copies.clear()
             n_items = sum(len(it) for it in items)
             counts["decode_loops"] += n_items * n
@@ -274,7 +276,7 @@ def decode(
                 next_width = max(next_width, 1 + due)
             for j in range(n):  # the lambdas of the loops just run
                 gates[bidx, torch.tensor([rows[r].loop - n + j for r in running], device=device)] = res.gates[j, ar, cur]
-            logits, probs = res.logits[-1, :, 0], None  # (R, V) at the current items
+            logits, probs = (res.logits[-1, :, 0] if need_probs else None), None  # (R, V) at the current items
             if need_probs:
                 probs = logits.float().softmax(-1)
                 for i, r in enumerate(running):

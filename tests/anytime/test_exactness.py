@@ -112,6 +112,26 @@ def test_q_exit_exact_equals_no_cache_reference(model, engine, q, finish):
     assert len(seen) > 1  # not vacuous: tokens left at different loops
 
 
+@pytest.mark.parametrize("trace", [False, True])
+def test_q_exit_applies_the_head_only_where_a_token_leaves(model, engine, trace):
+    """The gate decides q_exit: the LM head runs for the prefill's T loops and once per emitted
+    token, not after every loop (trace=True reads it after every loop, and does); same tokens."""
+    with torch.no_grad():
+        model.model.early_exit_gate.weight.mul_(2.0)
+        model.model.early_exit_gate.bias.fill_(-1.0)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[:-1].numel()))
+    prompt, n = random_prompts(21, [6])[0], 12
+    try:
+        g = engine.generate(prompt, max_new_tokens=n, stop=[], mode="anytime", exit="q_exit", q=0.5, trace=trace)
+    finally:
+        hook.remove()
+    ref, ref_loops = reference(model, prompt, n, lambda logits, gates, hidden: int(q_exit_loops(gates, 0.5)))
+    assert g.tokens == ref and [s.exit_loop for s in g.steps] == ref_loops
+    assert sum(ref_loops[1:]) > n - 1  # not vacuous: some tokens ran more than one loop
+    assert sum(rows) == T + (sum(ref_loops[1:]) if trace else n - 1)
+
+
 def _ref_policy(name, thr):
     def exit_loop_of(logits, gates, hidden):
         p = logits.float().softmax(-1)  # (T, V)
