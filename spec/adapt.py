@@ -60,6 +60,14 @@ class LoopChooser:
         self.loops = divisors_below(T)
         self.scores = {j: deque(maxlen=window or WINDOW) for j in self.loops}
         self.totals = {j: [0.0, 0] for j in self.loops}  # over the whole request: sum of scores, count
+        self.current: int | None = None  # the loop the request's decoder drafts at (kept across its parts)
+
+    def resume(self, k: int) -> int:
+        """The loop a decoder of this request starts drafting at: where the request's last decoder
+        drafted when one ran before (speculation resuming after a busy spell at full depth), else k."""
+        if self.current is None:
+            self.current = k
+        return self.current
 
     def record(self, scores: dict[int, float]) -> None:
         """One verified token's scores, loop -> acceptance of the draft loop j made from it."""

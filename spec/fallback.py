@@ -187,8 +187,9 @@ def merge_stats(stats: dict, parts: list[tuple[int, dict]]) -> None:
         for key in ELEMENTWISE:
             if key in p:
                 stats[key] = [a + b for a, b in zip_longest(stats.get(key, []), p[key], fillvalue=0)]
-        if "loop_switches" in p:
-            stats["loop_switches"] = stats["loop_switches"] + [[at + begin, k] for at, k in p["loop_switches"]]
+        if "loop_switches" in p:  # a part that resumes at the loop drafting last ran at changes nothing
+            resumed = p["loop_switches"][p["loop_switches"][0][1] == stats["loop_switches"][-1][1]:]
+            stats["loop_switches"] = stats["loop_switches"] + [[at + begin, k] for at, k in resumed]
             stats["loop_acceptance"] = p["loop_acceptance"]
     if parts:
         acc, drafted = stats.get("accepted", 0), stats.get("drafted", 0)

@@ -131,6 +131,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap 
         loop_acceptance as spec.pipeline.decode_pipelined.
     """
     T = model.num_loops
+    if loops is not None:
+        k = loops.resume(k)
     D = T // k
     drafters = drafters if drafters is not None else {k: (0.0, draft_map)}
     switches = [[0, k]]  # draft_loop="adaptive": [tokens emitted, the draft loop from then on]
@@ -140,6 +142,8 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap 
     device = model.lm_head.weight.device
     embed = model.model.embed_tokens  # drafted ids come from the head, so they need no range check
     chooser = (chooser if chooser is not None else SecondChooser(D)) if threshold == "adaptive" else None
+    if chooser is not None:
+        chooser.stages = D  # a resumed request may start at another loop than the chooser was made for
     plen, max_new = len(req.prompts[0]), req.max_new[0]
     flight: list[_Token] = []  # oldest first
     produced = emitted = computed = calls = 0
@@ -172,6 +176,7 @@ def decode_pairs(model: LoopLM, req: DecodeRequest, k: int, draft_map: DraftMap 
                 j = loops.best(k)
                 if j != k:
                     k, D = j, T // j
+                    loops.current = k
                     switches.append([emitted, k])
                     if chooser is not None:
                         chooser.stages = D

@@ -90,11 +90,13 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
     the end of the row).
     """
     T, B = model.num_loops, req.batch_size
-    D = T // k
     params, gen = req.sampling, req.generator
     drafters = drafters if drafters is not None else {k: (extrapolate, draft_map)}
     if chooser is not None and B != 1:
         raise ValueError(f"draft_loop='adaptive' decodes one sequence per request, got a batch of {B}")
+    if chooser is not None:
+        k = chooser.resume(k)
+    D = T // k
     switches = [[0, k]]  # draft_loop="adaptive": [tokens emitted, the draft loop from then on]
     draining = False  # stop drafting, to change the draft loop once the pipeline is empty
     timer, first = yield from start_request(model, req)
@@ -133,6 +135,7 @@ def decode_pipelined(model: LoopLM, req: DecodeRequest, k: int, extrapolate: flo
                 j = chooser.best(k)
                 if j != k:
                     k, D = j, T // j
+                    chooser.current = k
                     switches.append([emitted, k])
             # call rows ordered by stage, then by batch row: the rows at one loop are contiguous and,
             # with every sequence in flight, their cache rows too (attention reads views, no gather);

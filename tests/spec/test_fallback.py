@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import looplm
+import spec.adapt
 import spec.decoder
 from spec.fallback import BAR, WINDOW, merge_stats, with_fallback
 
@@ -376,6 +377,27 @@ def test_adaptive_second_drafts_keep_their_history_through_a_load_switch(branch,
     assert g.stats["load_spans"] == [[q, q + w]] and g.stats["second_threshold"] == "adaptive"
     assert len(made) == 1  # one chooser for both speculative parts
     assert min(scored_at) < q and max(scored_at) >= q + w  # it scored drafts before the spell and after it
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_the_adaptive_draft_loop_resumes_where_it_was_after_a_load_switch(pairs):
+    """draft_loop="adaptive" (spec.adapt): on a model whose every loop drafts right, the request moves
+    from loop 2 to loop 1 once it has seen enough tokens; a busy spell after that runs at full depth,
+    and the decoder that resumes drafts at loop 1 from its first token, not at the start loop 2
+    (the request's one LoopChooser remembers where it drafted). Exact tokens."""
+    from .test_adapt import _pairs
+
+    model = spec_model(loops=4, max_pos=128, step_scale=0.0)
+    seen = spec.adapt.MIN_SEEN
+    engine, prompt, want, reads = _busy_spell(model, q := random.randint(seen + 30, seen + 34), w := random.randint(1, 5), n=80)
+    g = engine.generate(prompt, max_new_tokens=len(want), stop=[], mode="speculative", draft_loop="adaptive",
+                        fallback=False, full_depth_above=2, **_pairs(pairs))
+    assert g.tokens == want
+    assert g.stats["load_spans"] == [[q, q + w]]
+    sw = g.stats["loop_switches"]
+    assert len(sw) == 2 and sw[0] == [0, 2] and sw[1][1] == 1 and sw[1][0] < q, sw  # no return to loop 2
+    assert g.stats["draft_loop"] == 1
+    assert any(s.info["proposed"] > 0 for s in g.steps[q + w + 1 :])  # drafting again after the spell
 
 
 def test_merged_statistics_add_up_over_the_parts():
