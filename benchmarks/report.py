@@ -761,8 +761,11 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
     for rerun in data.get("looplm_reruns") or []:  # files measured again later and merged into this JSON
         la = rerun.get("load_average")
         load = f"load average {la:.1f}" if la is not None else "load average not recorded by this benchmark"
-        lines.append(f"- Rerun: `{rerun['file']}` at commit `{rerun['commit']}`, {rerun['date']} ({load}); its rows "
-                     "replace the run's above.")
+        if rerun.get("kept"):  # left out of this run: its rows come from an earlier one
+            lines.append(f"- Not in this run: `{rerun['file']}`; its rows are from commit `{rerun['commit']}`, {rerun['date']} ({load}).")
+        else:
+            lines.append(f"- Rerun: `{rerun['file']}` at commit `{rerun['commit']}`, {rerun['date']} ({load}); its rows "
+                         "replace the run's above.")
     if mi.get("load_average_at_start"):
         la = mi["load_average_at_start"]
         lines.append(f"- Load average when the run started: {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} (1/5/15 min; other jobs share this machine).")

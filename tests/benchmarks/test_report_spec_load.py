@@ -44,3 +44,18 @@ def test_a_run_renders_the_sweep_once_as_its_own_section(tmp_path):
     assert text.count("### Speculation beside other requests (`test_spec_load.py`)") == 1
     assert "- **Speculation beside other requests** (`test_spec_load.py`): at 4 requests at once" in text
     assert "#### `benchmarks/test_spec_load.py`" not in text  # not again among the other benchmarks
+
+
+def test_merged_files_say_whether_they_were_measured_again_or_kept_from_an_earlier_run(tmp_path):
+    """looplm_reruns: a file rerun later replaces the run's rows; one left out of the run keeps an
+    earlier run's rows, and the header says which commit measured each."""
+    bench = {"name": "test_spec_load", "fullname": "benchmarks/test_spec_load.py::test_spec_load", "stats": {"median": 0.001, "rounds": 1},
+             "extra_info": {"load_sweep": [_row(1)], "full_depth_above": 3, "new_tokens": 64, "repeats": 3, "threads": 1}}
+    reruns = [{"file": "benchmarks/test_a.py", "commit": "abc1234", "date": "2026-12-02 08:00 UTC", "load_average": 0.5},
+              {"file": "benchmarks/test_b.py", "commit": "def5678", "date": "2026-12-01 07:00 UTC", "load_average": 1.0, "kept": True}]
+    text = "\n".join(section(tmp_path / "results.json", {"benchmarks": [bench], "looplm_reruns": reruns}, tmp_path))
+    assert ("- Rerun: `benchmarks/test_a.py` at commit `abc1234`, 2026-12-02 08:00 UTC (load average 0.5); its rows replace "
+            "the run's above.") in text
+    assert ("- Not in this run: `benchmarks/test_b.py`; its rows are from commit `def5678`, 2026-12-01 07:00 UTC "
+            "(load average 1.0).") in text
+    assert "test_b.py` at commit" not in text
