@@ -50,7 +50,8 @@ def test_merged_files_say_whether_they_were_measured_again_or_kept_from_an_earli
     """looplm_reruns: a file rerun later replaces the run's rows; one left out of the run keeps an
     earlier run's rows, and the header says which commit measured each."""
     bench = {"name": "test_spec_load", "fullname": "benchmarks/test_spec_load.py::test_spec_load", "stats": {"median": 0.001, "rounds": 1},
-             "extra_info": {"load_sweep": [_row(1)], "full_depth_above": 3, "new_tokens": 64, "repeats": 3, "threads": 1}}
+             "extra_info": {"load_sweep": [_row(1)], "full_depth_above": 3, "new_tokens": 64, "repeats": 3, "threads": 1,
+                            "load_average_before": [0.5, 0.6, 0.7], "load_average_after": [0.9, 0.8, 0.7]}}
     reruns = [{"file": "benchmarks/test_a.py", "commit": "abc1234", "date": "2026-12-02 08:00 UTC", "load_average": 0.5},
               {"file": "benchmarks/test_b.py", "commit": "def5678", "date": "2026-12-01 07:00 UTC", "load_average": 1.0, "kept": True}]
     text = "\n".join(section(tmp_path / "results.json", {"benchmarks": [bench], "looplm_reruns": reruns}, tmp_path))
