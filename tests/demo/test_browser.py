@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -48,9 +49,15 @@ def engine(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, caplog_handler):
+def served_engine(tiny_checkpoint):
+    """The server's own engine, as `python -m demo` would load it (tests compare against `engine`)."""
+    return looplm.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(served_engine, caplog_handler):
     """The app served from a thread of this process (the CLI path is tested in test_cli.py)."""
-    app = build_app(looplm.load(tiny_checkpoint), concurrency=4)  # its own engine, as `python -m demo` would load
+    app = build_app(served_engine, concurrency=4)
     port = _free_port()
     launch(app, port, block=False, quiet=True)
     url = f"http://127.0.0.1:{port}/"
@@ -175,8 +182,25 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser, en
     page.context.close()
 
 
-def test_two_concurrent_sessions_get_their_own_output(server, browser, engine, make_prompt, caplog_handler):
+def test_two_concurrent_sessions_get_their_own_output(server, served_engine, browser, engine, make_prompt, caplog_handler):
     rng = random.Random()
+    # every loop of the server's engine takes 5 ms more (same results): a decode then lasts about a
+    # second, so the two clicks, a browser round trip apart, start decodes that overlap (the tiny
+    # model alone decoded 48 tokens faster than that round trip on a fast machine)
+    inner = served_engine.model.loop_body
+
+    def slow_loop(*args, **kwargs):
+        time.sleep(0.005)
+        return inner(*args, **kwargs)
+
+    served_engine.model.loop_body = slow_loop
+    try:
+        _two_sessions(server, browser, engine, make_prompt, caplog_handler, rng)
+    finally:
+        del served_engine.model.loop_body
+
+
+def _two_sessions(server, browser, engine, make_prompt, caplog_handler, rng):
     pages = [_open(browser, server) for _ in range(2)]
     inputs = [dict(prompt=make_prompt(rng, 4 + i), max_new=48, seed=rng.randint(0, 10**6), temperature=0.9)
               for i in range(2)]
