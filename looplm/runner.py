@@ -309,9 +309,9 @@ class Runner:
                 if fwd.num_loops is None:
                     raise ValueError("num_loops is required when start_loop is a tensor")
                 fwd.start_loop = fwd.start_loop.expand(B, S)
-                lo = int(fwd.start_loop.min())
+                lo, top = int(fwd.start_loop.min()), int(fwd.start_loop.max())
             else:
-                lo = fwd.start_loop
+                lo = top = fwd.start_loop
             if fwd.num_loops is None:
                 fwd.num_loops = T - lo
             if isinstance(fwd.num_loops, torch.Tensor):  # per-position counts
@@ -321,7 +321,7 @@ class Runner:
                     raise ValueError(f"per-position num_loops must be >= 0 with one > 0, got {n.tolist()}")
                 lo = int(torch.as_tensor(fwd.start_loop).expand(B, S)[n > 0].min())
             else:
-                n, hi = fwd.num_loops, int(torch.as_tensor(fwd.start_loop).max()) + fwd.num_loops
+                n, hi = fwd.num_loops, top + fwd.num_loops
                 if n < 1:
                     raise ValueError(f"num_loops must be >= 1, got {n}")
             if lo < 0 or hi > T:

@@ -352,10 +352,8 @@ class Scheduler:
                 and fwd.logits in (None, "last", "all"))
 
     def _loops(self, fwd: Forward) -> int:
-        if isinstance(fwd.num_loops, torch.Tensor):
-            return int(fwd.num_loops.max())
         if fwd.num_loops is not None:
-            return fwd.num_loops
+            return fwd.most_loops()
         return self.model.num_loops - (fwd.start_loop if isinstance(fwd.start_loop, int) else 0)
 
     def _loop_piece(self, r: Request) -> Forward:
