@@ -30,6 +30,13 @@ def engine(model):
     return looplm.Engine(model)
 
 
+def spread_gate(model: LoopLM) -> None:
+    """Sharpens the exit gate (weights x2, bias -1) so that different tokens exit at different loops."""
+    with torch.no_grad():
+        model.model.early_exit_gate.weight.mul_(2.0)
+        model.model.early_exit_gate.bias.fill_(-1.0)
+
+
 def random_prompts(seed: int, lengths, vocab: int = 64) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -6,7 +6,7 @@ import pytest
 
 from anytime import Budget, LoopCost
 
-from .conftest import FakeClock, clocked, random_prompts
+from .conftest import FakeClock, clocked, random_prompts, spread_gate
 
 T = 4
 MS = 7.8125  # every loop costs exactly 2**-7 s on the fake clock (binary-exact; the prefill: T loops)
@@ -94,9 +94,7 @@ def test_mean_loops_fall_as_the_loop_budget_tightens(engine, skip):
 def test_mean_loops_fall_as_q_falls(model, engine):
     import torch
 
-    with torch.no_grad():
-        model.model.early_exit_gate.weight.mul_(2.0)
-        model.model.early_exit_gate.bias.fill_(-1.0)
+    spread_gate(model)  # different tokens exit at different loops
     prompts = random_prompts(9, [4, 7, 2])
     means = []
     for q in (1.0, 0.9, 0.5, 0.3, 0.05):

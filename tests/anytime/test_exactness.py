@@ -10,7 +10,7 @@ from looplm.runner import Runner, drive
 from looplm.exits import q_exit_loops
 from looplm.sampling import SamplingParams
 
-from .conftest import random_prompts
+from .conftest import random_prompts, spread_gate
 
 T = 4
 
@@ -96,9 +96,7 @@ def test_loop_budget_exact_equals_static_exit_reference(model, engine, k, finish
 @pytest.mark.parametrize("finish", ["eager", "lazy"])
 @pytest.mark.parametrize("q", [0.3, 0.5, 0.9])
 def test_q_exit_exact_equals_no_cache_reference(model, engine, q, finish):
-    with torch.no_grad():  # spread the gate so that different tokens exit at different loops
-        model.model.early_exit_gate.weight.mul_(2.0)
-        model.model.early_exit_gate.bias.fill_(-1.0)
+    spread_gate(model)  # different tokens exit at different loops
     prompts = random_prompts(20, [4, 8, 1])
     n = 12
     gens = engine.generate(prompts, max_new_tokens=n, stop=[], mode="anytime", exit="q_exit", q=q, finish=finish)
@@ -116,9 +114,7 @@ def test_q_exit_exact_equals_no_cache_reference(model, engine, q, finish):
 def test_q_exit_applies_the_head_only_where_a_token_leaves(model, engine, trace):
     """The gate decides q_exit: the LM head runs for the prefill's T loops and once per emitted
     token, not after every loop (trace=True reads it after every loop, and does); same tokens."""
-    with torch.no_grad():
-        model.model.early_exit_gate.weight.mul_(2.0)
-        model.model.early_exit_gate.bias.fill_(-1.0)
+    spread_gate(model)  # different tokens exit at different loops
     rows = []
     hook = model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[:-1].numel()))
     prompt, n = random_prompts(21, [6])[0], 12
