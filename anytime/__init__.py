@@ -34,8 +34,17 @@ unwritten, and later tokens read them at those loops. `skip=` says what happens:
   the same forward, at the same loop: the slot is written before the same layer reads it), so
   loops that no later token reaches are never computed: with a budget of k loops for every
   token, decoding costs k loops per token. Same tokens; the cache then equals the full-depth
-  cache in every slot that was written. Eager suits hardware where a wider forward is free
-  (memory-bound batch-1 decode on a GPU); lazy suits compute-bound CPUs.
+  cache in every slot that was written. `finish="ahead"` runs the skipped loops before the exit is
+  decided: every decode token runs all T loops in one forward, as full depth does, and the exit
+  decision is replayed over its per-loop outputs (as for the prefill's token); same tokens and exit
+  loops, the full-depth cache at once, one forward per token instead of one per loop; a token is
+  emitted after T loops, so no time budget. Eager suits hardware where a wider forward is free
+  (memory-bound batch-1 decode on a GPU); lazy suits compute-bound CPUs whose tokens leave early;
+  ahead suits a small model on a CPU, where a forward's fixed cost is about a loop body's and an
+  extra row is not free. With a loop cap alone there is nothing to decide, and ahead runs as eager
+  (`anytime.capped`). The default is "eager"; a checkpoint may recommend another
+  (generation_config.json, "looplm": {"anytime": {"finish": ...}}; the bundled model recommends
+  "ahead"), which gives way to a time budget.
   Exact against the full-depth per-loop cache: token i equals the no-cache reference "logits of
   loop exit_loop(i) at position i of the sequence, every position's state from all T loops", so a
   loop budget of k reproduces `argmax per_loop_logits(seq)[k - 1]` and no budget/policy reproduces
@@ -68,7 +77,7 @@ p95_latency_ms, loop_cost_ms, policy.
 """
 
 from .budget import Budget, LoopCost, make_budget
-from .decoder import SKIP_MODES, decode
+from .decoder import FINISH_MODES, SKIP_MODES, decode
 from .policies import POLICIES, Confidence, Entropy, ExitPolicy, HiddenDelta, KLExit, LoopObservation, QExit, StaticDepth, make_policy
 
 __all__ = [
@@ -76,6 +85,7 @@ __all__ = [
     "Confidence",
     "Entropy",
     "ExitPolicy",
+    "FINISH_MODES",
     "HiddenDelta",
     "KLExit",
     "LoopCost",

@@ -18,6 +18,21 @@ from .capped import decode_capped
 from .policies import ExitPolicy, LoopObservation, make_policy
 
 SKIP_MODES = ("exact", "copy", "shared")
+FINISH_MODES = ("eager", "lazy", "ahead")
+
+
+def finish_mode(finish: str | None, skip: str, timed: bool, whole: bool) -> str:
+    """The finish mode a request runs: `finish` (None: "eager"), checked against a time budget.
+    "ahead" runs ahead of exit decisions between loops: with a loop cap alone (`whole`) every exit
+    is known before the token's loops run, and the capped path runs, as with "eager"."""
+    if finish is None:
+        return "eager"
+    if finish not in FINISH_MODES:
+        raise ValueError(f"finish must be one of {FINISH_MODES} or None, got {finish!r}")
+    if finish == "ahead" and timed:
+        raise ValueError("finish: 'ahead' runs all T loops before the exit is decided, which a time budget "
+                         "cannot wait for: use finish='eager' or 'lazy' (or None) with budget_ms / deadline_ms")
+    return "eager" if finish == "ahead" and (whole or skip != "exact") else finish
 
 
 class _Row:
@@ -47,7 +62,7 @@ def decode(
     threshold: float | None = None,
     q: float | None = None,
     skip: str | None = None,
-    finish: str = "eager",
+    finish: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
     safety: float = 1.0,
     trace: bool = False,
@@ -68,10 +83,13 @@ def decode(
             loop's K/V into the skipped slots) or "shared" (read a shared-KV cache: the request's
             cache_factory, e.g. Engine.generate(..., kv="last"|"mean")). None (default): "shared"
             when the request's cache is shared, else "exact".
-        finish: when "exact" runs a skipped loop: "eager" (default: one pending loop per iteration
-            alongside the row's next token, so the cache soon equals the full-depth cache) or
-            "lazy" (only when a later token of the row reaches that loop and needs the slot, in
-            the same forward; loops no later token reaches are never run). Same tokens either way.
+        finish: when "exact" runs a skipped loop: "eager" (one pending loop per iteration
+            alongside the row's next token, so the cache soon equals the full-depth cache), "lazy"
+            (only when a later token of the row reaches that loop and needs the slot, in the same
+            forward; loops no later token reaches are never run) or "ahead" (before the exit is
+            decided: every token runs all T loops in one forward, as full depth, and the exit is
+            replayed over its per-loop outputs; not with a time budget; with a loop cap alone, as
+            "eager"). Same tokens and exit loops in all three. None: "eager".
         clock: callable returning seconds (default time.perf_counter); inject one to test budgets.
         safety: a time budget lets a loop start when elapsed + predicted loop + predicted emission
             <= budget, each predicted as moving mean + safety * moving absolute deviation
@@ -89,7 +107,6 @@ def decode(
     policy = make_policy(exit, threshold if threshold is not None else q)
     if policy is not None:
         policy.bind(T)
-    lazy = finish == "lazy"
     max_loops = T if plan is None or plan.loops is None else min(plan.loops, T)
     timed = plan is not None and plan.timed
     req.timed = timed
@@ -103,6 +120,8 @@ def decode(
 
     H = model.config.hidden_size
     device = model.lm_head.weight.device
+    finish = finish_mode(finish, skip, timed, whole)
+    lazy, ahead = finish == "lazy", finish == "ahead"
     rows = [_Row() for _ in range(B)]
     gates = torch.zeros(B, T, dtype=torch.float32, device=device)  # current item's lambdas so far
     prev_hidden = torch.zeros(B, H, dtype=model.lm_head.weight.dtype, device=device)
@@ -137,11 +156,14 @@ def decode(
                 out.append(None)
         return out
 
-    def emit(idx: list[int], reasons: list[str], exit_loops: list[int], hidden, logits, first: bool, decided: float) -> Iterator[Step]:
+    def emit(idx: list[int], reasons: list[str], exit_loops: list[int], hidden, logits, first: bool, decided: float,
+             ran_all: bool = False) -> Iterator[Step]:
         """Chooses the tokens of rows idx (hidden (R, H) at their exit loops), handles skipped loops, yields.
 
-        first: tokens decided from the prefill's outputs (all T loops computed, nothing skipped).
+        first: tokens decided from the prefill's outputs (all T loops computed, nothing skipped);
+        ran_all: decode tokens whose T loops all ran before the exit was decided (finish="ahead").
         """
+        ran_all = ran_all or first
         if logits is None:
             logits = model.lm_head(hidden)
         tokens = choose(logits, req.sampling, req.generator)  # (R,)
@@ -152,8 +174,10 @@ def decode(
             cost.update_emit((now - decided) * 1e3)
         for j, r in enumerate(idx):
             row = rows[r]
-            t, exit_loop = (T if first else row.loop), exit_loops[j]
-            if not first and exit_loop < T:
+            t, exit_loop = (T if ran_all else row.loop), exit_loops[j]
+            if ran_all and not first:
+                counts["finish_loops"] += T - exit_loop
+            if not ran_all and exit_loop < T:
                 if skip == "exact":
                     row.pending.append([row.pos, exit_loop, hidden[j]])
                 elif skip == "copy":  # slots (t', l) for t' >= exit_loop get slot (exit_loop - 1, l), every layer l
@@ -187,9 +211,37 @@ def decode(
                 req.token_ms = row.token_ms
             yield step
 
+    def replay(running: list[int], hid, lam, logits_all, first: bool, now: float) -> Iterator[Step]:
+        """The exit decisions over per-loop outputs computed at once: hid (T, R, H), lam (T, R) and
+        logits_all (T, R, V) or None (emit applies the head) of the current tokens of rows `running`,
+        after all T loops (the prefill's last prompt position, or a finish="ahead" decode forward).
+        The same decisions, loop by loop, as the one-loop-per-forward path takes."""
+        live = list(range(len(running)))  # indices into the outputs of the rows still deciding
+        for t in range(1, T + 1):
+            todo = [running[j] for j in live]
+            ix, lx = torch.tensor(todo, device=device), torch.tensor(live, device=device)
+            gates[ix, t - 1] = lam[t - 1, lx]
+            probs = None
+            if need_probs:
+                probs = logits_all[t - 1, lx].float().softmax(-1)
+                for j, r in enumerate(todo):
+                    rows[r].probs.append(probs[j])
+            reasons = decide(todo, torch.full((len(todo),), t, device=device), hid[t - 1, lx], probs, now, 0.0)
+            if need_probs:
+                prev_probs[ix] = probs
+            prev_hidden[ix] = hid[t - 1, lx]
+            leaving = [j for j, why in enumerate(reasons) if why is not None]
+            if leaving:
+                jx = lx[leaving]
+                yield from emit([todo[j] for j in leaving], [reasons[j] for j in leaving], [t] * len(leaving),
+                                hid[t - 1, jx], None if logits_all is None else logits_all[t - 1, jx], first, now, ran_all=True)
+                live = [x for j, x in enumerate(live) if j not in set(leaving)]
+            if not live:
+                return
+
     # a loop cap alone decides every exit: the capped loops run in one Forward per token (anytime.capped);
     # skipped loops finished eagerly ride along, up to k at a time
-    eager = skip == "exact" and not lazy
+    eager = skip == "exact" and finish == "eager"
     capped = whole and B == 1
     t_start = clock()
     try:
@@ -202,36 +254,25 @@ def decode(
         out = yield prefill(req, device, logits_loops="all")
         last = torch.tensor(lengths, device=device) - 1
         ar = torch.arange(B, device=device)
-        hid = out.hidden[:, ar, last]  # (T, B, H)
-        lam = out.gates[:, ar, last]  # (T, B)
-        logits_all = out.logits[:, :, 0]  # (T, B, V)
         for r in range(B):
             rows[r].pos, rows[r].start = lengths[r] - 1, t_start
-        todo = list(range(B))
         now = clock()
-        for t in range(1, T + 1):
-            ix = torch.tensor(todo, device=device)
-            gates[ix, t - 1] = lam[t - 1, ix]
-            probs = None
-            if need_probs:
-                probs = logits_all[t - 1, ix].float().softmax(-1)
-                for j, r in enumerate(todo):
-                    rows[r].probs.append(probs[j])
-            reasons = decide(todo, torch.full((len(todo),), t, device=device), hid[t - 1, ix], probs, now, 0.0)
-            if need_probs:
-                prev_probs[ix] = probs
-            prev_hidden[ix] = hid[t - 1, ix]
-            leaving = [j for j, why in enumerate(reasons) if why is not None]
-            if leaving:
-                idx = [todo[j] for j in leaving]
-                jx = torch.tensor(leaving, device=device)
-                why = [reasons[j] for j in leaving]
-                yield from emit(idx, why, [t] * len(idx), hid[t - 1, ix[jx]], logits_all[t - 1, ix[jx]], True, now)
-                todo = [r for j, r in enumerate(todo) if j not in set(leaving)]
-            if not todo:
-                break
+        yield from replay(list(range(B)), out.hidden[:, ar, last], out.gates[:, ar, last], out.logits[:, :, 0], True, now)
         req.stats["prefill_ms"] = (now - t_start) * 1e3
         t_prev = clock()
+
+        while ahead:
+            # every running row's current token through all T loops in one forward (as full depth),
+            # then the exit decision replayed over its per-loop outputs
+            running = [r for r in range(B) if req.active(r, rows[r].produced)]
+            if not running:
+                return
+            h = torch.stack([rows[r].h for r in running])[:, None]  # (R, 1, H)
+            pos = torch.tensor([[rows[r].pos] for r in running], device=device)
+            res = yield Forward(h, pos, num_loops=T, logits="last" if need_probs else None, logits_loops="all")
+            counts["decode_loops"] += T * len(running)
+            yield from replay(running, res.hidden[:, :, 0], res.gates[:, :, 0],
+                              res.logits[:, :, 0] if need_probs else None, False, clock())
 
         while True:
             running = [r for r in range(B) if req.active(r, rows[r].produced)]

@@ -49,7 +49,10 @@ ANYTIME_CASES = (
     + [("default", {"budget_ms_frac": f}, 1) for f in (0.25, 0.5, 0.75)]
     + [("default", {"exit": "q_exit", "q": q}, 1) for q in (0.3, 0.5, 0.7, 0.9)]
     + [("default", {"exit": "q_exit", "q": 0.5}, b) for b in (4, 16)]
-    + [("random-100m", {"budget_loops": 2}, 1), ("random-100m", {"exit": "q_exit", "q": 0.5}, 1)]
+    # the bundled model recommends finish="ahead" (the rows above); the loop-by-loop decoder beside it
+    + [("default", {"exit": "q_exit", "q": 0.5, "finish": "eager"}, b) for b in (1, 16)]
+    + [("random-100m", {"budget_loops": 2}, 1), ("random-100m", {"exit": "q_exit", "q": 0.5}, 1),
+       ("random-100m", {"exit": "q_exit", "q": 0.5, "finish": "ahead"}, 1)]
 )
 
 # (model, kv mode, decoder mode, decoder options, batch)
@@ -177,7 +180,7 @@ def test_anytime(model_name, options, batch, get_model, require, measure, baseli
     if "budget_loops" in options:
         assert all(s.exit_loop <= options["budget_loops"] for s in steps), "a loop budget of k emits at loop <= k"
     exact = bm.model.lm_head.weight.dtype == torch.float32 and options.get("skip", "exact") == "exact"
-    if exact and set(options) <= {"budget_loops", "exit", "q"} and options.get("exit", "q_exit") == "q_exit" and options:
+    if exact and set(options) <= {"budget_loops", "exit", "q", "finish"} and options.get("exit", "q_exit") == "q_exit" and options:
         k = min(options.get("budget_loops", T), T)
         q = options.get("q")
 

@@ -243,9 +243,11 @@ class AnytimeOptions(ModeOptions):
     """What the loops a token skipped become: "exact", "copy" or "shared" (anytime.SKIP_MODES);
     None: "shared" on a shared-KV cache, else "exact". "shared" needs kv="last"/"mean", the others
     kv="per_loop"."""
-    finish: str = "eager"
-    """When skip="exact" runs a skipped loop: "eager" (alongside the next token) or "lazy" (when a
-    later token needs its slot). Same tokens either way."""
+    finish: str | None = None
+    """When skip="exact" runs a skipped loop: "eager" (alongside the next token), "lazy" (when a
+    later token needs its slot) or "ahead" (before the exit is decided: all T loops in one forward
+    per token; not with a time budget; with a loop cap alone, as "eager"). Same tokens in all
+    three. None: "eager". A checkpoint's recommended "ahead" gives way to a time budget."""
     clock: Callable[[], float] = time.perf_counter
     """A callable returning seconds; inject one to test time budgets."""
     safety: float = 1.0
@@ -254,7 +256,7 @@ class AnytimeOptions(ModeOptions):
     """Run the LM head at every loop so each Step.info carries "probs"."""
 
     def __post_init__(self):
-        from anytime import POLICIES, SKIP_MODES, ExitPolicy, make_budget, make_policy
+        from anytime import FINISH_MODES, POLICIES, SKIP_MODES, ExitPolicy, make_budget, make_policy
 
         for name in ("budget_ms", "deadline_ms"):
             v = getattr(self, name)
@@ -274,8 +276,12 @@ class AnytimeOptions(ModeOptions):
         self._wrap(name, lambda: make_policy(self.exit, self.threshold if self.q is None else self.q))
         if self.skip is not None and self.skip not in SKIP_MODES:
             raise self._fail("skip", f"skip: unknown skip mode {self.skip!r}; choose one of {SKIP_MODES} or None")
-        if self.finish not in ("eager", "lazy"):
-            raise self._fail("finish", f"finish must be 'eager' or 'lazy', got {self.finish!r}")
+        if self.finish not in (None, *FINISH_MODES):
+            raise self._fail("finish", f"finish must be one of {FINISH_MODES} or None, got {self.finish!r}")
+        if self.finish == "ahead" and (self.budget_ms is not None or self.deadline_ms is not None
+                                       or getattr(self.budget, "timed", False)):
+            raise self._fail("finish", "finish: 'ahead' runs all T loops before the exit is decided, which a time "
+                                       "budget cannot wait for: use finish='eager' or 'lazy' (or None) with a time budget")
         if not callable(self.clock):
             raise self._fail("clock", f"clock must be a callable returning seconds, got {self.clock!r}")
         try:
@@ -331,6 +337,8 @@ def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recom
     So do recommended second-token drafts (draft_tokens=2, second_threshold) before the caller's
     draft_loop, draft_len or pipeline (and draft_tokens=1 under a recommended
     second_threshold), said in `notes["draft_tokens_unused"]`.
+    A recommended finish="ahead" gives way to the caller's time budget (budget_ms, deadline_ms, a
+    timed budget), said in `notes["finish_unused"]`.
     A checkpoint whose own options conflict still raises.
 
     Args:
@@ -358,7 +366,7 @@ def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recom
     except TypeError as e:  # a required option of a registered mode's decoder is missing
         raise ValueError(f"mode {mode!r}: {e}") from None
     except OptionError as e:
-        kept = _without_recommended_tree(mode, e.option, values, recommended)
+        kept = _without_recommended(mode, e.option, values, recommended)
         if kept is None and e.option not in recommended:
             raise
         if kept is None:
@@ -366,30 +374,33 @@ def resolve(mode: str, values: dict, num_loops: int, kv: str = "per_loop", recom
         opts = resolve(mode, kept, num_loops, kv, recommended)
         if notes is not None:
             gone = [k for k in values if k not in kept]
-            key = "draft_tokens_unused" if "draft_tokens" in gone or "second_threshold" in gone else "branch_unused"
+            key = ("finish_unused" if "finish" in gone else
+                   "draft_tokens_unused" if "draft_tokens" in gone or "second_threshold" in gone else "branch_unused")
             dropped = ", ".join(f"{k}={values[k]!r}" for k in gone)
             notes[key] = f"the checkpoint's recommended {dropped} does not run with this request's options: {e.message}"
         return opts
 
 
 # recommended option -> the caller's options that may rule it out (it then gives way, see `resolve`)
-_TREE_CAUSES = {"branch": ("draft_loop", "draft_len", "pipeline"), "branch_threshold": ("branch",),
-                "draft_tokens": ("draft_loop", "draft_len", "pipeline"), "second_threshold": ("draft_tokens",)}
+_GIVE_WAY = {"speculative": {"branch": ("draft_loop", "draft_len", "pipeline"), "branch_threshold": ("branch",),
+                             "draft_tokens": ("draft_loop", "draft_len", "pipeline"), "second_threshold": ("draft_tokens",)},
+             "anytime": {"finish": ("budget_ms", "deadline_ms", "budget")}}
 
 
-_GROUPS = ({"branch", "branch_threshold"}, {"draft_tokens", "second_threshold"})  # what gives way together
+_GROUPS = ({"branch", "branch_threshold"}, {"draft_tokens", "second_threshold"}, {"finish"})  # what gives way together
 
 
-def _without_recommended_tree(mode: str, option: str, values: dict, recommended: frozenset) -> dict | None:
-    """`values` less the checkpoint's draft-tree or second-draft options when the caller's own
-    options caused `option`'s error (see `resolve`); None when the error stands."""
-    if mode != "speculative":
+def _without_recommended(mode: str, option: str, values: dict, recommended: frozenset) -> dict | None:
+    """`values` less the checkpoint's draft-tree, second-draft or finish options when the caller's
+    own options caused `option`'s error (see `resolve`); None when the error stands."""
+    causes = _GIVE_WAY.get(mode)
+    if causes is None:
         return None
     caller = {k for k in values if k not in recommended}
     if option in recommended:  # a recommended option failed: did one of the caller's options rule it out?
-        failed = {option} if any(c in caller for c in _TREE_CAUSES.get(option, ())) else set()
+        failed = {option} if any(c in caller for c in causes.get(option, ())) else set()
     else:  # the caller's option failed: which recommended options does it rule out?
-        failed = {k for k in values if k in recommended and option in _TREE_CAUSES.get(k, ())}
+        failed = {k for k in values if k in recommended and option in causes.get(k, ())}
     drop = {k for g in _GROUPS if g & failed for k in g if k in recommended and k in values}
     return {k: v for k, v in values.items() if k not in drop} if drop else None
 

@@ -76,6 +76,7 @@ class Stats(TypedDict):
     won_by_rank: NotRequired[list[int]]  # tested positions won by the top-1, top-2, ... candidate
     draft_tokens: NotRequired[int]  # 2: second-token drafts in the pipeline (spec.multi)
     draft_tokens_unused: NotRequired[str]  # why the checkpoint's recommended second-token drafts did not run (the caller's options, a batch)
+    finish_unused: NotRequired[str]  # why the checkpoint's recommended anytime finish="ahead" did not run (a time budget)
     second_threshold: NotRequired[float | str | None]  # second drafts only at or above this top-1 probability (None: always; "adaptive")
     seconds: NotRequired[int]  # second drafts proposed (counted in drafted too)
     seconds_tested: NotRequired[int]  # second drafts tested at loop T

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import anytime
+import looplm
+from looplm.checkpoint import save_pretrained
 from looplm.decoding import DecodeRequest, prefill
 from looplm.paged import PagedKVCache
 from looplm.runner import Runner, drive
@@ -73,7 +75,7 @@ def test_shared_with_a_budget_runs_and_skips_nothing_extra(engine):
     assert gens[0].stats["loops_computed_per_token"] == pytest.approx((2 * T + 14 * 2) / 16)
 
 
-@pytest.mark.parametrize("finish", ["eager", "lazy"])
+@pytest.mark.parametrize("finish", ["eager", "lazy", "ahead"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_loop_budget_exact_equals_static_exit_reference(model, engine, k, finish):
     prompts = random_prompts(10 + k, [6, 3])
@@ -85,7 +87,9 @@ def test_loop_budget_exact_equals_static_exit_reference(model, engine, k, finish
         assert g.tokens == ref
         assert [s.exit_loop for s in g.steps] == [k] * n
         assert [s.reason for s in g.steps] == ["budget" if k < T else "max_depth"] * n
-        assert [s.loops for s in g.steps] == [T] + [k] * (n - 1)  # the first token comes from the prefill
+        # the first token comes from the prefill; with a cap alone "ahead" runs as "eager"
+        assert [s.loops for s in g.steps] == [T] + [k] * (n - 1)
+        assert g.stats["finish"] == ("eager" if finish == "ahead" else finish)
         if k < T:
             assert g.tokens != f.tokens  # the test model's early loops really disagree with the last
     # the same depth as a static policy
@@ -93,7 +97,7 @@ def test_loop_budget_exact_equals_static_exit_reference(model, engine, k, finish
     assert [g.tokens for g in static] == [g.tokens for g in gens]
 
 
-@pytest.mark.parametrize("finish", ["eager", "lazy"])
+@pytest.mark.parametrize("finish", ["eager", "lazy", "ahead"])
 @pytest.mark.parametrize("q", [0.3, 0.5, 0.9])
 def test_q_exit_exact_equals_no_cache_reference(model, engine, q, finish):
     spread_gate(model)  # different tokens exit at different loops
@@ -110,22 +114,78 @@ def test_q_exit_exact_equals_no_cache_reference(model, engine, q, finish):
     assert len(seen) > 1  # not vacuous: tokens left at different loops
 
 
+@pytest.mark.parametrize("finish", ["eager", "ahead"])
 @pytest.mark.parametrize("trace", [False, True])
-def test_q_exit_applies_the_head_only_where_a_token_leaves(model, engine, trace):
+def test_q_exit_applies_the_head_only_where_a_token_leaves(model, engine, trace, finish):
     """The gate decides q_exit: the LM head runs for the prefill's T loops and once per emitted
-    token, not after every loop (trace=True reads it after every loop, and does); same tokens."""
+    token, not after every loop (trace=True reads it after every loop computed before the exit:
+    the exit loops with "eager", all T with "ahead"); same tokens."""
     spread_gate(model)  # different tokens exit at different loops
     rows = []
     hook = model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[:-1].numel()))
     prompt, n = random_prompts(21, [6])[0], 12
     try:
-        g = engine.generate(prompt, max_new_tokens=n, stop=[], mode="anytime", exit="q_exit", q=0.5, trace=trace)
+        g = engine.generate(prompt, max_new_tokens=n, stop=[], mode="anytime", exit="q_exit", q=0.5, trace=trace,
+                            finish=finish)
     finally:
         hook.remove()
     ref, ref_loops = reference(model, prompt, n, lambda logits, gates, hidden: int(q_exit_loops(gates, 0.5)))
     assert g.tokens == ref and [s.exit_loop for s in g.steps] == ref_loops
     assert sum(ref_loops[1:]) > n - 1  # not vacuous: some tokens ran more than one loop
-    assert sum(rows) == T + (sum(ref_loops[1:]) if trace else n - 1)
+    traced = sum(ref_loops[1:]) if finish == "eager" else T * (n - 1)
+    assert sum(rows) == T + (traced if trace else n - 1)
+    if trace:  # the chosen token's probability after each loop up to its exit
+        assert [len(s.info["probs"]) for s in g.steps] == ref_loops
+
+
+@pytest.mark.parametrize("name,thr", [("q_exit", 0.5), ("confidence", 0.12), ("delta", 0.75)])
+def test_finish_ahead_runs_one_forward_per_token_and_leaves_the_full_depth_cache(model, engine, name, thr):
+    """finish="ahead": every decode token runs its T loops in one Forward and the exit is replayed
+    over them; the exits and tokens are the no-cache reference's, and the cache equals the one a
+    prefill of the whole sequence writes, in every slot, at once (nothing is left pending)."""
+    spread_gate(model)
+    n = 10
+    for p in random_prompts(60, [5, 2]):
+        steps, req, ck, cv = _run(model, p, n, exit=name, threshold=thr, finish="ahead")
+        ref, ref_loops = reference(model, p, n, _ref_policy(name, thr) if name != "q_exit"
+                                   else lambda logits, gates, hidden: int(q_exit_loops(gates, thr)))
+        assert [s.token for s in steps] == ref and [s.exit_loop for s in steps] == ref_loops
+        assert [s.loops for s in steps] == [T] * n
+        assert req.stats["finish"] == "ahead" and req.stats["loops_computed_per_token"] == T
+        assert req.stats["finish_loops"] == sum(T - k for k in ref_loops[1:])
+        seq = p + [s.token for s in steps]
+        rk, rv = _reference_cache(model, seq[:-1])  # the last token is emitted, not yet run
+        m = len(seq) - 1
+        assert torch.allclose(ck[..., :m, :], rk, atol=1e-5) and torch.allclose(cv[..., :m, :], rv, atol=1e-5)
+        g = engine.generate(p, max_new_tokens=n, stop=[], mode="anytime", exit=name, threshold=thr, finish="ahead")
+        assert g.tokens == ref and g.stats["forwards"] == n  # the prefill and one Forward per later token
+
+
+def test_finish_comes_from_the_checkpoint_and_a_recommended_ahead_gives_way_to_a_time_budget(tmp_path, model):
+    prompts = random_prompts(61, [4, 2])
+    path = tmp_path / "ckpt"
+    save_pretrained(model, path, generation_config={"looplm": {"anytime": {"finish": "ahead"}}})
+    recommends, plain = looplm.load(path), looplm.Engine(model)
+    cases = [({"exit": "q_exit"}, "ahead"), ({"exit": "confidence", "trace": True}, "ahead"),
+             ({"budget_loops": 2, "trace": True}, "ahead"), ({"budget_loops": 2}, "eager"),
+             ({"exit": "q_exit", "budget_ms": 1e4}, "eager"), ({"exit": "q_exit", "finish": "lazy"}, "lazy"),
+             ({"exit": "q_exit", "skip": "copy"}, None)]
+    for opts, finish in cases:
+        gens = recommends.generate(prompts, max_new_tokens=4, stop=[], mode="anytime", **opts)
+        base = plain.generate(prompts, max_new_tokens=4, stop=[], mode="anytime", **opts)
+        assert [g.stats["finish"] for g in gens] == [finish] * 2, opts
+        assert [g.stats["finish"] for g in base] == [None if "skip" in opts else opts.get("finish", "eager")] * 2, opts
+        assert [g.tokens for g in gens] == [g.tokens for g in base], opts
+        assert ("finish_unused" in gens[0].stats) == ("budget_ms" in opts), opts
+    assert gens[0].stats.get("finish_unused") is None
+    timed = recommends.generate(prompts[0], max_new_tokens=4, stop=[], mode="anytime", exit="q_exit", deadline_ms=1e5)
+    assert timed.stats["finish"] == "eager"
+    assert timed.stats["finish_unused"].startswith("the checkpoint's recommended finish='ahead' does not run")
+    with pytest.raises(ValueError, match="^finish"):  # asked for by the caller, it is an error
+        plain.generate(prompts[0], max_new_tokens=4, mode="anytime", exit="q_exit", budget_ms=5.0, finish="ahead")
+    with pytest.raises(ValueError, match="finish"):
+        next(anytime.decode(model, DecodeRequest([prompts[0]], [2], SamplingParams(), None, [False]),
+                            budget_ms=5.0, finish="ahead"))
 
 
 def _ref_policy(name, thr):
@@ -148,7 +208,7 @@ def _ref_policy(name, thr):
     return exit_loop_of
 
 
-@pytest.mark.parametrize("finish", ["eager", "lazy"])
+@pytest.mark.parametrize("finish", ["eager", "lazy", "ahead"])
 @pytest.mark.parametrize("name,thr", [("confidence", 0.12), ("entropy", 3.5), ("kl", 0.3), ("delta", 0.75)])
 def test_policies_exact_equal_no_cache_reference(model, engine, name, thr, finish):
     prompts = random_prompts(30, [5, 3])
@@ -163,7 +223,7 @@ def test_policies_exact_equal_no_cache_reference(model, engine, name, thr, finis
     assert len(seen) > 1, f"{name} at {thr} exits every token at the same loop: pick another threshold"
 
 
-@pytest.mark.parametrize("finish", ["eager", "lazy"])
+@pytest.mark.parametrize("finish", ["eager", "lazy", "ahead"])
 def test_batch_equals_each_prompt_alone(engine, finish):
     prompts = random_prompts(40, [3, 10, 6])
     opts = dict(max_new_tokens=10, stop=[], mode="anytime", exit="confidence", threshold=0.12, finish=finish)
@@ -245,7 +305,7 @@ def test_a_loop_cap_alone_runs_each_token_in_one_forward_with_the_per_loop_decod
     prompts = random_prompts(70 + k, [6, 3])
     run = dict(max_new_tokens=10, stop=[], mode="anytime", budget_loops=k, **opts)
     capped = engine.generate(prompts, **run)
-    per_loop = engine.generate(prompts, trace=True, **run)
+    per_loop = engine.generate(prompts, trace=True, **{"finish": "eager", **run})  # not "ahead", the default with a trace
     for c, p in zip(capped, per_loop):
         assert c.tokens == p.tokens
         assert [(s.loops, s.exit_loop, s.reason) for s in c.steps] == [(s.loops, s.exit_loop, s.reason) for s in p.steps]

@@ -69,6 +69,8 @@ def test_options_are_frozen_and_checked_when_built():
         (AnytimeOptions, {"threshold": 0.5}, "threshold"),
         (AnytimeOptions, {"skip": "sideways"}, "skip"),
         (AnytimeOptions, {"finish": "later"}, "finish"),
+        (AnytimeOptions, {"finish": "ahead", "exit": "q_exit", "budget_ms": 1 + random.random()}, "finish"),
+        (AnytimeOptions, {"finish": "ahead", "deadline_ms": 100 + random.random()}, "finish"),
         (AnytimeOptions, {"safety": -1}, "safety"),
         (AnytimeOptions, {"clock": 3.0}, "clock"),
         (AnytimeOptions, {"trace": 1}, "trace"),

@@ -78,8 +78,9 @@ def modes(T: int):
     yield "speculative", {"draft_loop": divisor, "branch": random.choice([2, 3]), "branch_threshold": random.choice([None, 0.5])}
     yield "speculative", {"draft_loop": "adaptive", "call_cost": random.uniform(0, 4)}
     yield "anytime", {"budget_loops": random.randint(1, T), "skip": random.choice(["exact", "copy"]),
-                      "finish": random.choice(["eager", "lazy"])}
+                      "finish": random.choice(["eager", "lazy", "ahead"])}
     yield "anytime", {"exit": "q_exit", "q": random.random(), "budget_ms": 1e4, "trace": True}
+    yield "anytime", {"exit": "confidence", "finish": "ahead", "trace": random.choice([False, True])}
     yield "anytime", {"exit": "entropy", "deadline_ms": 1e5, "kv": "last"}
 
 
@@ -103,8 +104,9 @@ def test_every_mode_carries_the_shared_keys_and_only_declared_keys(sampled):
                                             second_threshold=random.choice([None, 0.1, "adaptive"]), **sampling):
         check(gen, "speculative")
         seen |= set(gen.stats)
-    # together the runs reach every declared key but the notes of an unused recommended draft map, draft tree or second draft
-    assert set(HINTS) - seen == {"draft_map_unused", "branch_unused", "draft_tokens_unused"}
+    # together the runs reach every declared key but the notes of an unused recommended draft map, draft tree, second
+    # draft or finish mode
+    assert set(HINTS) - seen == {"draft_map_unused", "branch_unused", "draft_tokens_unused", "finish_unused"}
 
 
 def test_a_cancelled_request_carries_the_shared_keys():
