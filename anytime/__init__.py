@@ -36,7 +36,8 @@ unwritten, and later tokens read them at those loops. `skip=` says what happens:
   token, decoding costs k loops per token. Same tokens; the cache then equals the full-depth
   cache in every slot that was written. `finish="ahead"` runs the skipped loops before the exit is
   decided: every decode token runs all T loops in one forward, as full depth does, and the exit
-  decision is replayed over its per-loop outputs (as for the prefill's token); same tokens and exit
+  decision is replayed over its per-loop outputs (as for the prefill's token; one policy call over
+  every loop's observations, since policies decide per row); same tokens and exit
   loops, the full-depth cache at once, one forward per token instead of one per loop; a token is
   emitted after T loops, so no time budget. Eager suits hardware where a wider forward is free
   (memory-bound batch-1 decode on a GPU); lazy suits compute-bound CPUs whose tokens leave early;

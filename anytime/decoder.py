@@ -215,29 +215,49 @@ def decode(
         """The exit decisions over per-loop outputs computed at once: hid (T, R, H), lam (T, R) and
         logits_all (T, R, V) or None (emit applies the head) of the current tokens of rows `running`,
         after all T loops (the prefill's last prompt position, or a finish="ahead" decode forward).
-        The same decisions, loop by loop, as the one-loop-per-forward path takes."""
-        live = list(range(len(running)))  # indices into the outputs of the rows still deciding
+        The policy sees, for every loop t and row, what the one-loop-per-forward path shows it after
+        loop t (policies are per row), in one call over T * R observations; the rows then leave at
+        the first loop that says so, in loop order. No time budget applies here: the prefill's token
+        has none and "ahead" allows none."""
+        R = len(running)
+        ix = torch.tensor(running, device=device)
+        probs = logits_all.float().softmax(-1) if need_probs else None  # (T, R, V)
+        signal = exits = None
+        if policy is not None:
+            loops = torch.arange(1, T + 1, device=device)
+            seen = (loops[None, :] <= loops[:, None]).float()  # (t, s): loop s is known after loop t
+            prev_h = torch.cat([prev_hidden[ix][None], hid[:-1]])
+            obs = LoopObservation(
+                loops[:, None].expand(T, R).reshape(-1), hid.reshape(T * R, -1), prev_h.reshape(T * R, -1),
+                (lam.T[None] * seen[:, None]).reshape(T * R, T),
+                None if probs is None else probs.reshape(T * R, -1),
+                None if probs is None else torch.cat([prev_probs[ix][None], probs[:-1]]).reshape(T * R, -1))
+            signal, exits = (x.reshape(T, R).T.tolist() for x in policy.decide(obs))  # (R, T) lists
+        leave = []  # (exit loop, reason) per row
+        for j in range(R):
+            for t in range(1, T + 1):
+                why = "max_depth" if t >= T else "policy" if exits is not None and exits[j][t - 1] else \
+                    "budget" if t >= max_loops else None
+                if why is not None:
+                    leave.append((t, why))
+                    break
+        for j, r in enumerate(running):
+            t = leave[j][0]
+            if signal is not None:
+                rows[r].signals.extend(signal[j][:t])
+            if need_probs:
+                rows[r].probs.extend(probs[:t, j])
+        at = torch.tensor([t for t, _ in leave], device=device) - 1
+        jx = torch.arange(R, device=device)
+        prev_hidden[ix] = hid[at, jx]  # what the next loop's observation calls the previous loop
+        if need_probs:
+            prev_probs[ix] = probs[at, jx]
         for t in range(1, T + 1):
-            todo = [running[j] for j in live]
-            ix, lx = torch.tensor(todo, device=device), torch.tensor(live, device=device)
-            gates[ix, t - 1] = lam[t - 1, lx]
-            probs = None
-            if need_probs:
-                probs = logits_all[t - 1, lx].float().softmax(-1)
-                for j, r in enumerate(todo):
-                    rows[r].probs.append(probs[j])
-            reasons = decide(todo, torch.full((len(todo),), t, device=device), hid[t - 1, lx], probs, now, 0.0)
-            if need_probs:
-                prev_probs[ix] = probs
-            prev_hidden[ix] = hid[t - 1, lx]
-            leaving = [j for j, why in enumerate(reasons) if why is not None]
-            if leaving:
-                jx = lx[leaving]
-                yield from emit([todo[j] for j in leaving], [reasons[j] for j in leaving], [t] * len(leaving),
-                                hid[t - 1, jx], None if logits_all is None else logits_all[t - 1, jx], first, now, ran_all=True)
-                live = [x for j, x in enumerate(live) if j not in set(leaving)]
-            if not live:
-                return
+            out = [j for j in range(R) if leave[j][0] == t]
+            if out:
+                sel = torch.tensor(out, device=device)
+                yield from emit([running[j] for j in out], [leave[j][1] for j in out], [t] * len(out), hid[t - 1, sel],
+                                None if logits_all is None else logits_all[t - 1, sel], first, now, ran_all=True)
 
     # a loop cap alone decides every exit: the capped loops run in one Forward per token (anytime.capped);
     # skipped loops finished eagerly ride along, up to k at a time

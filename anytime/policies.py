@@ -41,7 +41,11 @@ class LoopObservation:
 
 
 class ExitPolicy:
-    """Base class: `decide(obs) -> (signal (R,) float32, exit (R,) bool)`."""
+    """Base class: `decide(obs) -> (signal (R,) float32, exit (R,) bool)`.
+
+    A decision reads its own row of the observation only and keeps no state between calls: the
+    decoder may pass the observations after every loop of one token as rows of one call (a
+    replay over loops computed at once: the prefill's token, finish="ahead")."""
 
     name = "none"
     needs_probs = False  # needs the LM head after every loop
