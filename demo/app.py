@@ -1,4 +1,4 @@
-"""The Gradio Blocks app: type a prompt, watch each token's depth (loops used) as it streams.
+"""The Gradio Blocks app: type a prompt, watch each token's depth (the loop it was read out at) as it streams.
 
 Each request is consumed in its own producer thread, so the decoder's timing is not inflated by the
 UI, and several browser tabs decode at once through Gradio's queue (the engine batches their

@@ -66,7 +66,7 @@ def legend_html(num_loops: int, speculative: bool = False) -> str:
     if speculative:
         keys = ('<span class="key draft">accepted draft</span>'
                 '<span class="key verify">chosen by verification</span>')
-    return f'<div class="looplm-legend">loops used: {"".join(items)}{keys}</div>'
+    return f'<div class="looplm-legend">depth (loop read out): {"".join(items)}{keys}</div>'
 
 
 def _visible(text: str) -> str:
@@ -90,14 +90,17 @@ def tokens_html(prompt: str, steps: Sequence[Step], num_loops: int, *, mode: str
         mode: the decoding mode; "speculative" marks draft vs verify tokens.
         state: "running" while streaming, "done" at the end (exposed as data-state).
     Returns:
-        An HTML string; each token is `<span class="tok" data-loops="k" ...>`.
+        An HTML string; each token is `<span class="tok" data-loops="k" ...>`, coloured and labelled
+        by k = its depth: the loop whose head read it out (Step.exit_loop; T in full and speculative
+        modes). Anytime decoding may compute more loops for a token than that depth (its skipped
+        loops, finished later or, with finish="ahead", before the exit is decided): the title says.
     """
     spans = []
     for s in steps:
-        bg, fg = loop_colour(s.loops, num_loops)
+        bg, fg = loop_colour(s.exit_loop, num_loops)
         kind = f" {s.reason}" if s.reason in ("draft", "verify") else ""
         spans.append(
-            f'<span class="tok{kind}" data-loops="{s.loops}" data-exit="{s.exit_loop}" data-index="{s.index}" '
+            f'<span class="tok{kind}" data-loops="{s.exit_loop}" data-exit="{s.exit_loop}" data-index="{s.index}" '
             f'data-token-id="{s.token}" data-reason="{html.escape(s.reason)}" title="{html.escape(step_title(s))}" '
             f'style="background:{bg};color:{fg}">{_visible(s.text)}</span>' + "\n" * s.text.count("\n")
         )
@@ -197,7 +200,7 @@ def chosen_probs(step: Step) -> list[float] | None:
 
 
 def loops_figure(steps: Sequence[Step], num_loops: int, probs: Sequence[Sequence[float]] | None = None) -> Figure | None:
-    """Bar chart of loops per token, plus a heat map of the chosen token's per-loop probability when known.
+    """Bar chart of each token's depth (its exit loop), plus a heat map of the chosen token's per-loop probability when known.
 
     Args:
         steps: the generated tokens.
@@ -215,11 +218,11 @@ def loops_figure(steps: Sequence[Step], num_loops: int, probs: Sequence[Sequence
     fig = Figure(figsize=(7, 3.6 if has_probs else 2.2), dpi=90, layout="constrained")
     axes = fig.subplots(2 if has_probs else 1, 1, sharex=True, squeeze=False)[:, 0]
     x = [s.index for s in steps]
-    colours = [loop_colour(s.loops, num_loops)[0] for s in steps]
-    axes[0].bar(x, [s.loops for s in steps], color=colours, width=0.85, edgecolor="#444", linewidth=0.3)
+    colours = [loop_colour(s.exit_loop, num_loops)[0] for s in steps]
+    axes[0].bar(x, [s.exit_loop for s in steps], color=colours, width=0.85, edgecolor="#444", linewidth=0.3)
     axes[0].set_ylim(0, num_loops + 0.3)
     axes[0].set_yticks(range(0, num_loops + 1))
-    axes[0].set_ylabel("loops")
+    axes[0].set_ylabel("exit loop")
     if has_probs:
         grid = [[math.nan] * len(steps) for _ in range(num_loops)]
         for j, p in enumerate(probs):

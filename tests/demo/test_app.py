@@ -158,8 +158,19 @@ def test_compare_handler_reports_both_speeds(engine):
     assert "identical tokens" in summary and "tokens/s" in summary and 'data-state="done"' in mode_stats
 
 
-def _step(i, loops, reason="policy", text="x", info=None):
-    return Step(0, i, 10 + i, loops, loops, 1.5, reason, text, info or {})
+def _step(i, loops, reason="policy", text="x", info=None, exit_loop=None):
+    return Step(0, i, 10 + i, loops, loops if exit_loop is None else exit_loop, 1.5, reason, text, info or {})
+
+
+def test_a_token_shows_the_loop_it_was_read_out_at_not_the_loops_computed_for_it():
+    """finish="ahead" (and the prefill's token) compute T loops for a token read out earlier."""
+    T, k = 4, random.randint(1, 3)
+    html = render.tokens_html("p", [_step(0, T, exit_loop=k)], T, mode="anytime")
+    span = _spans(html)[0]
+    assert span["loops"] == str(k) and render.loop_colour(k, T)[0] in html and render.loop_colour(T, T)[0] not in html.split('class="looplm-out"')[1]
+    assert f"{T} loops computed, exit at loop {k}" in html
+    bars = render.loops_figure([_step(0, T, exit_loop=k)], T).axes[0].patches
+    assert [b.get_height() for b in bars] == [k]
 
 
 def test_markup_colours_each_token_by_its_loops():

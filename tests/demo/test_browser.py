@@ -136,8 +136,9 @@ def test_each_mode_streams_coloured_tokens_and_stats(server, browser, engine, ma
         got = _tokens(page)
         assert len(got) == len(want.tokens) == max_new  # one coloured span per generated token
         assert page.locator("#tokens .looplm-out .prompt").inner_text() == prompt
-        assert [t["id"] for t in got] == want.tokens, (mode, prompt, page.locator("#stats").inner_text(), [t["loops"] for t in got], want.loops)
-        assert [t["loops"] for t in got] == want.loops
+        depth = [s.exit_loop for s in want.steps]  # the loop each token was read out at
+        assert [t["id"] for t in got] == want.tokens, (mode, prompt, page.locator("#stats").inner_text(), [t["loops"] for t in got], depth)
+        assert [t["loops"] for t in got] == depth
         assert all(1 <= t["loops"] <= T and t["label"] == f'"{t["loops"]}"' for t in got)  # visible loop label
         stats = page.locator("#stats .looplm-stats")
         assert stats.get_attribute("data-tokens") == str(max_new)
