@@ -21,18 +21,23 @@ SKIP_MODES = ("exact", "copy", "shared")
 FINISH_MODES = ("eager", "lazy", "ahead")
 
 
-def finish_mode(finish: str | None, skip: str, timed: bool, whole: bool) -> str:
-    """The finish mode a request runs: `finish` (None: "eager"), checked against a time budget.
-    "ahead" runs ahead of exit decisions between loops: with a loop cap alone (`whole`) every exit
-    is known before the token's loops run, and the capped path runs, as with "eager"."""
-    if finish is None:
-        return "eager"
-    if finish not in FINISH_MODES:
+def check_finish(finish: str | None, timed: bool) -> None:
+    """Raises a ValueError for an unknown finish mode, or "ahead" under a time budget (`timed`)."""
+    if finish not in (None, *FINISH_MODES):
         raise ValueError(f"finish must be one of {FINISH_MODES} or None, got {finish!r}")
     if finish == "ahead" and timed:
-        raise ValueError("finish: 'ahead' runs all T loops before the exit is decided, which a time budget "
-                         "cannot wait for: use finish='eager' or 'lazy' (or None) with budget_ms / deadline_ms")
-    return "eager" if finish == "ahead" and (whole or skip != "exact") else finish
+        raise ValueError("finish 'ahead' runs all T loops before the exit is decided, which a time budget cannot "
+                         "wait for: use finish='eager' or 'lazy' (or None) with budget_ms / deadline_ms")
+
+
+def finish_mode(finish: str | None, skip: str, timed: bool, whole: bool) -> str:
+    """The finish mode a request runs: `finish` (None: "eager"), checked (`check_finish`).
+    "ahead" runs ahead of exit decisions between loops: with a loop cap alone (`whole`) every exit
+    is known before the token's loops run, and the capped path runs, as with "eager"."""
+    check_finish(finish, timed)
+    if finish is None or finish == "ahead" and (whole or skip != "exact"):
+        return "eager"
+    return finish
 
 
 class _Row:

@@ -256,7 +256,8 @@ class AnytimeOptions(ModeOptions):
     """Run the LM head at every loop so each Step.info carries "probs"."""
 
     def __post_init__(self):
-        from anytime import FINISH_MODES, POLICIES, SKIP_MODES, ExitPolicy, make_budget, make_policy
+        from anytime import POLICIES, SKIP_MODES, ExitPolicy, make_budget, make_policy
+        from anytime.decoder import check_finish
 
         for name in ("budget_ms", "deadline_ms"):
             v = getattr(self, name)
@@ -265,8 +266,8 @@ class AnytimeOptions(ModeOptions):
         v = self.budget_loops
         if v is not None and not (_is_int(v) and v >= 1):
             raise self._fail("budget_loops", f"budget_loops must be an integer >= 1 (a 1-based loop depth), got {v!r}")
-        self._wrap("budget", lambda: make_budget(self.budget, budget_ms=self.budget_ms, deadline_ms=self.deadline_ms,
-                                                 budget_loops=self.budget_loops))
+        plan = self._wrap("budget", lambda: make_budget(self.budget, budget_ms=self.budget_ms, deadline_ms=self.deadline_ms,
+                                                        budget_loops=self.budget_loops))
         if not (self.exit is None or isinstance(self.exit, ExitPolicy) or isinstance(self.exit, str) and self.exit in POLICIES):
             raise self._fail("exit", f"exit: unknown exit policy {self.exit!r}; choose one of {sorted(POLICIES)}, "
                                      "an anytime.ExitPolicy or None")
@@ -276,12 +277,7 @@ class AnytimeOptions(ModeOptions):
         self._wrap(name, lambda: make_policy(self.exit, self.threshold if self.q is None else self.q))
         if self.skip is not None and self.skip not in SKIP_MODES:
             raise self._fail("skip", f"skip: unknown skip mode {self.skip!r}; choose one of {SKIP_MODES} or None")
-        if self.finish not in (None, *FINISH_MODES):
-            raise self._fail("finish", f"finish must be one of {FINISH_MODES} or None, got {self.finish!r}")
-        if self.finish == "ahead" and (self.budget_ms is not None or self.deadline_ms is not None
-                                       or getattr(self.budget, "timed", False)):
-            raise self._fail("finish", "finish: 'ahead' runs all T loops before the exit is decided, which a time "
-                                       "budget cannot wait for: use finish='eager' or 'lazy' (or None) with a time budget")
+        self._wrap("finish", lambda: check_finish(self.finish, plan is not None and plan.timed))
         if not callable(self.clock):
             raise self._fail("clock", f"clock must be a callable returning seconds, got {self.clock!r}")
         try:
