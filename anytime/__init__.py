@@ -45,7 +45,8 @@ unwritten, and later tokens read them at those loops. `skip=` says what happens:
   extra row is not free. With a loop cap alone there is nothing to decide, and ahead runs as eager
   (`anytime.capped`). The default is "eager"; a checkpoint may recommend another
   (generation_config.json, "looplm": {"anytime": {"finish": ...}}; the bundled model recommends
-  "ahead"), which gives way to a time budget.
+  "ahead"), which gives way to a time budget. With "ahead", `step="fixed"|"compiled"` runs
+  those one-token, all-loop forwards through full depth's fixed-shape step (kernels.fast_step).
   Exact against the full-depth per-loop cache: token i equals the no-cache reference "logits of
   loop exit_loop(i) at position i of the sequence, every position's state from all T loops", so a
   loop budget of k reproduces `argmax per_loop_logits(seq)[k - 1]` and no budget/policy reproduces

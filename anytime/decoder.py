@@ -30,11 +30,36 @@ def check_finish(finish: str | None, timed: bool) -> None:
                          "wait for: use finish='eager' or 'lazy' (or None) with budget_ms / deadline_ms")
 
 
-def finish_mode(finish: str | None, skip: str, timed: bool, whole: bool) -> str:
-    """The finish mode a request runs: `finish` (None: "eager"), checked (`check_finish`).
-    "ahead" runs ahead of exit decisions between loops: with a loop cap alone (`whole`) every exit
-    is known before the token's loops run, and the capped path runs, as with "eager"."""
+def check_step(step: str | None, finish: str | None, skip: str, timed: bool, whole: bool) -> None:
+    """Raises a ValueError for an unknown step, or a fixed-shape step ("fixed", "compiled") where no
+    decode token runs all T loops in one forward: it needs finish "ahead" (or None, which it turns
+    into "ahead"), skip "exact", no time budget and something deciding between loops (an exit
+    policy or trace; `whole`: nothing does)."""
+    from looplm.generate import STEPS
+
+    if step not in (None, *STEPS):
+        raise ValueError(f"step must be one of {STEPS} or None, got {step!r}")
+    if step in (None, "eager"):
+        return
+    why = ("finish must be 'ahead' (or None)" if finish not in (None, "ahead") else
+           "a time budget (budget_ms / deadline_ms) decides between loops, which one forward per token cannot do" if timed else
+           f"skip={skip!r} finishes no loops ahead (it needs skip='exact')" if skip != "exact" else
+           "without an exit policy or trace each token already runs its loops in one forward (mode 'full' takes step= too)"
+           if whole else None)
+    if why is not None:
+        raise ValueError(f"step {step!r} runs each decode token through all T loops in one fixed-shape forward "
+                         f"(finish='ahead'): {why}")
+
+
+def finish_mode(finish: str | None, skip: str, timed: bool, whole: bool, step: str | None = None) -> str:
+    """The finish mode a request runs: `finish` (None: "eager", or "ahead" under a fixed-shape
+    `step`), checked (`check_finish`, `check_step`). "ahead" runs ahead of exit decisions between
+    loops: with a loop cap alone (`whole`) every exit is known before the token's loops run, and
+    the capped path runs, as with "eager"."""
     check_finish(finish, timed)
+    check_step(step, finish, skip, timed, whole)
+    if finish is None and step in ("fixed", "compiled"):
+        return "ahead"
     if finish is None or finish == "ahead" and (whole or skip != "exact"):
         return "eager"
     return finish
@@ -46,6 +71,7 @@ class _Row:
     def __init__(self):
         self.pos = 0  # position of the current item: the last emitted token, whose loops make the next one
         self.h: torch.Tensor | None = None  # (H,) input of the current item's next loop
+        self.token = 0  # the current item's token id (finish="ahead" feeds it to loop 1)
         self.loop = 0  # loops computed so far for the current item
         self.pending: list[list] = []  # exact mode: [pos, next_loop, h] of earlier tokens' unfinished loops
         self.start = 0.0  # clock at the row's previous emission (or the request start)
@@ -68,6 +94,7 @@ def decode(
     q: float | None = None,
     skip: str | None = None,
     finish: str | None = None,
+    step: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
     safety: float = 1.0,
     trace: bool = False,
@@ -94,7 +121,12 @@ def decode(
             forward; loops no later token reaches are never run) or "ahead" (before the exit is
             decided: every token runs all T loops in one forward, as full depth, and the exit is
             replayed over its per-loop outputs; not with a time budget; with a loop cap alone, as
-            "eager"). Same tokens and exit loops in all three. None: "eager".
+            "eager"). Same tokens and exit loops in all three. None: "eager" ("ahead" under a
+            fixed-shape step).
+        step: how a finish="ahead" decode forward runs: None or "eager" (the runner's plan over the
+            paged cache), "fixed" or "compiled" (full depth's fixed-shape step, kernels.fast_step,
+            compiled once per (rows, context) bucket by the engine's runner; one-row requests).
+            Needs what "ahead" needs (`check_step`).
         clock: callable returning seconds (default time.perf_counter); inject one to test budgets.
         safety: a time budget lets a loop start when elapsed + predicted loop + predicted emission
             <= budget, each predicted as moving mean + safety * moving absolute deviation
@@ -125,8 +157,12 @@ def decode(
 
     H = model.config.hidden_size
     device = model.lm_head.weight.device
-    finish = finish_mode(finish, skip, timed, whole)
+    finish = finish_mode(finish, skip, timed, whole, step)
     lazy, ahead = finish == "lazy", finish == "ahead"
+    fast = step if step in ("fixed", "compiled") else None
+    if fast and B > 1:
+        raise ValueError(f"step {step!r} runs one-row requests (this one has {B} rows): submit the prompts as separate "
+                         "requests (Engine.generate with a list does)")
     rows = [_Row() for _ in range(B)]
     gates = torch.zeros(B, T, dtype=torch.float32, device=device)  # current item's lambdas so far
     prev_hidden = torch.zeros(B, H, dtype=model.lm_head.weight.dtype, device=device)
@@ -172,7 +208,7 @@ def decode(
         if logits is None:
             logits = model.lm_head(hidden)
         tokens = choose(logits, req.sampling, req.generator)  # (R,)
-        emb = model.embed(tokens[:, None])[:, 0]  # (R, H)
+        emb = None if ahead else model.embed(tokens[:, None])[:, 0]  # (R, H); "ahead" feeds token ids
         ids = tokens.tolist()
         now = clock()
         if not first:
@@ -207,7 +243,7 @@ def decode(
             # the emitted token becomes the row's current item, starting at loop 0
             row.produced += 1
             row.pos += 1
-            row.h, row.loop = emb[j], 0
+            row.h, row.token, row.loop = None if emb is None else emb[j], ids[j], 0
             row.probs, row.signals = [], []
             gates[r] = 0
             row.start = now
@@ -292,9 +328,9 @@ def decode(
             running = [r for r in range(B) if req.active(r, rows[r].produced)]
             if not running:
                 return
-            h = torch.stack([rows[r].h for r in running])[:, None]  # (R, 1, H)
+            ids = torch.tensor([[rows[r].token] for r in running], device=device)  # (R, 1), embedded by the runner
             pos = torch.tensor([[rows[r].pos] for r in running], device=device)
-            res = yield Forward(h, pos, num_loops=T, logits="last" if need_probs else None, logits_loops="all")
+            res = yield Forward(ids, pos, num_loops=T, logits="last" if need_probs else None, logits_loops="all", step=fast)
             counts["decode_loops"] += T * len(running)
             yield from replay(running, res.hidden[:, :, 0], res.gates[:, :, 0],
                               res.logits[:, :, 0] if need_probs else None, False, clock())
@@ -372,15 +408,16 @@ def decode(
                 )
             t_prev = clock()
     finally:
-        _stats(req, log, counts, T, policy, plan, skip, cost, finish)
+        _stats(req, log, counts, T, policy, plan, skip, cost, finish, fast)
 
 
-def _stats(req, log, counts, T, policy, plan, skip, cost, finish) -> None:
+def _stats(req, log, counts, T, policy, plan, skip, cost, finish, step) -> None:
     n = len(log["exit_loops"])
     decode_tokens = len(log["latency_ms"])
     st = {
         "skip": skip,
         "finish": finish if skip == "exact" else None,
+        "step": step or "eager",
         "mean_loops": sum(log["exit_loops"]) / n if n else 0.0,  # mean exit loop (the loops a token waited for)
         "mean_exit_loop": sum(log["exit_loops"]) / n if n else 0.0,  # the same (the facade overwrites mean_loops)
         "exit_loop_counts": [log["exit_loops"].count(t) for t in range(1, T + 1)],

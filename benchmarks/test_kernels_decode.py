@@ -1,6 +1,7 @@
 """Full-depth decode on the CPU: the runner's fixed-shape step (eager and compiled,
-kernels.fast_step.FixedStep) vs its plain eager plan, and the KV cache's bytes per token for the
-per-loop, "last" and "mean" caches, in one run.
+kernels.fast_step.FixedStep) vs its plain eager plan, the same for anytime decoding with
+finish="ahead" (each token's T loops in one forward, the exit replayed), and the KV cache's bytes
+per token for the per-loop, "last" and "mean" caches, in one run.
 
 Self-contained: builds its own models (the bundled default model, skipped while absent, and a
 ~100M-parameter Ouro-shaped model with random weights) and prints its own table at the end.
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import anytime
 import looplm
 from looplm import LoopConfig, LoopLM
 from looplm.api import DEFAULT_MODEL
@@ -73,7 +75,7 @@ def _threads_and_table(request):
         tr.write_line("")
         tr.write_line(f"kernels decode benchmark (CPU, {THREADS} thread(s), batch 1, prompt {PROMPT_LEN}, greedy, full depth)")
         for (model, what), r in sorted(_rows.items()):
-            shown = {k: v for k, v in r.items() if k != "tokens"}
+            shown = {k: v for k, v in r.items() if k not in ("tokens", "steps")}
             tr.write_line(f"  {model:12s} {what:14s} " + "  ".join(f"{k}={v}" for k, v in shown.items()))
 
 
@@ -83,28 +85,31 @@ def _prompt(model: LoopLM) -> list[list[int]]:
 
 
 class _Decode:
-    """One sequence decoded alone by `decode_full` over its own runner: `start()` runs the prefill
-    (untimed: it yields the prefill's token), `rest()` the n full-depth decode steps after it (the
-    timed region). The runner keeps its fixed steps, so a compiled bucket is compiled once."""
+    """One sequence decoded alone by `decode_full` (or anytime q_exit at q=0.5 with finish="ahead":
+    `anytime=True`) over its own runner: `start()` runs the prefill (untimed: it yields the
+    prefill's token), `rest()` the n decode steps after it (the timed region). The runner keeps its
+    fixed steps, so a compiled bucket is compiled once."""
 
-    def __init__(self, model: LoopLM, prompt: list[int], n: int, step: str):
+    def __init__(self, model: LoopLM, prompt: list[int], n: int, step: str, anytime: bool = False):
         p = model.lm_head.weight
         bs = 16
         blocks = -(-(len(prompt) + n + 1) // bs)
         self.runner = Runner(model, PagedKVCache(model.config, blocks, bs, dtype=p.dtype, device=p.device))
-        self.model, self.prompt, self.n, self.step = model, prompt, n, step
+        self.model, self.prompt, self.n, self.step, self.anytime = model, prompt, n, step, anytime
 
     def start(self):
         self.runner.cache.pool.release(0)
         req = DecodeRequest([self.prompt], [self.n + 1], SamplingParams(), torch.Generator().manual_seed(0), [False])
-        steps = drive(self.runner, 0, len(self.prompt) + self.n + 1, decode_full(self.model, req, step=self.step))
+        dec = (anytime.decode(self.model, req, exit="q_exit", q=0.5, finish="ahead", step=self.step) if self.anytime
+               else decode_full(self.model, req, step=self.step))
+        steps = drive(self.runner, 0, len(self.prompt) + self.n + 1, dec)
         next(steps)
         _sync()
         return (steps,), {}
 
     @staticmethod
-    def rest(steps) -> list[int]:
-        out = [s.token for s in steps]
+    def rest(steps) -> list[tuple[int, int]]:
+        out = [(s.token, s.exit_loop) for s in steps]
         _sync()
         return out
 
@@ -144,6 +149,35 @@ def test_full_depth_decode(benchmark, model_name, step_kind):
         row["interleaved_speedup"] = round(sorted(ratios)[1], 2)  # median of 3 pairs
     _rows[(model_name, step_kind)] = {**row, **({"tokens": tokens} if step_kind == "eager" else {})}
     benchmark.extra_info.update(row, model=model_name, step=step_kind, new_tokens=n, threads=THREADS)
+
+
+@pytest.mark.parametrize("step_kind", ["eager", "compiled"])  # eager first: the ratios refer to it
+def test_anytime_ahead_decode(benchmark, step_kind):
+    """The bundled model's anytime q_exit (q=0.5, finish="ahead") at batch 1: decode tokens/s with
+    the runner's plan vs the compiled fixed-shape step (same tokens and exit loops), and against
+    full depth with the same step, timed in back-to-back pairs (median of 3)."""
+    model = _model("default")
+    prompt, n = _prompt(model)[0], NEW_TOKENS["default"]
+    dec = _Decode(model, prompt, n, step_kind, anytime=True)
+    warm_s, _ = dec.time_once()  # compiles outside the timed region
+    steps = benchmark.pedantic(dec.rest, setup=dec.start, rounds=3, iterations=1, warmup_rounds=0)
+    tok_s = n / benchmark.stats.stats.min
+    row = {"tokens_per_s": round(tok_s, 2), "warmup_s": round(warm_s, 1), "mean_exit_loop": round(sum(e for _, e in steps) / n, 2)}
+    full = _Decode(model, prompt, n, step_kind)
+    full.time_once()
+    ratios = [full.time_once()[0] / dec.time_once()[0] for _ in range(3)]
+    row["x_full_same_step"] = round(sorted(ratios)[1], 2)
+    eager = _rows.get(("default", "anytime ahead eager"))
+    if step_kind != "eager" and eager is not None:
+        row["speedup_vs_eager"] = round(tok_s / eager["tokens_per_s"], 2)
+        row["same_tokens"] = steps == eager["steps"]
+        assert row["same_tokens"], "the fixed-shape step must give the plan's tokens and exit loops"
+        base = _Decode(model, prompt, n, "eager", anytime=True)
+        ratios = [base.time_once()[0] / dec.time_once()[0] for _ in range(3)]
+        row["interleaved_speedup"] = round(sorted(ratios)[1], 2)
+    _rows[("default", f"anytime ahead {step_kind}")] = {**row, **({"steps": steps} if step_kind == "eager" else {})}
+    benchmark.extra_info.update(row, model="default", step=step_kind, mode="anytime q_exit q=0.5 finish=ahead",
+                                new_tokens=n, threads=THREADS)
 
 
 @pytest.mark.parametrize("model_name", ["default", "random-100m"])

@@ -19,7 +19,8 @@ only by name (it has not been measured against SDPA on a GPU yet).
 
 Fast steps (kernels.fast_step): `FixedStep(model, cache, rows, ctx)` is the engine runner's
 fixed-shape full-depth decode step, one per (rows, context) bucket, kept by the runner; the facade
-runs it with `Engine.generate(..., step="fixed"|"compiled")`; `compile_layers(model)` compiles the layer halves for every forward call, so the speculative
+runs it with `Engine.generate(..., step="fixed"|"compiled")` in mode "full" and in mode "anytime"
+with finish="ahead" (every decode token through all T loops in one forward); `compile_layers(model)` compiles the layer halves for every forward call, so the speculative
 verify and the anytime decoder's calls get them too (one graph per distinct (batch, positions)
 shape: batch sizes and draft lengths are the buckets).
 """

@@ -247,7 +247,12 @@ class AnytimeOptions(ModeOptions):
     """When skip="exact" runs a skipped loop: "eager" (alongside the next token), "lazy" (when a
     later token needs its slot) or "ahead" (before the exit is decided: all T loops in one forward
     per token; not with a time budget; with a loop cap alone, as "eager"). Same tokens in all
-    three. None: "eager". A checkpoint's recommended "ahead" gives way to a time budget."""
+    three. None: "eager" ("ahead" under a fixed-shape step). A checkpoint's recommended "ahead"
+    gives way to a time budget."""
+    step: str | None = None
+    """How a finish="ahead" decode forward runs: None or "eager" (the runner's plan), "fixed" or
+    "compiled" (full depth's fixed-shape step, as mode "full" takes it). A fixed-shape step needs
+    what "ahead" needs: an exit policy or trace, skip "exact", no time budget, finish "ahead" or None."""
     clock: Callable[[], float] = time.perf_counter
     """A callable returning seconds; inject one to test time budgets."""
     safety: float = 1.0
@@ -288,13 +293,21 @@ class AnytimeOptions(ModeOptions):
             raise self._fail("trace", f"trace must be True or False, got {self.trace!r}")
 
     def check(self, num_loops, kv="per_loop"):
+        from anytime import make_budget
+        from anytime.decoder import check_step
+
         shared = kv != "per_loop"
+        timed = make_budget(self.budget, budget_ms=self.budget_ms, deadline_ms=self.deadline_ms, budget_loops=self.budget_loops)
+        timed = timed is not None and timed.timed
+        whole = self.exit is None and not timed and not self.trace
+        skip = self.skip or ("shared" if shared else "exact")
         if self.skip == "shared" and not shared:
             raise self._fail("skip", "skip: 'shared' needs a shared-KV cache (one K/V per layer): pass kv='last' or "
                                      "kv='mean', or use skip='exact' / 'copy' with the per-loop cache")
         if self.skip not in (None, "shared") and shared:
             raise self._fail("skip", f"skip: {self.skip!r} needs the per-loop cache (kv='per_loop'); a shared-KV cache "
                                      "takes skip='shared'")
+        self._wrap("step", lambda: check_step(self.step, self.finish, skip, timed, whole))
         return self
 
 

@@ -286,7 +286,7 @@ class Runner:
 
     def _fixed_ok(self, fwd: Forward) -> bool:
         return (fwd.step in ("fixed", "compiled") and not fwd.copy_slots and isinstance(fwd.start_loop, int)
-                and fwd.start_loop == 0 and fwd.num_loops == self.model.num_loops and fwd.logits == "last" and fwd.logits_loops == "last"
+                and fwd.start_loop == 0 and fwd.num_loops == self.model.num_loops and fwd.logits in (None, "last")
                 and fwd.inputs.shape[:2] == (1, 1) and fwd.inputs.dtype in (torch.int32, torch.int64))
 
     @torch.inference_mode()
@@ -365,10 +365,15 @@ class Runner:
         flat = [cache.flat(t, p) for (t, _), p in zip(items, pos)] + [scratch] * (R - n)
         index = cache.flat_index([t for t, _ in items] + [[cache.scratch_block]] * (R - n), C, device)
         hid = step(h, pos_t, flat, index)[:, :n]  # (T, n, H)
-        logits = m.head(hid[-1])
         gates = m.gate(hid) if any(fwd.gates for _, fwd in items) else None
-        return [LoopOutput(hid[:, i, None, None], gates[:, i, None, None] if fwd.gates else None, logits[None, i, None, None])
-                for i, (_, fwd) in enumerate(items)]
+        # the head after the last loop, batched over the rows that ask for it; after every loop per row
+        last = [i for i, (_, fwd) in enumerate(items) if fwd.logits == "last" and fwd.logits_loops == "last"]
+        head = dict(zip(last, m.head(hid[-1, last])[:, None, None, None])) if last else {}  # (1, 1, 1, V) each
+        outs = []
+        for i, (_, fwd) in enumerate(items):
+            logits = None if fwd.logits is None else head[i] if i in head else m.head(hid[:, i, None, None])
+            outs.append(LoopOutput(hid[:, i, None, None], gates[:, i, None, None] if fwd.gates else None, logits))
+        return outs
 
     def _run_plan(self, items, shapes) -> list[LoopOutput]:
         m, cache = self.model, self.cache

@@ -39,9 +39,10 @@ class Forward:
         logits_loops: after the "last" loop run only, or after "all" of them.
         copy_slots: (position, loop) pairs whose K/V are first copied into every later loop's
             slot at that position (anytime skip="copy"), before the forward runs.
-        step: None, or "fixed" / "compiled" for a one-token full-depth decode Forward that may run
-            through the runner's fixed-shape step (kernels.fast_step.FixedStep), uncompiled or
-            compiled once per (rows, context) bucket.
+        step: None, or "fixed" / "compiled" for a one-token full-depth Forward of token ids (one
+            row, one position, loops [0, T), logits None or "last") that may run through the
+            runner's fixed-shape step (kernels.fast_step.FixedStep), uncompiled or compiled once per
+            (rows, context) bucket; the runner's plan runs any other Forward.
         gates: whether the decoder reads the exit gates; when False its LoopOutput.gates is None
             (a step computes the gate once per loop only if one of its Forwards asks).
 
