@@ -286,7 +286,8 @@ class Runner:
 
     def _fixed_ok(self, fwd: Forward) -> bool:
         return (fwd.step in ("fixed", "compiled") and not fwd.copy_slots and isinstance(fwd.start_loop, int)
-                and fwd.start_loop == 0 and fwd.num_loops == self.model.num_loops and fwd.logits in (None, "last")
+                and fwd.start_loop == 0 and fwd.num_loops == self.model.num_loops
+                and (fwd.logits is None or isinstance(fwd.logits, str) and fwd.logits == "last")
                 and fwd.inputs.shape[:2] == (1, 1) and fwd.inputs.dtype in (torch.int32, torch.int64))
 
     @torch.inference_mode()
