@@ -483,6 +483,25 @@ def row_cost_headline(others: list[dict]) -> str | None:
             f"{_fmt(e['ratio_to_full'])}x (decode tokens/s, batch 1, {e['threads']} thread)")
 
 
+def fixed_step_headline(others: list[dict]) -> str | None:
+    """One line for the headlines: the compiled fixed-shape step at batch 1 on the bundled model,
+    for full depth and for anytime q_exit with finish="ahead" (benchmarks/test_kernels_decode.py)."""
+    info = {b.get("name", ""): b.get("extra_info") or {} for b in others}
+    full, ahead = info.get("test_full_depth_decode[compiled-default]"), info.get("test_anytime_ahead_decode[compiled]")
+    plan = info.get("test_anytime_ahead_decode[eager]")
+    parts = []
+    if full and full.get("interleaved_speedup"):
+        parts.append(f"full depth **{_fmt(full['interleaved_speedup'])}x** the runner's plan ({_fmt(full['tokens_per_s'], 1)} tokens/s)")
+    if ahead and ahead.get("interleaved_speedup"):
+        parts.append(f"anytime q_exit q=0.5 with finish=\"ahead\" **{_fmt(ahead['interleaved_speedup'])}x** its plan "
+                     f"({_fmt(ahead['tokens_per_s'], 1)} tokens/s, mean exit loop {_fmt(ahead['mean_exit_loop'])}), "
+                     f"{_fmt(ahead['x_full_same_step'])}x full depth compiled"
+                     + (f" (with the plan: {_fmt(plan['x_full_same_step'])}x full depth's plan)" if plan else ""))
+    if not parts:
+        return None
+    return "; ".join(parts) + " (decode tokens/s at batch 1, back-to-back pairs, median of 3; compiled once per bucket outside the timing)"
+
+
 def _cheapest(e: dict) -> str:
     R = e.get("cheapest_rows")
     if R is None or str(R) not in e.get("cost_ratio_by_rows", {}):
@@ -787,6 +806,7 @@ def section(path: Path, data: dict, out_dir: Path) -> list[str]:
         *([f"- **Speculation with useless drafts** (`test_spec_fallback.py`, random-100m): {spec_fallback(others)}"] if spec_fallback(others) else []),
         *([f"- **Under CPU load** (`test_cpu_load.py`, loaded / quiet tokens/s, median of paired rounds): {cpu_load(others)}"] if cpu_load(others) else []),
         *([f"- **Concurrent requests** (`test_concurrency.py`): {concurrency_headline(conc)}"] if concurrency_headline(conc) else []),
+        *([f"- **Compiled fixed-shape step** (`test_kernels_decode.py`, `default`): {fixed_step_headline(others)}"] if fixed_step_headline(others) else []),
         f"- **Best speculative speedup** (`test_decoders.py`, 32 new tokens): {best_speculative(rows, outcomes)}",
         "- **Memory saved by KV sharing** (KV cache bytes per position and row; peak memory of one call):",
         kv_savings(rows, outcomes) if kv_savings(rows, outcomes).startswith("  ") else f"  {kv_savings(rows, outcomes)}",
