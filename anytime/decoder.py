@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from looplm.decoding import Decoder, DecodeRequest, Step, prefill
+from looplm.generate import STEPS
 from looplm.model import LoopLM
 from looplm.sampling import choose
 from looplm.work import Forward
@@ -35,8 +36,6 @@ def check_step(step: str | None, finish: str | None, skip: str, timed: bool, who
     decode token runs all T loops in one forward: it needs finish "ahead" (or None, which it turns
     into "ahead"), skip "exact", no time budget and something deciding between loops (an exit
     policy or trace; `whole`: nothing does)."""
-    from looplm.generate import STEPS
-
     if step not in (None, *STEPS):
         raise ValueError(f"step must be one of {STEPS} or None, got {step!r}")
     if step in (None, "eager"):
@@ -171,6 +170,8 @@ def decode(
     log = {"exit_loops": [], "reasons": [], "latency_ms": [], "budget_ms": [], "signal_at_exit": []}
     counts = {"finish_loops": 0, "copied_slots": 0, "decode_loops": 0}
     copies: list[tuple[int, int]] = []  # (position, loop) whose K/V fill the later loops' slots (skip="copy")
+    loops = torch.arange(1, T + 1, device=device)  # 1-based loop of each replayed observation
+    seen = (loops[None, :] <= loops[:, None]).float()[:, None]  # (t, 1, s): loop s is known after loop t
 
     def decide(idx: list[int], loop: torch.Tensor, hidden, probs, now: float, predicted_ms: float) -> list[str | None]:
         """Updates per-row signals; returns the exit reason (or None to continue) for each row in idx."""
@@ -265,12 +266,10 @@ def decode(
         probs = logits_all.float().softmax(-1) if need_probs else None  # (T, R, V)
         signal = exits = None
         if policy is not None:
-            loops = torch.arange(1, T + 1, device=device)
-            seen = (loops[None, :] <= loops[:, None]).float()  # (t, s): loop s is known after loop t
             prev_h = torch.cat([prev_hidden[ix][None], hid[:-1]])
             obs = LoopObservation(
                 loops[:, None].expand(T, R).reshape(-1), hid.reshape(T * R, -1), prev_h.reshape(T * R, -1),
-                (lam.T[None] * seen[:, None]).reshape(T * R, T),
+                (lam.T[None] * seen).reshape(T * R, T),
                 None if probs is None else probs.reshape(T * R, -1),
                 None if probs is None else torch.cat([prev_probs[ix][None], probs[:-1]]).reshape(T * R, -1))
             signal, exits = (x.reshape(T, R).T.tolist() for x in policy.decide(obs))  # (R, T) lists

@@ -261,7 +261,7 @@ class AnytimeOptions(ModeOptions):
     """Run the LM head at every loop so each Step.info carries "probs"."""
 
     def __post_init__(self):
-        from anytime import POLICIES, SKIP_MODES, ExitPolicy, make_budget, make_policy
+        from anytime import POLICIES, SKIP_MODES, ExitPolicy, make_policy
         from anytime.decoder import check_finish
 
         for name in ("budget_ms", "deadline_ms"):
@@ -271,8 +271,7 @@ class AnytimeOptions(ModeOptions):
         v = self.budget_loops
         if v is not None and not (_is_int(v) and v >= 1):
             raise self._fail("budget_loops", f"budget_loops must be an integer >= 1 (a 1-based loop depth), got {v!r}")
-        plan = self._wrap("budget", lambda: make_budget(self.budget, budget_ms=self.budget_ms, deadline_ms=self.deadline_ms,
-                                                        budget_loops=self.budget_loops))
+        plan = self._wrap("budget", self._plan)
         if not (self.exit is None or isinstance(self.exit, ExitPolicy) or isinstance(self.exit, str) and self.exit in POLICIES):
             raise self._fail("exit", f"exit: unknown exit policy {self.exit!r}; choose one of {sorted(POLICIES)}, "
                                      "an anytime.ExitPolicy or None")
@@ -292,13 +291,18 @@ class AnytimeOptions(ModeOptions):
         if not isinstance(self.trace, bool):
             raise self._fail("trace", f"trace must be True or False, got {self.trace!r}")
 
-    def check(self, num_loops, kv="per_loop"):
+    def _plan(self):
+        """The anytime.Budget these options describe, or None (anytime.make_budget checks it)."""
         from anytime import make_budget
+
+        return make_budget(self.budget, budget_ms=self.budget_ms, deadline_ms=self.deadline_ms, budget_loops=self.budget_loops)
+
+    def check(self, num_loops, kv="per_loop"):
         from anytime.decoder import check_step
 
         shared = kv != "per_loop"
-        timed = make_budget(self.budget, budget_ms=self.budget_ms, deadline_ms=self.deadline_ms, budget_loops=self.budget_loops)
-        timed = timed is not None and timed.timed
+        plan = self._plan()  # checked in __post_init__
+        timed = plan is not None and plan.timed
         whole = self.exit is None and not timed and not self.trace
         skip = self.skip or ("shared" if shared else "exact")
         if self.skip == "shared" and not shared:
