@@ -100,7 +100,7 @@ def tokens_html(prompt: str, steps: Sequence[Step], num_loops: int, *, mode: str
         bg, fg = loop_colour(s.exit_loop, num_loops)
         kind = f" {s.reason}" if s.reason in ("draft", "verify") else ""
         spans.append(
-            f'<span class="tok{kind}" data-loops="{s.exit_loop}" data-exit="{s.exit_loop}" data-index="{s.index}" '
+            f'<span class="tok{kind}" data-loops="{s.exit_loop}" data-index="{s.index}" '
             f'data-token-id="{s.token}" data-reason="{html.escape(s.reason)}" title="{html.escape(step_title(s))}" '
             f'style="background:{bg};color:{fg}">{_visible(s.text)}</span>' + "\n" * s.text.count("\n")
         )
