@@ -400,7 +400,9 @@ def build_app(engine: Engine, *, concurrency: int = 4) -> gr.Blocks:
                                         elem_id="temperature")
                 seed = gr.Number(init["seed"], label="Seed", precision=0, elem_id="seed")
                 kv = gr.Radio(kv_modes(), value=init["kv"], label="KV cache (per_loop is exact; the others share one "
-                              "slot across loops)", elem_id="kv")
+                              "slot across loops)", elem_id="kv",
+                              info="Shared slots are approximate, and what they cost depends on the model: the "
+                                   "bundled model loses more with them than by dropping three loops (its card).")
                 with gr.Group(visible=False, elem_id="anytime-options") as anytime_box:
                     budget = gr.Number(init["budget_ms"], label="Budget per token (ms, 0 = none)", elem_id="budget")
                     policy = gr.Dropdown(exit_policies(), value=init["exit_policy"], label="Exit policy",
