@@ -12,7 +12,7 @@ from looplm.decoding import Decoder, DecodeRequest, Step, prefill
 from looplm.generate import STEPS
 from looplm.model import LoopLM
 from looplm.sampling import choose
-from looplm.work import Forward
+from looplm.work import FIXED_STEPS, Forward
 
 from .budget import Budget, LoopCost, make_budget
 from .capped import decode_capped
@@ -57,7 +57,7 @@ def finish_mode(finish: str | None, skip: str, timed: bool, whole: bool, step: s
     the capped path runs, as with "eager"."""
     check_finish(finish, timed)
     check_step(step, finish, skip, timed, whole)
-    if finish is None and step in ("fixed", "compiled"):
+    if finish is None and step in FIXED_STEPS:
         return "ahead"
     if finish is None or finish == "ahead" and (whole or skip != "exact"):
         return "eager"
@@ -158,7 +158,7 @@ def decode(
     device = model.lm_head.weight.device
     finish = finish_mode(finish, skip, timed, whole, step)
     lazy, ahead = finish == "lazy", finish == "ahead"
-    fast = step if step in ("fixed", "compiled") else None
+    fast = step if step in FIXED_STEPS else None
     if fast and B > 1:
         raise ValueError(f"step {step!r} runs one-row requests (this one has {B} rows): submit the prompts as separate "
                          "requests (Engine.generate with a list does)")

@@ -30,7 +30,6 @@ from looplm.layers import DecoderLayer
 from looplm.model import LoopLM
 from looplm.paged import PagedKVCache
 
-STEPS = ("eager", "fixed", "compiled")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CTX_BUCKET = 128  # key positions are padded to a multiple of this
 

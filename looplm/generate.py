@@ -9,10 +9,10 @@ import torch
 from .decoding import Decoder, DecodeRequest, Step, Timer, prefill
 from .model import LoopLM
 from .sampling import choose
-from .work import Forward
+from .work import FIXED_STEPS, Forward
 
 
-STEPS = ("eager", "fixed", "compiled")
+STEPS = ("eager", *FIXED_STEPS)
 
 
 def decode_full(model: LoopLM, req: DecodeRequest, step: str | None = None) -> Decoder:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .attention import sdpa_attention, visibility_mask
 from .model import LoopLM, LoopOutput
 from .paged import PagedKVCache
-from .work import Forward
+from .work import FIXED_STEPS, Forward
 
 
 @dataclass
@@ -285,7 +285,7 @@ class Runner:
         return self.run(items)
 
     def _fixed_ok(self, fwd: Forward) -> bool:
-        return (fwd.step in ("fixed", "compiled") and not fwd.copy_slots and isinstance(fwd.start_loop, int)
+        return (fwd.step in FIXED_STEPS and not fwd.copy_slots and isinstance(fwd.start_loop, int)
                 and fwd.start_loop == 0 and fwd.num_loops == self.model.num_loops
                 and (fwd.logits is None or isinstance(fwd.logits, str) and fwd.logits == "last")
                 and fwd.inputs.shape[:2] == (1, 1) and fwd.inputs.dtype in (torch.int32, torch.int64))
@@ -333,7 +333,7 @@ class Runner:
         for src, flat in copies.items():  # one indexed copy per source loop for every request of the step
             cache.copy_slots(flat, src)
         outs: list[LoopOutput | None] = [None] * len(items)
-        for kind in ("fixed", "compiled"):
+        for kind in FIXED_STEPS:
             sel = [i for i, (_, fwd) in enumerate(items) if fwd.step == kind and self._fixed_ok(fwd)]
             if sel:
                 for i, out in zip(sel, self._run_fixed([items[i] for i in sel], kind == "compiled")):

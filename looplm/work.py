@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 LogitsAt = Literal["all", "last"] | torch.Tensor | None
+FIXED_STEPS = ("fixed", "compiled")  # Forward.step values the runner may run through its fixed-shape step
 
 
 @dataclass
